@@ -1,0 +1,98 @@
+"""What to reduce, where and how much: the one validated description of a reduction run.
+
+Method names follow the paper's tables. Schedules (P = first layer, r = ratio, N = layers):
+- ``single``: one reduction at layer P (the paper's "none" schedule, used for sparse tasks);
+- ``constant``: ratio r at P and every later layer (lengths compound);
+- ``decay``: r_i = r * (N-1-i) / (N-1-P) for i >= P, reaching 0 at the last layer.
+Either ``ratio`` or ``target`` (fraction of audio KV removed, averaged over all layers) is given;
+a target is turned into the ratio by ``pipeline.merging.schedule.calibrate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+MERGE_METHODS = ("fastadasp", "average", "random-merge", "a-tome")
+EVICT_METHODS = ("fastv", "random-evict")
+KV_METHODS = ("h2o",)
+METHODS = ("none", *MERGE_METHODS, *EVICT_METHODS, *KV_METHODS)
+SCHEDULES = ("single", "constant", "decay")
+POSITIONS = ("first", "right")
+MASS_ESTIMATORS = ("full", "tail")
+
+
+class ReductionConfigError(ValueError):
+    """A reduction setting is invalid; the message names the field and the allowed values."""
+
+
+def _check_choice(field: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ReductionConfigError(f"{field}={value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class ReductionConfig:
+    """Token reduction for one run.
+
+    method: ``none`` or one of METHODS. ``fastadasp`` = top-k adjacent key-similarity chains merged
+        with attention-mass weights; ``average`` = same chains, plain mean; ``random-merge`` = random
+        edges, weighted; ``a-tome`` = disjoint adjacent pairs, plain mean; ``fastv`` = drop the least
+        attended tokens; ``random-evict`` = drop random tokens; ``h2o`` = per-head eviction of the
+        least attended audio keys from each layer's KV cache (hidden states untouched).
+    schedule: ``single`` | ``constant`` | ``decay`` (module docstring).
+    first_layer: P, the first layer that reduces (0-based).
+    ratio: fraction of the current audio tokens removed at layer P, in [0, 1).
+    target: fraction of audio KV removed averaged over layers, in [0, 1); used when ratio is None.
+    position: position id of a merged token: ``first`` = its group's first original position;
+        ``right`` = the reference's right alignment (a layer holding M of N tokens uses N-M..N-1).
+    mass: attention-mass estimator for weights and eviction scores: ``full`` = every query (the
+        method as defined); ``tail`` = only the queries after the audio span (FastV-style, cheaper).
+    seed: seed of the random methods.
+    """
+
+    method: str = "none"
+    schedule: str = "constant"
+    first_layer: int = 0
+    ratio: float | None = None
+    target: float | None = None
+    position: str = "first"
+    mass: str = "full"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("position", self.position, POSITIONS)
+        _check_choice("mass", self.mass, MASS_ESTIMATORS)
+        if self.method == "none":
+            return
+        if (self.ratio is None) == (self.target is None):
+            raise ReductionConfigError(f"method={self.method!r} needs exactly one of ratio or target")
+        for field in ("ratio", "target"):
+            value = getattr(self, field)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ReductionConfigError(f"{field}={value} is outside [0, 1)")
+        if self.first_layer < 0:
+            raise ReductionConfigError(f"first_layer={self.first_layer} must be >= 0")
+        if self.method == "a-tome" and self.ratio is not None and self.ratio > 0.5:
+            raise ReductionConfigError(f"ratio={self.ratio} is above 0.5, the most pairwise merging removes")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none" and (self.ratio or self.target or 0.0) > 0.0
+
+    def check_layers(self, num_layers: int) -> None:
+        """Raise if first_layer does not exist in a model of ``num_layers`` layers."""
+        if self.enabled and not 0 <= self.first_layer < num_layers:
+            raise ReductionConfigError(
+                f"first_layer={self.first_layer} is outside the model's layers 0..{num_layers - 1}"
+            )
+
+    def with_(self, **changes: object) -> ReductionConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+NO_REDUCTION = ReductionConfig()

@@ -1,0 +1,44 @@
+"""The contract between the pipeline and a model adapter.
+
+An adapter turns a batch of mono float32 waveforms at ``sample_rate`` (each at most ``max_window_s``
+long) plus a task into one ``WindowOutput`` per waveform. Everything model-specific (feature
+extraction, prompts, merging hooks, decoding) stays behind this interface so that workers/ and jobs/
+never import a model family directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.merging.config import ReductionConfig
+from pipeline.stats import WindowStats
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """What to do with each window: task name (asr/st/er/sqa) and its arguments."""
+
+    task: str = "asr"
+    target_language: str | None = None  # st
+    question: str | None = None  # sqa
+
+
+@dataclass
+class WindowOutput:
+    text: str
+    stats: WindowStats = field(default_factory=WindowStats)
+
+
+class SpeechModel(Protocol):
+    name: str
+    sample_rate: int
+    max_window_s: float
+    tasks: frozenset[str]
+    device: str
+
+    def run(
+        self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
+    ) -> list[WindowOutput]: ...
