@@ -1,0 +1,176 @@
+"""Decode any common audio file (wav, flac, mp3, ogg/opus, m4a, ...) to mono float32 at the model rate.
+
+Decoding streams frame by frame: each frame is converted to float, checked for non-finite samples,
+downmixed by averaging the channels and fed to a soxr resampler, so a long multichannel recording at a
+high rate never sits in memory at its source rate.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+import soxr
+
+# Integer sample formats -> the value that maps to full scale 1.0 (u8 is offset by 128).
+_INT_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
+# A stream that decodes to less than this share of its header's duration is truncated.
+_MIN_DECODED_SHARE = 0.98
+_TRUNCATION_SLACK_S = 0.1
+_HEADER_BYTES = 4096
+
+
+class AudioDecodeError(ValueError):
+    """The input cannot be used as audio; the message names the input and what is wrong with it."""
+
+
+@dataclass
+class Audio:
+    """Decoded audio.
+
+    samples: float32, shape (n,), mono at ``sample_rate``, finite, in [-1, 1].
+    source_rate / source_channels: what the file held before resampling and downmixing.
+    """
+
+    samples: np.ndarray
+    sample_rate: int
+    source_rate: int
+    source_channels: int
+    duration_s: float
+
+
+def _wav_missing_bytes(head: bytes, size: int) -> int:
+    """Bytes a RIFF/WAVE file's data chunk declares beyond the end of the file (0 if none or unknown).
+
+    FFmpeg clamps the data chunk to the file size, so a truncated wav would otherwise decode silently short.
+    """
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return 0
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk_id, chunk_size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        if chunk_id == b"data":
+            if chunk_size in (0, 0xFFFFFFFF):  # size left unset by a streaming writer
+                return 0
+            return max(0, pos + 8 + chunk_size - size)
+        pos += 8 + chunk_size + (chunk_size & 1)
+    return 0
+
+
+def _open(source: str | os.PathLike | bytes, name: str) -> av.container.InputContainer:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        file: io.BytesIO | str = io.BytesIO(data)
+        head, size = data[:_HEADER_BYTES], len(data)
+    else:
+        file = os.fspath(source)
+        if not os.path.isfile(file):
+            raise AudioDecodeError(f"{name}: no such file")
+        size = os.path.getsize(file)
+        with open(file, "rb") as handle:
+            head = handle.read(_HEADER_BYTES)
+    if size == 0:
+        raise AudioDecodeError(f"{name}: empty file (0 bytes)")
+    missing = _wav_missing_bytes(head, size)
+    if missing:
+        raise AudioDecodeError(f"{name}: truncated wav, {missing} bytes of audio data missing")
+    try:
+        return av.open(file, mode="r")
+    except av.FFmpegError as err:
+        raise AudioDecodeError(f"{name}: not a readable audio file ({err})") from err
+
+
+def _frame_to_float(frame: av.AudioFrame) -> np.ndarray:
+    """Return the frame as float64 of shape (channels, samples), integer formats scaled to [-1, 1)."""
+    channels = frame.layout.nb_channels
+    data = frame.to_ndarray()
+    if not frame.format.is_planar:  # packed: (1, samples * channels), channels interleaved
+        data = data.reshape(-1, channels).T
+    kind = frame.format.name.rstrip("p")
+    if kind in _INT_SCALE:
+        data = data.astype(np.float64)
+        if kind == "u8":
+            data -= 128.0
+        return data / _INT_SCALE[kind]
+    return data.astype(np.float64)
+
+
+def _header_duration_s(container: av.container.InputContainer, stream: av.AudioStream) -> float | None:
+    """Duration the file declares, or None when the container does not state one."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return float(Fraction(container.duration, av.time_base))
+    return None
+
+
+def decode_audio(
+    source: str | os.PathLike | bytes,
+    sample_rate: int = 16000,
+    max_duration_s: float | None = None,
+    *,
+    name: str | None = None,
+) -> Audio:
+    """Decode ``source`` (a path or the file's bytes) to mono float32 at ``sample_rate``.
+
+    Raises AudioDecodeError for a missing, empty, truncated or corrupt file, input that is not audio,
+    no audio stream, NaN/inf samples, or a duration above ``max_duration_s``. ``name`` labels the
+    input in error messages (default: the path, or "<bytes>").
+    """
+    label = name or (os.fspath(source) if isinstance(source, str | os.PathLike) else "<bytes>")
+    container = _open(source, label)
+    with container:
+        if not container.streams.audio:
+            raise AudioDecodeError(f"{label}: no audio stream")
+        stream = container.streams.audio[0]
+        declared_s = _header_duration_s(container, stream)
+        if max_duration_s is not None and declared_s is not None and declared_s > max_duration_s:
+            raise AudioDecodeError(
+                f"{label}: duration {declared_s:.1f} s exceeds the limit {max_duration_s} s"
+            )
+        source_rate, source_channels = stream.rate, stream.channels
+        resampler = None
+        chunks: list[np.ndarray] = []
+        decoded = 0  # source samples
+        try:
+            for frame in container.decode(stream):
+                if frame.sample_rate != source_rate or frame.layout.nb_channels != source_channels:
+                    raise AudioDecodeError(
+                        f"{label}: format changes mid-stream ({source_rate} Hz x {source_channels} -> "
+                        f"{frame.sample_rate} Hz x {frame.layout.nb_channels})"
+                    )
+                data = _frame_to_float(frame)
+                if not np.isfinite(data).all():
+                    raise AudioDecodeError(
+                        f"{label}: NaN or infinite samples near {decoded / source_rate:.2f} s"
+                    )
+                decoded += data.shape[1]
+                if max_duration_s is not None and decoded > max_duration_s * source_rate:
+                    raise AudioDecodeError(f"{label}: duration exceeds the limit {max_duration_s} s")
+                if resampler is None:
+                    resampler = soxr.ResampleStream(
+                        source_rate, sample_rate, 1, dtype="float64", quality="VHQ"
+                    )
+                chunks.append(resampler.resample_chunk(data.mean(axis=0)))
+            if resampler is not None:
+                chunks.append(resampler.resample_chunk(np.zeros(0), last=True))
+        except av.FFmpegError as err:
+            raise AudioDecodeError(f"{label}: corrupt audio data ({err})") from err
+    decoded_s = decoded / source_rate if source_rate else 0.0
+    if declared_s is not None and decoded_s < _MIN_DECODED_SHARE * declared_s - _TRUNCATION_SLACK_S:
+        raise AudioDecodeError(
+            f"{label}: truncated, header declares {declared_s:.2f} s, decoded {decoded_s:.2f} s"
+        )
+    # Resampling can overshoot full scale on clipped input; float sources can exceed it outright.
+    samples = np.clip(np.concatenate(chunks) if chunks else np.zeros(0), -1.0, 1.0).astype(np.float32)
+    return Audio(
+        samples=samples,
+        sample_rate=sample_rate,
+        source_rate=source_rate or sample_rate,
+        source_channels=source_channels or 1,
+        duration_s=len(samples) / sample_rate,
+    )
