@@ -1,0 +1,84 @@
+"""Windowing of a long recording into model-sized pieces.
+
+Speech regions are packed greedily into windows of at most ``max_window_s``, cut only in pauses, so
+neighbouring windows share no audio and their texts are simply concatenated. Only a speech region
+longer than a window forces a cut inside speech; such cuts overlap by ``overlap_s`` so that the
+stitcher can align the words both windows heard. Silence between windows is never transcribed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.audio.decode import Audio
+
+
+@dataclass(frozen=True)
+class Window:
+    """A span [start_s, end_s) of the recording; overlap_* is the audio shared with the previous/next window."""
+
+    index: int
+    start_s: float
+    end_s: float
+    overlap_before_s: float
+    overlap_after_s: float
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+def _clean(speech: list[tuple[float, float]], duration_s: float) -> list[tuple[float, float]]:
+    """Sort, clip to [0, duration_s], drop empty regions and merge overlapping ones."""
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(speech):
+        start, end = max(0.0, start), min(duration_s, end)
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def plan_windows(
+    speech: list[tuple[float, float]],
+    duration_s: float,
+    max_window_s: float = 30.0,
+    overlap_s: float = 3.0,
+) -> list[Window]:
+    """Windows covering every speech region, each at most ``max_window_s`` long, in time order.
+
+    A window closes at the end of the last region that fits; the next starts where the next region
+    starts. A region that cannot fit in one window is cut every ``max_window_s - overlap_s`` seconds;
+    its tail (longer than ``overlap_s``) stays open for the following regions.
+    """
+    if not 0.0 <= overlap_s < max_window_s:
+        raise ValueError(f"overlap_s={overlap_s} must be in [0, max_window_s={max_window_s})")
+    spans: list[tuple[float, float, float, float]] = []  # start, end, overlap before, overlap after
+    open_start: float | None = None
+    open_end = overlap_before = 0.0
+    for start, end in _clean(speech, duration_s):
+        if open_start is not None and end - open_start <= max_window_s:
+            open_end = end
+            continue
+        if open_start is not None:
+            spans.append((open_start, open_end, overlap_before, 0.0))
+        open_start, overlap_before = start, 0.0
+        while end - open_start > max_window_s:
+            spans.append((open_start, open_start + max_window_s, overlap_before, overlap_s))
+            open_start, overlap_before = open_start + max_window_s - overlap_s, overlap_s
+        open_end = end
+    if open_start is not None:
+        spans.append((open_start, open_end, overlap_before, 0.0))
+    return [Window(i, *span) for i, span in enumerate(spans)]
+
+
+def cut(audio: Audio, window: Window) -> np.ndarray:
+    """The window's samples, float32 of shape (n,), copied so the window outlives the full recording."""
+    start = round(window.start_s * audio.sample_rate)
+    end = round(window.end_s * audio.sample_rate)
+    return audio.samples[start:end].copy()
