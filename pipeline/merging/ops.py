@@ -1,0 +1,230 @@
+"""Token reduction maths: adjacent similarity, chain grouping, weighted merge, evictions.
+
+Pure tensor functions, model-agnostic. A layer's reduction is planned once (``plan_reduction``) as a
+``Reduction``: a non-decreasing group id per token and a weight per token; applying it to any
+[B, L, ...] tensor gives the weighted mean of each group. Text outside the audio spans is never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS
+
+SIMILARITY_METHODS = ("fastadasp", "average", "a-tome")
+MASS_METHODS = ("fastadasp", "random-merge", "fastv")
+# Attention mass can underflow to 0; a group whose weights are all 0 would divide 0 by 0. Masses are
+# sums of probabilities (order 1 and above), so this floor never changes a real weight.
+_MIN_MASS = 1e-20
+
+
+def adjacent_similarity(keys: Tensor) -> Tensor:
+    """keys [B, L, D] (heads concatenated) -> cosine similarity of neighbours [B, L-1], fp32."""
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    return (unit[:, :-1] * unit[:, 1:]).sum(-1)
+
+
+@dataclass
+class Reduction:
+    """How one layer shortens a whole sequence of length L to ``n_out`` tokens.
+
+    groups [B, L] int64, non-decreasing along L, values 0..n_out-1, every output id used;
+    weights [B, L] fp32 >= 0 (an evicted token has weight 0 and sits in a neighbour's group);
+    spans: audio spans (start, end) after the reduction, the same for every batch row.
+    Each group is represented by its lead, the first member with positive weight: ``apply`` copies the
+    lead's row for groups of one weighted member and takes the weighted mean (fp32) for merged groups.
+    """
+
+    groups: Tensor
+    weights: Tensor
+    n_out: int
+    spans: list[tuple[int, int]]
+    # Derived once, so that apply() is a gather plus a small weighted sum over the merged tokens.
+    _lead: Tensor = field(init=False, repr=False)
+    _extra: Tensor = field(init=False, repr=False)  # [B, E] non-lead tokens, E = L - n_out
+    _extra_group: Tensor = field(init=False, repr=False)  # [B, E] their groups
+    _extra_head: Tensor = field(init=False, repr=False)  # [B, E] first extra of the same group
+    _extra_starts: Tensor = field(init=False, repr=False)  # [B, E] bool: is its own head
+
+    def __post_init__(self) -> None:
+        batch, length = self.groups.shape
+        index = torch.arange(length, device=self.groups.device).expand(batch, length)
+        # Lead = smallest index among positive-weight members (all-zero group: its first member).
+        key = index + length * (self.weights <= 0)
+        lead = torch.full((batch, self.n_out), 2 * length, dtype=torch.int64, device=self.groups.device)
+        self._lead = lead.scatter_reduce(1, self.groups, key, "amin") % length
+        is_lead = torch.zeros((batch, length), dtype=torch.int8, device=self.groups.device)
+        is_lead.scatter_(1, self._lead, 1)
+        n_extra = length - self.n_out
+        self._extra = torch.sort(is_lead, dim=1, stable=True).indices[:, :n_extra]
+        self._extra_group = self.groups.gather(1, self._extra)
+        starts = torch.ones_like(self._extra_group, dtype=torch.bool)
+        starts[:, 1:] = self._extra_group[:, 1:] != self._extra_group[:, :-1]
+        position = torch.arange(n_extra, device=self.groups.device).expand_as(starts)
+        self._extra_head = torch.where(starts, position, 0).cummax(dim=1).values
+        self._extra_starts = starts
+
+    @property
+    def length(self) -> int:
+        return self.groups.shape[1]
+
+    def apply(self, x: Tensor) -> Tensor:
+        """x [B, L, ...] -> [B, n_out, ...]: sum(w x) / sum(w) per group (fp32 sums), dtype kept."""
+        batch, length = self.groups.shape
+        if x.shape[:2] != (batch, length):
+            raise ValueError(f"x has shape {tuple(x.shape)}, expected [{batch}, {length}, ...]")
+        flat = x.reshape(batch, length, -1)
+        width = flat.shape[-1]
+        out = flat.gather(1, self._lead[..., None].expand(-1, -1, width))
+        if self._extra.shape[1] == 0:
+            return out.reshape(batch, self.n_out, *x.shape[2:])
+        w_extra = self.weights.gather(1, self._extra)
+        w_lead = self.weights.gather(1, self._lead).gather(1, self._extra_group)
+        w_lead = torch.where(self._extra_starts, w_lead, 0.0)
+        x_lead = out.gather(1, self._extra_group[..., None].expand(-1, -1, width)).float()
+        x_extra = flat.gather(1, self._extra[..., None].expand(-1, -1, width)).float()
+        # Per merged group, accumulated at its head: lead term once, plus every extra member.
+        num = (w_lead[..., None] * x_lead).scatter_add_(
+            1, self._extra_head[..., None].expand(-1, -1, width), w_extra[..., None] * x_extra
+        )
+        den = w_lead.scatter_add(1, self._extra_head, w_extra)
+        mean = (num / den[..., None]).gather(1, self._extra_head[..., None].expand(-1, -1, width))
+        # Every extra of a group writes the same value to it, so duplicate targets are harmless.
+        out.scatter_(1, self._extra_group[..., None].expand(-1, -1, width), mean.to(out.dtype))
+        return out.reshape(batch, self.n_out, *x.shape[2:])
+
+    def first_index(self) -> Tensor:
+        """[B, n_out] index (0..L-1) of each group's first token carrying weight (its first token for
+        merges; the surviving token for evictions)."""
+        return self._lead
+
+    def positions(self, pos: Tensor) -> Tensor:
+        """pos [B, L] -> [B, n_out]: each group's position under the ``first`` policy."""
+        return pos.gather(1, self._lead)
+
+
+def right_aligned_positions(n_original: int, n_now: int, batch: int, device: torch.device | str) -> Tensor:
+    """[batch, n_now] int64: the reference's policy, a layer holding n_now of n_original tokens uses
+    positions n_original-n_now .. n_original-1."""
+    if not 0 <= n_now <= n_original:
+        raise ValueError(f"n_now={n_now} must lie in 0..n_original={n_original}")
+    return torch.arange(n_original - n_now, n_original, device=device).repeat(batch, 1)
+
+
+def _check_spans(length: int, spans: list[tuple[int, int]], ks: list[int], method: str) -> None:
+    if len(ks) != len(spans):
+        raise ValueError(f"got {len(ks)} counts ks for {len(spans)} spans")
+    previous_end = 0
+    for (start, end), k in zip(spans, ks, strict=True):
+        if not previous_end <= start < end <= length:
+            raise ValueError(
+                f"span ({start}, {end}) is empty, overlaps the previous one or lies outside 0..{length}"
+            )
+        previous_end = end
+        n = end - start
+        most = n // 2 if method == "a-tome" else n - 1
+        if not 0 <= k <= most:
+            raise ValueError(f"k={k} for span ({start}, {end}): {method} removes 0..{most} of {n} tokens")
+
+
+def _batch_of(length: int, keys: Tensor | None, mass: Tensor | None) -> tuple[int, torch.device]:
+    if keys is not None:
+        if keys.dim() != 3 or keys.shape[1] != length:
+            raise ValueError(f"keys has shape {tuple(keys.shape)}, expected [B, {length}, D]")
+        if mass is not None and mass.shape != keys.shape[:2]:
+            raise ValueError(f"mass has shape {tuple(mass.shape)}, expected {tuple(keys.shape[:2])}")
+        return keys.shape[0], keys.device
+    if mass is None:
+        raise ValueError("plan_reduction needs keys or mass (they also give the batch size)")
+    if mass.dim() != 2 or mass.shape[1] != length:
+        raise ValueError(f"mass has shape {tuple(mass.shape)}, expected [B, {length}]")
+    return mass.shape[0], mass.device
+
+
+def _uniform(shape: tuple[int, int], device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """Random scores drawn on the generator's device, so a CPU generator gives the same plan anywhere."""
+    where = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=where).to(device)
+
+
+def _top(scores: Tensor, k: int) -> Tensor:
+    return scores.topk(k, dim=1, sorted=False).indices
+
+
+def plan_reduction(
+    method: str,
+    length: int,
+    spans: list[tuple[int, int]],
+    ks: list[int],
+    *,
+    keys: Tensor | None = None,
+    mass: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Reduction:
+    """One layer's reduction of a batch of sequences of ``length`` tokens.
+
+    spans: audio spans (start, end), identical for all rows; ks[i]: tokens span i loses.
+    keys [B, length, D]: this layer's keys (heads concatenated) for similarity methods;
+    mass [B, length] fp32: attention mass each token receives, for weights (fastadasp, random-merge)
+    and scores (fastv). Merges select edges (t, t+1) inside a span; a run of selected edges collapses
+    into one token. Evictions drop tokens; a dropped token joins the previous group with weight 0.
+    """
+    if method not in (*MERGE_METHODS, *EVICT_METHODS):
+        raise ValueError(f"method={method!r} is not one of {', '.join((*MERGE_METHODS, *EVICT_METHODS))}")
+    if method in SIMILARITY_METHODS and keys is None:
+        raise ValueError(f"method={method!r} needs keys")
+    if method in MASS_METHODS and mass is None:
+        raise ValueError(f"method={method!r} needs mass")
+    _check_spans(length, spans, ks, method)
+    batch, device = _batch_of(length, keys, mass)
+
+    joined = torch.zeros((batch, length), dtype=torch.bool, device=device)  # t merges into t-1
+    dropped = torch.zeros((batch, length), dtype=torch.bool, device=device)
+    for (start, end), k in zip(spans, ks, strict=True):
+        if k == 0:
+            continue
+        n = end - start
+        if method in EVICT_METHODS:
+            if method == "fastv":
+                scores = -mass[:, start:end].float()
+            else:
+                scores = _uniform((batch, n), device, generator)
+            dropped[:, start:end].scatter_(1, _top(scores, k), True)
+            continue
+        if method == "random-merge":
+            edge_scores = _uniform((batch, n - 1), device, generator)
+        else:
+            edge_scores = adjacent_similarity(keys[:, start:end])
+        # a-tome: disjoint pairs (start+2i, start+2i+1), i.e. edges 0, 2, 4, ... of the span.
+        edges = _top(edge_scores[:, ::2], k) * 2 if method == "a-tome" else _top(edge_scores, k)
+        joined[:, start + 1 : end].scatter_(1, edges, True)
+
+    kept = ~dropped
+    starts = kept & ~joined
+    # Tokens before a row's first kept token (evictions at position 0) join group 0.
+    groups = (starts.long().cumsum(1) - 1).clamp_min(0)
+    if method in ("fastadasp", "random-merge"):
+        weights = mass.float().clamp_min(_MIN_MASS)
+    else:
+        weights = torch.ones((batch, length), dtype=torch.float32, device=device)
+    weights = torch.where(dropped, 0.0, weights)
+
+    out_spans, removed = [], 0
+    for (start, end), k in zip(spans, ks, strict=True):
+        out_spans.append((start - removed, end - removed - k))
+        removed += k
+    return Reduction(groups=groups, weights=weights, n_out=length - removed, spans=out_spans)
+
+
+def h2o_keep_indices(mass_per_head: Tensor, k: int) -> Tensor:
+    """mass_per_head [B, H, S] (mass each audio key of one span receives, per KV head) ->
+    [B, H, S-k] int64: the kept positions in ascending order, the k least attended dropped per head."""
+    if mass_per_head.dim() != 3:
+        raise ValueError(f"mass_per_head has shape {tuple(mass_per_head.shape)}, expected [B, H, S]")
+    size = mass_per_head.shape[-1]
+    if not 0 <= k < size:
+        raise ValueError(f"k={k} must lie in 0..{size - 1} (a head keeps at least one of {size} keys)")
+    return mass_per_head.topk(size - k, dim=-1, sorted=False).indices.sort(dim=-1).values
