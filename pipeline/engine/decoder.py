@@ -1,0 +1,111 @@
+"""A llama-family decoder stack driven by our own attention over the model's own weight modules.
+
+We read projections, norms, MLP and rotary parameters from a transformers model but never call its
+layer ``forward`` (whose signature changes between 5.x releases); the only module calls are the
+norms and the MLP, which take one tensor and return one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    attn_norm: nn.Module
+    mlp_norm: nn.Module
+    mlp: nn.Module
+
+
+class DecoderStack:
+    """Views a transformers causal decoder (``Qwen2Model``/``LlamaModel``-shaped) plus its LM head.
+
+    Shapes: hidden [B, L, D]; per-head tensors [B, H, L, head_dim]; positions [B, L] int64.
+    """
+
+    def __init__(self, text_model: nn.Module, lm_head: nn.Module) -> None:
+        cfg = text_model.config
+        if getattr(cfg, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported by the merge engine")
+        self.embed_tokens = text_model.embed_tokens
+        self.final_norm = text_model.norm
+        self.lm_head = lm_head
+        self.layers = [
+            LayerWeights(
+                q=layer.self_attn.q_proj,
+                k=layer.self_attn.k_proj,
+                v=layer.self_attn.v_proj,
+                o=layer.self_attn.o_proj,
+                attn_norm=layer.input_layernorm,
+                mlp_norm=layer.post_attention_layernorm,
+                mlp=layer.mlp,
+            )
+            for layer in text_model.layers
+        ]
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.hidden_size = cfg.hidden_size
+        self.scale = self.head_dim**-0.5
+        rotary = text_model.rotary_emb
+        self.inv_freq = rotary.inv_freq.float()
+        self.rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token occupies in one layer's K and V cache."""
+        return 2 * self.num_kv_heads * self.head_dim * self.embed_tokens.weight.element_size()
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [B, L] -> cos, sin [B, 1, L, head_dim] in the model dtype (as transformers computes them)."""
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scaling).to(self.dtype)
+        sin = (emb.sin() * self.rope_scaling).to(self.dtype)
+        return cos[:, None], sin[:, None]
+
+    def qkv(
+        self, layer: LayerWeights, hidden: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Normed hidden [B, L, D] -> rotated q [B, H, L, hd], rotated k and v [B, Hkv, L, hd]."""
+        b, n, _ = hidden.shape
+        q = layer.q(hidden).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = layer.k(hidden).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = layer.v(hidden).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
+        """Fused attention with grouped KV heads: q [B, H, Lq, hd], k/v [B, Hkv, Lk, hd] -> [B, Lq, H*hd]."""
+        out = nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=causal, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        b, _, n, _ = out.shape
+        return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Last-layer hidden [B, D] -> logits [B, V] in fp32."""
+        return self.lm_head(self.final_norm(hidden)).float()
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

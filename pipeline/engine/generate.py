@@ -1,0 +1,241 @@
+"""Merge-aware prefill and greedy decoding over a ``DecoderStack``.
+
+Prefill runs every layer over the whole prompt; at a layer whose schedule ratio is positive the audio
+spans are reduced after attention (+ residual) and before the MLP, so that layer caches the full
+length and later layers see fewer tokens. H2O instead shrinks that layer's cache per head and leaves
+the hidden states alone. Every token keeps an explicit position id; decoding continues at the
+original prompt length whatever the merges did.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from pipeline.engine.cache import LayerCaches
+from pipeline.engine.decoder import DecoderStack
+from pipeline.merging import mass as mass_ops
+from pipeline.merging import ops, schedule
+from pipeline.merging.config import KV_METHODS, ReductionConfig
+
+Span = tuple[int, int]
+
+
+@dataclass
+class LayerPlan:
+    """What each layer removes from each span (k[layer][span]) and the lengths this predicts."""
+
+    removed: list[list[int]]
+    cache_lengths: list[int]  # whole-sequence KV length of each layer after prefill
+    audio_lengths: list[int]  # audio tokens (all spans) each layer caches
+
+
+def plan_layers(length: int, spans: list[Span], cfg: ReductionConfig, num_layers: int) -> LayerPlan:
+    """Predict, before running anything, how many tokens each layer removes and caches."""
+    _check_spans(length, spans)
+    audio = sum(e - s for s, e in spans)
+    if not cfg.enabled:
+        return LayerPlan([[0] * len(spans)] * num_layers, [length] * num_layers, [audio] * num_layers)
+    ratios = schedule.resolve_ratios(cfg, num_layers)
+    per_span = [schedule.removed_counts(e - s, ratios, cfg.method) for s, e in spans]
+    per_span_len = [schedule.span_lengths(e - s, ratios, cfg.method) for s, e in spans]
+    removed = [[counts[i] for counts in per_span] for i in range(num_layers)]
+    audio_lengths = [sum(lens[i] for lens in per_span_len) for i in range(num_layers)]
+    cache = [length - audio + a for a in audio_lengths]
+    return LayerPlan(removed, cache, audio_lengths)
+
+
+def _check_spans(length: int, spans: list[Span]) -> None:
+    if not spans:
+        raise ValueError("the prompt holds no audio span")
+    prev_end = 0
+    for s, e in spans:
+        if not prev_end <= s < e <= length:
+            raise ValueError(
+                f"audio span ({s}, {e}) is empty, overlaps another or lies outside the prompt of {length} tokens"
+            )
+        prev_end = e
+
+
+@dataclass
+class Generation:
+    """tokens [B, T] (after EOS: pad id), num_tokens [B] generated per row (EOS included)."""
+
+    tokens: Tensor
+    num_tokens: Tensor
+    plan: LayerPlan
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    kv_bytes_full: int = 0
+    kv_bytes_kept: int = 0
+    first_logits: Tensor | None = field(default=None, repr=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def prefill(
+    stack: DecoderStack,
+    embeds: Tensor,
+    spans: list[Span],
+    cfg: ReductionConfig,
+    max_new_tokens: int,
+) -> tuple[Tensor, LayerCaches, LayerPlan]:
+    """embeds [B, L, D] (audio already scattered in) -> last-token logits [B, V], filled caches, plan."""
+    b, length, _ = embeds.shape
+    plan = plan_layers(length, spans, cfg, stack.num_layers)
+    caches = LayerCaches(
+        plan.cache_lengths, max_new_tokens, b, stack.num_kv_heads, stack.head_dim, embeds.dtype, embeds.device
+    )
+    generator = torch.Generator(device=embeds.device).manual_seed(cfg.seed)
+    positions = torch.arange(length, device=embeds.device).expand(b, length)
+    hidden = embeds
+    for i, layer in enumerate(stack.layers):
+        cos, sin = stack.rope(positions)
+        q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
+        hidden = hidden + layer.o(stack.attend(q, k, v, causal=True))
+        ks = plan.removed[i]
+        if any(ks) and cfg.method in KV_METHODS:
+            k, v = _h2o_evict(stack, q, k, v, spans, ks, cfg)
+        caches.write(i, k, v)
+        if any(ks) and cfg.method not in KV_METHODS:
+            reduction = _plan_reduction(stack, q, k, spans, ks, cfg, generator)
+            hidden = reduction.apply(hidden)
+            if cfg.position == "right":
+                positions = ops.right_aligned_positions(length, reduction.n_out, b, embeds.device)
+            else:
+                positions = reduction.positions(positions)
+            spans = reduction.spans
+        hidden = hidden + layer.mlp(layer.mlp_norm(hidden))
+    if caches.lengths != plan.cache_lengths:
+        raise RuntimeError(f"cache lengths {caches.lengths} differ from the plan {plan.cache_lengths}")
+    return stack.logits(hidden[:, -1]), caches, plan
+
+
+def _span_mass(
+    stack: DecoderStack, q: Tensor, k: Tensor, span: Span, cfg: ReductionConfig, per_head: bool
+) -> Tensor:
+    """Attention mass the keys of one span receive: [B, S] or per KV head [B, Hkv, S]."""
+    start = span[1] if cfg.mass == "tail" else 0
+    if start >= q.shape[2]:
+        raise ValueError("mass='tail' needs text after the audio span to use as queries")
+    return mass_ops.attention_mass(
+        q[:, :, start:], k, scale=stack.scale, causal=True, span=span, query_start=start, per_head=per_head
+    )
+
+
+def _plan_reduction(
+    stack: DecoderStack,
+    q: Tensor,
+    k: Tensor,
+    spans: list[Span],
+    ks: list[int],
+    cfg: ReductionConfig,
+    generator: torch.Generator,
+) -> ops.Reduction:
+    b, _, length, _ = k.shape
+    keys = k.transpose(1, 2).reshape(b, length, -1)
+    mass = None
+    if cfg.method in ("fastadasp", "random-merge", "fastv"):
+        mass = torch.zeros(b, length, dtype=torch.float32, device=k.device)
+        for span, n in zip(spans, ks, strict=True):
+            if n:
+                mass[:, span[0] : span[1]] = _span_mass(stack, q, k, span, cfg, per_head=False)
+    return ops.plan_reduction(cfg.method, length, spans, ks, keys=keys, mass=mass, generator=generator)
+
+
+def _h2o_evict(
+    stack: DecoderStack,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    spans: list[Span],
+    ks: list[int],
+    cfg: ReductionConfig,
+) -> tuple[Tensor, Tensor]:
+    """Keep, per KV head, the most attended keys of each span: k, v [B, Hkv, L, hd] -> [B, Hkv, L - sum(ks), hd]."""
+    keep = []
+    prev = 0
+    for span, n in zip(spans, ks, strict=True):
+        keep.append(torch.arange(prev, span[0], device=k.device).expand(*k.shape[:2], -1))
+        scores = _span_mass(stack, q, k, span, cfg, per_head=True)
+        keep.append(ops.h2o_keep_indices(scores, n) + span[0])
+        prev = span[1]
+    keep.append(torch.arange(prev, k.shape[2], device=k.device).expand(*k.shape[:2], -1))
+    index = torch.cat(keep, dim=2)[..., None].expand(-1, -1, -1, k.shape[-1])
+    return k.gather(2, index), v.gather(2, index)
+
+
+@torch.inference_mode()
+def generate(
+    stack: DecoderStack,
+    embeds: Tensor,
+    spans: list[Span],
+    cfg: ReductionConfig,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+) -> Generation:
+    """Greedy decoding of a batch of prompts that share length and audio spans.
+
+    embeds [B, L, D] -> Generation with tokens [B, max_new_tokens or fewer]. Rows stop at any EOS id;
+    the loop ends when all rows have stopped or the budget is spent.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    device = embeds.device
+    b, length, _ = embeds.shape
+    _sync(device)
+    t0 = time.perf_counter()
+    logits, caches, plan = prefill(stack, embeds, spans, cfg, max_new_tokens)
+    first_logits = logits
+    tokens = logits.argmax(-1)
+    _sync(device)
+    t1 = time.perf_counter()
+    kv_kept = caches.nbytes()
+    eos = torch.tensor(eos_token_ids, device=device)
+    out = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    steps = 0
+    for step in range(max_new_tokens):
+        out[:, step] = torch.where(finished, pad_token_id, tokens)
+        finished |= torch.isin(tokens, eos)
+        steps = step + 1
+        if steps == max_new_tokens or bool(finished.all()):
+            break
+        position = torch.full((b, 1), length + step, device=device)
+        tokens = _decode_step(stack, caches, tokens, position).argmax(-1)
+    _sync(device)
+    t2 = time.perf_counter()
+    stopped_at = torch.where(torch.isin(out[:, :steps], eos), torch.arange(steps, device=device), steps).amin(
+        -1
+    )
+    return Generation(
+        tokens=out[:, :steps],
+        num_tokens=torch.clamp(stopped_at + 1, max=steps),
+        plan=plan,
+        prefill_s=t1 - t0,
+        decode_s=t2 - t1,
+        kv_bytes_full=b * length * stack.num_layers * stack.kv_bytes_per_token(),
+        kv_bytes_kept=kv_kept,
+        first_logits=first_logits,
+    )
+
+
+def _decode_step(stack: DecoderStack, caches: LayerCaches, tokens: Tensor, position: Tensor) -> Tensor:
+    """One token per row: tokens [B], position [B, 1] -> logits [B, V]."""
+    hidden = stack.embed_tokens(tokens)[:, None]
+    cos, sin = stack.rope(position)
+    for i, layer in enumerate(stack.layers):
+        q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
+        caches.write(i, k, v)
+        hidden = hidden + layer.o(stack.attend(q, *caches.view(i), causal=False))
+        hidden = hidden + layer.mlp(layer.mlp_norm(hidden))
+    return stack.logits(hidden[:, -1])

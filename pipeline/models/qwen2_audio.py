@@ -1,0 +1,266 @@
+"""Qwen2-Audio adapter: audio encoder -> projector -> placeholder tokens -> our merge-aware decoder.
+
+``load("Qwen/Qwen2-Audio-7B-Instruct")`` takes the real model from the hub (network needed);
+``load("tiny-random-qwen2-audio")`` builds a random-weight model of the real class with a byte-level
+tokenizer, offline, for tests and plumbing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import Tensor
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2AudioConfig,
+    Qwen2AudioForConditionalGeneration,
+    WhisperFeatureExtractor,
+)
+
+from pipeline.engine.decoder import DecoderStack
+from pipeline.engine.generate import Generation, generate
+from pipeline.merging.config import ReductionConfig
+from pipeline.models.base import TaskRequest, WindowOutput
+from pipeline.stats import WindowStats
+
+AUDIO_TOKEN = "<|AUDIO|>"
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|audio_bos|>",
+    AUDIO_TOKEN,
+    "<|audio_eos|>",
+)
+TINY_RANDOM = "tiny-random-qwen2-audio"
+SAMPLE_RATE = 16000
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer with no merges: 256 byte symbols + Qwen's special tokens."""
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def tiny_random_config(vocab_size: int, audio_token_id: int, num_layers: int = 4) -> Qwen2AudioConfig:
+    return Qwen2AudioConfig(
+        audio_config={
+            "d_model": 32,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "num_mel_bins": 128,
+            "max_source_positions": 1500,
+        },
+        text_config={
+            "vocab_size": vocab_size,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+        },
+        audio_token_index=audio_token_id,
+    )
+
+
+def build_tiny_random(seed: int = 0, num_layers: int = 4) -> Qwen2AudioSpeechModel:
+    """A random-weight Qwen2-Audio of the real class (fp32, CPU), deterministic for a seed."""
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(seed)
+    cfg = tiny_random_config(len(tokenizer), tokenizer.convert_tokens_to_ids(AUDIO_TOKEN), num_layers)
+    cfg._attn_implementation = "sdpa"
+    model = Qwen2AudioForConditionalGeneration(cfg).eval()
+    return Qwen2AudioSpeechModel(
+        model, tokenizer, WhisperFeatureExtractor(feature_size=128), name=TINY_RANDOM
+    )
+
+
+def load(name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Qwen2AudioSpeechModel:
+    """Load by name: ``tiny-random-qwen2-audio`` offline, or a hub id such as ``Qwen/Qwen2-Audio-7B-Instruct``."""
+    if name == TINY_RANDOM:
+        speech_model = build_tiny_random()
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(name)
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(
+            name, dtype=dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        ).eval()
+        speech_model = Qwen2AudioSpeechModel(
+            model, processor.tokenizer, processor.feature_extractor, name=name
+        )
+    return speech_model.to(device, dtype)
+
+
+class Qwen2AudioSpeechModel:
+    """SpeechModel for Qwen2-Audio-shaped models; batches windows of equal audio-token count."""
+
+    sample_rate = SAMPLE_RATE
+    max_window_s = 30.0
+    tasks = frozenset({"asr", "st", "er", "sqa"})
+
+    def __init__(
+        self,
+        model: Qwen2AudioForConditionalGeneration,
+        tokenizer: PreTrainedTokenizerFast,
+        feature_extractor: WhisperFeatureExtractor,
+        name: str,
+        max_new_tokens: int = 256,
+        max_batch: int = 8,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.name = name
+        self.max_new_tokens = max_new_tokens
+        self.max_batch = max_batch
+        inner = model.model
+        self.audio_tower = inner.audio_tower
+        self.projector = inner.multi_modal_projector
+        self.stack = DecoderStack(inner.language_model, model.lm_head)
+        self.audio_token_id = model.config.audio_token_id
+        self.eos_token_ids = sorted(
+            {tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")}
+        )
+
+    @property
+    def device(self) -> str:
+        return str(self.stack.device)
+
+    def to(self, device: str, dtype: torch.dtype | None = None) -> Qwen2AudioSpeechModel:
+        self.model.to(device=device, dtype=dtype)
+        self.stack = DecoderStack(self.model.model.language_model, self.model.lm_head)
+        return self
+
+    # --- audio -> embeddings ------------------------------------------------------------------
+    def features(self, waveforms: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Log-mel features [N, 128, 3000] and their frame mask [N, 3000] (30 s padding, as trained)."""
+        out = self.feature_extractor(
+            waveforms,
+            sampling_rate=SAMPLE_RATE,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        return out["input_features"], out["attention_mask"]
+
+    def audio_token_counts(self, frame_mask: Tensor) -> list[int]:
+        _, counts = self.audio_tower._get_feat_extract_output_lengths(frame_mask.sum(-1))
+        return counts.tolist()
+
+    @torch.inference_mode()
+    def encode(self, features: Tensor, frame_mask: Tensor) -> list[Tensor]:
+        """Audio embeddings in the language model's space, one [n_i, D] tensor per clip."""
+        device, dtype = self.stack.device, self.stack.dtype
+        conv_lengths, counts = self.audio_tower._get_feat_extract_output_lengths(frame_mask.sum(-1))
+        positions = torch.arange(features.shape[-1] // 2)
+        valid = positions[None, :] < conv_lengths[:, None]  # [N, T] after the stride-2 convolution
+        bias = torch.zeros(valid.shape[0], 1, valid.shape[1], valid.shape[1], dtype=dtype)
+        bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
+        hidden = self.audio_tower(
+            features.to(device, dtype), attention_mask=bias.to(device)
+        ).last_hidden_state
+        projected = self.projector(hidden)
+        return [projected[i, :n] for i, n in enumerate(counts.tolist())]
+
+    # --- prompt ----------------------------------------------------------------------------------
+    def prompt(self, text: str, counts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of a prompt whose i-th ``<|AUDIO|>`` expands to counts[i] placeholders, and the spans."""
+        pieces = text.split(AUDIO_TOKEN)
+        if len(pieces) - 1 != len(counts):
+            raise ValueError(
+                f"the prompt has {len(pieces) - 1} {AUDIO_TOKEN} placeholders for {len(counts)} clips"
+            )
+        ids: list[int] = []
+        spans = []
+        for i, piece in enumerate(pieces):
+            ids += self.tokenizer.encode(piece, add_special_tokens=False)
+            if i < len(counts):
+                spans.append((len(ids), len(ids) + counts[i]))
+                ids += [self.audio_token_id] * counts[i]
+        return ids, spans
+
+    def embed(self, ids: Tensor, spans: list[tuple[int, int]], audio: list[list[Tensor]]) -> Tensor:
+        """ids [B, L]; audio[b][j] = clip j of row b -> input embeddings [B, L, D]."""
+        embeds = self.stack.embed_tokens(ids.to(self.stack.device))
+        for b, clips in enumerate(audio):
+            for (s, e), clip in zip(spans, clips, strict=True):
+                embeds[b, s:e] = clip.to(embeds.dtype)
+        return embeds
+
+    def generate_batch(
+        self, prompt_text: str, clips: list[list[np.ndarray]], reduction: ReductionConfig
+    ) -> tuple[Generation, float]:
+        """Rows of clips that give equal token counts -> (Generation, encode seconds)."""
+        t0 = time.perf_counter()
+        flat = [clip for row in clips for clip in row]
+        features, mask = self.features(flat)
+        encoded = self.encode(features, mask)
+        if self.stack.device.type == "cuda":
+            torch.cuda.synchronize()
+        encode_s = time.perf_counter() - t0
+        per_row = len(clips[0])
+        counts = [x.shape[0] for x in encoded[:per_row]]
+        ids, spans = self.prompt(prompt_text, counts)
+        audio = [encoded[i : i + per_row] for i in range(0, len(encoded), per_row)]
+        ids_t = torch.tensor([ids] * len(clips))
+        reduction.check_layers(self.stack.num_layers)
+        gen = generate(
+            self.stack,
+            self.embed(ids_t, spans, audio),
+            spans,
+            reduction,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return gen, encode_s
+
+    # --- SpeechModel -------------------------------------------------------------------------------
+    def run(
+        self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
+    ) -> list[WindowOutput]:
+        from pipeline import tasks
+
+        prompt_text = tasks.prompt(request)
+        _, mask = self.features(waveforms)
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i, n in enumerate(self.audio_token_counts(mask)):
+            groups[n].append(i)
+        outputs: list[WindowOutput | None] = [None] * len(waveforms)
+        for members in groups.values():
+            for start in range(0, len(members), self.max_batch):
+                batch = members[start : start + self.max_batch]
+                gen, encode_s = self.generate_batch(prompt_text, [[waveforms[i]] for i in batch], reduction)
+                for row, i in enumerate(batch):
+                    outputs[i] = self._output(gen, row, len(batch), encode_s, len(waveforms[i]))
+        return outputs
+
+    def _output(self, gen: Generation, row: int, batch: int, encode_s: float, samples: int) -> WindowOutput:
+        n = int(gen.num_tokens[row])
+        ids = [t for t in gen.tokens[row, :n].tolist() if t not in self.eos_token_ids]
+        plan = gen.plan
+        stats = WindowStats(
+            audio_seconds=samples / SAMPLE_RATE,
+            audio_tokens_in=plan.audio_lengths[0],
+            audio_tokens_kept=sum(plan.audio_lengths) / len(plan.audio_lengths),
+            kv_bytes_full=gen.kv_bytes_full // batch,
+            kv_bytes_kept=gen.kv_bytes_kept // batch,
+            encode_s=encode_s / batch,
+            prefill_s=gen.prefill_s / batch,
+            decode_s=gen.decode_s / batch,
+            generated_tokens=n,
+        )
+        return WindowOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), stats=stats)

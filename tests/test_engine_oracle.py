@@ -1,0 +1,175 @@
+"""The merge engine against transformers on tiny random-weight Qwen2-Audio models (fp32, CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.engine.generate import plan_layers
+from pipeline.merging.config import METHODS, ReductionConfig
+from pipeline.models.qwen2_audio import AUDIO_TOKEN, build_tiny_random
+
+PROMPT = f"<|im_start|>user\nAudio 1: <|audio_bos|>{AUDIO_TOKEN}<|audio_eos|>\nTranscribe.<|im_end|>\n"
+TWO_CLIPS = f"<|audio_bos|>{AUDIO_TOKEN}<|audio_eos|> and <|audio_bos|>{AUDIO_TOKEN}<|audio_eos|> compare:"
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return build_tiny_random(seed=0)
+
+
+def clip(seed: int, seconds: float = 3.0) -> np.ndarray:
+    """A deterministic 'speech-like' clip: a few gliding tones with noise bursts."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    f0 = rng.uniform(100, 300) * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t))
+    wave = 0.3 * np.sin(2 * np.pi * np.cumsum(f0) / 16000) + 0.05 * rng.standard_normal(t.size)
+    return (wave * (np.sin(2 * np.pi * 2 * t) > -0.3)).astype(np.float32)
+
+
+def hf_generate(qwen, prompt: str, rows: list[list[np.ndarray]], eos: list[int]) -> torch.Tensor:
+    """transformers' own greedy generate on the same expanded prompt; returns the new tokens."""
+    flat = [c for row in rows for c in row]
+    features, mask = qwen.features(flat)
+    counts = qwen.audio_token_counts(mask)
+    ids, _ = qwen.prompt(prompt, counts[: len(rows[0])])
+    input_ids = torch.tensor([ids] * len(rows))
+    out = qwen.model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        input_features=features,
+        feature_attention_mask=mask,
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=qwen.tokenizer.pad_token_id,
+    )
+    return out[:, input_ids.shape[1] :]
+
+
+def ours(qwen, prompt: str, rows: list[list[np.ndarray]], cfg: ReductionConfig = ReductionConfig()):
+    qwen.max_new_tokens = NEW_TOKENS
+    gen, _ = qwen.generate_batch(prompt, rows, cfg)
+    return gen
+
+
+def assert_same_tokens(gen, reference: torch.Tensor, eos: list[int]) -> None:
+    """Row by row, our tokens up to and including EOS equal transformers' tokens."""
+    for row in range(reference.shape[0]):
+        n = int(gen.num_tokens[row])
+        assert gen.tokens[row, :n].tolist() == reference[row, :n].tolist()
+        if n < NEW_TOKENS:
+            assert reference[row, n - 1].item() in eos
+
+
+@pytest.mark.parametrize(
+    ("prompt", "rows"),
+    [
+        (PROMPT, [[clip(1)]]),
+        (PROMPT, [[clip(1)], [clip(2)], [clip(3)]]),
+        (TWO_CLIPS, [[clip(4, 2.0), clip(5, 3.0)]]),
+    ],
+    ids=["batch1", "batch3", "two-clips"],
+)
+def test_no_reduction_equals_transformers_generate(qwen, prompt, rows):
+    eos = qwen.eos_token_ids
+    assert_same_tokens(ours(qwen, prompt, rows), hf_generate(qwen, prompt, rows, eos), eos)
+
+
+def test_eos_stops_like_transformers(qwen):
+    rows = [[clip(1)], [clip(2)]]
+    free = ours(qwen, PROMPT, rows)
+    eos = [int(free.tokens[0, 3])]  # make the 4th token of row 0 an EOS
+    qwen.eos_token_ids, saved = eos, qwen.eos_token_ids
+    try:
+        gen = ours(qwen, PROMPT, rows)
+        reference = hf_generate(qwen, PROMPT, rows, eos)
+    finally:
+        qwen.eos_token_ids = saved
+    assert int(gen.num_tokens[0]) <= 4
+    assert (gen.tokens[0, int(gen.num_tokens[0]) :] == qwen.tokenizer.pad_token_id).all()
+    assert_same_tokens(gen, reference, eos)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+def test_reduction_at_last_layer_cannot_reach_the_logits(qwen, method):
+    rows = [[clip(1)], [clip(2)]]
+    last = qwen.stack.num_layers - 1
+    ratio = 0.4 if method == "a-tome" else 0.6
+    cfg = ReductionConfig(method=method, schedule="single", first_layer=last, ratio=ratio)
+    plain, merged = ours(qwen, PROMPT, rows), ours(qwen, PROMPT, rows, cfg)
+    assert torch.equal(plain.first_logits, merged.first_logits)
+    if method == "h2o":  # the last layer's own cache shrinks, so only decoding can see it
+        assert merged.plan.cache_lengths[last] < plain.plan.cache_lengths[last]
+    else:  # the merge layer caches the full length: nothing after it to shorten
+        assert torch.equal(plain.tokens, merged.tokens)
+        assert merged.plan.cache_lengths == plain.plan.cache_lengths
+
+
+def expected_audio_lengths(n: int, ratios: list[float], method: str) -> list[int]:
+    """Hand arithmetic, independent of the schedule module: k = floor(r * current length)."""
+    lengths = []
+    for r in ratios:
+        lengths.append(n - int(r * n) if method == "h2o" else n)
+        if method != "h2o":
+            k = int(r * n + 1e-9)
+            n -= min(k, n // 2) if method == "a-tome" else k
+    return lengths
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "none"])
+@pytest.mark.parametrize("schedule", ["single", "constant", "decay"])
+def test_cache_lengths_follow_the_schedule(qwen, method, schedule):
+    rows = [[clip(1)]]
+    cfg = ReductionConfig(method=method, schedule=schedule, first_layer=1, ratio=0.3)
+    gen = ours(qwen, PROMPT, rows, cfg)
+    n_audio = gen.plan.audio_lengths[0]
+    layers = qwen.stack.num_layers
+    ratios = {
+        "single": [0, 0.3, 0, 0],
+        "constant": [0, 0.3, 0.3, 0.3],
+        "decay": [0, 0.3, 0.3 * (layers - 3) / (layers - 2), 0],
+    }[schedule]
+    assert gen.plan.audio_lengths == expected_audio_lengths(n_audio, ratios, method)
+    text = gen.plan.cache_lengths[0] - n_audio
+    assert gen.plan.cache_lengths == [text + a for a in gen.plan.audio_lengths]
+    assert gen.kv_bytes_kept < gen.kv_bytes_full
+
+
+@pytest.mark.parametrize("method", ["fastadasp", "random-merge", "random-evict", "h2o", "a-tome"])
+def test_deterministic_and_batch_equals_one_by_one(qwen, method):
+    rows = [[clip(1)], [clip(2)], [clip(3)]]
+    cfg = ReductionConfig(method=method, schedule="constant", first_layer=0, target=0.3, seed=7)
+    batch = ours(qwen, PROMPT, rows, cfg)
+    again = ours(qwen, PROMPT, rows, cfg)
+    assert torch.equal(batch.tokens, again.tokens)
+    if method.startswith("random"):
+        return  # one generator draws for the whole batch: rows differ from single runs by design
+    for i, row in enumerate(rows):
+        single = ours(qwen, PROMPT, [row], cfg)
+        n = int(single.num_tokens[0])
+        assert batch.tokens[i, :n].tolist() == single.tokens[0, :n].tolist()
+
+
+def test_positions_policy_changes_outputs_only_through_positions(qwen):
+    rows = [[clip(1)]]
+    first = ours(
+        qwen, PROMPT, rows, ReductionConfig(method="fastadasp", schedule="single", first_layer=0, ratio=0.5)
+    )
+    right = ours(
+        qwen,
+        PROMPT,
+        rows,
+        ReductionConfig(method="fastadasp", schedule="single", first_layer=0, ratio=0.5, position="right"),
+    )
+    assert first.plan == right.plan
+    assert not torch.allclose(first.first_logits, right.first_logits)
+
+
+def test_plan_rejects_bad_spans():
+    with pytest.raises(ValueError, match="no audio span"):
+        plan_layers(10, [], ReductionConfig(), 4)
+    with pytest.raises(ValueError, match="outside the prompt"):
+        plan_layers(10, [(5, 12)], ReductionConfig(), 4)
