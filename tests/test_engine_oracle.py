@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.engine.generate import plan_layers
-from pipeline.merging.config import METHODS, ReductionConfig
+from pipeline.merging.config import METHODS, NO_REDUCTION, ReductionConfig
 from pipeline.models.qwen2_audio import AUDIO_TOKEN, build_tiny_random
 
 PROMPT = f"<|im_start|>user\nAudio 1: <|audio_bos|>{AUDIO_TOKEN}<|audio_eos|>\nTranscribe.<|im_end|>\n"
@@ -49,7 +49,7 @@ def hf_generate(qwen, prompt: str, rows: list[list[np.ndarray]], eos: list[int])
     return out[:, input_ids.shape[1] :]
 
 
-def ours(qwen, prompt: str, rows: list[list[np.ndarray]], cfg: ReductionConfig = ReductionConfig()):
+def ours(qwen, prompt: str, rows: list[list[np.ndarray]], cfg: ReductionConfig = NO_REDUCTION):
     qwen.max_new_tokens = NEW_TOKENS
     gen, _ = qwen.generate_batch(prompt, rows, cfg)
     return gen
