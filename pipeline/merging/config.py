@@ -64,6 +64,14 @@ class ReductionConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("position", self.position, POSITIONS)
         _check_choice("mass", self.mass, MASS_ESTIMATORS)
+        for field in ("first_layer", "seed"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ReductionConfigError(f"{field}={value!r} must be an integer")
+        for field in ("ratio", "target"):
+            value = getattr(self, field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise ReductionConfigError(f"{field}={value!r} must be a number in [0, 1) or None")
         if self.method == "none":
             return
         if (self.ratio is None) == (self.target is None):
