@@ -1,0 +1,65 @@
+"""The job configuration: everything a run of jobs/transcribe_archive.py depends on, validated once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+TASKS = ("asr", "st", "er", "sqa")
+
+
+class JobConfigError(ValueError):
+    """An invalid job setting; the message names the option."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One run. Paths are strings so the config round-trips through JSON into the manifest.
+
+    input: a folder of audio files, a JSONL manifest, a WebDataset ``.tar`` shard or a folder of shards.
+    output: the output folder (``staging/``, ``runs/``, the lock file live there).
+    reduction: ``default`` (the model/task preset), a named preset, or ``none``.
+    model_actors: model actors to run; with ``gpus_per_actor > 0`` each holds that many GPUs.
+    num_cpus / num_gpus: resources of the local cluster started when no cluster is running.
+    batch_size: windows per model call. max_duration_s: longer recordings are cut off (guards memory).
+    """
+
+    input: str
+    output: str
+    task: str = "asr"
+    model: str = "whisper-tiny.en"
+    reduction: str = "default"
+    target_language: str | None = None
+    question: str | None = None
+    model_actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float = 1.0
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    batch_size: int = 8
+    overlap_s: float = 3.0
+    max_duration_s: float = 4 * 3600.0
+    device: str = "auto"  # auto: cuda when the actor holds a GPU that torch can see, else cpu
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise JobConfigError(f"--task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.task == "st" and not self.target_language:
+            raise JobConfigError("--task st needs --target-language")
+        if self.task == "sqa" and not self.question:
+            raise JobConfigError("--task sqa needs --question")
+        if self.model_actors < 1 or self.batch_size < 1:
+            raise JobConfigError("--model-actors and --batch-size must be >= 1")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+            raise JobConfigError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
+        if self.overlap_s < 0 or self.max_duration_s <= 0:
+            raise JobConfigError("--overlap-s must be >= 0 and --max-duration-s > 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise JobConfigError(f"--device {self.device!r} is not one of auto, cpu, cuda")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobConfig:
+        return cls(**json.loads(text))

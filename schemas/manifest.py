@@ -1,0 +1,67 @@
+"""The run manifest: what a committed run holds. Readers trust a run only through its manifest.
+
+Written as ``runs/run_id=<id>/_manifest.json`` after every data file of the run is in place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+MANIFEST_VERSION = 1
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed or contradicts the files it lists."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One data file of a run, relative to the run folder."""
+
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RecordingEntry:
+    recording_id: str
+    content_sha256: str
+    status: str  # ok | empty | error
+
+
+@dataclass(frozen=True)
+class RunManifest:
+    """run_id; fingerprint: hash of what makes outputs comparable (model, task, reduction, version);
+    config: the JobConfig as a dict; versions: library versions; counts: planned/ok/empty/error."""
+
+    run_id: str
+    fingerprint: str
+    pipeline_version: str
+    presets_version: str
+    created_at: str
+    config: dict
+    reduction: dict
+    versions: dict
+    files: dict[str, FileEntry]
+    counts: dict[str, int]
+    recordings: list[RecordingEntry]
+    manifest_version: int = MANIFEST_VERSION
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunManifest:
+        raw = json.loads(text)
+        if raw.get("manifest_version") != MANIFEST_VERSION:
+            raise ManifestError(f"manifest_version {raw.get('manifest_version')!r} != {MANIFEST_VERSION}")
+        try:
+            raw["files"] = {k: FileEntry(**v) for k, v in raw["files"].items()}
+            raw["recordings"] = [RecordingEntry(**r) for r in raw["recordings"]]
+            return cls(**raw)
+        except (KeyError, TypeError) as e:
+            raise ManifestError(f"malformed manifest: {e}") from e

@@ -1,0 +1,62 @@
+"""Arrow schemas of the rows that travel between Ray stages (never published).
+
+plan -> CPU stage (PLAN_SCHEMA) -> WINDOW_SCHEMA -> model stage -> WINDOW_TEXT_SCHEMA -> stitch stage
+(RECORD_SCHEMA in schemas.tables). Recordings that fail before the model stage travel as a single row
+with ``status="error"`` (or ``"empty"`` when there is no speech) and no PCM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pyarrow as pa
+
+from pipeline.stats import WindowStats
+
+PLAN_SCHEMA = pa.schema(
+    [
+        pa.field("recording_id", pa.string(), nullable=False),
+        pa.field("source_path", pa.string(), nullable=False),  # file, or tar shard holding the member
+        pa.field("member_offset", pa.int64(), nullable=False),  # byte offset in the shard; -1: whole file
+        pa.field("member_size", pa.int64(), nullable=False),
+        pa.field("content_sha256", pa.string(), nullable=False),
+        pa.field("meta", pa.string(), nullable=False),  # manifest line / webdataset json, as JSON
+    ]
+)
+
+_RECORDING_FIELDS = [
+    pa.field("recording_id", pa.string(), nullable=False),
+    pa.field("source_path", pa.string(), nullable=False),
+    pa.field("content_sha256", pa.string(), nullable=False),
+    pa.field("duration_s", pa.float64(), nullable=False),
+    pa.field("window_index", pa.int32(), nullable=False),
+    pa.field("window_count", pa.int32(), nullable=False),
+    pa.field("start_s", pa.float64(), nullable=False),
+    pa.field("end_s", pa.float64(), nullable=False),
+    pa.field("overlap_before_s", pa.float64(), nullable=False),
+    pa.field("overlap_after_s", pa.float64(), nullable=False),
+    pa.field("meta", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),  # ok | empty | error
+    pa.field("stage", pa.string()),
+    pa.field("error", pa.string()),
+]
+
+WINDOW_SCHEMA = pa.schema([*_RECORDING_FIELDS, pa.field("pcm", pa.large_binary())])
+"""``pcm``: float32 mono samples at the model rate, little-endian bytes (4 x samples); null if no window."""
+
+_ARROW_TYPES = {"float": pa.float64(), "int": pa.int64()}
+WINDOW_STATS_TYPE = pa.struct(
+    [pa.field(f.name, _ARROW_TYPES[f.type], nullable=False) for f in dataclasses.fields(WindowStats)]
+)
+
+WINDOW_TEXT_SCHEMA = pa.schema(
+    [
+        *_RECORDING_FIELDS,
+        pa.field("text", pa.string()),
+        pa.field("window_stats", WINDOW_STATS_TYPE),
+        pa.field("peak_memory_bytes", pa.int64()),
+        pa.field("nvml_memory_bytes", pa.int64()),
+        pa.field("device_name", pa.string()),
+        pa.field("node", pa.string()),
+    ]
+)

@@ -1,0 +1,101 @@
+"""Arrow schemas of the tables a run publishes: results, stats and errors (one row per recording).
+
+Every recording of a run's plan ends as exactly one row of ``results`` (status ``ok`` or ``empty``) or
+exactly one row of ``errors``; ``stats`` has one row per ``results`` row.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SEGMENT_TYPE = pa.struct(
+    [
+        pa.field("index", pa.int32(), nullable=False),
+        pa.field("start_s", pa.float64(), nullable=False),
+        pa.field("end_s", pa.float64(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("stitch_confidence", pa.float32(), nullable=False),
+    ]
+)
+
+RESULT_STATUSES = ("ok", "empty")  # empty: decoded fine, no speech found (or nothing transcribed)
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        pa.field("recording_id", pa.string(), nullable=False),
+        pa.field("source_path", pa.string(), nullable=False),
+        pa.field("content_sha256", pa.string(), nullable=False),
+        pa.field("task", pa.string(), nullable=False),
+        pa.field("text", pa.string()),
+        pa.field("segments", pa.list_(SEGMENT_TYPE)),
+        pa.field("label", pa.string()),  # er
+        pa.field("answer", pa.string()),  # sqa
+        pa.field("meta", pa.string(), nullable=False),  # manifest line / webdataset json extras, as JSON
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("reduction", pa.string(), nullable=False),  # ReductionConfig as JSON
+        pa.field("pipeline_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+    ]
+)
+
+STATS_SCHEMA = pa.schema(
+    [
+        pa.field("recording_id", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("audio_seconds", pa.float64(), nullable=False),
+        pa.field("windows", pa.int32(), nullable=False),
+        pa.field("audio_tokens_in", pa.int64(), nullable=False),
+        pa.field("audio_tokens_kept", pa.float64(), nullable=False),
+        pa.field("kv_bytes_full", pa.int64(), nullable=False),
+        pa.field("kv_bytes_kept", pa.int64(), nullable=False),
+        pa.field("encode_s", pa.float64(), nullable=False),
+        pa.field("prefill_s", pa.float64(), nullable=False),
+        pa.field("decode_s", pa.float64(), nullable=False),
+        pa.field("generated_tokens", pa.int64(), nullable=False),
+        pa.field("decode_tokens_per_s", pa.float64()),
+        pa.field("peak_memory_bytes", pa.int64()),  # torch allocator peak; null on CPU
+        pa.field("nvml_memory_bytes", pa.int64()),  # device memory in use per NVML; null without a GPU
+        pa.field("real_time_factor", pa.float64()),  # model seconds / audio seconds
+        pa.field("device_name", pa.string(), nullable=False),
+        pa.field("node", pa.string(), nullable=False),  # Ray node id of the model actor
+    ]
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("recording_id", pa.string(), nullable=False),
+        pa.field("source_path", pa.string(), nullable=False),
+        pa.field("content_sha256", pa.string(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # read | decode | window | model | stitch
+        pa.field("error", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+TABLES = {"results": RESULTS_SCHEMA, "stats": STATS_SCHEMA, "errors": ERRORS_SCHEMA}
+
+
+def _union(*schemas: pa.Schema) -> pa.Schema:
+    """Fields of all schemas, first occurrence wins, every field nullable (a row fills one table)."""
+    seen: dict[str, pa.Field] = {}
+    for schema in schemas:
+        for f in schema:
+            seen.setdefault(f.name, f.with_nullable(True))
+    return pa.schema(list(seen.values()))
+
+
+RECORD_SCHEMA = _union(RESULTS_SCHEMA, STATS_SCHEMA, ERRORS_SCHEMA)
+"""One row per recording as the stitch stage emits it; ``split_records`` projects it onto TABLES."""
+
+
+def split_records(records: pa.Table) -> dict[str, pa.Table]:
+    """Split stitch-stage rows into the published tables, each cast to its schema."""
+    failed = pa.compute.equal(records["status"], "error")
+    good = records.filter(pa.compute.invert(failed))
+    bad = records.filter(failed)
+    return {
+        "results": good.select(RESULTS_SCHEMA.names).cast(RESULTS_SCHEMA),
+        "stats": good.select(STATS_SCHEMA.names).cast(STATS_SCHEMA),
+        "errors": bad.select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA),
+    }

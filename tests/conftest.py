@@ -1,0 +1,55 @@
+"""Shared fixtures: a real local Ray cluster per test module, and small real audio files."""
+
+from __future__ import annotations
+
+import wave
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[None]:
+    """One local Ray cluster (2 CPUs) shared by a test module; shut down after its last test."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def tone_bursts(
+    seconds: float, sample_rate: int = 16000, burst_s: float = 0.8, gap_s: float = 0.6
+) -> np.ndarray:
+    """Speech-like test signal: noisy tone bursts separated by silence, float32 of shape (n,)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(round(seconds * sample_rate)) / sample_rate
+    on = (t % (burst_s + gap_s)) >= gap_s
+    signal = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(len(t))
+    return (signal * on).astype(np.float32)
+
+
+def write_wav(path: Path, samples: np.ndarray, sample_rate: int = 16000, channels: int = 1) -> Path:
+    """16-bit PCM wav; ``samples`` (n,) is repeated over ``channels``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pcm = (np.clip(samples, -1, 1) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(channels)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(np.repeat(pcm[:, None], channels, axis=1).tobytes())
+    return path
+
+
+@pytest.fixture
+def make_wav() -> Callable[..., Path]:
+    """Factory: ``make_wav(path, seconds=2.0, sample_rate=16000, channels=1)`` writes tone bursts."""
+
+    def make(path: Path, seconds: float = 2.0, sample_rate: int = 16000, channels: int = 1) -> Path:
+        return write_wav(path, tone_bursts(seconds, sample_rate), sample_rate, channels)
+
+    return make

@@ -1,0 +1,145 @@
+"""Publishing: the output lock, staging, validation against the plan, atomic commit, committed reads."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from pipeline.publish import (
+    LOCK_NAME,
+    OutputLock,
+    OutputLockedError,
+    PublishError,
+    StagingWriter,
+    committed_manifests,
+    publish,
+    read_committed,
+    remove_abandoned,
+    run_dir,
+    staging_dir,
+    validate,
+)
+from schemas.manifest import RunManifest
+from schemas.tables import RECORD_SCHEMA
+
+
+def _records(run_id: str, rows: list[tuple[str, str, str]]) -> pa.Table:
+    """Stitch-stage rows: (recording id, status, text or error)."""
+    out = []
+    for rid, status, text in rows:
+        row = {
+            "recording_id": rid,
+            "source_path": f"/in/{rid}",
+            "content_sha256": f"h-{rid}",
+            "run_id": run_id,
+        }
+        if status == "error":
+            row |= {"status": "error", "stage": "decode", "error": text}
+        else:
+            row |= {
+                "status": status, "task": "asr", "text": text, "segments": [], "model": "m", "reduction": "{}",
+                "pipeline_version": "v", "meta": "{}", "audio_seconds": 1.0, "windows": 1, "audio_tokens_in": 0,
+                "audio_tokens_kept": 0.0, "kv_bytes_full": 0, "kv_bytes_kept": 0, "encode_s": 0.0,
+                "prefill_s": 0.0, "decode_s": 0.0, "generated_tokens": 0, "device_name": "cpu", "node": "n",
+            }  # fmt: skip
+        out.append(row)
+    return pa.Table.from_pylist(out, schema=RECORD_SCHEMA)
+
+
+def _stage_and_publish(output: Path, run_id: str, rows: list[tuple[str, str, str]]) -> RunManifest:
+    writer = StagingWriter(output, run_id)
+    writer.add(_records(run_id, rows[:1]))
+    writer.add(_records(run_id, rows[1:]))
+    files = writer.close()
+    counts = validate([(r, f"h-{r}") for r, _, _ in rows], writer.recordings, files)
+    manifest = RunManifest(
+        run_id=run_id, fingerprint="fp", pipeline_version="v", presets_version="p", created_at="t", config={},
+        reduction={}, versions={}, files=files, counts=vars(counts), recordings=writer.recordings,
+    )  # fmt: skip
+    publish(output, manifest)
+    return manifest
+
+
+def test_publish_commits_three_tables_and_latest_run_wins(tmp_path: Path) -> None:
+    m1 = _stage_and_publish(
+        tmp_path, "r1", [("a", "ok", "first"), ("b", "error", "bad header"), ("c", "empty", "")]
+    )
+    assert m1.counts == {"planned": 3, "ok": 1, "empty": 1, "error": 1}
+    assert not staging_dir(tmp_path, "r1").exists()
+    assert read_committed(tmp_path, "results")["recording_id"].to_pylist() == ["a", "c"]
+    assert read_committed(tmp_path, "errors").to_pylist()[0]["error"] == "bad header"
+    assert read_committed(tmp_path, "stats").num_rows == 2
+    _stage_and_publish(tmp_path, "r2", [("a", "ok", "second")])
+    results = read_committed(tmp_path, "results")
+    assert sorted(zip(results["recording_id"].to_pylist(), results["text"].to_pylist(), strict=True)) == [
+        ("a", "second"),
+        ("c", ""),
+    ]
+    assert [m.run_id for m in committed_manifests(tmp_path)] == ["r1", "r2"]
+    with pytest.raises(PublishError, match="never overwritten"):
+        _stage_and_publish(tmp_path, "r1", [("a", "ok", "again")])
+    assert read_committed(tmp_path, "results")["text"].to_pylist() == ["", "second"]
+
+
+def test_validate_refuses_missing_and_duplicated_rows(tmp_path: Path) -> None:
+    writer = StagingWriter(tmp_path, "r")
+    writer.add(_records("r", [("a", "ok", "x"), ("a", "ok", "x")]))
+    files = writer.close()
+    with pytest.raises(PublishError, match=r"1 missing .* 1 duplicated"):
+        validate([("a", "h-a"), ("b", "h-b")], writer.recordings, files)
+
+
+def test_uncommitted_runs_are_invisible_and_removed(tmp_path: Path) -> None:
+    _stage_and_publish(tmp_path, "r1", [("a", "ok", "x")])
+    writer = StagingWriter(tmp_path, "dead")  # a run killed before publishing
+    writer.add(_records("dead", [("b", "ok", "y")]))
+    writer.close()
+    half = run_dir(tmp_path, "half")  # killed between the rename and the manifest
+    half.mkdir(parents=True)
+    assert read_committed(tmp_path, "results")["recording_id"].to_pylist() == ["a"]
+    assert sorted(p.name for p in remove_abandoned(tmp_path)) == ["run_id=dead", "run_id=half"]
+    assert read_committed(tmp_path, "results")["recording_id"].to_pylist() == ["a"]
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path) -> None:
+    with OutputLock(tmp_path, "first"), pytest.raises(OutputLockedError, match="first"):
+        OutputLock(tmp_path, "second").acquire()
+    assert not (tmp_path / LOCK_NAME).exists()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    holder = OutputLock(tmp_path, "crashed").holder | {"pid": int(dead.stdout)}
+    (tmp_path / LOCK_NAME).write_text(json.dumps(holder))
+    with OutputLock(tmp_path, "next"):
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["run_id"] == "next"
+
+
+def _contend(output: str, barrier: mp.Barrier, wins: mp.Queue) -> None:
+    lock = OutputLock(Path(output), "contender")
+    try:
+        lock.acquire()
+        won = True
+    except OutputLockedError:
+        won = False
+    barrier.wait()  # everyone has tried before the winner lets go
+    wins.put(won)
+    if won:
+        lock.release()
+
+
+def test_concurrent_runs_get_exactly_one_lock(tmp_path: Path) -> None:
+    ctx = mp.get_context("fork")
+    n = 6
+    barrier, wins = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_contend, args=(str(tmp_path), barrier, wins)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert sorted(wins.get() for _ in range(n)) == [False] * (n - 1) + [True]
