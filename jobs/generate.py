@@ -1,0 +1,56 @@
+"""One audio file + prompt through Qwen2-Audio with a chosen token reduction; prints text and stats.
+
+    python jobs/generate.py examples/meeting.flac --tiny-random --method fastadasp --target 0.3
+    python jobs/generate.py talk.mp3 --model Qwen/Qwen2-Audio-7B-Instruct --device cuda \
+        --prompt "<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|en|>"
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.audio.decode import decode_audio
+from pipeline.cli import add_reduction_args, reduction_from_args
+from pipeline.models import qwen2_audio
+
+DEFAULT_PROMPT = "<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|en|>"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("audio", type=Path)
+    parser.add_argument("--model", default="Qwen/Qwen2-Audio-7B-Instruct", help="hub id (needs a network)")
+    parser.add_argument("--tiny-random", action="store_true", help="random-weight tiny model, offline")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text with one <|AUDIO|> placeholder")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    add_reduction_args(parser)
+    args = parser.parse_args(argv)
+
+    reduction = reduction_from_args(args)
+    model = qwen2_audio.load(qwen2_audio.TINY_RANDOM if args.tiny_random else args.model, args.device)
+    model.max_new_tokens = args.max_new_tokens
+    audio = decode_audio(args.audio, sample_rate=model.sample_rate, max_duration_s=model.max_window_s)
+    gen, encode_s = model.generate_batch(args.prompt, [[audio.samples]], reduction)
+    n = int(gen.num_tokens[0])
+    text = model.tokenizer.decode(gen.tokens[0, :n].tolist(), skip_special_tokens=True)
+    plan = gen.plan
+    print(text.strip())
+    print(f"\nreduction: {reduction.to_dict()}")
+    print(f"audio: {audio.duration_s:.2f} s -> {plan.audio_lengths[0]} tokens")
+    print("audio tokens per layer: " + " ".join(str(n) for n in plan.audio_lengths))
+    print(
+        f"KV cache: {gen.kv_bytes_full / 2**20:.2f} MiB without merging, {gen.kv_bytes_kept / 2**20:.2f} MiB kept "
+        f"({1 - gen.kv_bytes_kept / gen.kv_bytes_full:.1%} saved)"
+    )
+    print(
+        f"encode {encode_s * 1e3:.1f} ms, prefill {gen.prefill_s * 1e3:.1f} ms, "
+        f"decode {gen.decode_s * 1e3:.1f} ms for {n} tokens"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""jobs/generate.py end to end on the tiny random Qwen2-Audio and a wav the test writes."""
+
+from __future__ import annotations
+
+import runpy
+import wave
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def tone(tmp_path):
+    t = np.arange(16000 * 3) / 16000
+    path = tmp_path / "tone.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((0.3 * np.sin(2 * np.pi * 220 * t) * 32767).astype(np.int16).tobytes())
+    return path
+
+
+def run_job(argv, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["generate.py", *argv])
+    runpy.run_path("jobs/generate.py", run_name="__main__")
+
+
+def test_prints_layer_lengths_and_savings(tone, monkeypatch, capsys):
+    run_job(
+        [str(tone), "--tiny-random", "--method", "fastadasp", "--target", "0.3", "--max-new-tokens", "4"],
+        monkeypatch,
+    )
+    out = capsys.readouterr().out
+    layers = [int(n) for n in out.split("audio tokens per layer: ")[1].split("\n")[0].split()]
+    assert layers[0] == 75 and layers == sorted(layers, reverse=True) and layers[-1] < 75
+    assert "saved)" in out and "prefill" in out
+
+
+def test_bad_reduction_is_a_clear_error(tone, monkeypatch):
+    with pytest.raises(ValueError, match=r"ratio=1\.5 is outside"):
+        run_job([str(tone), "--tiny-random", "--method", "fastv", "--ratio", "1.5"], monkeypatch)
+    with pytest.raises(ValueError, match=r"first_layer=9 is outside the model.s layers 0\.\.3"):
+        run_job(
+            [str(tone), "--tiny-random", "--method", "fastv", "--ratio", "0.2", "--first-layer", "9"],
+            monkeypatch,
+        )
