@@ -1,0 +1,213 @@
+"""Join the texts of a recording's windows into one transcript.
+
+Windows cut in pauses share no audio: their texts are concatenated. Windows from a forced cut share
+``overlap`` seconds of audio, so both texts hold the words spoken there. The seam is found by a local
+alignment of normalised words near the end of the left text and the start of the right text; the left
+half of the agreeing words comes from the left window and the rest from the right, so the words each
+window heard only partly at its edge are never used. Original words (case, punctuation) are kept.
+When the texts do not agree (fewer than ``MIN_MATCHES`` aligned words or agreement below
+``MIN_AGREEMENT``), the seam is cut at the middle of the overlap by each window's uniform word rate and
+its segments get stitch_confidence 0.
+
+Before stitching, each window's text goes through a repetition guard: n-gram loops are collapsed and
+text whose gzip compression ratio still exceeds ``MAX_COMPRESSION_RATIO`` (Whisper's threshold for
+degenerate output) is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+import zlib
+from dataclasses import dataclass
+from itertools import pairwise
+
+MIN_MATCHES = 2
+MIN_AGREEMENT = 0.5
+SEARCH_FACTOR = 1.5  # search this many times the expected number of overlap words
+MIN_SEARCH_WORDS = 4
+EXPECTED_SHARE = 0.75  # agreement counts against at least this share of the expected overlap words
+MAX_REPEATS = 3  # an n-gram repeated more often than this in a row is a loop
+MAX_NGRAM = 10
+MAX_COMPRESSION_RATIO = 2.4
+
+# Scripts written without spaces: each character is a word, and no space joins them.
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+
+
+@dataclass(frozen=True)
+class WindowText:
+    """The raw model output of one window and the window's place in the recording (seconds)."""
+
+    index: int
+    start_s: float
+    end_s: float
+    overlap_before_s: float
+    overlap_after_s: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One window's share of the transcript; stitch_confidence in [0, 1], 0 = seam cut by time or text dropped."""
+
+    index: int
+    start_s: float
+    end_s: float
+    text: str
+    stitch_confidence: float
+
+
+@dataclass(frozen=True)
+class Stitched:
+    text: str
+    segments: list[Segment]
+
+
+def words(text: str) -> list[str]:
+    """Original words of ``text``: whitespace-separated runs, with each CJK character a word of its own."""
+    return _TOKEN.findall(text)
+
+
+def normalise(word: str) -> str:
+    """Case-folded letters, digits and marks of a word ('Don't,' -> 'dont'); '' for pure punctuation."""
+    return "".join(
+        ch for ch in unicodedata.normalize("NFKC", word).casefold() if unicodedata.category(ch)[0] in "LNM"
+    )
+
+
+def join(pieces: list[str]) -> str:
+    """Join words or texts with a space, except where either side of the junction is a CJK character."""
+    out = ""
+    for piece in filter(None, pieces):
+        glue = "" if not out or _CJK_CHAR.fullmatch(out[-1]) or _CJK_CHAR.fullmatch(piece[0]) else " "
+        out += glue + piece
+    return out
+
+
+def compression_ratio(text: str) -> float:
+    """UTF-8 length over zlib-compressed length: near 1-2 for speech, large for repetitive text."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def collapse_loops(
+    tokens: list[str], max_repeats: int = MAX_REPEATS, max_ngram: int = MAX_NGRAM
+) -> list[str]:
+    """Replace any n-gram (n <= max_ngram) repeated more than ``max_repeats`` times in a row by one copy."""
+    keys = [normalise(t) or t for t in tokens]
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        for n in range(1, max_ngram + 1):
+            copies = 1
+            while keys[i + copies * n : i + (copies + 1) * n] == keys[i : i + n]:
+                copies += 1
+            if copies > max_repeats:
+                out.extend(tokens[i : i + n])
+                i += copies * n
+                break
+        else:
+            out.append(tokens[i])
+            i += 1
+    return out
+
+
+def guard_repetition(text: str) -> tuple[list[str], bool]:
+    """The window's words with loops collapsed, and whether the text was dropped as degenerate."""
+    tokens = collapse_loops(words(text))
+    if compression_ratio(join(tokens)) > MAX_COMPRESSION_RATIO:
+        return [], True
+    return tokens, False
+
+
+def align(left: list[str], right: list[str]) -> list[tuple[int, int]]:
+    """Best local alignment (match +1, mismatch or gap -1) of two normalised word lists.
+
+    Returns the matched (left index, right index) pairs in order; '' never matches.
+    """
+    rows, cols = len(left) + 1, len(right) + 1
+    score = [[0] * cols for _ in range(rows)]
+    best, best_at = 0, (0, 0)
+    for i in range(1, rows):
+        for j in range(1, cols):
+            same = left[i - 1] == right[j - 1] and left[i - 1] != ""
+            score[i][j] = max(
+                0, score[i - 1][j - 1] + (1 if same else -1), score[i - 1][j] - 1, score[i][j - 1] - 1
+            )
+            if score[i][j] > best:
+                best, best_at = score[i][j], (i, j)
+    pairs: list[tuple[int, int]] = []
+    i, j = best_at
+    while i > 0 and j > 0 and score[i][j] > 0:
+        same = left[i - 1] == right[j - 1] and left[i - 1] != ""
+        if score[i][j] == score[i - 1][j - 1] + (1 if same else -1):
+            if same:
+                pairs.append((i - 1, j - 1))
+            i, j = i - 1, j - 1
+        elif score[i][j] == score[i - 1][j] - 1:
+            i -= 1
+        else:
+            j -= 1
+    return pairs[::-1]
+
+
+def _words_before(n_words: int, start_s: float, end_s: float, t: float) -> int:
+    """How many of ``n_words`` spread uniformly over [start_s, end_s] are centred before time t."""
+    if end_s <= start_s:
+        return n_words
+    return min(n_words, max(0, math.ceil((t - start_s) / (end_s - start_s) * n_words - 0.5)))
+
+
+def seam(left: WindowText, lw: list[str], right: WindowText, rw: list[str]) -> tuple[int, int, float]:
+    """Where to cut two overlapping windows: (left words kept, right words skipped, confidence)."""
+    if not lw or not rw:  # nothing to align: keep whatever one side heard
+        return len(lw), 0, 1.0 if not lw and not rw else 0.0
+    overlap = left.end_s - right.start_s
+    exp_left = len(lw) * overlap / (left.end_s - left.start_s)
+    exp_right = len(rw) * overlap / (right.end_s - right.start_s)
+    k_left = min(len(lw), max(MIN_SEARCH_WORDS, math.ceil(SEARCH_FACTOR * exp_left)))
+    k_right = min(len(rw), max(MIN_SEARCH_WORDS, math.ceil(SEARCH_FACTOR * exp_right)))
+    offset = len(lw) - k_left
+    pairs = align([normalise(w) for w in lw[offset:]], [normalise(w) for w in rw[:k_right]])
+    if pairs:
+        span = max(pairs[-1][0] - pairs[0][0], pairs[-1][1] - pairs[0][1]) + 1
+        agreement = len(pairs) / max(span, EXPECTED_SHARE * (exp_left + exp_right) / 2)
+        if len(pairs) >= MIN_MATCHES and agreement >= MIN_AGREEMENT:
+            last_left, last_right = pairs[len(pairs) // 2 - 1]
+            return offset + last_left + 1, last_right + 1, min(1.0, agreement)
+    middle = (left.end_s + right.start_s) / 2
+    return (
+        _words_before(len(lw), left.start_s, left.end_s, middle),
+        _words_before(len(rw), right.start_s, right.end_s, middle),
+        0.0,
+    )
+
+
+def stitch(windows: list[WindowText]) -> Stitched:
+    """One transcript from a recording's window texts (any order; sorted by index)."""
+    windows = sorted(windows, key=lambda w: w.index)
+    guarded = [guard_repetition(w.text) for w in windows]
+    tokens = [t for t, _ in guarded]
+    first = [0] * len(windows)  # first word of each window that is kept
+    last = [len(t) for t in tokens]  # one past the last kept word
+    starts = [w.start_s for w in windows]
+    ends = [w.end_s for w in windows]
+    confidence = [0.0 if dropped else 1.0 for _, dropped in guarded]
+    for i, (left, right) in enumerate(pairwise(windows)):
+        if right.start_s >= left.end_s:
+            continue
+        last[i], first[i + 1], conf = seam(left, tokens[i], right, tokens[i + 1])
+        ends[i] = starts[i + 1] = (left.end_s + right.start_s) / 2
+        confidence[i] = min(confidence[i], conf)
+        confidence[i + 1] = min(confidence[i + 1], conf)
+    segments = [
+        Segment(
+            w.index, starts[i], ends[i], join(tokens[i][first[i] : max(first[i], last[i])]), confidence[i]
+        )
+        for i, w in enumerate(windows)
+    ]
+    return Stitched(join([s.text for s in segments]), segments)

@@ -1,0 +1,153 @@
+"""Stitching window texts: concatenation, word-level seams, the time fallback and the repetition guard."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.audio.windows import plan_windows
+from pipeline.stitch import (
+    WindowText,
+    collapse_loops,
+    compression_ratio,
+    guard_repetition,
+    normalise,
+    stitch,
+    words,
+)
+
+WORD_S = 0.4  # one word every 0.4 s in the synthetic recordings below
+
+
+def heard(script: list[str], start_s: float, end_s: float) -> list[str]:
+    """The words of a uniformly spoken script whose centres fall inside [start_s, end_s)."""
+    return [w for k, w in enumerate(script) if start_s <= (k + 0.5) * WORD_S < end_s]
+
+
+def window_texts(script: list[str], max_window_s: float, overlap_s: float) -> list[WindowText]:
+    duration = len(script) * WORD_S
+    windows = plan_windows([(0.0, duration)], duration, max_window_s, overlap_s)
+    return [
+        WindowText(
+            w.index,
+            w.start_s,
+            w.end_s,
+            w.overlap_before_s,
+            w.overlap_after_s,
+            " ".join(heard(script, w.start_s, w.end_s)),
+        )
+        for w in windows
+    ]
+
+
+def test_pause_cut_windows_are_concatenated() -> None:
+    parts = [
+        WindowText(1, 12.0, 20.0, 0.0, 0.0, "and then it rained."),
+        WindowText(0, 1.0, 10.0, 0.0, 0.0, "We walked home,"),
+        WindowText(2, 25.0, 30.0, 0.0, 0.0, ""),
+    ]
+    result = stitch(parts)
+    assert result.text == "We walked home, and then it rained."
+    assert [(s.index, s.start_s, s.end_s, s.stitch_confidence) for s in result.segments] == [
+        (0, 1.0, 10.0, 1.0),
+        (1, 12.0, 20.0, 1.0),
+        (2, 25.0, 30.0, 1.0),
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.integers(0, 10_000), min_size=1, max_size=120, unique=True),
+    st.sampled_from([(6.0, 1.5), (8.0, 2.0), (30.0, 3.0)]),
+)
+def test_exact_overlaps_lose_and_duplicate_nothing(ids: list[int], sizes: tuple[float, float]) -> None:
+    script = [f"w{i}" for i in ids]
+    result = stitch(window_texts(script, *sizes))
+    assert result.text.split() == script
+    assert all(s.stitch_confidence >= 0.5 for s in result.segments)
+
+
+def test_edge_words_cut_mid_word_come_from_the_window_that_heard_them_whole() -> None:
+    left = WindowText(0, 0.0, 30.0, 0.0, 3.0, "So the quick brown fox jumps over the la")
+    right = WindowText(1, 27.0, 40.0, 3.0, 0.0, "ox jumps over the lazy dog, and it ran.")
+    result = stitch([left, right])
+    assert result.text == "So the quick brown fox jumps over the lazy dog, and it ran."
+    assert result.segments[0].end_s == result.segments[1].start_s == 28.5
+    assert result.segments[0].stitch_confidence >= 0.75
+
+
+def test_seam_with_common_repeated_words() -> None:
+    script = [
+        "the",
+        "cat",
+        "and",
+        "the",
+        "dog",
+        "and",
+        "the",
+        "bird",
+        "sat",
+        "on",
+        "the",
+        "mat",
+        "and",
+        "the",
+        "rug",
+        "by",
+        "the",
+        "door",
+        "of",
+        "the",
+        "house",
+    ]
+    result = stitch(window_texts(script, 3.0, 1.2))
+    assert result.text.split() == script
+
+
+def test_disagreeing_overlap_is_cut_by_time_with_low_confidence() -> None:
+    left = WindowText(0, 0.0, 10.0, 0.0, 2.0, "one two three four five six seven eight nine ten")
+    right = WindowText(1, 8.0, 18.0, 2.0, 0.0, "alpha beta gamma delta epsilon zeta eta theta iota kappa")
+    result = stitch([left, right])
+    # The seam is at 9 s: left words centred before it (nine of ten), right words after it (nine of ten).
+    assert result.text.split() == [
+        *["one", "two", "three", "four", "five", "six", "seven", "eight", "nine"],
+        *["beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"],
+    ]
+    assert [s.stitch_confidence for s in result.segments] == [0.0, 0.0]
+
+
+def test_one_coincidental_match_is_not_a_seam() -> None:
+    left = WindowText(0, 0.0, 10.0, 0.0, 3.0, "we met at noon and talked about the budget for next year")
+    right = WindowText(1, 7.0, 17.0, 3.0, 0.0, "hours of planning for the new office finally paid off today")
+    assert stitch([left, right]).segments[0].stitch_confidence == 0.0
+
+
+def test_one_empty_side_keeps_the_other() -> None:
+    left = WindowText(0, 0.0, 10.0, 0.0, 3.0, "every word here stays")
+    right = WindowText(1, 7.0, 12.0, 3.0, 0.0, "   ")
+    result = stitch([left, right])
+    assert result.text == "every word here stays"
+    assert result.segments[1].text == ""
+
+
+def test_cjk_seam_and_joining() -> None:
+    left = WindowText(0, 0.0, 10.0, 0.0, 3.0, "今天我们讨论明年的预算和计划")
+    right = WindowText(1, 7.0, 14.0, 3.0, 0.0, "预算和计划，然后散会。")
+    assert stitch([left, right]).text == "今天我们讨论明年的预算和计划，然后散会。"
+
+
+def test_loops_collapsed_and_degenerate_text_dropped() -> None:
+    assert collapse_loops(words("thank you " * 30 + "bye")) == ["thank", "you", "bye"]
+    assert collapse_loops(words("no no no, that is fine")) == words("no no no, that is fine")
+    looped = WindowText(0, 0.0, 30.0, 0.0, 0.0, "The minutes were approved. " + "I'm sorry. " * 40)
+    assert stitch([looped]).text == "The minutes were approved. I'm sorry."
+    sentence = "we will now go over every single item on the agenda for this very long meeting "
+    assert compression_ratio(sentence * 8) > 2.4 > compression_ratio(sentence)
+    assert guard_repetition(sentence * 8) == ([], True)
+    result = stitch([WindowText(0, 0.0, 30.0, 0.0, 0.0, sentence * 8)])
+    assert result.text == "" and result.segments[0].stitch_confidence == 0.0
+
+
+def test_words_and_normalise() -> None:
+    assert words("Hello,  world!\nGood 日本") == ["Hello,", "world!", "Good", "日", "本"]
+    assert [normalise(w) for w in ["Don't,", "ÉTÉ", "—", "3.5"]] == ["dont", "été", "", "35"]
