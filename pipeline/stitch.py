@@ -20,7 +20,7 @@ import math
 import re
 import unicodedata
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import pairwise
 
 MIN_MATCHES = 2
@@ -59,6 +59,9 @@ class Segment:
     end_s: float
     text: str
     stitch_confidence: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,13 @@ def test_pause_cut_windows_are_concatenated() -> None:
     ]
     result = stitch(parts)
     assert result.text == "We walked home, and then it rained."
+    assert result.segments[1].to_dict() == {
+        "index": 1,
+        "start_s": 12.0,
+        "end_s": 20.0,
+        "text": "and then it rained.",
+        "stitch_confidence": 1.0,
+    }
     assert [(s.index, s.start_s, s.end_s, s.stitch_confidence) for s in result.segments] == [
         (0, 1.0, 10.0, 1.0),
         (1, 12.0, 20.0, 1.0),

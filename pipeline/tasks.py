@@ -1,0 +1,139 @@
+"""The tasks a SpeechLM run can do: prompts, how window outputs combine, output normalisation.
+
+Dense tasks (asr, st) need every window's words: window texts are stitched into one text
+(pipeline.stitch). Sparse tasks give one short output per window: er labels and sqa answers are
+normalised and the recording's result is the label (answer) with the most speech behind it
+(``aggregate_labels`` weighted by each window's speech duration). Prompts follow Qwen2-Audio's
+evaluation prompts: the audio placeholder, then the instruction.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from pipeline.stitch import normalise, words
+
+if TYPE_CHECKING:  # importing the model contract at run time would pull in torch
+    from pipeline.models.base import TaskRequest
+
+TASKS = ("asr", "st", "er", "sqa")
+DENSE_TASKS = frozenset({"asr", "st"})
+AUDIO_PROMPT = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
+UNKNOWN = "unknown"
+
+LANGUAGES = {
+    "ar": "Arabic",
+    "de": "German",
+    "en": "English",
+    "es": "Spanish",
+    "fr": "French",
+    "it": "Italian",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "nl": "Dutch",
+    "pt": "Portuguese",
+    "ru": "Russian",
+    "zh": "Chinese",
+}
+
+# Words a model uses for each emotion; the first one found in an output decides its label.
+_EMOTION_WORDS = {
+    "neutral": "neutral neutrality calm none",
+    "happy": "happy happiness joy joyful excited excitement cheerful glad pleased amused delighted",
+    "sad": "sad sadness unhappy sorrow sorrowful depressed disappointed upset grief",
+    "angry": "angry anger mad annoyed frustrated frustration furious irritated rage",
+    "fearful": "fear fearful afraid scared anxious anxiety nervous frightened worried",
+    "disgusted": "disgust disgusted disgusting",
+    "surprised": "surprise surprised surprising amazed astonished shocked",
+}
+_EMOTION_OF = {word: label for label, synonyms in _EMOTION_WORDS.items() for word in synonyms.split()}
+_SPECIAL_TOKEN = re.compile(r"<\|[^|>]*\|>")
+
+
+class TaskError(ValueError):
+    """A task name or its arguments are invalid; the message says which and what is allowed."""
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise TaskError(f"task={task!r} is not one of {', '.join(TASKS)}")
+
+
+def is_dense(task: str) -> bool:
+    """True when the task's window texts are stitched (asr, st), False when aggregated (er, sqa)."""
+    check_task(task)
+    return task in DENSE_TASKS
+
+
+def language_name(language: str) -> str:
+    """English name of a language given as a code ('de') or a name ('German', 'german')."""
+    if language.lower() in LANGUAGES:
+        return LANGUAGES[language.lower()]
+    names = {name.lower(): name for name in LANGUAGES.values()}
+    if language.lower() in names:
+        return names[language.lower()]
+    raise TaskError(f"language {language!r} is not one of {', '.join(sorted(LANGUAGES))} (or their names)")
+
+
+def prompt(request: TaskRequest, source_language: str = "en") -> str:
+    """The Qwen2-Audio prompt text for one window (the processor expands the <|AUDIO|> placeholder)."""
+    check_task(request.task)
+    if request.task == "asr":
+        code = next(code for code, name in LANGUAGES.items() if name == language_name(source_language))
+        return f"{AUDIO_PROMPT}Detect the language and recognize the speech: <|{code}|>"
+    if request.task == "st":
+        if not request.target_language:
+            raise TaskError("task 'st' needs a target_language")
+        return f"{AUDIO_PROMPT}Translate the speech into {language_name(request.target_language)}:"
+    if request.task == "er":
+        return f"{AUDIO_PROMPT}Recognize the emotion with keywords in English:"
+    if not request.question or not request.question.strip():
+        raise TaskError("task 'sqa' needs a question")
+    return f"{AUDIO_PROMPT}{request.question.strip()}"
+
+
+def emotion_label(text: str) -> str:
+    """Map a model's free-text emotion answer to one of EMOTIONS, or UNKNOWN if it names none."""
+    for word in words(text.replace("-", " ")):
+        label = _EMOTION_OF.get(normalise(word))
+        if label is not None:
+            return label
+    return UNKNOWN
+
+
+def normalise_output(task: str, text: str) -> str:
+    """Clean one window's raw output: special tokens removed, whitespace collapsed; er -> an EMOTIONS label."""
+    check_task(task)
+    text = " ".join(_SPECIAL_TOKEN.sub(" ", text).split())
+    return emotion_label(text) if task == "er" else text
+
+
+def aggregate_labels(labels: list[str], weights: list[float] | None = None) -> str:
+    """The label with the largest total weight (e.g. seconds of speech in the windows that gave it).
+
+    Labels are compared by their normalised words, so 'Yes.' and 'yes' count together; the first
+    spelling seen is returned. Empty labels and UNKNOWN are ignored unless nothing else is given
+    (then UNKNOWN). Ties go to the label seen first. weights: one per label, >= 0 (default: all 1).
+    """
+    weights = [1.0] * len(labels) if weights is None else list(weights)
+    if len(weights) != len(labels):
+        raise ValueError(f"{len(labels)} labels but {len(weights)} weights")
+    if any(w < 0 for w in weights):
+        raise ValueError("weights must be >= 0")
+    if sum(weights) == 0:
+        weights = [1.0] * len(labels)
+    totals: dict[str, float] = defaultdict(float)
+    spelling: dict[str, str] = {}
+    for label, weight in zip(labels, weights, strict=True):
+        key = " ".join(filter(None, (normalise(w) for w in words(label))))
+        if key in ("", UNKNOWN):
+            continue
+        totals[key] += weight
+        spelling.setdefault(key, label.strip())
+    if not totals:
+        return UNKNOWN
+    best = max(totals.values())
+    return spelling[next(key for key, total in totals.items() if total == best)]

@@ -1,0 +1,89 @@
+"""Task prompts, output normalisation and label aggregation."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.models.base import TaskRequest
+from pipeline.tasks import (
+    EMOTIONS,
+    TASKS,
+    UNKNOWN,
+    TaskError,
+    aggregate_labels,
+    emotion_label,
+    is_dense,
+    normalise_output,
+    prompt,
+)
+
+
+def test_prompts() -> None:
+    audio = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    assert prompt(TaskRequest("asr")) == f"{audio}Detect the language and recognize the speech: <|en|>"
+    assert prompt(TaskRequest("asr"), source_language="German").endswith("<|de|>")
+    assert prompt(TaskRequest("st", target_language="zh")) == f"{audio}Translate the speech into Chinese:"
+    assert prompt(TaskRequest("st", target_language="german")).endswith("into German:")
+    assert prompt(TaskRequest("er")) == f"{audio}Recognize the emotion with keywords in English:"
+    assert (
+        prompt(TaskRequest("sqa", question=" Who chairs the meeting? ")) == f"{audio}Who chairs the meeting?"
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (TaskRequest("st"), "target_language"),
+        (TaskRequest("st", target_language="Klingon"), "Klingon"),
+        (TaskRequest("sqa", question="  "), "question"),
+        (TaskRequest("summarise"), "summarise"),
+    ],
+)
+def test_prompt_errors(request_: TaskRequest, message: str) -> None:
+    with pytest.raises(TaskError, match=message):
+        prompt(request_)
+
+
+def test_dense_and_sparse() -> None:
+    assert [is_dense(t) for t in TASKS] == [True, True, False, False]
+    with pytest.raises(TaskError):
+        is_dense("asr2")
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("neutral", "neutral"),
+        ("The speaker sounds Angry.", "angry"),
+        ("joy, excitement", "happy"),
+        ("sadness", "sad"),
+        ("Surprised!", "surprised"),
+        ("scared", "fearful"),
+        ("disgust", "disgusted"),
+        ("semi-frustrated tone", "angry"),
+        ("I cannot tell", UNKNOWN),
+    ],
+)
+def test_emotion_label(text: str, label: str) -> None:
+    assert emotion_label(text) == label
+    assert label in (*EMOTIONS, UNKNOWN)
+
+
+def test_normalise_output() -> None:
+    assert normalise_output("asr", "<|en|> Hello,\n  world. <|endoftext|>") == "Hello, world."
+    assert normalise_output("er", "<|en|>happiness") == "happy"
+    assert normalise_output("sqa", "  Yes.  ") == "Yes."
+
+
+def test_aggregate_labels_weighted_by_speech() -> None:
+    assert aggregate_labels(["happy", "sad", "sad"], [10.0, 3.0, 4.0]) == "happy"
+    assert aggregate_labels(["happy", "sad", "sad"]) == "sad"
+    assert aggregate_labels(["Yes.", "no", "yes"], [2.0, 3.0, 2.0]) == "Yes."
+    assert aggregate_labels(["unknown", "", "angry"], [9.0, 9.0, 1.0]) == "angry"
+    assert aggregate_labels(["unknown", ""]) == UNKNOWN
+    assert aggregate_labels(["sad", "happy"], [1.0, 1.0]) == "sad"  # tie: first seen
+    assert aggregate_labels(["sad", "happy"], [0.0, 0.0]) == "sad"
+    with pytest.raises(ValueError, match="weights"):
+        aggregate_labels(["sad"], [1.0, 2.0])
+    with pytest.raises(ValueError, match=">= 0"):
+        aggregate_labels(["sad"], [-1.0])
