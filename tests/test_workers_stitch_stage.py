@@ -1,0 +1,62 @@
+"""Stitch stage: window rows of one recording -> one record; errors, gaps, labels, summed stats."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipeline.stats import WindowStats
+from schemas.tables import RECORD_SCHEMA, split_records
+from workers.stitch_stage import recording_record, stitch_group
+
+RUN = {"task": "asr", "model": "m", "reduction": "{}", "pipeline_version": "v", "run_id": "r"}
+
+
+def _window(i: int, count: int, text: str, status: str = "ok", **extra: object) -> dict:
+    stats = WindowStats(audio_seconds=10.0, audio_tokens_in=500, audio_tokens_kept=350.0, decode_s=0.5,
+                        encode_s=0.25, generated_tokens=10)  # fmt: skip
+    return {
+        "recording_id": "rec", "source_path": "/in/rec.wav", "content_sha256": "h", "meta": "{}",
+        "duration_s": 30.0, "window_index": i, "window_count": count, "start_s": 10.0 * i,
+        "end_s": 10.0 * i + 10.0, "overlap_before_s": 0.0, "overlap_after_s": 0.0, "status": status,
+        "stage": None, "error": None, "text": text, "window_stats": stats.to_dict(),
+        "peak_memory_bytes": None, "nvml_memory_bytes": None, "device_name": "cpu", "node": "n1",
+    } | extra  # fmt: skip
+
+
+def test_asr_windows_join_in_order_and_stats_sum() -> None:
+    rows = [_window(1, 2, "world"), _window(0, 2, "hello")]
+    out = stitch_group(pa.Table.from_pylist(rows), "asr", RUN)
+    assert out.schema == RECORD_SCHEMA
+    tables = split_records(out)
+    (result,) = tables["results"].to_pylist()
+    assert result["text"] == "hello world" and result["status"] == "ok"
+    assert [s["index"] for s in result["segments"]] == [0, 1]
+    (stats,) = tables["stats"].to_pylist()
+    assert stats["windows"] == 2 and stats["audio_tokens_in"] == 1000 and stats["generated_tokens"] == 20
+    assert stats["decode_tokens_per_s"] == 20.0 and stats["real_time_factor"] == 1.5 / 20.0
+    assert tables["errors"].num_rows == 0
+
+
+def test_a_failed_or_missing_window_fails_the_recording() -> None:
+    bad = recording_record(
+        [_window(0, 2, "a"), _window(1, 2, None, "error", stage="model", error="oom")], "asr", RUN
+    )
+    assert (bad["status"], bad["stage"], bad["error"]) == ("error", "model", "oom")
+    gap = recording_record([_window(0, 3, "a"), _window(2, 3, "c")], "asr", RUN)
+    assert (gap["status"], gap["stage"]) == ("error", "stitch") and "2 of 3" in gap["error"]
+
+
+def test_er_label_is_the_one_heard_longest() -> None:
+    rows = [
+        _window(0, 3, "Happy."),
+        _window(1, 3, "<|im_end|> I hear anger"),
+        _window(2, 3, "the speaker is happy"),
+    ]
+    record = recording_record(rows, "er", RUN | {"task": "er"})
+    assert record["label"] == "happy" and record.get("text") is None
+
+
+def test_no_speech_is_an_empty_result() -> None:
+    empty = _window(0, 0, None, "empty") | {"window_stats": WindowStats().to_dict()}
+    record = recording_record([empty], "asr", RUN)
+    assert (record["status"], record["text"], record["segments"], record["windows"]) == ("empty", "", [], 0)

@@ -1,0 +1,77 @@
+"""Stitch stage: all window rows of one recording -> one record row (schemas.tables.RECORD_SCHEMA).
+
+asr/st: the window texts are stitched into one text with per-window segments; er: the window labels
+are aggregated into one, weighted by window duration; sqa: the window answers likewise. Window outputs
+are cleaned by pipeline.tasks.normalise_output first. Window stats are summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pyarrow as pa
+
+from pipeline.stats import WindowStats
+from pipeline.stitch import WindowText, stitch
+from pipeline.tasks import aggregate_labels, normalise_output
+from schemas.tables import RECORD_SCHEMA
+
+
+def _stats(rows: list[dict]) -> dict:
+    total = sum((WindowStats(**r["window_stats"]) for r in rows), WindowStats())
+    model_s = total.encode_s + total.prefill_s + total.decode_s
+    audio_s = sum(r["end_s"] - r["start_s"] for r in rows) if rows[0]["status"] == "ok" else 0.0
+    peaks = [r["peak_memory_bytes"] for r in rows if r["peak_memory_bytes"] is not None]
+    nvml = [r["nvml_memory_bytes"] for r in rows if r["nvml_memory_bytes"] is not None]
+    return total.to_dict() | {
+        "audio_seconds": rows[0]["duration_s"],
+        "windows": len(rows) if rows[0]["status"] == "ok" else 0,
+        "decode_tokens_per_s": total.generated_tokens / total.decode_s if total.decode_s > 0 else None,
+        "peak_memory_bytes": max(peaks, default=None),
+        "nvml_memory_bytes": max(nvml, default=None),
+        "real_time_factor": model_s / audio_s if audio_s > 0 else None,
+        "device_name": rows[0]["device_name"] or "",
+        "node": rows[0]["node"] or "",
+    }
+
+
+def _outputs(rows: list[dict], task: str) -> dict:
+    if rows[0]["status"] == "empty":
+        return {"text": "", "segments": []}
+    texts = [normalise_output(task, r["text"]) for r in rows]
+    if task in ("er", "sqa"):  # one answer per recording: the one given for the most audio
+        key = "label" if task == "er" else "answer"
+        return {key: aggregate_labels(texts, [r["end_s"] - r["start_s"] for r in rows])}
+    windows = [
+        WindowText(
+            r["window_index"], r["start_s"], r["end_s"], r["overlap_before_s"], r["overlap_after_s"], text
+        )
+        for r, text in zip(rows, texts, strict=True)
+    ]
+    stitched = stitch(windows)
+    return {"text": stitched.text, "segments": [asdict(s) for s in stitched.segments]}
+
+
+def recording_record(rows: list[dict], task: str, run_fields: dict) -> dict:
+    """One RECORD_SCHEMA row from a recording's window rows (any order). ``run_fields``: model,
+    reduction, pipeline_version, run_id, task."""
+    rows = sorted(rows, key=lambda r: r["window_index"])
+    first = rows[0]
+    record = {k: first[k] for k in ("recording_id", "source_path", "content_sha256", "meta")} | run_fields
+    failed = next((r for r in rows if r["status"] == "error"), None)
+    if failed is None and first["status"] == "ok" and len(rows) != first["window_count"]:
+        failed = first | {
+            "stage": "stitch",
+            "error": f"{len(rows)} of {first['window_count']} windows arrived",
+        }
+    if failed is not None:
+        return record | {"status": "error", "stage": failed["stage"], "error": failed["error"]}
+    try:
+        return record | _outputs(rows, task) | _stats(rows) | {"status": first["status"]}
+    except Exception as err:  # a stitcher failure is this recording's, reported as a row
+        return record | {"status": "error", "stage": "stitch", "error": f"{type(err).__name__}: {err}"}
+
+
+def stitch_group(group: pa.Table, task: str, run_fields: dict) -> pa.Table:
+    """Ray ``map_groups`` UDF: the WINDOW_TEXT_SCHEMA rows of one recording -> one RECORD_SCHEMA row."""
+    return pa.Table.from_pylist([recording_record(group.to_pylist(), task, run_fields)], schema=RECORD_SCHEMA)
