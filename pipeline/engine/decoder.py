@@ -1,8 +1,8 @@
 """A llama-family decoder stack driven by our own attention over the model's own weight modules.
 
 We read projections, norms, MLP and rotary parameters from a transformers model but never call its
-layer ``forward`` (whose signature changes between 5.x releases); the only module calls are the
-norms and the MLP, which take one tensor and return one.
+layer ``forward`` (whose signature changes between 5.x releases); the only module calls are norms,
+output projections and the activation, which take one tensor and return one.
 """
 
 from __future__ import annotations
@@ -15,13 +15,50 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class LayerWeights:
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
+    """One decoder layer. q/k/v and gate/up are fused into one matrix each (one GEMM instead of three
+    or two); the model's own Linear weights become views into them, so no weight is stored twice."""
+
+    qkv_weight: Tensor
+    qkv_bias: Tensor | None
     o: nn.Linear
     attn_norm: nn.Module
     mlp_norm: nn.Module
-    mlp: nn.Module
+    gate_up_weight: Tensor
+    down: nn.Linear
+    act: nn.Module
+
+
+def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
+    """Concatenate the weights (and biases) of Linears along the output dim; rebind each as a view."""
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = [lin.bias is not None for lin in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("cannot fuse projections where only some have a bias")
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None
+    start = 0
+    for lin in linears:
+        end = start + lin.out_features
+        lin.weight = nn.Parameter(weight[start:end], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start:end], requires_grad=False)
+        start = end
+    return weight, bias
+
+
+def _layer_weights(layer: nn.Module) -> LayerWeights:
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv_weight, qkv_bias = _fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+    gate_up_weight, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+    return LayerWeights(
+        qkv_weight=qkv_weight,
+        qkv_bias=qkv_bias,
+        o=attn.o_proj,
+        attn_norm=layer.input_layernorm,
+        mlp_norm=layer.post_attention_layernorm,
+        gate_up_weight=gate_up_weight,
+        down=mlp.down_proj,
+        act=mlp.act_fn,
+    )
 
 
 class DecoderStack:
@@ -37,18 +74,7 @@ class DecoderStack:
         self.embed_tokens = text_model.embed_tokens
         self.final_norm = text_model.norm
         self.lm_head = lm_head
-        self.layers = [
-            LayerWeights(
-                q=layer.self_attn.q_proj,
-                k=layer.self_attn.k_proj,
-                v=layer.self_attn.v_proj,
-                o=layer.self_attn.o_proj,
-                attn_norm=layer.input_layernorm,
-                mlp_norm=layer.post_attention_layernorm,
-                mlp=layer.mlp,
-            )
-            for layer in text_model.layers
-        ]
+        self.layers = [_layer_weights(layer) for layer in text_model.layers]
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -87,10 +113,16 @@ class DecoderStack:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Normed hidden [B, L, D] -> rotated q [B, H, L, hd], rotated k and v [B, Hkv, L, hd]."""
         b, n, _ = hidden.shape
-        q = layer.q(hidden).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = layer.k(hidden).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = layer.v(hidden).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        qkv = nn.functional.linear(hidden, layer.qkv_weight, layer.qkv_bias)
+        q, k, v = qkv.view(b, n, -1, self.head_dim).split(
+            [self.num_heads, self.num_kv_heads, self.num_kv_heads], dim=2
+        )
+        return _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
+
+    def mlp(self, layer: LayerWeights, hidden: Tensor) -> Tensor:
+        """Normed hidden [B, L, D] -> gated MLP output [B, L, D]."""
+        gate, up = nn.functional.linear(hidden, layer.gate_up_weight).chunk(2, dim=-1)
+        return layer.down(layer.act(gate) * up)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
         """Fused attention with grouped KV heads: q [B, H, Lq, hd], k/v [B, Hkv, Lk, hd] -> [B, Lq, H*hd]."""

@@ -112,7 +112,7 @@ def prefill(
             else:
                 positions = reduction.positions(positions)
             spans = reduction.spans
-        hidden = hidden + layer.mlp(layer.mlp_norm(hidden))
+        hidden = hidden + stack.mlp(layer, layer.mlp_norm(hidden))
     if caches.lengths != plan.cache_lengths:
         raise RuntimeError(f"cache lengths {caches.lengths} differ from the plan {plan.cache_lengths}")
     return stack.logits(hidden[:, -1]), caches, plan
@@ -237,5 +237,5 @@ def _decode_step(stack: DecoderStack, caches: LayerCaches, tokens: Tensor, posit
         q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
         caches.write(i, k, v)
         hidden = hidden + layer.o(stack.attend(q, *caches.view(i), causal=False))
-        hidden = hidden + layer.mlp(layer.mlp_norm(hidden))
+        hidden = hidden + stack.mlp(layer, layer.mlp_norm(hidden))
     return stack.logits(hidden[:, -1])
