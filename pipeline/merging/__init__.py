@@ -2,6 +2,7 @@
 calibration, attention mass. See ``ops``, ``schedule``, ``mass`` and ``config``."""
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig, ReductionConfigError
+from pipeline.merging.mass import attention_mass
 from pipeline.merging.ops import (
     Reduction,
     adjacent_similarity,
@@ -24,6 +25,7 @@ __all__ = [
     "ReductionConfig",
     "ReductionConfigError",
     "adjacent_similarity",
+    "attention_mass",
     "calibrate",
     "h2o_keep_indices",
     "kv_reduction",

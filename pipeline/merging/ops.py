@@ -42,58 +42,68 @@ class Reduction:
     weights: Tensor
     n_out: int
     spans: list[tuple[int, int]]
-    # Derived once, so that apply() is a gather plus a small weighted sum over the merged tokens.
-    _lead: Tensor = field(init=False, repr=False)
-    _extra: Tensor = field(init=False, repr=False)  # [B, E] non-lead tokens, E = L - n_out
-    _extra_group: Tensor = field(init=False, repr=False)  # [B, E] their groups
-    _extra_head: Tensor = field(init=False, repr=False)  # [B, E] first extra of the same group
-    _extra_starts: Tensor = field(init=False, repr=False)  # [B, E] bool: is its own head
+    # Derived once, so that apply() is a row gather plus a small weighted sum over the merged tokens.
+    # "Extras" are the L - n_out non-lead tokens of each row; rows are indexed in flattened [B * L].
+    _lead: Tensor = field(init=False, repr=False)  # [B, n_out]
+    _lead_rows: Tensor = field(init=False, repr=False)  # [B * n_out] rows of x copied to the output
+    _extra_rows: Tensor = field(init=False, repr=False)  # [B * E] rows of x of the extras
+    _extra_out: Tensor = field(init=False, repr=False)  # [B * E] output rows (groups) of the extras
+    _extra_head: Tensor = field(init=False, repr=False)  # [B * E] first extra slot of the same group
+    _w_extra: Tensor = field(init=False, repr=False)  # [B * E, 1] extra weights
+    _w_lead: Tensor = field(init=False, repr=False)  # [B * E, 1] the group's lead weight, at heads only
+    _inv_total: Tensor = field(init=False, repr=False)  # [B * E, 1] 1 / total weight of the group
+    _merges: bool = field(init=False, repr=False)  # some extra carries weight (not a pure eviction)
 
     def __post_init__(self) -> None:
         batch, length = self.groups.shape
-        index = torch.arange(length, device=self.groups.device).expand(batch, length)
+        device = self.groups.device
+        index = torch.arange(length, device=device).expand(batch, length)
         # Lead = smallest index among positive-weight members (all-zero group: its first member).
         key = index + length * (self.weights <= 0)
-        lead = torch.full((batch, self.n_out), 2 * length, dtype=torch.int64, device=self.groups.device)
+        lead = torch.full((batch, self.n_out), 2 * length, dtype=torch.int64, device=device)
         self._lead = lead.scatter_reduce(1, self.groups, key, "amin") % length
-        is_lead = torch.zeros((batch, length), dtype=torch.int8, device=self.groups.device)
-        is_lead.scatter_(1, self._lead, 1)
+        row0 = torch.arange(batch, device=device)[:, None]
+        self._lead_rows = (self._lead + row0 * length).flatten()
+        is_lead = torch.zeros((batch, length), dtype=torch.int8, device=device).scatter_(1, self._lead, 1)
         n_extra = length - self.n_out
-        self._extra = torch.sort(is_lead, dim=1, stable=True).indices[:, :n_extra]
-        self._extra_group = self.groups.gather(1, self._extra)
-        starts = torch.ones_like(self._extra_group, dtype=torch.bool)
-        starts[:, 1:] = self._extra_group[:, 1:] != self._extra_group[:, :-1]
-        position = torch.arange(n_extra, device=self.groups.device).expand_as(starts)
-        self._extra_head = torch.where(starts, position, 0).cummax(dim=1).values
-        self._extra_starts = starts
+        extra = torch.sort(is_lead, dim=1, stable=True).indices[:, :n_extra]
+        extra_group = self.groups.gather(1, extra)
+        starts = torch.ones_like(extra_group, dtype=torch.bool)
+        starts[:, 1:] = extra_group[:, 1:] != extra_group[:, :-1]
+        slot = torch.arange(n_extra, device=device).expand_as(starts)
+        head = torch.where(starts, slot, 0).cummax(dim=1).values
+        w_extra = self.weights.gather(1, extra)
+        w_lead = torch.where(starts, self.weights.gather(1, self._lead.gather(1, extra_group)), 0.0)
+        total = w_lead.scatter_add(1, head, w_extra).gather(1, head)
+        self._extra_rows = (extra + row0 * length).flatten()
+        self._extra_out = (extra_group + row0 * self.n_out).flatten()
+        self._extra_head = (head + row0 * n_extra).flatten()
+        self._w_extra = w_extra.reshape(-1, 1)
+        self._w_lead = w_lead.reshape(-1, 1)
+        self._inv_total = total.reciprocal().reshape(-1, 1)
+        self._merges = bool((w_extra > 0).any())  # one host sync per plan
 
     @property
     def length(self) -> int:
         return self.groups.shape[1]
 
     def apply(self, x: Tensor) -> Tensor:
-        """x [B, L, ...] -> [B, n_out, ...]: sum(w x) / sum(w) per group (fp32 sums), dtype kept."""
+        """x [B, L, ...] -> [B, n_out, ...]: sum(w x) / sum(w) per group (fp32 sums), dtype kept.
+        Groups of one weighted member are exact copies of its row."""
         batch, length = self.groups.shape
         if x.shape[:2] != (batch, length):
             raise ValueError(f"x has shape {tuple(x.shape)}, expected [{batch}, {length}, ...]")
-        flat = x.reshape(batch, length, -1)
-        width = flat.shape[-1]
-        out = flat.gather(1, self._lead[..., None].expand(-1, -1, width))
-        if self._extra.shape[1] == 0:
-            return out.reshape(batch, self.n_out, *x.shape[2:])
-        w_extra = self.weights.gather(1, self._extra)
-        w_lead = self.weights.gather(1, self._lead).gather(1, self._extra_group)
-        w_lead = torch.where(self._extra_starts, w_lead, 0.0)
-        x_lead = out.gather(1, self._extra_group[..., None].expand(-1, -1, width)).float()
-        x_extra = flat.gather(1, self._extra[..., None].expand(-1, -1, width)).float()
-        # Per merged group, accumulated at its head: lead term once, plus every extra member.
-        num = (w_lead[..., None] * x_lead).scatter_add_(
-            1, self._extra_head[..., None].expand(-1, -1, width), w_extra[..., None] * x_extra
-        )
-        den = w_lead.scatter_add(1, self._extra_head, w_extra)
-        mean = (num / den[..., None]).gather(1, self._extra_head[..., None].expand(-1, -1, width))
-        # Every extra of a group writes the same value to it, so duplicate targets are harmless.
-        out.scatter_(1, self._extra_group[..., None].expand(-1, -1, width), mean.to(out.dtype))
+        rows = x.reshape(batch * length, -1)
+        out = rows.index_select(0, self._lead_rows)
+        if self._merges:
+            # Accumulate each merged group at its head slot: lead term once plus every extra, in fp32.
+            acc = out.index_select(0, self._extra_out).float().mul_(self._w_lead)
+            acc.index_add_(
+                0, self._extra_head, rows.index_select(0, self._extra_rows).float() * self._w_extra
+            )
+            mean = acc.index_select(0, self._extra_head).mul_(self._inv_total)
+            # Every extra of a group writes the same value to it, so duplicate targets are harmless.
+            out.index_copy_(0, self._extra_out, mean.to(out.dtype))
         return out.reshape(batch, self.n_out, *x.shape[2:])
 
     def first_index(self) -> Tensor:
