@@ -29,6 +29,9 @@ class LayerCaches:
         ]
         self.v = [torch.empty_like(k) for k in self.k]
         self.lengths = [0] * len(prefill_lengths)
+        # Device copy of the prefill lengths: decode steps index with it, so no host value changes
+        # between steps and a captured CUDA graph can replay them.
+        self.prefill_lengths = torch.tensor(prefill_lengths, dtype=torch.long, device=device)
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> None:
         """Append k, v [B, Hkv, n, hd] after the filled part of ``layer``."""
@@ -36,6 +39,12 @@ class LayerCaches:
         self.k[layer][:, :, start : start + n] = k
         self.v[layer][:, :, start : start + n] = v
         self.lengths[layer] = start + n
+
+    def write_decode(self, layer: int, k: Tensor, v: Tensor, step: Tensor) -> None:
+        """Write one decode token k, v [B, Hkv, 1, hd] at prefill length + step (step: device [1] int64)."""
+        index = self.prefill_lengths[layer : layer + 1] + step
+        self.k[layer].index_copy_(2, index, k)
+        self.v[layer].index_copy_(2, index, v)
 
     def view(self, layer: int) -> tuple[Tensor, Tensor]:
         """The filled part of one layer: k, v [B, Hkv, length, hd] (views, no copy)."""

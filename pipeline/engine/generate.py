@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pipeline.engine.cache import LayerCaches
+from pipeline.engine.decode import GreedyDecoder
 from pipeline.engine.decoder import DecoderStack
 from pipeline.merging import mass as mass_ops
 from pipeline.merging import ops, schedule
@@ -200,26 +201,27 @@ def generate(
     _sync(device)
     t1 = time.perf_counter()
     kv_kept = caches.nbytes()
-    eos = torch.tensor(eos_token_ids, device=device)
-    out = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    steps = 0
-    for step in range(max_new_tokens):
-        out[:, step] = torch.where(finished, pad_token_id, tokens)
-        finished |= torch.isin(tokens, eos)
-        steps = step + 1
-        if steps == max_new_tokens or bool(finished.all()):
-            break
-        position = torch.full((b, 1), length + step, device=device)
-        tokens = _decode_step(stack, caches, tokens, position).argmax(-1)
+    decoder = GreedyDecoder(
+        stack,
+        caches,
+        length,
+        tokens,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=eos_token_ids,
+        pad_token_id=pad_token_id,
+    )
+    out, steps = decoder.run()
     _sync(device)
     t2 = time.perf_counter()
+    eos = decoder.eos
     stopped_at = torch.where(torch.isin(out[:, :steps], eos), torch.arange(steps, device=device), steps).amin(
         -1
     )
+    num_tokens = torch.clamp(stopped_at + 1, max=steps)
+    steps = int(num_tokens.max())
     return Generation(
         tokens=out[:, :steps],
-        num_tokens=torch.clamp(stopped_at + 1, max=steps),
+        num_tokens=num_tokens,
         plan=plan,
         prefill_s=t1 - t0,
         decode_s=t2 - t1,
@@ -227,15 +229,3 @@ def generate(
         kv_bytes_kept=kv_kept,
         first_logits=first_logits,
     )
-
-
-def _decode_step(stack: DecoderStack, caches: LayerCaches, tokens: Tensor, position: Tensor) -> Tensor:
-    """One token per row: tokens [B], position [B, 1] -> logits [B, V]."""
-    hidden = stack.embed_tokens(tokens)[:, None]
-    cos, sin = stack.rope(position)
-    for i, layer in enumerate(stack.layers):
-        q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
-        caches.write(i, k, v)
-        hidden = hidden + layer.o(stack.attend(q, *caches.view(i), causal=False))
-        hidden = hidden + stack.mlp(layer, layer.mlp_norm(hidden))
-    return stack.logits(hidden[:, -1])
