@@ -1,8 +1,8 @@
 """One audio file + prompt through Qwen2-Audio with a chosen token reduction; prints text and stats.
 
     python jobs/generate.py examples/meeting.flac --tiny-random --method fastadasp --target 0.3
-    python jobs/generate.py talk.mp3 --model Qwen/Qwen2-Audio-7B-Instruct --device cuda \
-        --prompt "<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|en|>"
+    python jobs/generate.py talk.mp3 --model Qwen/Qwen2-Audio-7B-Instruct --device cuda --task st \
+        --target-language de --method fastadasp --schedule decay --first-layer 9 --target 0.3
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 
 from pipeline.audio.decode import decode_audio
 from pipeline.cli import add_reduction_args, reduction_from_args
+from pipeline import tasks
 from pipeline.models import qwen2_audio
-
-DEFAULT_PROMPT = "<|audio_bos|><|AUDIO|><|audio_eos|>Detect the language and recognize the speech: <|en|>"
+from pipeline.models.base import TaskRequest
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,7 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("audio", type=Path)
     parser.add_argument("--model", default="Qwen/Qwen2-Audio-7B-Instruct", help="hub id (needs a network)")
     parser.add_argument("--tiny-random", action="store_true", help="random-weight tiny model, offline")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text with one <|AUDIO|> placeholder")
+    parser.add_argument("--task", choices=tasks.TASKS, default="asr")
+    parser.add_argument("--target-language", help="st: language to translate into")
+    parser.add_argument("--question", help="sqa: the question about the audio")
+    parser.add_argument("--prompt", help="raw prompt with one <|AUDIO|> placeholder (overrides --task)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     add_reduction_args(parser)
@@ -34,7 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     model = qwen2_audio.load(qwen2_audio.TINY_RANDOM if args.tiny_random else args.model, args.device)
     model.max_new_tokens = args.max_new_tokens
     audio = decode_audio(args.audio, sample_rate=model.sample_rate, max_duration_s=model.max_window_s)
-    gen, encode_s = model.generate_batch(args.prompt, [[audio.samples]], reduction)
+    request = TaskRequest(args.task, target_language=args.target_language, question=args.question)
+    prompt = args.prompt or tasks.prompt(request)
+    gen, encode_s = model.generate_batch(prompt, [[audio.samples]], reduction)
     n = int(gen.num_tokens[0])
     text = model.tokenizer.decode(gen.tokens[0, :n].tolist(), skip_special_tokens=True)
     plan = gen.plan

@@ -21,6 +21,7 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from pipeline import tasks
 from pipeline.engine.decoder import DecoderStack
 from pipeline.engine.generate import Generation, generate
 from pipeline.merging.config import ReductionConfig
@@ -109,7 +110,7 @@ class Qwen2AudioSpeechModel:
 
     sample_rate = SAMPLE_RATE
     max_window_s = 30.0
-    tasks = frozenset({"asr", "st", "er", "sqa"})
+    tasks = frozenset(tasks.TASKS)
 
     def __init__(
         self,
@@ -232,8 +233,6 @@ class Qwen2AudioSpeechModel:
     def run(
         self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
     ) -> list[WindowOutput]:
-        from pipeline import tasks
-
         prompt_text = tasks.prompt(request)
         _, mask = self.features(waveforms)
         groups: dict[int, list[int]] = defaultdict(list)
