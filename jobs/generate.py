@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline import tasks
 from pipeline.audio.decode import decode_audio
 from pipeline.cli import add_reduction_args, reduction_from_args
-from pipeline import tasks
 from pipeline.models import qwen2_audio
 from pipeline.models.base import TaskRequest
 
