@@ -1,0 +1,234 @@
+"""Micro-benchmark of the Triton kernels against the PyTorch paths they replace.
+
+    python benchmarks/kernels.py --out kernels.json              # CUDA, Qwen2-Audio-7B shapes
+    python benchmarks/kernels.py --cpu-smoke --out smoke.json    # tiny shapes, Triton interpreter on CPU
+
+Attention mass (one merge layer's prefill, B=1): the two-pass Triton kernel, the blockwise PyTorch mass,
+and one fused SDPA forward of the same shape (the "one attention pass" yardstick).
+Decode attention (one token per row): the split-K Triton kernel and SDPA over the filled prefix (what
+the eager engine does), both replayed from CUDA graphs so launch overhead does not hide kernel time,
+plus SDPA over the whole capacity with a mask (the static-shape PyTorch alternative for graphs).
+Every cache has the capacity of the longest one, so a shorter cache shows whether cost follows length.
+GPU times come from torch.cuda.Event after warm-up; CPU smoke times from perf_counter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter")
+    parser.add_argument("--heads", type=int, default=32, help="query heads (7B: 32)")
+    parser.add_argument("--kv-heads", type=int, default=32, help="KV heads (Qwen2-Audio-7B: 32)")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--length", type=int, default=6040, help="prompt length for the mass")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes")
+    parser.add_argument("--cached", type=int, nargs="+", default=[6040, 3020], help="decode cache lengths")
+    parser.add_argument(
+        "--new-tokens", type=int, default=256, help="decode capacity beyond the longest cache"
+    )
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        args.heads, args.kv_heads, args.head_dim, args.length = 4, 2, 32, 96
+        args.batches, args.cached, args.new_tokens = [1, 2], [70, 33], 8
+    return args
+
+
+def _timer(cuda: bool, warmup: int, iters: int) -> Callable[[Callable[[], Any]], float]:
+    """Returns time_ms(fn): median milliseconds of one fn() call."""
+    import torch
+
+    def time_ms(fn: Callable[[], Any]) -> float:
+        for _ in range(warmup):
+            fn()
+        samples = []
+        for _ in range(iters):
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(samples)
+
+    return time_ms
+
+
+def _graphed(fn: Callable[[], Any], reps: int) -> Callable[[], None]:
+    """fn captured ``reps`` times in one CUDA graph; calling the result replays it."""
+    import torch
+
+    fn()  # compile and allocate before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    return graph.replay
+
+
+def bench_mass(args: argparse.Namespace, device: str, time_ms: Callable) -> dict[str, Any]:
+    import torch
+
+    from pipeline.kernels.attention_mass import attention_mass_triton
+    from pipeline.merging.mass import attention_mass
+
+    dtype = torch.bfloat16
+    n, dim = args.length, args.head_dim
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, args.heads, n, dim, generator=gen, device=device, dtype=dtype)
+    k = torch.randn(1, args.kv_heads, n, dim, generator=gen, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    span = (24, n - 16)  # text before and after the audio
+    scale = dim**-0.5
+    kw = {"scale": scale, "causal": True, "span": span}
+    triton_mass = attention_mass_triton(q, k, **kw)
+    reference = attention_mass(q, k, **kw)
+    row: dict[str, Any] = {
+        "length": n,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "head_dim": dim,
+        "span": list(span),
+        "dtype": str(dtype),
+        "max_rel_err_vs_pytorch": float((triton_mass - reference).abs().max() / reference.abs().max()),
+        "triton_ms": time_ms(lambda: attention_mass_triton(q, k, **kw)),
+        "pytorch_blockwise_ms": time_ms(lambda: attention_mass(q, k, **kw)),
+        "sdpa_forward_ms": time_ms(
+            lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=args.heads != args.kv_heads
+            )
+        ),
+        "triton_tail_ms": time_ms(
+            lambda: attention_mass_triton(q[:, :, span[1] :], k, query_start=span[1], **kw)
+        ),
+    }
+    row["triton_vs_sdpa"] = row["triton_ms"] / row["sdpa_forward_ms"]
+    row["speedup_vs_pytorch"] = row["pytorch_blockwise_ms"] / row["triton_ms"]
+    return row
+
+
+def bench_decode(args: argparse.Namespace, device: str, time_ms: Callable) -> list[dict[str, Any]]:
+    import torch
+
+    from pipeline.kernels import decode_attention_torch
+    from pipeline.kernels.decode_attention import decode_attention, decode_splits
+
+    cuda = device == "cuda"
+    dtype = torch.bfloat16
+    capacity = max(args.cached) + args.new_tokens
+    scale = args.head_dim**-0.5
+    gqa = args.heads != args.kv_heads
+    rows = []
+    for batch in args.batches:
+        gen = torch.Generator(device=device).manual_seed(batch)
+        shape = (batch, args.kv_heads, capacity, args.head_dim)
+        k = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        v = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        q = torch.randn(batch, args.heads, args.head_dim, generator=gen, device=device, dtype=dtype)
+        for cached in args.cached:
+            lengths = torch.full((batch,), cached, device=device, dtype=torch.int32)
+            valid = (torch.arange(capacity, device=device) < cached)[None, None, None]
+
+            def run_triton(lengths=lengths, k=k, v=v, q=q):
+                return decode_attention(q, k, v, lengths, scale)
+
+            def run_prefix(cached=cached, k=k, v=v, q=q):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q[:, :, None], k[:, :, :cached], v[:, :, :cached], scale=scale, enable_gqa=gqa
+                )
+
+            def run_capacity(valid=valid, k=k, v=v, q=q):
+                return torch.nn.functional.scaled_dot_product_attention(
+                    q[:, :, None], k, v, attn_mask=valid, scale=scale, enable_gqa=gqa
+                )
+
+            expected = run_prefix()[:, :, 0].float()
+            got = run_triton().float()
+            row: dict[str, Any] = {
+                "batch": batch,
+                "cached": cached,
+                "capacity": capacity,
+                "splits": decode_splits(batch, args.kv_heads, capacity),
+                "kv_mb_read": 2 * batch * args.kv_heads * cached * args.head_dim * 2 / 1e6,
+                "max_abs_err_vs_sdpa": float((got - expected).abs().max()),
+            }
+            if cuda:  # graphs of 20 calls: per-call kernel time without Python launch overhead
+                reps = 20
+                for name, fn in (
+                    ("triton", run_triton),
+                    ("sdpa_prefix", run_prefix),
+                    ("sdpa_capacity", run_capacity),
+                ):
+                    row[f"{name}_ms"] = time_ms(_graphed(fn, reps)) / reps
+                row["triton_eager_ms"] = time_ms(run_triton)
+                row["triton_gb_per_s"] = row["kv_mb_read"] / row["triton_ms"]
+            else:
+                row["triton_ms"] = time_ms(run_triton)
+                row["pytorch_masked_ms"] = time_ms(
+                    lambda lengths=lengths, k=k, v=v, q=q: decode_attention_torch(q, k, v, lengths, scale)
+                )
+            rows.append(row)
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    keys = list(rows[0])
+    cells = [[f"{r[key]:.4g}" if isinstance(r[key], float) else str(r[key]) for key in keys] for r in rows]
+    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
+    lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+    import torch
+    import triton
+
+    cuda = not args.cpu_smoke
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --cpu-smoke")
+    device = "cuda" if cuda else "cpu"
+    time_ms = _timer(cuda, warmup=5 if cuda else 0, iters=20 if cuda else 1)
+    with torch.inference_mode():
+        mass = bench_mass(args, device, time_ms)
+        decode = bench_decode(args, device, time_ms)
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "interpreted": args.cpu_smoke,
+        "mass": mass,
+        "decode": decode,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}")
+    print("attention mass:\n" + _table([mass]))
+    print("decode attention:\n" + _table(decode))
+    return result
+
+
+if __name__ == "__main__":
+    main()

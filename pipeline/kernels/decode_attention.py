@@ -1,0 +1,226 @@
+"""Split-K (flash-decoding) attention of one new token per row over static KV buffers.
+
+The keys of each row are cut into a fixed number of splits; one program per (split, row, KV head)
+runs an online softmax over its part for all query heads of the group and writes a partial
+(max, sum, weighted values); a second kernel merges the partials. The number of splits depends on
+shapes only, while each program reads the current length from device memory and derives its range
+from it, so one launch (or one CUDA graph) serves every length up to the capacity and the work
+follows the length: programs whose range is empty write an empty partial and stop.
+
+Importing this module needs triton; set TRITON_INTERPRET=1 before importing it to run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from pipeline.kernels.attention_mass import dot_operands
+
+_LOG2E = math.log2(math.e)
+_BLOCK_N = 64  # keys per inner step
+_TARGET_PROGRAMS = 512  # enough to fill 132 SMs several times over
+
+
+@triton.jit
+def _split_kernel(
+    Q,
+    K,
+    V,
+    LENGTHS,
+    PART_M,
+    PART_L,
+    PART_ACC,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    length_stride,
+    capacity,
+    kv_heads,
+    group,
+    head_dim,
+    qk_scale,
+    SPLITS: tl.constexpr,
+    OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Partials of split ``split`` for the query heads of one KV head: PART_M/PART_L [B, H, SPLITS] (base-2
+    running max and sum), PART_ACC [B, H, SPLITS, D] (values weighted by 2^(s - max), not yet divided)."""
+    split = tl.program_id(0)
+    b = tl.program_id(1) // kv_heads
+    kv_head = tl.program_id(1) % kv_heads
+    length = tl.minimum(tl.load(LENGTHS + b * length_stride), capacity)
+    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+    heads = kv_head * group + tl.arange(0, BLOCK_G)
+    in_group = tl.arange(0, BLOCK_G) < group
+    dims = tl.arange(0, BLOCK_D)
+    in_dims = dims < head_dim
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
+        mask=in_group[:, None] & in_dims[None, :],
+        other=0.0,
+    ).to(OPERAND)
+    k_base = K + b * stride_kb + kv_head * stride_kh
+    v_base = V + b * stride_vb + kv_head * stride_vh
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    # A non-empty range starts with a valid key, so m_i is finite after the first step.
+    for n in range(start, end, BLOCK_N):
+        cols = n + tl.arange(0, BLOCK_N)
+        valid = cols < end
+        k = tl.load(
+            k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
+            mask=valid[None, :] & in_dims[:, None],
+            other=0.0,
+        ).to(OPERAND)
+        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + cols[:, None] * stride_vn + dims[None, :] * stride_vd,
+            mask=valid[:, None] & in_dims[None, :],
+            other=0.0,
+        ).to(OPERAND)
+        acc = acc * alpha[:, None] + tl.dot(p.to(OPERAND), v, input_precision=PRECISION)
+        m_i = m_new
+    row = (b * kv_heads * group + heads) * SPLITS + split
+    tl.store(PART_M + row, m_i, mask=in_group)
+    tl.store(PART_L + row, l_i, mask=in_group)
+    tl.store(
+        PART_ACC + row[:, None] * head_dim + dims[None, :], acc, mask=in_group[:, None] & in_dims[None, :]
+    )
+
+
+@triton.jit
+def _combine_kernel(
+    PART_M,
+    PART_L,
+    PART_ACC,
+    OUT,
+    stride_ob,
+    stride_oh,
+    stride_od,
+    q_heads,
+    head_dim,
+    SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """OUT[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s (empty splits weigh 0)."""
+    bh = tl.program_id(0)
+    splits = tl.arange(0, BLOCK_S)
+    in_splits = splits < SPLITS
+    dims = tl.arange(0, BLOCK_D)
+    in_dims = dims < head_dim
+    m = tl.load(PART_M + bh * SPLITS + splits, mask=in_splits, other=float("-inf"))
+    l_s = tl.load(PART_L + bh * SPLITS + splits, mask=in_splits, other=0.0)
+    acc = tl.load(
+        PART_ACC + (bh * SPLITS + splits[:, None]) * head_dim + dims[None, :],
+        mask=in_splits[:, None] & in_dims[None, :],
+        other=0.0,
+    )
+    weight = tl.exp2(m - tl.max(m, 0))
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l_s * weight, 0)
+    tl.store(
+        OUT + (bh // q_heads) * stride_ob + (bh % q_heads) * stride_oh + dims * stride_od,
+        out.to(OUT.dtype.element_ty),
+        mask=in_dims,
+    )
+
+
+def decode_splits(batch: int, kv_heads: int, capacity: int) -> int:
+    """Number of key splits: enough programs to fill the GPU, no more than the capacity has key blocks.
+
+    Depends on shapes only, never on the current length, so a captured graph stays valid as it grows.
+    """
+    wanted = triton.cdiv(_TARGET_PROGRAMS, batch * kv_heads)
+    return max(1, min(wanted, triton.cdiv(capacity, _BLOCK_N)))
+
+
+def decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, lengths: Tensor, scale: float, *, splits: int | None = None
+) -> Tensor:
+    """Attention of one query token per row over the first ``lengths`` positions of static caches.
+
+    q [B, H, D]; k_cache, v_cache [B, Hkv, capacity, D] (GQA: query head h reads KV head h // (H/Hkv));
+    lengths: int tensor [B] (per row) or [] (all rows), each in 1 .. capacity, on q's device; read by
+    the kernel, never by the host. ``splits`` defaults to ``decode_splits(B, Hkv, capacity)``.
+    Returns [B, H, D] in q's dtype; softmax and accumulation in fp32.
+    """
+    batch, q_heads, head_dim = q.shape
+    kv_heads, capacity = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape != v_cache.shape or k_cache.shape[0] != batch or k_cache.shape[3] != head_dim:
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)} do not match"
+        )
+    if q_heads % kv_heads:
+        raise ValueError(f"{q_heads} query heads cannot share {kv_heads} KV heads")
+    if lengths.shape not in ((), (batch,)) or lengths.dtype.is_floating_point or lengths.device != q.device:
+        raise ValueError(f"lengths must be an int tensor [] or [{batch}] on {q.device}")
+    splits = splits or decode_splits(batch, kv_heads, capacity)
+    group = q_heads // kv_heads
+    operand, precision = dot_operands(k_cache.dtype, _split_kernel)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    part_m = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    part_acc = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    _split_kernel[(splits, batch * kv_heads)](
+        q,
+        k_cache,
+        v_cache,
+        lengths,
+        part_m,
+        part_l,
+        part_acc,
+        *q.stride(),
+        *k_cache.stride(),
+        *v_cache.stride(),
+        0 if lengths.dim() == 0 else lengths.stride(0),
+        capacity,
+        kv_heads,
+        group,
+        head_dim,
+        scale * _LOG2E,
+        SPLITS=splits,
+        OPERAND=operand,
+        PRECISION=precision,
+        BLOCK_G=max(16, triton.next_power_of_2(group)),  # tl.dot needs at least 16 rows
+        BLOCK_N=_BLOCK_N,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
+    _combine_kernel[(batch * q_heads,)](
+        part_m,
+        part_l,
+        part_acc,
+        out,
+        *out.stride(),
+        q_heads,
+        head_dim,
+        SPLITS=splits,
+        BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        BLOCK_D=block_d,
+    )
+    return out
