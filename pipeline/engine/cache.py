@@ -41,8 +41,8 @@ class LayerCaches:
         self.lengths[layer] = start + n
 
     def write_decode(self, layer: int, k: Tensor, v: Tensor, step: Tensor) -> None:
-        """Write one decode token k, v [B, Hkv, 1, hd] at prefill length + step (step: device [1] int64)."""
-        index = self.prefill_lengths[layer : layer + 1] + step
+        """Write one decode token k, v [B, Hkv, 1, hd] at prefill length + step (step: device [] int64)."""
+        index = (self.prefill_lengths[layer] + step).view(1)
         self.k[layer].index_copy_(2, index, k)
         self.v[layer].index_copy_(2, index, v)
 
