@@ -97,9 +97,12 @@ def test_cuda_memory_is_bounded_by_the_block():
     torch.cuda.reset_peak_memory_stats()
     got = attention_mass(q, k, scale=0.125, causal=True, span=(100, 4000), block=256)
     peak = torch.cuda.max_memory_allocated() - base
-    full_scores = 8 * 4096 * 4096 * 4
-    assert peak < full_scores / 4
+    block_scores = 8 * 256 * 4096 * 4
+    assert peak < 2.5 * block_scores  # one block's scores and their softmax, plus small buffers
     expected = explicit_mass(q.cpu()[:, :, :512], k.cpu(), 0.125, True, (100, 4000), 0).sum(1)
     part = attention_mass(q[:, :, :512], k, scale=0.125, causal=True, span=(100, 4000), block=100)
-    torch.testing.assert_close(part.double().cpu(), expected, rtol=1e-4, atol=1e-4)
+    # bf16 on CUDA: the product runs on tensor cores from q * scale rounded to bf16 (~0.2% per logit).
+    torch.testing.assert_close(part.double().cpu(), expected, rtol=1e-2, atol=1e-3)
+    exact = attention_mass(q[:, :, :512].float(), k.float(), scale=0.125, causal=True, span=(100, 4000))
+    torch.testing.assert_close(exact.double().cpu(), expected, rtol=1e-4, atol=1e-4)
     assert got.shape == (1, 3900)

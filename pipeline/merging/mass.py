@@ -1,8 +1,8 @@
 """Attention mass: how much attention each key of an audio span receives, computed blockwise.
 
 The weights of FastAdaSP's merge and FastV's / H2O's eviction scores. Only merge layers need it, so it
-is computed apart from the model's fused attention, one block of queries at a time: peak memory is
-B x Hq x block x Lk fp32 scores, never B x Hq x Lq x Lk.
+is computed apart from the model's fused attention, one block of queries at a time: the large buffers
+are one block's B x Hq x block x Lk fp32 scores and their softmax, never B x Hq x Lq x Lk.
 """
 
 from __future__ import annotations
@@ -41,21 +41,36 @@ def attention_mass(
     if block < 1:
         raise ValueError(f"block={block} must be >= 1")
     group = q_heads // kv_heads
-    keys = k.float()
     total = torch.zeros((batch, kv_heads, end - start), dtype=torch.float32, device=q.device)
+    keys = k.reshape(batch * kv_heads, k_len, dim)
     for first in range(0, q_len, block):
         last = min(first + block, q_len)  # exclusive, in q's own indexing
-        top = query_start + last  # causal: keys at positions >= top are invisible to the whole block
-        if causal and top <= start:
+        pos = query_start + first  # absolute position of the block's first query
+        if causal and query_start + last <= start:
             continue  # no query of this block sees the span
-        visible = min(top, k_len) if causal else k_len
-        queries = q[:, :, first:last].float().reshape(batch, kv_heads, group * (last - first), dim)
-        scores = torch.matmul(queries, keys[:, :, :visible].transpose(-1, -2)).mul_(scale)
-        if causal:
-            pos = torch.arange(query_start + first, query_start + last, device=q.device)
-            hidden = torch.arange(visible, device=q.device)[None, :] > pos[:, None]  # [block, visible]
-            scores.view(batch, kv_heads, group, last - first, visible).masked_fill_(hidden, float("-inf"))
-        norm = scores.logsumexp(dim=-1, keepdim=True)
+        visible = min(query_start + last, k_len) if causal else k_len
+        queries = q[:, :, first:last].reshape(batch * kv_heads, group * (last - first), dim)
+        probs = _block_probs(queries, keys[:, :visible], scale, pos if causal else None, last - first)
         span_end = min(end, visible)
-        total[..., : span_end - start] += (scores[..., start:span_end] - norm).exp_().sum(dim=2)
+        total[..., : span_end - start] += probs[..., start:span_end].sum(dim=1).view(batch, kv_heads, -1)
     return total if per_head else total.sum(dim=1)
+
+
+def _block_probs(queries: Tensor, keys: Tensor, scale: float, causal_from: int | None, n: int) -> Tensor:
+    """queries [BH, G*n, D] (n queries of each of G heads), keys [BH, V, D] -> softmax [BH, G*n, V] fp32.
+    causal_from: absolute position of the first query (keys beyond a query's position are masked)."""
+    if queries.is_cuda and queries.dtype in (torch.bfloat16, torch.float16):
+        # Tensor-core product with fp32 output; scaling q first rounds no more than q itself was.
+        scaled = (queries.float() * scale).to(queries.dtype)
+        scores = torch.bmm(scaled, keys.transpose(1, 2), out_dtype=torch.float32)
+    else:
+        scores = torch.bmm(queries.float() * scale, keys.float().transpose(1, 2))
+    if causal_from is not None and causal_from < keys.shape[1]:
+        # Only keys at or after the first query's position can be hidden from some query of the block.
+        tail = keys.shape[1] - causal_from
+        hidden = (
+            torch.arange(tail, device=keys.device)[None, :] > torch.arange(n, device=keys.device)[:, None]
+        )
+        grouped = scores.view(scores.shape[0], -1, n, keys.shape[1])
+        grouped[..., causal_from:].masked_fill_(hidden, float("-inf"))
+    return scores.softmax(dim=-1)

@@ -96,14 +96,15 @@ class Reduction:
         rows = x.reshape(batch * length, -1)
         out = rows.index_select(0, self._lead_rows)
         if self._merges:
-            # Accumulate each merged group at its head slot: lead term once plus every extra, in fp32.
-            acc = out.index_select(0, self._extra_out).float().mul_(self._w_lead)
+            # Accumulate each merged group at its head slot (lead term once, plus every extra) in fp32:
+            # multiplying by the fp32 weights promotes in the same kernel.
+            acc = torch.mul(out.index_select(0, self._extra_out), self._w_lead)
             acc.index_add_(
-                0, self._extra_head, rows.index_select(0, self._extra_rows).float() * self._w_extra
+                0, self._extra_head, torch.mul(rows.index_select(0, self._extra_rows), self._w_extra)
             )
-            mean = acc.index_select(0, self._extra_head).mul_(self._inv_total)
-            # Every extra of a group writes the same value to it, so duplicate targets are harmless.
-            out.index_copy_(0, self._extra_out, mean.to(out.dtype))
+            mean = acc.mul_(self._inv_total).to(out.dtype).index_select(0, self._extra_head)
+            # Every extra of a group writes its group's mean, so duplicate targets are harmless.
+            out.index_copy_(0, self._extra_out, mean)
         return out.reshape(batch, self.n_out, *x.shape[2:])
 
     def first_index(self) -> Tensor:
