@@ -25,6 +25,11 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
+def supported_head_dim(head_dim: int) -> bool:
+    """Whether the kernels take this head size: a power of two >= 16 (tiles span whole heads, unmasked)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def span_attention_mass(
     q: Tensor,
     k: Tensor,
@@ -37,7 +42,7 @@ def span_attention_mass(
 ) -> Tensor:
     """``pipeline.merging.mass.attention_mass`` (q [B, Hq, Lq, D], k [B, Hkv, Lk, D] -> [B, S] or
     [B, Hkv, S] fp32), by the fused Triton kernel where it can run, blockwise in PyTorch elsewhere."""
-    if triton_usable(q.device):
+    if triton_usable(q.device) and supported_head_dim(q.shape[-1]):
         from pipeline.kernels.attention_mass import attention_mass_triton
 
         return attention_mass_triton(
@@ -73,11 +78,17 @@ def cached_decode_attention(
 ) -> Tensor:
     """One query token per row over static caches (shapes as ``decode_attention_torch``): the split-K
     Triton kernel where it can run (no host sync, CUDA-graph safe), masked SDPA elsewhere."""
-    if triton_usable(q.device):
+    if triton_usable(q.device) and supported_head_dim(q.shape[-1]):
         from pipeline.kernels.decode_attention import decode_attention
 
         return decode_attention(q, k_cache, v_cache, lengths, scale)
     return decode_attention_torch(q, k_cache, v_cache, lengths, scale)
 
 
-__all__ = ["cached_decode_attention", "decode_attention_torch", "span_attention_mass", "triton_usable"]
+__all__ = [
+    "cached_decode_attention",
+    "decode_attention_torch",
+    "span_attention_mass",
+    "supported_head_dim",
+    "triton_usable",
+]

@@ -21,7 +21,43 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from pipeline.kernels import supported_head_dim
+
 _LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _lse_step(
+    q,
+    k_base,
+    start,
+    positions,
+    m_i,
+    l_i,
+    k_len,
+    stride_kn,
+    stride_kd,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """One key tile of the online log-sum-exp; MASKED tiles may hold keys past k_len or the diagonal."""
+    cols = start + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    pointers = k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd
+    k = tl.load(pointers, mask=cols[None, :] < k_len, other=0.0) if MASKED else tl.load(pointers)
+    s = tl.dot(q, k.to(OPERAND), input_precision=PRECISION) * qk_scale
+    if MASKED:
+        visible = cols[None, :] < k_len
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= positions[:, None])
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
 
 
 @triton.jit
@@ -41,7 +77,6 @@ def _row_lse_kernel(
     k_len,
     q_heads,
     group,
-    head_dim,
     query_start,
     first_row,
     qk_scale,
@@ -50,44 +85,102 @@ def _row_lse_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     """LSE[b, h, m] = log2 sum_j 2^(qk_scale * q_m . k_j) over the keys j that query m sees."""
     bh = tl.program_id(1)
     b = bh // q_heads
     h = bh % q_heads
     rows = first_row + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.arange(0, HEAD_DIM)
     q = tl.load(
         Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
-        mask=(rows[:, None] < q_len) & (dims[None, :] < head_dim),
+        mask=rows[:, None] < q_len,
         other=0.0,
     ).to(OPERAND)
     k_base = K + b * stride_kb + (h // group) * stride_kh
     positions = query_start + rows
-    end = k_len
+    # Tiles before full_end are visible to every row of this tile and need no mask.
     if CAUSAL:
+        full_end = (query_start + first_row + tl.program_id(0) * BLOCK_M + 1) // BLOCK_N * BLOCK_N
         end = tl.minimum(query_start + first_row + (tl.program_id(0) + 1) * BLOCK_M, k_len)
-    # Key 0 is visible to every row (padded rows included) and lies in the first tile, so the running
-    # max is finite from then on and exp2(m_old - m_new) never sees -inf - -inf.
+    else:
+        full_end = k_len // BLOCK_N * BLOCK_N
+        end = k_len
+    # The first tile holds key 0, which every row sees, so the running max is finite after it and
+    # exp2(m_old - m_new) never meets -inf - -inf.
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k = tl.load(
-            k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
-            mask=(cols[None, :] < k_len) & (dims[:, None] < head_dim),
-            other=0.0,
-        ).to(OPERAND)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-        visible = cols[None, :] < k_len
-        if CAUSAL:
-            visible = visible & (cols[None, :] <= positions[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-        m_i = m_new
+    common = (k_len, stride_kn, stride_kd, qk_scale)
+    for start in range(0, full_end, BLOCK_N):
+        m_i, l_i = _lse_step(
+            q,
+            k_base,
+            start,
+            positions,
+            m_i,
+            l_i,
+            *common,
+            False,
+            CAUSAL,
+            OPERAND,
+            PRECISION,
+            BLOCK_N,
+            HEAD_DIM,
+        )
+    for start in range(full_end, end, BLOCK_N):
+        m_i, l_i = _lse_step(
+            q,
+            k_base,
+            start,
+            positions,
+            m_i,
+            l_i,
+            *common,
+            True,
+            CAUSAL,
+            OPERAND,
+            PRECISION,
+            BLOCK_N,
+            HEAD_DIM,
+        )
     tl.store(LSE + bh * q_len + rows, m_i + tl.log2(l_i), mask=rows < q_len)
+
+
+@triton.jit
+def _mass_step(
+    q_base,
+    lse_base,
+    k,
+    cols,
+    start,
+    acc,
+    q_len,
+    query_start,
+    stride_qm,
+    stride_qd,
+    qk_scale,
+    MASKED: tl.constexpr,
+    OPERAND: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Adds one query tile's probabilities for the resident key tile to acc [BLOCK_M, BLOCK_N].
+
+    Rows past q_len get lse = +inf, hence probability 0, without a mask; MASKED tiles straddle the
+    causal diagonal."""
+    rows = start + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    in_rows = rows < q_len
+    q = tl.load(
+        q_base + rows[:, None] * stride_qm + dims[None, :] * stride_qd, mask=in_rows[:, None], other=0.0
+    )
+    lse = tl.load(lse_base + rows, mask=in_rows, other=float("inf"))
+    s = tl.dot(q.to(OPERAND), k, input_precision=PRECISION) * qk_scale - lse[:, None]
+    if MASKED:
+        s = tl.where(cols[None, :] <= query_start + rows[:, None], s, float("-inf"))
+    return acc + tl.exp2(s)
 
 
 @triton.jit
@@ -107,7 +200,6 @@ def _column_mass_kernel(
     q_len,
     q_heads,
     group,
-    head_dim,
     query_start,
     span_start,
     span_len,
@@ -117,7 +209,7 @@ def _column_mass_kernel(
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     """OUT[b, h, j] = sum_m 2^(qk_scale * q_m . k_(span_start+j) - LSE[b, h, m]) over the queries m that see the key."""
     bh = tl.program_id(1)
@@ -126,32 +218,38 @@ def _column_mass_kernel(
     first_col = span_start + tl.program_id(0) * BLOCK_N
     cols = first_col + tl.arange(0, BLOCK_N)
     in_span = cols < span_start + span_len
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.arange(0, HEAD_DIM)
+    # Columns past the span load zeros and are never stored, so the loop needs no column mask.
     k = tl.load(
         K + b * stride_kb + (h // group) * stride_kh + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
-        mask=in_span[None, :] & (dims[:, None] < head_dim),
+        mask=in_span[None, :],
         other=0.0,
     ).to(OPERAND)
     q_base = Q + b * stride_qb + h * stride_qh
-    first_row = 0
-    if CAUSAL:  # earlier queries cannot see this tile
+    lse_base = LSE + bh * q_len
+    # Causal: rows before first_row see none of the tile, rows from full_row on see all of it.
+    if CAUSAL:
         first_row = tl.maximum(first_col - query_start, 0) // BLOCK_M * BLOCK_M
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for start in range(first_row, q_len, BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        in_rows = rows < q_len
-        q = tl.load(
-            q_base + rows[:, None] * stride_qm + dims[None, :] * stride_qd,
-            mask=in_rows[:, None] & (dims[None, :] < head_dim),
-            other=0.0,
-        ).to(OPERAND)
-        lse = tl.load(LSE + bh * q_len + rows, mask=in_rows, other=float("inf"))
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale - lse[:, None]
-        keep = in_rows[:, None] & in_span[None, :]
-        if CAUSAL:
-            keep = keep & (cols[None, :] <= query_start + rows[:, None])
-        acc += tl.sum(tl.exp2(tl.where(keep, s, float("-inf"))), 0)
-    tl.store(OUT + bh * span_len + cols - span_start, acc, mask=in_span)
+        full_row = (
+            first_row
+            + tl.cdiv(tl.maximum(first_col + BLOCK_N - 1 - query_start - first_row, 0), BLOCK_M) * BLOCK_M
+        )
+    else:
+        first_row = 0
+        full_row = 0
+    # Column sums are taken once at the end: summing each tile across rows would cost a cross-warp
+    # reduction per step.
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    common = (q_len, query_start, stride_qm, stride_qd, qk_scale)
+    for start in range(first_row, full_row, BLOCK_M):
+        acc = _mass_step(
+            q_base, lse_base, k, cols, start, acc, *common, True, OPERAND, PRECISION, BLOCK_M, HEAD_DIM
+        )
+    for start in range(full_row, q_len, BLOCK_M):
+        acc = _mass_step(
+            q_base, lse_base, k, cols, start, acc, *common, False, OPERAND, PRECISION, BLOCK_M, HEAD_DIM
+        )
+    tl.store(OUT + bh * span_len + cols - span_start, tl.sum(acc, 0), mask=in_span)
 
 
 def dot_operands(dtype: torch.dtype, kernel: object) -> tuple[tl.dtype, str]:
@@ -188,6 +286,8 @@ def _check(q: Tensor, k: Tensor, span: tuple[int, int], query_start: int, causal
         raise ValueError(f"span {span} lies outside the {k.shape[2]} keys")
     if query_start < 0 or (causal and query_start + q.shape[2] > k.shape[2]):
         raise ValueError(f"queries from position {query_start} need keys k cannot give")
+    if not supported_head_dim(q.shape[3]):
+        raise ValueError(f"head_dim {q.shape[3]} is not a power of two >= 16")
     if q.dtype != k.dtype or q.device != k.device:
         raise ValueError(f"q ({q.dtype}, {q.device}) and k ({k.dtype}, {k.device}) differ")
 
@@ -220,18 +320,16 @@ def attention_mass_triton(
     first_row = max(span[0] - query_start, 0) if causal else 0
     if first_row < q_len:
         block_m, block_n, warps, stages = _tiles(q.dtype, head_dim)
-        block_d = max(16, triton.next_power_of_2(head_dim))
         lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
         common = {
             "q_heads": q_heads,
             "group": group,
-            "head_dim": head_dim,
             "query_start": query_start,
             "qk_scale": scale * _LOG2E,
             "CAUSAL": causal,
             "OPERAND": operand,
             "PRECISION": precision,
-            "BLOCK_D": block_d,
+            "HEAD_DIM": head_dim,
             "num_warps": warps,
             "num_stages": stages,
         }

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from pipeline.kernels import supported_head_dim
 from pipeline.kernels.attention_mass import dot_operands
 
 _LOG2E = math.log2(math.e)
@@ -50,14 +51,13 @@ def _split_kernel(
     capacity,
     kv_heads,
     group,
-    head_dim,
     qk_scale,
     SPLITS: tl.constexpr,
     OPERAND: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     """Partials of split ``split`` for the query heads of one KV head: PART_M/PART_L [B, H, SPLITS] (base-2
     running max and sum), PART_ACC [B, H, SPLITS, D] (values weighted by 2^(s - max), not yet divided)."""
@@ -70,25 +70,24 @@ def _split_kernel(
     end = tl.minimum(start + chunk, length)
     heads = kv_head * group + tl.arange(0, BLOCK_G)
     in_group = tl.arange(0, BLOCK_G) < group
-    dims = tl.arange(0, BLOCK_D)
-    in_dims = dims < head_dim
+    dims = tl.arange(0, HEAD_DIM)
     q = tl.load(
         Q + b * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
-        mask=in_group[:, None] & in_dims[None, :],
+        mask=in_group[:, None],
         other=0.0,
     ).to(OPERAND)
     k_base = K + b * stride_kb + kv_head * stride_kh
     v_base = V + b * stride_vb + kv_head * stride_vh
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     # A non-empty range starts with a valid key, so m_i is finite after the first step.
     for n in range(start, end, BLOCK_N):
         cols = n + tl.arange(0, BLOCK_N)
         valid = cols < end
         k = tl.load(
             k_base + cols[None, :] * stride_kn + dims[:, None] * stride_kd,
-            mask=valid[None, :] & in_dims[:, None],
+            mask=valid[None, :],
             other=0.0,
         ).to(OPERAND)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
@@ -99,7 +98,7 @@ def _split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_base + cols[:, None] * stride_vn + dims[None, :] * stride_vd,
-            mask=valid[:, None] & in_dims[None, :],
+            mask=valid[:, None],
             other=0.0,
         ).to(OPERAND)
         acc = acc * alpha[:, None] + tl.dot(p.to(OPERAND), v, input_precision=PRECISION)
@@ -107,9 +106,7 @@ def _split_kernel(
     row = (b * kv_heads * group + heads) * SPLITS + split
     tl.store(PART_M + row, m_i, mask=in_group)
     tl.store(PART_L + row, l_i, mask=in_group)
-    tl.store(
-        PART_ACC + row[:, None] * head_dim + dims[None, :], acc, mask=in_group[:, None] & in_dims[None, :]
-    )
+    tl.store(PART_ACC + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=in_group[:, None])
 
 
 @triton.jit
@@ -122,22 +119,20 @@ def _combine_kernel(
     stride_oh,
     stride_od,
     q_heads,
-    head_dim,
     SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     """OUT[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s (empty splits weigh 0)."""
     bh = tl.program_id(0)
     splits = tl.arange(0, BLOCK_S)
     in_splits = splits < SPLITS
-    dims = tl.arange(0, BLOCK_D)
-    in_dims = dims < head_dim
+    dims = tl.arange(0, HEAD_DIM)
     m = tl.load(PART_M + bh * SPLITS + splits, mask=in_splits, other=float("-inf"))
     l_s = tl.load(PART_L + bh * SPLITS + splits, mask=in_splits, other=0.0)
     acc = tl.load(
-        PART_ACC + (bh * SPLITS + splits[:, None]) * head_dim + dims[None, :],
-        mask=in_splits[:, None] & in_dims[None, :],
+        PART_ACC + (bh * SPLITS + splits[:, None]) * HEAD_DIM + dims[None, :],
+        mask=in_splits[:, None],
         other=0.0,
     )
     weight = tl.exp2(m - tl.max(m, 0))
@@ -145,7 +140,6 @@ def _combine_kernel(
     tl.store(
         OUT + (bh // q_heads) * stride_ob + (bh % q_heads) * stride_oh + dims * stride_od,
         out.to(OUT.dtype.element_ty),
-        mask=in_dims,
     )
 
 
@@ -174,6 +168,8 @@ def decode_attention(
         raise ValueError(
             f"q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)} do not match"
         )
+    if not supported_head_dim(head_dim):
+        raise ValueError(f"head_dim {head_dim} is not a power of two >= 16")
     if q_heads % kv_heads:
         raise ValueError(f"{q_heads} query heads cannot share {kv_heads} KV heads")
     if lengths.shape not in ((), (batch,)) or lengths.dtype.is_floating_point or lengths.device != q.device:
@@ -181,7 +177,6 @@ def decode_attention(
     splits = splits or decode_splits(batch, kv_heads, capacity)
     group = q_heads // kv_heads
     operand, precision = dot_operands(k_cache.dtype, _split_kernel)
-    block_d = max(16, triton.next_power_of_2(head_dim))
     part_m = torch.empty(batch, q_heads, splits, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(batch, q_heads, splits, head_dim, dtype=torch.float32, device=q.device)
@@ -200,14 +195,13 @@ def decode_attention(
         capacity,
         kv_heads,
         group,
-        head_dim,
         scale * _LOG2E,
         SPLITS=splits,
         OPERAND=operand,
         PRECISION=precision,
         BLOCK_G=max(16, triton.next_power_of_2(group)),  # tl.dot needs at least 16 rows
         BLOCK_N=_BLOCK_N,
-        BLOCK_D=block_d,
+        HEAD_DIM=head_dim,
         num_warps=4,
     )
     out = torch.empty(batch, q_heads, head_dim, dtype=q.dtype, device=q.device)
@@ -218,9 +212,8 @@ def decode_attention(
         out,
         *out.stride(),
         q_heads,
-        head_dim,
         SPLITS=splits,
         BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        BLOCK_D=block_d,
+        HEAD_DIM=head_dim,
     )
     return out
