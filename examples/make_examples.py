@@ -81,7 +81,7 @@ RECORDINGS = (
         16000,
         1,
         None,
-        -50.0,
+        -55.0,
         None,
         (
             Say("en-us", "Good morning, everyone. Thanks for joining the weekly planning call."),
@@ -95,8 +95,8 @@ RECORDINGS = (
         24000,
         1,
         None,
-        -48.0,
-        -42.0,
+        -54.0,
+        -50.0,
         (
             Say("en-gb+f3", "Yesterday I finished the data export and fixed two bugs in the parser."),
             Pause(0.8),
@@ -111,14 +111,14 @@ RECORDINGS = (
         44100,
         2,
         64000,
-        -46.0,
+        -52.0,
         None,
         (
-            Say("en-gb-scotland", "Attention please.", pan=-0.6),
+            Say("en-gb-x-rp", "Attention please.", pan=-0.6),
             Pause(0.6),
             Say(
-                "en-gb-scotland",
-                "The train to Edinburgh will leave from platform four in ten minutes.",
+                "en-gb-x-rp",
+                "The train to Glasgow will leave from platform four in ten minutes.",
                 pan=0.4,
             ),
         ),
@@ -132,7 +132,7 @@ RECORDINGS = (
         -50.0,
         None,
         (
-            Say("en-029", "When does the library open on Sunday?"),
+            Say("en-us+m3", "When does the library open on Sunday?"),
             Pause(0.9),
             Say("en-us+f2", "It opens at noon and closes at six in the evening."),
         ),
@@ -145,7 +145,7 @@ RECORDINGS = (
         16000,
         1,
         48000,
-        -45.0,
+        -50.0,
         None,
         (
             Pause(0.5),
@@ -162,7 +162,7 @@ RECORDINGS = (
 def speak(voice: str, text: str, workdir: Path) -> np.ndarray:
     """espeak-ng's rendering of ``text``: float32 (n,) mono at RATE."""
     wav = workdir / "say.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", "165", "-w", str(wav), text], check=True)
+    subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w", str(wav), text], check=True)
     return decode_audio(wav, RATE).samples
 
 
