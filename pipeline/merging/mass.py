@@ -42,7 +42,9 @@ def attention_mass(
         raise ValueError(f"block={block} must be >= 1")
     group = q_heads // kv_heads
     total = torch.zeros((batch, kv_heads, end - start), dtype=torch.float32, device=q.device)
-    keys = k.reshape(batch * kv_heads, k_len, dim)
+    # On CUDA, half-precision products run on tensor cores with fp32 output; elsewhere in fp32.
+    tensor_cores = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+    keys = (k if tensor_cores else k.float()).reshape(batch * kv_heads, k_len, dim)
     for first in range(0, q_len, block):
         last = min(first + block, q_len)  # exclusive, in q's own indexing
         pos = query_start + first  # absolute position of the block's first query
@@ -50,21 +52,27 @@ def attention_mass(
             continue  # no query of this block sees the span
         visible = min(query_start + last, k_len) if causal else k_len
         queries = q[:, :, first:last].reshape(batch * kv_heads, group * (last - first), dim)
-        probs = _block_probs(queries, keys[:, :visible], scale, pos if causal else None, last - first)
         span_end = min(end, visible)
-        total[..., : span_end - start] += probs[..., start:span_end].sum(dim=1).view(batch, kv_heads, -1)
+        mass = _block_mass(
+            queries, keys[:, :visible], scale, pos if causal else None, last - first, start, span_end
+        )
+        total[..., : span_end - start] += mass.view(batch, kv_heads, -1)
     return total if per_head else total.sum(dim=1)
 
 
-def _block_probs(queries: Tensor, keys: Tensor, scale: float, causal_from: int | None, n: int) -> Tensor:
-    """queries [BH, G*n, D] (n queries of each of G heads), keys [BH, V, D] -> softmax [BH, G*n, V] fp32.
-    causal_from: absolute position of the first query (keys beyond a query's position are masked)."""
-    if queries.is_cuda and queries.dtype in (torch.bfloat16, torch.float16):
-        # Tensor-core product with fp32 output; scaling q first rounds no more than q itself was.
-        scaled = (queries.float() * scale).to(queries.dtype)
-        scores = torch.bmm(scaled, keys.transpose(1, 2), out_dtype=torch.float32)
+def _block_mass(
+    queries: Tensor, keys: Tensor, scale: float, causal_from: int | None, n: int, start: int, end: int
+) -> Tensor:
+    """queries [BH, G*n, D] (n queries of each of G heads), keys [BH, V, D] -> [BH, end-start] fp32, the
+    softmax probabilities of keys start..end-1 summed over the queries. causal_from: absolute position of
+    the first query (keys beyond a query's position are masked). A function of its own so that the
+    block's buffers are freed before the next block is computed."""
+    # Scaling q in its own precision rounds no more than q itself was rounded.
+    scaled = (queries.float() * scale).to(keys.dtype)
+    if keys.dtype == torch.float32:
+        scores = torch.bmm(scaled, keys.transpose(1, 2))
     else:
-        scores = torch.bmm(queries.float() * scale, keys.float().transpose(1, 2))
+        scores = torch.bmm(scaled, keys.transpose(1, 2), out_dtype=torch.float32)
     if causal_from is not None and causal_from < keys.shape[1]:
         # Only keys at or after the first query's position can be hidden from some query of the block.
         tail = keys.shape[1] - causal_from
@@ -73,4 +81,4 @@ def _block_probs(queries: Tensor, keys: Tensor, scale: float, causal_from: int |
         )
         grouped = scores.view(scores.shape[0], -1, n, keys.shape[1])
         grouped[..., causal_from:].masked_fill_(hidden, float("-inf"))
-    return scores.softmax(dim=-1)
+    return scores.softmax(dim=-1)[..., start:end].sum(dim=1)
