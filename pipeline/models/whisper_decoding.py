@@ -1,0 +1,121 @@
+"""Greedy decoding (no timestamps) of Whisper over encoder outputs of different lengths.
+
+The decoder's own layer modules and transformers' EncoderDecoderCache do the work; this loop only adds
+what ``WhisperDecoder.forward`` lacks: a cross-attention key mask, so that windows whose encoder outputs
+were shortened by different amounts (merging) share one batch. When every window has the same encoder
+length no mask is passed, and the arithmetic is exactly that of ``WhisperForConditionalGeneration.generate``
+(same suppressions, same stopping rule, same pad after end-of-text).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import WhisperForConditionalGeneration
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Token ids steering greedy decoding.
+
+    prompt: tokens fed first (Whisper English-only: start-of-transcript, no-timestamps).
+    suppress: ids never generated; begin_suppress: ids not generated as the first token.
+    max_length: total decoder length including the prompt (the decoder's position table size).
+    """
+
+    prompt: tuple[int, ...]
+    eos: int
+    pad: int
+    suppress: tuple[int, ...]
+    begin_suppress: tuple[int, ...]
+    max_length: int
+
+
+@dataclass
+class DecodeResult:
+    """tokens: per window, generated ids up to and including end-of-text (if reached).
+
+    first_step_s: the prompt step, which also projects the encoder outputs to cross-attention K/V.
+    rest_s: all later steps.
+    """
+
+    tokens: list[list[int]]
+    first_step_s: float
+    rest_s: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(
+    model: WhisperForConditionalGeneration,
+    ids: torch.Tensor,
+    encoder_states: torch.Tensor,
+    cross_mask: torch.Tensor | None,
+    cache: EncoderDecoderCache,
+) -> torch.Tensor:
+    """One decoder call. ids (B, T) -> next-token logits (B, vocab) of the last position."""
+    decoder = model.model.decoder
+    past = cache.get_seq_length()
+    positions = torch.arange(past, past + ids.shape[1], device=ids.device)
+    hidden = decoder.embed_tokens(ids) + decoder.embed_positions.weight[positions]
+    for layer in decoder.layers:
+        hidden = layer(hidden, None, encoder_states, encoder_attention_mask=cross_mask, past_key_values=cache)
+    return model.proj_out(decoder.layer_norm(hidden[:, -1]))
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: WhisperForConditionalGeneration,
+    encoder_states: torch.Tensor,
+    lengths: torch.Tensor,
+    options: DecodeOptions,
+) -> DecodeResult:
+    """Greedy decode B windows.
+
+    encoder_states: (B, S, D), window b valid in [0, lengths[b]) (the rest is padding never attended).
+    lengths: (B,) int.
+    """
+    batch, seq, _ = encoder_states.shape
+    device = encoder_states.device
+    cross_mask = None
+    if bool((lengths != seq).any()):
+        cross_mask = (torch.arange(seq, device=device)[None, :] < lengths.to(device)[:, None])[
+            :, None, None, :
+        ]
+    suppress = torch.tensor(options.suppress, dtype=torch.long, device=device)
+    begin_suppress = torch.tensor(options.begin_suppress, dtype=torch.long, device=device)
+    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    ids = torch.tensor([options.prompt] * batch, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    generated = []
+    _sync(device)
+    start = time.perf_counter()
+    first_step_s = 0.0
+    for step in range(options.max_length - len(options.prompt)):
+        logits = _step(model, ids, encoder_states, cross_mask, cache)
+        logits[:, suppress] = -float("inf")
+        if step == 0:
+            logits[:, begin_suppress] = -float("inf")
+        next_ids = torch.where(finished, options.pad, logits.argmax(dim=-1))
+        finished |= next_ids == options.eos
+        generated.append(next_ids)
+        ids = next_ids[:, None]
+        if step == 0:
+            _sync(device)
+            first_step_s = time.perf_counter() - start
+        if bool(finished.all()):
+            break
+    _sync(device)
+    rest_s = time.perf_counter() - start - first_step_s
+    rows = torch.stack(generated, dim=1).tolist()
+    return DecodeResult([_until_eos(row, options.eos) for row in rows], first_step_s, rest_s)
+
+
+def _until_eos(row: list[int], eos: int) -> list[int]:
+    return row[: row.index(eos) + 1] if eos in row else row

@@ -1,0 +1,163 @@
+"""The real Whisper tiny.en adapter: exactness against transformers without reduction, reductions inside
+the encoder, statistics, and the errors a caller can hit. Audio is synthesised here."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.merging.config import NO_REDUCTION, ReductionConfig
+from pipeline.models.base import TaskRequest
+from pipeline.models.whisper import load_tiny_en
+from pipeline.models.whisper_encoder import encode, encoder_ratios, output_reduction
+
+SR = 16000
+ASR = TaskRequest("asr")
+
+
+def chirp(seconds: float, start_hz: float, sweep: float) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.3 * np.sin(2 * np.pi * (start_hz * t + sweep * t**2))).astype(np.float32)
+
+
+def vowels(seconds: float, seed: int) -> np.ndarray:
+    """A glottal-like harmonic source through changing two-formant vowels, one per 0.25 s syllable."""
+    rng = np.random.default_rng(seed)
+    formants = [(730, 1090), (270, 2290), (300, 870), (530, 1840), (660, 1720)]
+    seg = SR // 4
+    t = np.arange(seg) / SR
+    syllables = []
+    for i in range(int(seconds * 4)):
+        f0 = 120 + 20 * math.sin(i)
+        f1, f2 = formants[rng.integers(len(formants))]
+        harmonics = [
+            (math.exp(-(((h * f0 - f1) / 150) ** 2)) + 0.5 * math.exp(-(((h * f0 - f2) / 200) ** 2)))
+            * np.sin(2 * np.pi * h * f0 * t)
+            for h in range(1, 30)
+        ]
+        syllables.append(np.sum(harmonics, axis=0) * np.sin(np.pi * np.arange(seg) / seg))
+    wave = np.concatenate(syllables)
+    return (0.3 * wave / np.abs(wave).max()).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTADASP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield load_tiny_en(batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[np.ndarray]:
+    return [chirp(2.5, 200, 300), vowels(3.0, 0), chirp(1.7, 500, -100)]
+
+
+def features(whisper, waves):
+    return whisper.features(waves, sampling_rate=SR, return_tensors="pt").input_features
+
+
+def test_no_reduction_reproduces_transformers_generate(whisper, clips):
+    with torch.inference_mode():
+        reference = whisper.model.generate(features(whisper, clips)).tolist()
+    outputs = whisper.run(clips, ASR, NO_REDUCTION)
+    texts = [whisper.tokenizer.decode([t for t in row if t < 50256]).strip() for row in reference]
+    assert [o.text for o in outputs] == texts
+    assert any(len(t) > 3 for t in texts)  # the clips make the model say something
+    for out, row, wave in zip(outputs, reference, clips, strict=True):
+        text_tokens = [t for t in row if t != 50256]
+        assert out.stats.generated_tokens == len(text_tokens) + 1  # + end of text
+        speech = math.ceil(len(wave) / 320)
+        assert out.stats.audio_tokens_in == speech and out.stats.audio_tokens_kept == speech
+        assert out.stats.kv_bytes_kept == out.stats.kv_bytes_full == 4 * 2 * 1500 * 384 * 4
+
+
+def test_encoder_loop_matches_whisper_encoder(whisper, clips):
+    feats = features(whisper, clips)
+    with torch.inference_mode():
+        reference = whisper.model.model.encoder(feats).last_hidden_state
+    ours = encode(whisper.model.model.encoder, feats, [1500] * 3, NO_REDUCTION, [0.0] * 4)
+    assert torch.equal(ours.states, reference)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ReductionConfig(method="fastadasp", schedule="single", first_layer=3, target=0.5),
+        ReductionConfig(method="a-tome", schedule="constant", first_layer=1, ratio=0.2),
+        ReductionConfig(method="fastv", schedule="decay", first_layer=0, target=0.3),
+        ReductionConfig(method="random-merge", schedule="single", first_layer=2, ratio=0.4, seed=3),
+    ],
+)
+def test_reduction_shortens_speech_only(whisper, clips, cfg):
+    ratios = encoder_ratios(cfg, 4)
+    feats = features(whisper, clips)
+    speech = [math.ceil(len(w) / 320) for w in clips]
+    out = encode(whisper.model.model.encoder, feats, speech, cfg, ratios)
+    for b, s in enumerate(speech):
+        expected = [s]
+        for r in ratios[:-1]:
+            k = math.floor(r * expected[-1] + 1e-9)
+            expected.append(expected[-1] - (min(k, expected[-1] // 2) if cfg.method == "a-tome" else k))
+        assert out.layer_speech[b] == expected
+        final = expected[-1] - math.floor(ratios[-1] * expected[-1] + 1e-9)
+        assert out.speech[b] == final < s
+        assert int(out.lengths[b]) == 1500 - (s - final)  # padding kept
+    assert torch.isfinite(out.states).all()
+
+
+def test_stats_and_text_under_merging(whisper, clips):
+    cfg = ReductionConfig(method="fastadasp", schedule="single", first_layer=3, target=0.5)
+    outputs = whisper.run(clips, ASR, cfg)
+    for out, wave in zip(outputs, clips, strict=True):
+        speech = math.ceil(len(wave) / 320)
+        removed = math.floor(0.5 * speech + 1e-9)
+        assert (
+            out.stats.audio_tokens_in == speech and out.stats.audio_tokens_kept == speech
+        )  # merge after layer 3
+        assert out.stats.kv_bytes_kept == 4 * 2 * (1500 - removed) * 384 * 4
+        assert out.stats.encode_s > 0 and out.stats.decode_s + out.stats.prefill_s > 0
+        assert isinstance(out.text, str)
+
+
+def test_random_methods_do_not_depend_on_the_batch(whisper, clips):
+    cfg = ReductionConfig(method="random-evict", schedule="single", first_layer=1, ratio=0.3, seed=7)
+    ratios = encoder_ratios(cfg, 4)
+    speech = [math.ceil(len(w) / 320) for w in clips]
+    together = encode(whisper.model.model.encoder, features(whisper, clips), speech, cfg, ratios)
+    alone = encode(whisper.model.model.encoder, features(whisper, clips[1:2]), speech[1:2], cfg, ratios)
+    n = int(alone.lengths[0])
+    torch.testing.assert_close(together.states[1, :n], alone.states[0, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_dropping_padding_is_its_own_reduction(whisper, clips):
+    whisper.padding = "drop"
+    try:
+        outputs = whisper.run(clips[:1], ASR, NO_REDUCTION)
+    finally:
+        whisper.padding = "keep"
+    speech = math.ceil(len(clips[0]) / 320)
+    assert outputs[0].stats.audio_tokens_kept == speech
+    assert outputs[0].stats.kv_bytes_kept == 4 * 2 * speech * 384 * 4 < outputs[0].stats.kv_bytes_full
+
+
+@pytest.mark.parametrize("schedule,first", [("single", 3), ("constant", 1), ("decay", 0), ("decay", 3)])
+def test_target_is_the_output_reduction(schedule, first):
+    cfg = ReductionConfig(method="fastadasp", schedule=schedule, first_layer=first, target=0.4)
+    assert output_reduction(encoder_ratios(cfg, 4), "fastadasp") == pytest.approx(0.4, abs=1e-8)
+    assert encoder_ratios(cfg.with_(target=None, ratio=0.25), 4)[first] == 0.25
+
+
+def test_caller_errors(whisper, clips):
+    with pytest.raises(ValueError, match="no Whisper encoder form"):
+        whisper.run(clips, ASR, ReductionConfig(method="h2o", target=0.3))
+    with pytest.raises(ValueError, match="mass"):
+        whisper.run(clips, ASR, ReductionConfig(method="fastadasp", target=0.3, mass="tail"))
+    with pytest.raises(ValueError, match="first_layer"):
+        whisper.run(clips, ASR, ReductionConfig(method="fastadasp", target=0.3, first_layer=4))
+    with pytest.raises(ValueError, match="task"):
+        whisper.run(clips, TaskRequest("st", target_language="de"), NO_REDUCTION)
+    with pytest.raises(ValueError, match="at most 30"):
+        whisper.run([np.zeros(31 * SR, dtype=np.float32)], ASR, NO_REDUCTION)
