@@ -33,23 +33,18 @@ class LayerCaches:
         # between steps and a captured CUDA graph can replay them.
         self.prefill_lengths = torch.tensor(prefill_lengths, dtype=torch.long, device=device)
 
-    def write(self, layer: int, k: Tensor, v: Tensor) -> None:
-        """Append k, v [B, Hkv, n, hd] after the filled part of ``layer``."""
-        start, n = self.lengths[layer], k.shape[2]
-        self.k[layer][:, :, start : start + n] = k
-        self.v[layer][:, :, start : start + n] = v
-        self.lengths[layer] = start + n
+    def fill(self, layer: int, k: Tensor, v: Tensor, rows: slice) -> None:
+        """Prefill: k, v [rows, Hkv, n, hd] become the first n positions of ``layer`` for those rows."""
+        n = k.shape[2]
+        self.k[layer][rows, :, :n] = k
+        self.v[layer][rows, :, :n] = v
+        self.lengths[layer] = n
 
     def write_decode(self, layer: int, k: Tensor, v: Tensor, step: Tensor) -> None:
         """Write one decode token k, v [B, Hkv, 1, hd] at prefill length + step (step: device [] int64)."""
         index = (self.prefill_lengths[layer] + step).view(1)
         self.k[layer].index_copy_(2, index, k)
         self.v[layer].index_copy_(2, index, v)
-
-    def view(self, layer: int) -> tuple[Tensor, Tensor]:
-        """The filled part of one layer: k, v [B, Hkv, length, hd] (views, no copy)."""
-        n = self.lengths[layer]
-        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
 
     def nbytes(self) -> int:
         """Bytes held by the filled parts of all layers."""

@@ -23,6 +23,8 @@ from pipeline.merging import ops, schedule
 from pipeline.merging.config import KV_METHODS, ReductionConfig
 
 Span = tuple[int, int]
+# Rows prefilled together hold at most this many tokens (at least one row): bounds transient memory.
+PREFILL_TOKENS = 8192
 
 
 @dataclass
@@ -87,14 +89,40 @@ def prefill(
     spans: list[Span],
     cfg: ReductionConfig,
     max_new_tokens: int,
+    prefill_tokens: int = PREFILL_TOKENS,
 ) -> tuple[Tensor, LayerCaches, LayerPlan]:
-    """embeds [B, L, D] (audio already scattered in) -> last-token logits [B, V], filled caches, plan."""
+    """embeds [B, L, D] (audio already scattered in) -> last-token logits [B, V], filled caches, plan.
+
+    Rows are prefilled in groups of at most ``prefill_tokens`` tokens (at least one row), so the
+    transient activations stay bounded whatever the batch: memory then scales with the caches alone.
+    """
     b, length, _ = embeds.shape
     plan = plan_layers(length, spans, cfg, stack.num_layers)
     caches = LayerCaches(
         plan.cache_lengths, max_new_tokens, b, stack.num_kv_heads, stack.head_dim, embeds.dtype, embeds.device
     )
     generator = torch.Generator(device=embeds.device).manual_seed(cfg.seed)
+    group = max(1, prefill_tokens // length)
+    logits = [
+        _prefill_rows(stack, embeds[r : r + group], spans, cfg, plan, caches, slice(r, r + group), generator)
+        for r in range(0, b, group)
+    ]
+    if caches.lengths != plan.cache_lengths:
+        raise RuntimeError(f"cache lengths {caches.lengths} differ from the plan {plan.cache_lengths}")
+    return torch.cat(logits), caches, plan
+
+
+def _prefill_rows(
+    stack: DecoderStack,
+    embeds: Tensor,
+    spans: list[Span],
+    cfg: ReductionConfig,
+    plan: LayerPlan,
+    caches: LayerCaches,
+    rows: slice,
+    generator: torch.Generator,
+) -> Tensor:
+    b, length, _ = embeds.shape
     positions = torch.arange(length, device=embeds.device).expand(b, length)
     hidden = embeds
     for i, layer in enumerate(stack.layers):
@@ -104,7 +132,7 @@ def prefill(
         ks = plan.removed[i]
         if any(ks) and cfg.method in KV_METHODS:
             k, v = _h2o_evict(stack, q, k, v, spans, ks, cfg)
-        caches.write(i, k, v)
+        caches.fill(i, k, v, rows)
         if any(ks) and cfg.method not in KV_METHODS:
             reduction = _plan_reduction(stack, q, k, spans, ks, cfg, generator)
             hidden = reduction.apply(hidden)
@@ -114,9 +142,7 @@ def prefill(
                 positions = reduction.positions(positions)
             spans = reduction.spans
         hidden = hidden + stack.mlp(layer, layer.mlp_norm(hidden))
-    if caches.lengths != plan.cache_lengths:
-        raise RuntimeError(f"cache lengths {caches.lengths} differ from the plan {plan.cache_lengths}")
-    return stack.logits(hidden[:, -1]), caches, plan
+    return stack.logits(hidden[:, -1])
 
 
 def _span_mass(

@@ -11,48 +11,57 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.engine.decoder import DecoderStack
-from pipeline.engine.generate import Span, plan_layers
+from pipeline.engine.generate import PREFILL_TOKENS, Span, plan_layers
 from pipeline.merging.config import ReductionConfig
 
-# Bytes of fp32 scores in one attention-mass query block (B x Hq x block x L); mass.py uses block=512.
+# Query block of the PyTorch attention-mass path (pipeline.merging.mass): its fp32 scores are
+# B x Hq x block x L. The Triton kernel keeps scores on chip and needs no such buffer.
 MASS_BLOCK = 512
 
 
 @dataclass(frozen=True)
-class RowFootprint:
-    """Device bytes one batch row needs: its KV caches and the prefill's transient activations."""
+class Footprint:
+    """Device bytes a batch of one prompt shape needs beyond the weights: per row, the preallocated
+    KV caches and the logits; per row of one prefill group (at most ``prefill_rows`` rows), the
+    transient prefill activations."""
 
-    kv_bytes: int
-    prefill_bytes: int
-
-    @property
-    def total(self) -> int:
-        return self.kv_bytes + self.prefill_bytes
+    per_row: int
+    per_prefill_row: int
+    prefill_rows: int
 
 
-def row_footprint(
-    stack: DecoderStack, length: int, spans: list[Span], cfg: ReductionConfig, max_new_tokens: int
-) -> RowFootprint:
-    """Per-row bytes for a prompt of ``length`` tokens with ``spans`` under ``cfg``.
+def footprint(
+    stack: DecoderStack,
+    length: int,
+    spans: list[Span],
+    cfg: ReductionConfig,
+    max_new_tokens: int,
+    fused_mass: bool = False,
+) -> Footprint:
+    """Bytes for prompts of ``length`` tokens with ``spans`` under ``cfg`` (see ``Footprint``).
 
-    KV: every layer's planned prefill length plus the decode budget (the caches are preallocated).
-    Prefill peak (first layer, the longest): hidden + residual, the fused qkv, the MLP's gate/up and
-    product, and the fp32 attention-mass scores of one query block, in the model's dtype.
+    Prefill transient per row (first layer, the longest): hidden + residual + attention output, the
+    fused qkv, the MLP's gate/up and product; plus the fp32 mass scores of one query block unless the
+    fused Triton mass kernel runs (``fused_mass``).
     """
     plan = plan_layers(length, spans, cfg, stack.num_layers)
     kv = sum(n + max_new_tokens for n in plan.cache_lengths) * stack.kv_bytes_per_token()
+    logits = stack.lm_head.weight.shape[0] * 4
     item = stack.embed_tokens.weight.element_size()
     intermediate = stack.layers[0].gate_up_weight.shape[0]
     qkv = (stack.num_heads + 2 * stack.num_kv_heads) * stack.head_dim
-    activations = length * (3 * stack.hidden_size + qkv + 2 * intermediate) * item
-    mass = stack.num_heads * min(MASS_BLOCK, length) * length * 4 if cfg.enabled else 0
-    return RowFootprint(kv_bytes=kv, prefill_bytes=activations + mass)
+    activations = length * (3 * stack.hidden_size + qkv + 3 * intermediate // 2) * item
+    mass = 0 if fused_mass or not cfg.enabled else stack.num_heads * min(MASS_BLOCK, length) * length * 4
+    return Footprint(kv + logits, activations + mass, max(1, PREFILL_TOKENS // length))
 
 
-def max_batch(free_bytes: int, footprint: RowFootprint, reserve: float = 0.1, limit: int = 256) -> int:
-    """Largest batch whose rows fit in ``free_bytes`` with ``reserve`` kept free (0 if none fits)."""
+def max_batch(free_bytes: int, need: Footprint, reserve: float = 0.1, limit: int = 256) -> int:
+    """Largest batch that fits in ``free_bytes`` with a ``reserve`` share kept free (0 if none fits)."""
     usable = int(free_bytes * (1.0 - reserve))
-    return max(0, min(limit, usable // footprint.total))
+    batch = usable // (need.per_row + need.per_prefill_row)
+    if batch > need.prefill_rows:  # prefill groups stop growing: only the caches scale further
+        batch = (usable - need.prefill_rows * need.per_prefill_row) // need.per_row
+    return max(0, min(limit, batch))
 
 
 def free_device_bytes(device: torch.device) -> int:
