@@ -92,13 +92,20 @@ def test_bad_input_raises(kwargs, message):
 def test_cuda_memory_is_bounded_by_the_block():
     q = torch.randn(1, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 2, 4096, 64, device="cuda", dtype=torch.bfloat16)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    got = attention_mass(q, k, scale=0.125, causal=True, span=(100, 4000), block=256)
-    peak = torch.cuda.max_memory_allocated() - base
+
+    def peak_bytes(block: int) -> tuple[int, torch.Tensor]:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        mass = attention_mass(q, k, scale=0.125, causal=True, span=(100, 4000), block=block)
+        return torch.cuda.max_memory_allocated() - base, mass
+
+    peak_bytes(256)  # warm-up: cuBLAS allocates its workspace once, through the same allocator
+    peak, got = peak_bytes(256)
     block_scores = 8 * 256 * 4096 * 4
-    assert peak < 2.5 * block_scores  # one block's scores and their softmax, plus small buffers
+    # One block's scores and their softmax, plus cuBLAS / small buffers (seen: 3.9 blocks on an H200).
+    assert peak < 5 * block_scores
+    assert peak_bytes(4096)[0] > 4 * peak  # one block for all queries: 16 times the scores
     expected = explicit_mass(q.cpu()[:, :, :512], k.cpu(), 0.125, True, (100, 4000), 0).sum(1)
     part = attention_mass(q[:, :, :512], k, scale=0.125, causal=True, span=(100, 4000), block=100)
     # bf16 on CUDA: the product runs on tensor cores from q * scale rounded to bf16 (~0.2% per logit).
