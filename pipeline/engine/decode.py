@@ -8,6 +8,8 @@ and replayed; EOS is tracked on the device and the host only checks for "all fin
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
@@ -75,8 +77,14 @@ class GreedyDecoder:
 
     @torch.inference_mode()
     def run(self) -> tuple[Tensor, int]:
+        """Decode until every row hit EOS or the budget is spent -> (out [B, T], columns filled).
+
+        Also sets ``steady_s`` / ``steady_steps``: wall time and count of the steps after warm-up and
+        graph capture (all steps on CPU), the per-step cost a long generation converges to.
+        """
         steps = 1
         graph = None
+        t_steady, steady_from = time.perf_counter(), 1
         while steps < self.max_new_tokens:
             if steps % self.check_every == 0 and bool(self.finished.all()):
                 break
@@ -86,8 +94,13 @@ class GreedyDecoder:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     self._advance()
+                torch.cuda.synchronize()
+                t_steady, steady_from = time.perf_counter(), steps
                 graph.replay()
             else:
                 self._advance()
             steps += 1
+        if self.out.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.steady_s, self.steady_steps = time.perf_counter() - t_steady, steps - steady_from
         return self.out, steps

@@ -18,7 +18,7 @@ from torch import Tensor
 from pipeline.engine.cache import LayerCaches
 from pipeline.engine.decode import GreedyDecoder
 from pipeline.engine.decoder import DecoderStack
-from pipeline.merging import mass as mass_ops
+from pipeline.kernels import span_attention_mass
 from pipeline.merging import ops, schedule
 from pipeline.merging.config import KV_METHODS, ReductionConfig
 
@@ -74,6 +74,7 @@ class Generation:
     decode_s: float = 0.0
     kv_bytes_full: int = 0
     kv_bytes_kept: int = 0
+    steady_step_s: float = 0.0  # per decode step once warmed up (after CUDA-graph capture on GPU)
     first_logits: Tensor | None = field(default=None, repr=False)
 
 
@@ -152,7 +153,7 @@ def _span_mass(
     start = span[1] if cfg.mass == "tail" else 0
     if start >= q.shape[2]:
         raise ValueError("mass='tail' needs text after the audio span to use as queries")
-    return mass_ops.attention_mass(
+    return span_attention_mass(
         q[:, :, start:], k, scale=stack.scale, causal=True, span=span, query_start=start, per_head=per_head
     )
 
@@ -253,5 +254,6 @@ def generate(
         decode_s=t2 - t1,
         kv_bytes_full=b * length * stack.num_layers * stack.kv_bytes_per_token(),
         kv_bytes_kept=kv_kept,
+        steady_step_s=decoder.steady_s / max(decoder.steady_steps, 1),
         first_logits=first_logits,
     )
