@@ -173,3 +173,11 @@ def test_resolve_ratios():
     assert resolve_ratios(cfg, 3) == [0.0, 0.2, 0.2]
     with pytest.raises(ValueError, match="first_layer=9"):
         resolve_ratios(cfg.with_(first_layer=9), 4)
+
+
+def test_a_span_always_keeps_a_token_even_at_the_most_reachable_target():
+    # 2 layers, constant from layer 0: m = r / 2, so r for m close to 0.5 is close to 1.
+    ratio = calibrate(0.4999999, "constant", 0, 2)
+    for method in ("fastadasp", "fastv", "h2o"):
+        counts = removed_counts(100, layer_ratios("constant", ratio, 0, 2), method)
+        assert max(counts) == 99

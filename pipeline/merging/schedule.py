@@ -51,7 +51,8 @@ def layer_ratios(schedule: str, ratio: float, first_layer: int, num_layers: int)
 
 
 def _removed(ratio: float, length: int, method: str) -> int:
-    k = _floor(ratio * length)
+    """floor(r * L), capped so that a span always keeps a token (a-tome: at most half of it)."""
+    k = min(_floor(ratio * length), max(length - 1, 0))
     return min(k, length // 2) if method == "a-tome" else k
 
 
@@ -62,7 +63,7 @@ def removed_counts(span_len: int, ratios: list[float], method: str) -> list[int]
     if span_len < 0:
         raise ValueError(f"span_len={span_len} must be >= 0")
     if method in KV_METHODS:
-        return [_floor(r * span_len) for r in ratios]
+        return [_removed(r, span_len, method) for r in ratios]
     counts, length = [], span_len
     for r in ratios:
         k = _removed(r, length, method)
