@@ -1,0 +1,353 @@
+"""One decode step of the engine as it is, against the same step composed from the fused kernels.
+
+    python benchmarks/decode_step.py --out decode_step.json             # CUDA, Qwen2-Audio-7B-shaped LM
+    python benchmarks/decode_step.py --layers 4 --out quick.json        # 4 layers of that shape
+    python benchmarks/decode_step.py --cpu-smoke --out smoke.json       # tiny fp32 shape, kernels interpreted
+
+Both variants decode from one random-weight Qwen2 stack and one set of caches (``--cached`` random
+tokens per row) with GreedyDecoder's bookkeeping (argmax, EOS mask, output and step update):
+(a) engine: ``GreedyDecoder`` as the engine runs it (DecoderStack: RMSNorm modules, fused qkv, rope in
+PyTorch, index_copy cache write, split-K decode attention); (b) fused: the same decoder whose forward
+runs per layer [add + RMSNorm] -> qkv GEMM -> [bias + rope + cache write] -> decode attention -> o GEMM
+-> [add + RMSNorm] -> gate_up GEMM -> [silu * up] -> down GEMM (``pipeline.kernels.fused``).
+Per batch: logits of both on one state (max abs and relative error, same argmax), device kernels of
+one eager step (torch.profiler), ms per step from replays of a one-step CUDA graph (CUDA events,
+engine and fused rounds alternating, median), ms per step as ``GreedyDecoder.run`` reports it (how
+benchmarks/h200-2026-11-28 measured), and the bandwidth floor: (weights + KV read) / copy bandwidth.
+A batch whose caches do not fit the free memory is reported as skipped. The JSON is rewritten after
+every batch, so a run cut short keeps what it measured. On CPU all times are the interpreter's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+import torch
+from torch import Tensor
+from torch.nn import functional
+
+from pipeline.engine.cache import LayerCaches
+from pipeline.engine.decode import GreedyDecoder
+from pipeline.engine.decoder import DecoderStack
+
+_MARGIN = 4 << 30  # free bytes kept beyond the caches: graph pools, logits, attention partials, cuBLAS
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    """The kernels a fused step calls (signatures of ``pipeline.kernels.fused`` and decode attention)."""
+
+    add_rmsnorm: Callable[[Tensor, Tensor | None, Tensor, float], tuple[Tensor, Tensor]]
+    rope_and_cache: Callable[..., Tensor]
+    silu_mul: Callable[[Tensor], Tensor]
+    attention: Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
+
+
+def triton_ops() -> FusedOps:
+    """The Triton kernels, interpreted on CPU tensors when TRITON_INTERPRET=1 was set before."""
+    from pipeline.kernels import fused
+    from pipeline.kernels.decode_attention import decode_attention
+
+    if not fused.HAS_TRITON:
+        raise SystemExit("the fused kernels need triton (and CUDA or TRITON_INTERPRET=1)")
+    return FusedOps(
+        fused.add_rmsnorm_triton, fused.rope_and_cache_triton, fused.silu_mul_triton, decode_attention
+    )
+
+
+class FusedDecoder(GreedyDecoder):
+    """GreedyDecoder whose forward runs the fused kernels over the same stack, caches and state."""
+
+    def __init__(self, *args: Any, ops: FusedOps, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ops = ops
+
+    def _forward(self) -> Tensor:
+        stack, caches, ops = self.stack, self.caches, self.ops
+        batch = self.tokens.shape[0]
+        cos, sin = stack.rope(self.position)  # [B, 1, 1, hd]: once per step, shared by all layers
+        positions = caches.prefill_lengths + self.step  # [layers]: where each layer writes this token
+        lengths = positions + 1
+        x, residual = stack.embed_tokens(self.tokens), None  # [B, D]
+        for i, layer in enumerate(stack.layers):
+            norm = layer.attn_norm
+            normed, residual = ops.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
+            qkv = functional.linear(normed, layer.qkv_weight)  # bias added by the rope kernel
+            q = ops.rope_and_cache(qkv, cos, sin, caches.k[i], caches.v[i], positions[i], layer.qkv_bias)
+            x = layer.o(ops.attention(q, caches.k[i], caches.v[i], lengths[i], stack.scale).view(batch, -1))
+            norm = layer.mlp_norm
+            normed, residual = ops.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
+            x = layer.down(ops.silu_mul(functional.linear(normed, layer.gate_up_weight)))
+        normed, _ = ops.add_rmsnorm(x, residual, stack.final_norm.weight, stack.final_norm.variance_epsilon)
+        return stack.lm_head(normed).float()
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 shape in the Triton interpreter")
+    parser.add_argument("--shape", default="qwen2-audio-7b", help="a shape of jobs/bench.py")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--cached", type=int, default=6040, help="cached tokens per row (240 s of audio)")
+    parser.add_argument("--new-tokens", type=int, default=64, help="cache capacity beyond --cached")
+    parser.add_argument("--iters", type=int, default=20, help="graph replays per timing round")
+    parser.add_argument("--rounds", type=int, default=7, help="timing rounds (median)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        args.shape, args.batches, args.cached, args.new_tokens = "tiny", [1, 2], 40, 5
+        args.iters, args.rounds, args.dtype = 2, 1, "float32"
+    if args.iters + 3 > args.new_tokens:  # two warm-up steps, then `iters` steps per round
+        parser.error("--new-tokens must be at least --iters + 3")
+    return args
+
+
+def build_stack(config: dict[str, int], device: torch.device, dtype: torch.dtype) -> tuple[Any, DecoderStack]:
+    """Random-weight Qwen2ForCausalLM of ``config`` (seed 0) on ``device`` and the engine's view of it."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = Qwen2Config(**config, tie_word_embeddings=False)
+    if cfg.hidden_act != "silu":
+        raise ValueError(f"silu_mul needs hidden_act silu, got {cfg.hidden_act}")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    return model, DecoderStack(model.model, model.lm_head)
+
+
+def cache_bytes(stack: DecoderStack, batch: int, tokens: int) -> int:
+    return stack.num_layers * batch * tokens * stack.kv_bytes_per_token()
+
+
+def fill_caches(stack: DecoderStack, batch: int, cached: int, new_tokens: int) -> LayerCaches:
+    """Caches of ``cached`` filled positions per layer and row (standard normal keys and values)."""
+    caches = LayerCaches(
+        [cached] * stack.num_layers,
+        new_tokens,
+        batch,
+        stack.num_kv_heads,
+        stack.head_dim,
+        stack.dtype,
+        stack.device,
+    )
+    for k, v in zip(caches.k, caches.v, strict=True):
+        k.normal_()
+        v.normal_()
+    caches.lengths = [cached] * stack.num_layers
+    return caches
+
+
+def make_decoders(
+    stack: DecoderStack, caches: LayerCaches, cached: int, new_tokens: int, ops: FusedOps
+) -> tuple[GreedyDecoder, FusedDecoder]:
+    """An engine and a fused decoder at the same state: same first tokens, step 0, shared caches."""
+    gen = torch.Generator().manual_seed(caches.k[0].shape[0])
+    first = torch.randint(0, stack.embed_tokens.num_embeddings, (caches.k[0].shape[0],), generator=gen)
+    kwargs = {"max_new_tokens": new_tokens, "eos_token_ids": [], "pad_token_id": 0}
+    first = first.to(stack.device)
+    return (
+        GreedyDecoder(stack, caches, cached, first, **kwargs),
+        FusedDecoder(stack, caches, cached, first, ops=ops, **kwargs),
+    )
+
+
+def compare_logits(engine: GreedyDecoder, fused: FusedDecoder) -> dict[str, Any]:
+    """Logits of one step from the same state (each writes its own k, v at the same position first)."""
+    expected, got = engine._forward(), fused._forward()
+    err = (got - expected).abs().max().item()
+    return {
+        "logits_max_abs_err": err,
+        "logits_rel_err": err / max(expected.abs().max().item(), 1e-30),
+        "same_tokens": bool(torch.equal(got.argmax(-1), expected.argmax(-1))),
+    }
+
+
+def _rewind(decoder: GreedyDecoder, cached: int) -> None:
+    """Back to step 0 in place (a captured graph reads these tensors), so replays never pass the capacity."""
+    decoder.step.zero_()
+    decoder.position.fill_(cached)
+
+
+def kernels_per_step(decoder: GreedyDecoder, cached: int) -> int:
+    """Device kernels (and copies) one eager step launches, as CUDA's profiler sees them."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    _rewind(decoder, cached)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decoder._advance()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA)
+
+
+def _one_step(decoder: GreedyDecoder, cached: int, cuda: bool) -> Callable[[], None]:
+    """After two warm-up steps: one step as a CUDA graph replay (CUDA) or an eager call (CPU)."""
+    _rewind(decoder, cached)
+    decoder._advance()  # compile kernels, warm cuBLAS and the allocator
+    decoder._advance()
+    if not cuda:
+        return decoder._advance
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decoder._advance()
+    return graph.replay
+
+
+def _round_ms(step: Callable[[], None], iters: int, cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / iters
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return (time.perf_counter() - t0) * 1e3 / iters
+
+
+def step_ms(decoders: dict[str, GreedyDecoder], args: argparse.Namespace, cuda: bool) -> dict[str, float]:
+    """Median ms per step of each decoder, timing rounds alternating between them."""
+    steps = {name: _one_step(d, args.cached, cuda) for name, d in decoders.items()}
+    samples: dict[str, list[float]] = {name: [] for name in decoders}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            _rewind(decoders[name], args.cached)
+            samples[name].append(_round_ms(step, args.iters, cuda))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def run_ms(decoder: GreedyDecoder) -> float:
+    """ms per steady step of ``GreedyDecoder.run`` (after warm-up and graph capture) on a fresh decoder."""
+    decoder.run()
+    return 1e3 * decoder.steady_s / max(decoder.steady_steps, 1)
+
+
+def _attempt(row: dict[str, Any], key: str, measure: Callable[[], Any]) -> bool:
+    """row[key] = measure(), or row[key + "_error"] with the traceback printed: one run reports all."""
+    try:
+        row[key] = measure()
+    except Exception as exc:
+        traceback.print_exc()
+        row[f"{key}_error"] = repr(exc)
+        return False
+    return True
+
+
+def bench_batch(
+    stack: DecoderStack, batch: int, args: argparse.Namespace, ops: FusedOps, floor: Callable[[int], float]
+) -> dict[str, Any]:
+    """One table row; a fused step that fails leaves the engine's numbers and says why."""
+    cuda = stack.device.type == "cuda"
+    row: dict[str, Any] = {"batch": batch}
+    need = cache_bytes(stack, batch, args.cached + args.new_tokens)
+    if cuda and need + _MARGIN > torch.cuda.mem_get_info()[0]:
+        free = torch.cuda.mem_get_info()[0]
+        return {**row, "skipped": f"caches need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"}
+    caches = fill_caches(stack, batch, args.cached, args.new_tokens)
+    engine, fused = make_decoders(stack, caches, args.cached, args.new_tokens, ops)
+    decoders: dict[str, GreedyDecoder] = {"engine": engine, "fused": fused}
+    if _attempt(row, "agreement", lambda: compare_logits(engine, fused)):
+        row.update(row.pop("agreement"))
+    else:
+        del decoders["fused"]
+    row["floor_ms"] = floor(batch)
+    for name, ms in step_ms(decoders, args, cuda).items():
+        row[f"{name}_ms"], row[f"{name}_vs_floor"] = ms, ms / row["floor_ms"]
+    if "fused_ms" in row:
+        row["speedup"] = row["engine_ms"] / row["fused_ms"]
+    fresh = dict(
+        zip(("engine", "fused"), make_decoders(stack, caches, args.cached, args.new_tokens, ops), strict=True)
+    )
+    for name, decoder in decoders.items():
+        if cuda:
+            _attempt(row, f"{name}_kernels", lambda d=decoder: kernels_per_step(d, args.cached))
+        _attempt(row, f"{name}_run_ms", lambda d=fresh[name]: run_ms(d))
+    return row
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [[_cell(row.get(key, "")) for key in keys] for row in rows]
+    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
+    lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (transformers does)
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --cpu-smoke")
+    import transformers
+
+    from jobs.bench import SHAPES, copy_bandwidth, weight_bytes
+
+    if args.shape not in SHAPES:
+        raise SystemExit(f"unknown shape {args.shape!r}: one of {sorted(SHAPES)}")
+    config = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    ops = triton_ops()
+    result: dict[str, Any] = {
+        "device": (platform.processor() or "cpu") if args.cpu_smoke else torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "interpreted": args.cpu_smoke,
+        "shape": config,
+        "dtype": args.dtype,
+        "cached": args.cached,
+        "rows": [],
+    }
+    with torch.inference_mode():
+        model, stack = build_stack(config, device, getattr(torch, args.dtype))
+        weights = weight_bytes(model)
+        bandwidth = copy_bandwidth(device, 1 << 24 if args.cpu_smoke else 1 << 31)
+        result.update(weight_bytes=weights, copy_gb_per_s=bandwidth / 1e9)
+        print(f"{result['device']}  torch {torch.__version__}  {config}  {args.dtype}", flush=True)
+
+        def floor(batch: int) -> float:
+            return 1e3 * (weights + cache_bytes(stack, batch, args.cached)) / bandwidth
+
+        for batch in args.batches:
+            try:
+                row = bench_batch(stack, batch, args, ops, floor)
+            except Exception as exc:  # report and go on: one failed batch must not hide the others
+                traceback.print_exc()
+                row = {"batch": batch, "error": repr(exc)}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            result["rows"].append(row)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+            print(json.dumps(row), flush=True)
+    print(_table(result["rows"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
