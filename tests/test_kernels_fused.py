@@ -32,9 +32,9 @@ if not fused.HAS_TRITON:  # imported earlier in this process, before TRITON_INTE
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not fused.HAS_TRITON, reason="triton is not installed")
 EXACT = {"rtol": 0, "atol": 0}
-# bf16: a step (2^-8 relative) where rsqrt, exp or a sum differ; the interpreter also truncates every
-# fp32 -> bf16 cast where hardware rounds to nearest, so there a result drifts by up to three steps.
-BF16_STEPS = 2**-7 if DEVICE == "cuda" else 2**-5
+# bf16: a step or two (2^-8..2^-7 relative each) where rsqrt, exp or a sum order differ; the interpreter
+# also truncates every fp32 -> bf16 cast where hardware rounds to nearest: up to three more steps there.
+BF16_STEPS = 2**-6 if DEVICE == "cuda" else 2**-5
 TOL = {torch.float32: {"rtol": 1e-6, "atol": 1e-6}, torch.bfloat16: {"rtol": BF16_STEPS, "atol": BF16_STEPS}}
 ONE_ROUNDING = {torch.float32: EXACT, torch.bfloat16: EXACT if DEVICE == "cuda" else TOL[torch.bfloat16]}
 REPO = Path(__file__).resolve().parents[1]
@@ -148,11 +148,12 @@ def test_rope_and_cache_reads_the_index_from_the_device_each_call():
     fused.rope_and_cache_triton(qkv * 2, cos, sin, caches[0], caches[1], index)
     torch.testing.assert_close(caches[:, :, :, 4], first * 2, **TOL[torch.float32])
     torch.testing.assert_close(caches[:, :, :, 1], first, **EXACT)
-    index.fill_(6)  # past the capacity: the kernel writes nothing, the twin refuses
+    index.fill_(6)  # past the capacity: the kernel writes nothing
     fused.rope_and_cache_triton(qkv, cos, sin, caches[0], caches[1], index)
     assert int(caches.isnan().sum()) == 2 * 2 * 2 * 4 * 16  # positions 0, 2, 3, 5 untouched
-    with pytest.raises(IndexError):
-        fused.rope_and_cache_torch(qkv, cos, sin, caches[0], caches[1], index)
+    if DEVICE == "cpu":  # the twin refuses (on CUDA the same indexing is a device-side assert)
+        with pytest.raises(IndexError):
+            fused.rope_and_cache_torch(qkv, cos, sin, caches[0], caches[1], index)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
