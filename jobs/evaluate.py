@@ -1,0 +1,224 @@
+"""Quality under reduction, every method side by side on the same audio (the paper's Table 1 shape).
+
+    python jobs/evaluate.py --manifest ../shared/data/librispeech-dev/manifest.jsonl --task asr \
+        --limit 60 --out benchmarks/whisper-tiny-en-librispeech-dev
+
+For each method x target reduction (fraction of audio KV removed, see the model's adapter for what that
+means there) it runs every utterance and records the metric (WER / BLEU / accuracy), audio tokens kept,
+KV bytes and timings. Writes results.json, results.md (tables) and wer.png (metric vs reduction, one line
+per method). Greedy decoding and seeded random methods make every number except timings reproduce
+exactly on the same machine and software. Finished runs are kept in runs.jsonl: re-running the same
+command skips them (delete the file to measure again).
+
+The method grid (label: method, schedule, first layer) is in ``GRID``, set for Whisper tiny.en's 4
+encoder layers; layers are counted from 0 and ``LAST`` means the model's last reducing layer. Models
+with a ``padding`` option (Whisper) also get a run that only drops the padding after the encoder
+(label ``Drop padding only``). ``h2o`` is left out for Whisper: its encoder has no KV
+cache, and the decoder's cross-attention keys have been attended by only the prompt tokens when they are
+cached, so there are no heavy hitters to keep (see pipeline/models/whisper_encoder.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import torch
+import transformers
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
+
+from pipeline import metrics
+from pipeline.audio.decode import decode_audio
+from pipeline.merging.config import NO_REDUCTION, ReductionConfig
+from pipeline.models.base import TaskRequest
+from pipeline.models.registry import load_model
+
+LAST = -1
+GRID = {
+    "FastAdaSP constant": ("fastadasp", "constant", 1),
+    "FastAdaSP decay": ("fastadasp", "decay", 0),
+    "FastAdaSP single (last layer)": ("fastadasp", "single", LAST),
+    "Average merge": ("average", "single", LAST),
+    "A-ToMe": ("a-tome", "constant", 0),
+    "FastV": ("fastv", "single", LAST),
+    "Random merge": ("random-merge", "single", LAST),
+    "Random evict": ("random-evict", "single", LAST),
+}
+DROP_PADDING = "Drop padding only"
+METRIC = {
+    "asr": ("WER %", metrics.wer, 100.0),
+    "st": ("BLEU", metrics.bleu, 1.0),
+    "er": ("Acc %", metrics.accuracy, 100.0),
+}
+
+
+def select(manifest: Path, limit: int | None, seed: int) -> list[dict]:
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    if limit is not None and limit < len(rows):
+        chosen = set(random.Random(seed).sample(range(len(rows)), limit))
+        rows = [row for i, row in enumerate(rows) if i in chosen]
+    return rows
+
+
+def run_one(model, waves, refs, request, cfg, batch: int, score) -> dict:
+    texts, total = [], None
+    for first in range(0, len(waves), batch):
+        for out in model.run(waves[first : first + batch], request, cfg):
+            texts.append(out.text)
+            total = out.stats if total is None else total + out.stats
+    row = {"score": score(refs, texts), **total.to_dict()}
+    row["tokens_kept_frac"] = total.audio_tokens_kept / total.audio_tokens_in
+    row["kv_kept_frac"] = total.kv_bytes_kept / total.kv_bytes_full
+    return row | {"texts": texts}
+
+
+def markdown(results: list[dict], levels: list[float], metric_name: str, meta: dict) -> str:
+    none = results[0]  # the no-reduction run always comes first
+    head = "| method | " + " | ".join(f"{round(lv * 100)}%" for lv in levels) + " |"
+    lines = [
+        f"# {meta['model']} on {meta['manifest_name']}: {metric_name} by target reduction",
+        "",
+        f"{meta['utterances']} utterances (seed {meta['seed']}), {meta['device']}, greedy decoding. "
+        f"No reduction: {metric_name} {none['score']:.2f}. Dropping the padding after the encoder alone "
+        "(no merging) is listed separately: it is a reduction of its own.",
+        "",
+        head,
+        "|---" * (len(levels) + 1) + "|",
+    ]
+    by_label: dict[str, dict[float, dict]] = {}
+    for r in results:
+        if r["target"] is not None:
+            by_label.setdefault(r["label"], {})[r["target"]] = r
+    for label, cells in by_label.items():
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{cells[lv]['score']:.2f}" if lv in cells else "" for lv in levels)
+            + " |"
+        )
+    lines += ["", "Measured (all runs): speech tokens kept averaged over encoder layers, decoder cross-attention "
+              "KV kept, generated tokens, encoder / first decoder step / later steps seconds (CPU: ratios only).", "",
+              "| run | target | score | tokens kept | KV kept | gen tokens | encode s | prefill s | decode s |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in results:
+        target = "" if r["target"] is None else f"{r['target']:.0%}"
+        lines.append(
+            f"| {r['label']} | {target} | {r['score']:.2f} | {r['tokens_kept_frac']:.3f} | {r['kv_kept_frac']:.3f} "
+            f"| {r['generated_tokens']} | {r['encode_s']:.1f} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} |"
+        )
+    lines += ["", f"Command: `{meta['command']}`", ""]
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], metric_name: str, path: Path) -> None:
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    none = results[0]
+    ax.axhline(none["score"], color="black", linestyle=":", label="No reduction")
+    for label in GRID:
+        points = sorted((r["target"] * 100, r["score"]) for r in results if r["label"] == label)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax.set_xlabel("target reduction of the decoder's audio KV (%)")
+    ax.set_ylabel(metric_name)
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--manifest", type=Path, required=True, help="JSONL: id, audio (relative path), text")
+    parser.add_argument("--task", default="asr", choices=sorted(METRIC))
+    parser.add_argument("--model", default="whisper-tiny.en")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=[DROP_PADDING, *GRID],
+        help=f"labels of GRID (or {DROP_PADDING!r}) to run",
+    )
+    parser.add_argument("--levels", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset")
+    parser.add_argument("--seed", type=int, default=0, help="subset choice and random methods")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    unknown = set(args.methods) - {DROP_PADDING, *GRID}
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; known: {list(GRID)}")
+
+    torch.manual_seed(args.seed)
+    rows = select(args.manifest, args.limit, args.seed)
+    waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in tqdm(rows, desc="decode")]
+    refs = [r["text"] for r in rows]
+    model = load_model(args.model, args.device)
+    config = model.model.config
+    layers = (
+        config.encoder_layers if hasattr(config, "encoder_layers") else config.text_config.num_hidden_layers
+    )
+    metric_name, score_fn, scale = METRIC[args.task]
+    request = TaskRequest(args.task)
+
+    def score(r, h):
+        return score_fn(r, h) * scale
+
+    runs = [("No reduction", NO_REDUCTION, None, "keep")]
+    if DROP_PADDING in args.methods and hasattr(model, "padding"):
+        runs.append((DROP_PADDING, NO_REDUCTION, None, "drop"))
+    for label in (m for m in args.methods if m in GRID):
+        method, schedule, first = GRID[label]
+        first = layers - 1 if first == LAST else first
+        for level in args.levels:
+            cfg = ReductionConfig(method, schedule, first_layer=first, target=level, seed=args.seed)
+            runs.append((label, cfg, level, "keep"))
+    meta = {
+        "command": "python " + " ".join(sys.argv) if argv is None else "evaluate " + " ".join(argv),
+        "model": args.model,
+        "manifest_name": args.manifest.parent.name,
+        "utterances": len(rows),
+        "ids": [r["id"] for r in rows],
+        "seed": args.seed,
+        "device": args.device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    # Finished runs are appended to runs.jsonl, so an interrupted evaluation resumes where it stopped.
+    done_path = args.out / "runs.jsonl"
+    done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
+    results = []
+    for label, cfg, level, padding in tqdm(runs, desc="runs"):
+        key = {"model": args.model, "ids": meta["ids"], "config": cfg.to_dict(), "padding": padding}
+        row = next((d for d in done if d["key"] == key), None)
+        if row is None:
+            if hasattr(model, "padding"):
+                model.padding = padding
+            start = time.perf_counter()
+            row = {"key": key, "label": label, "target": level, "padding": padding, "config": cfg.to_dict()}
+            row |= run_one(model, waves, refs, request, cfg, args.batch, score)
+            row["wall_s"] = time.perf_counter() - start
+            with done_path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            tqdm.write(f"{label} {level}: {metric_name} {row['score']:.2f} KV kept {row['kv_kept_frac']:.3f}")
+        results.append({k: v for k, v in row.items() if k != "key"})
+        (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        (args.out / "results.md").write_text(markdown(results, args.levels, metric_name, meta))
+        plot(results, metric_name, args.out / "wer.png")
+
+
+if __name__ == "__main__":
+    main()
