@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS
 from pipeline.merging.ops import (
     adjacent_similarity,
+    forced_path,
     h2o_keep_indices,
     plan_reduction,
     right_aligned_positions,
@@ -281,9 +282,12 @@ def test_h2o_keep_indices_sorted_and_per_head():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", METHODS)
-def test_cuda_matches_cpu(method):
+def test_cuda_matches_cpu(method, dtype):
+    """CUDA takes the Triton kernels where triton is installed: same plan, copies exact, sums close."""
     keys, mass, x = make_inputs(2, 300, 0, width=16)
+    x = x.to(dtype)
     spans, ks = [(10, 150), (160, 290)], [40, 60]
 
     def run(device):
@@ -291,9 +295,20 @@ def test_cuda_matches_cpu(method):
         red = plan_reduction(
             method, 300, spans, ks, keys=keys.to(device), mass=mass.to(device), generator=gen
         )
-        return red.groups.cpu(), red.apply(x.to(device)).cpu()
+        return red.groups.cpu(), red.first_index().cpu(), red.apply(x.to(device)).cpu()
 
-    groups_cpu, out_cpu = run("cpu")
-    groups_gpu, out_gpu = run("cuda")
-    assert torch.equal(groups_cpu, groups_gpu)
-    torch.testing.assert_close(out_cpu, out_gpu)
+    groups_cpu, lead_cpu, out_cpu = run("cpu")
+    groups_gpu, lead_gpu, out_gpu = run("cuda")
+    assert torch.equal(groups_cpu, groups_gpu) and torch.equal(lead_cpu, lead_gpu)
+    size = torch.zeros(2, out_cpu.shape[1], dtype=torch.int64).scatter_add_(
+        1, groups_cpu, torch.ones_like(groups_cpu)
+    )
+    single = (size == 1) | (method in EVICT_METHODS)
+    assert torch.equal(out_gpu[single], out_cpu[single])
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(out_gpu, out_cpu, rtol=tol, atol=1e-5)
+
+
+def test_forced_path_rejects_unknown_names():
+    with pytest.raises(ValueError, match="path='gpu'"), forced_path("gpu"):
+        pass

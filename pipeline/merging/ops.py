@@ -3,11 +3,20 @@
 Pure tensor functions, model-agnostic. A layer's reduction is planned once (``plan_reduction``) as a
 ``Reduction``: a non-decreasing group id per token and a weight per token; applying it to any
 [B, L, ...] tensor gives the weighted mean of each group. Text outside the audio spans is never touched.
+
+Two paths give the same plans and results: CUDA tensors take the Triton kernels of
+``pipeline.kernels.merge`` when triton is installed (a few launches, no host sync, one pass over the
+hidden states); everything else takes PyTorch. ``forced_path`` picks one explicitly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import cached_property
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -16,15 +25,112 @@ from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS
 
 SIMILARITY_METHODS = ("fastadasp", "average", "a-tome")
 MASS_METHODS = ("fastadasp", "random-merge", "fastv")
+WEIGHTED_METHODS = ("fastadasp", "random-merge")
+PATHS = ("triton", "pytorch")
 # Attention mass can underflow to 0; a group whose weights are all 0 would divide 0 by 0. Masses are
 # sums of probabilities (order 1 and above), so this floor never changes a real weight.
 _MIN_MASS = 1e-20
+_FORCED: ContextVar[str | None] = ContextVar("merge_path", default=None)
+
+
+@contextmanager
+def forced_path(path: str) -> Iterator[None]:
+    """Inside the block, planning and applying take ``path`` whatever the device: ``pytorch`` (e.g. to
+    time it on CUDA) or ``triton`` (on CPU tensors only with TRITON_INTERPRET=1 set before triton is
+    first imported). Outside, CUDA tensors take Triton when it is installed. A Reduction planned on
+    one path applies on either."""
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is not one of {', '.join(PATHS)}")
+    token = _FORCED.set(path)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def _on_triton(device: torch.device) -> bool:
+    forced = _FORCED.get()
+    if forced is not None:
+        return forced == "triton"
+    from pipeline.kernels import triton_usable  # here: pipeline.kernels imports pipeline.merging
+
+    return triton_usable(device)
+
+
+def _kernels() -> ModuleType:
+    from pipeline.kernels import merge  # imports triton: only on the Triton path
+
+    return merge
 
 
 def adjacent_similarity(keys: Tensor) -> Tensor:
     """keys [B, L, D] (heads concatenated) -> cosine similarity of neighbours [B, L-1], fp32."""
+    if _on_triton(keys.device):
+        return _kernels().adjacent_similarity(keys)
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     return (unit[:, :-1] * unit[:, 1:]).sum(-1)
+
+
+@dataclass
+class _RowGather:
+    """The PyTorch path's index: apply() as a row gather plus a small weighted sum over the merged
+    tokens. "Extras" are the L - n_out non-lead tokens of each row; rows index the flattened [B * L]."""
+
+    lead: Tensor  # [B, n_out]
+    lead_rows: Tensor  # [B * n_out] rows of x copied to the output
+    extra_rows: Tensor  # [B * E] rows of x of the extras
+    extra_out: Tensor  # [B * E] output rows (groups) of the extras
+    extra_head: Tensor  # [B * E] first extra slot of the same group
+    w_extra: Tensor  # [B * E, 1] extra weights
+    w_lead: Tensor  # [B * E, 1] the group's lead weight, at heads only
+    inv_total: Tensor  # [B * E, 1] 1 / total weight of the group
+    merges: bool  # some extra carries weight (not a pure eviction)
+
+    @classmethod
+    def build(cls, groups: Tensor, weights: Tensor, n_out: int) -> _RowGather:
+        batch, length = groups.shape
+        device = groups.device
+        index = torch.arange(length, device=device).expand(batch, length)
+        # Lead = smallest index among positive-weight members (all-zero group: its first member).
+        key = index + length * (weights <= 0)
+        lead = torch.full((batch, n_out), 2 * length, dtype=torch.int64, device=device)
+        lead = lead.scatter_reduce(1, groups, key, "amin") % length
+        row0 = torch.arange(batch, device=device)[:, None]
+        is_lead = torch.zeros((batch, length), dtype=torch.int8, device=device).scatter_(1, lead, 1)
+        n_extra = length - n_out
+        extra = torch.sort(is_lead, dim=1, stable=True).indices[:, :n_extra]
+        extra_group = groups.gather(1, extra)
+        starts = torch.ones_like(extra_group, dtype=torch.bool)
+        starts[:, 1:] = extra_group[:, 1:] != extra_group[:, :-1]
+        slot = torch.arange(n_extra, device=device).expand_as(starts)
+        head = torch.where(starts, slot, 0).cummax(dim=1).values
+        w_extra = weights.float().gather(1, extra)
+        w_lead = torch.where(starts, weights.float().gather(1, lead.gather(1, extra_group)), 0.0)
+        total = w_lead.scatter_add(1, head, w_extra).gather(1, head)
+        return cls(
+            lead=lead,
+            lead_rows=(lead + row0 * length).flatten(),
+            extra_rows=(extra + row0 * length).flatten(),
+            extra_out=(extra_group + row0 * n_out).flatten(),
+            extra_head=(head + row0 * n_extra).flatten(),
+            w_extra=w_extra.reshape(-1, 1),
+            w_lead=w_lead.reshape(-1, 1),
+            inv_total=total.reciprocal().reshape(-1, 1),
+            merges=bool((w_extra > 0).any()),  # one host sync per plan
+        )
+
+    def apply(self, rows: Tensor) -> Tensor:
+        """rows [B * L, F] -> [B * n_out, F]."""
+        out = rows.index_select(0, self.lead_rows)
+        if self.merges:
+            # Accumulate each merged group at its head slot (lead term once, plus every extra) in fp32:
+            # multiplying by the fp32 weights promotes in the same kernel.
+            acc = torch.mul(out.index_select(0, self.extra_out), self.w_lead)
+            acc.index_add_(0, self.extra_head, torch.mul(rows.index_select(0, self.extra_rows), self.w_extra))
+            mean = acc.mul_(self.inv_total).to(out.dtype).index_select(0, self.extra_head)
+            # Every extra of a group writes its group's mean, so duplicate targets are harmless.
+            out.index_copy_(0, self.extra_out, mean)
+        return out
 
 
 @dataclass
@@ -32,56 +138,30 @@ class Reduction:
     """How one layer shortens a whole sequence of length L to ``n_out`` tokens.
 
     groups [B, L] int64, non-decreasing along L, values 0..n_out-1, every output id used;
-    weights [B, L] fp32 >= 0 (an evicted token has weight 0 and sits in a neighbour's group);
-    spans: audio spans (start, end) after the reduction, the same for every batch row.
-    Each group is represented by its lead, the first member with positive weight: ``apply`` copies the
-    lead's row for groups of one weighted member and takes the weighted mean (fp32) for merged groups.
+    weights [B, L] fp32 >= 0 (an evicted token has weight 0 and sits in a neighbour's group), every
+    group holding a positive weight; spans: audio spans (start, end) after the reduction, the same for
+    every batch row. Each group is represented by its lead, the first member with positive weight:
+    ``apply`` copies the lead's row for groups of one weighted member and takes the weighted mean
+    (fp32) for merged groups.
     """
 
     groups: Tensor
     weights: Tensor
     n_out: int
     spans: list[tuple[int, int]]
-    # Derived once, so that apply() is a row gather plus a small weighted sum over the merged tokens.
-    # "Extras" are the L - n_out non-lead tokens of each row; rows are indexed in flattened [B * L].
     _lead: Tensor = field(init=False, repr=False)  # [B, n_out]
-    _lead_rows: Tensor = field(init=False, repr=False)  # [B * n_out] rows of x copied to the output
-    _extra_rows: Tensor = field(init=False, repr=False)  # [B * E] rows of x of the extras
-    _extra_out: Tensor = field(init=False, repr=False)  # [B * E] output rows (groups) of the extras
-    _extra_head: Tensor = field(init=False, repr=False)  # [B * E] first extra slot of the same group
-    _w_extra: Tensor = field(init=False, repr=False)  # [B * E, 1] extra weights
-    _w_lead: Tensor = field(init=False, repr=False)  # [B * E, 1] the group's lead weight, at heads only
-    _inv_total: Tensor = field(init=False, repr=False)  # [B * E, 1] 1 / total weight of the group
-    _merges: bool = field(init=False, repr=False)  # some extra carries weight (not a pure eviction)
+    # Triton path: [B, n_out + 1] first token of each group, then L; None on the PyTorch path.
+    _bounds: Tensor | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        batch, length = self.groups.shape
-        device = self.groups.device
-        index = torch.arange(length, device=device).expand(batch, length)
-        # Lead = smallest index among positive-weight members (all-zero group: its first member).
-        key = index + length * (self.weights <= 0)
-        lead = torch.full((batch, self.n_out), 2 * length, dtype=torch.int64, device=device)
-        self._lead = lead.scatter_reduce(1, self.groups, key, "amin") % length
-        row0 = torch.arange(batch, device=device)[:, None]
-        self._lead_rows = (self._lead + row0 * length).flatten()
-        is_lead = torch.zeros((batch, length), dtype=torch.int8, device=device).scatter_(1, self._lead, 1)
-        n_extra = length - self.n_out
-        extra = torch.sort(is_lead, dim=1, stable=True).indices[:, :n_extra]
-        extra_group = self.groups.gather(1, extra)
-        starts = torch.ones_like(extra_group, dtype=torch.bool)
-        starts[:, 1:] = extra_group[:, 1:] != extra_group[:, :-1]
-        slot = torch.arange(n_extra, device=device).expand_as(starts)
-        head = torch.where(starts, slot, 0).cummax(dim=1).values
-        w_extra = self.weights.gather(1, extra)
-        w_lead = torch.where(starts, self.weights.gather(1, self._lead.gather(1, extra_group)), 0.0)
-        total = w_lead.scatter_add(1, head, w_extra).gather(1, head)
-        self._extra_rows = (extra + row0 * length).flatten()
-        self._extra_out = (extra_group + row0 * self.n_out).flatten()
-        self._extra_head = (head + row0 * n_extra).flatten()
-        self._w_extra = w_extra.reshape(-1, 1)
-        self._w_lead = w_lead.reshape(-1, 1)
-        self._inv_total = total.reciprocal().reshape(-1, 1)
-        self._merges = bool((w_extra > 0).any())  # one host sync per plan
+        if _on_triton(self.groups.device):
+            self._lead, self._bounds = _kernels().group_index(self.groups, self.weights, self.n_out)
+        else:
+            self._lead, self._bounds = self._gather.lead, None
+
+    @cached_property
+    def _gather(self) -> _RowGather:
+        return _RowGather.build(self.groups, self.weights, self.n_out)
 
     @property
     def length(self) -> int:
@@ -93,18 +173,10 @@ class Reduction:
         batch, length = self.groups.shape
         if x.shape[:2] != (batch, length):
             raise ValueError(f"x has shape {tuple(x.shape)}, expected [{batch}, {length}, ...]")
-        rows = x.reshape(batch * length, -1)
-        out = rows.index_select(0, self._lead_rows)
-        if self._merges:
-            # Accumulate each merged group at its head slot (lead term once, plus every extra) in fp32:
-            # multiplying by the fp32 weights promotes in the same kernel.
-            acc = torch.mul(out.index_select(0, self._extra_out), self._w_lead)
-            acc.index_add_(
-                0, self._extra_head, torch.mul(rows.index_select(0, self._extra_rows), self._w_extra)
-            )
-            mean = acc.mul_(self._inv_total).to(out.dtype).index_select(0, self._extra_head)
-            # Every extra of a group writes its group's mean, so duplicate targets are harmless.
-            out.index_copy_(0, self._extra_out, mean)
+        if self._bounds is not None and _on_triton(x.device) and x.dtype in _kernels().MERGE_DTYPES:
+            out = _kernels().merge_rows(x.reshape(batch, length, -1), self.weights, self._lead, self._bounds)
+        else:
+            out = self._gather.apply(x.reshape(batch * length, -1))
         return out.reshape(batch, self.n_out, *x.shape[2:])
 
     def first_index(self) -> Tensor:
@@ -161,8 +233,27 @@ def _uniform(shape: tuple[int, int], device: torch.device, generator: torch.Gene
     return torch.rand(shape, generator=generator, device=where).to(device)
 
 
-def _top(scores: Tensor, k: int) -> Tensor:
-    return scores.topk(k, dim=1, sorted=False).indices
+def _mark_top(scores: Tensor, k: int, out: Tensor, *, largest: bool = True) -> None:
+    """Sets out[b, i] (a bool view [B, M] of the plan's marks) for the k largest (or smallest) of
+    scores [B, M]."""
+    if _on_triton(scores.device):
+        _kernels().mark_top_k(scores, k, out, largest=largest)
+    else:
+        out.scatter_(1, scores.float().topk(k, dim=1, largest=largest, sorted=False).indices, True)
+
+
+def _group(marked: Tensor, mass: Tensor | None, evict: bool) -> tuple[Tensor, Tensor]:
+    """marked [B, L] (joins the previous token, or dropped when evict), mass [B, L] or None ->
+    groups [B, L] int64, weights [B, L] fp32 (mass floored, or 1; 0 where dropped)."""
+    if _on_triton(marked.device):
+        return _kernels().group_rows(marked, mass, evict=evict, floor=_MIN_MASS)
+    # Tokens before a row's first unmarked token (evictions at position 0) join group 0.
+    groups = ((~marked).long().cumsum(1) - 1).clamp_min(0)
+    if mass is not None:
+        weights = mass.float().clamp_min(_MIN_MASS)
+    else:
+        weights = torch.ones(marked.shape, dtype=torch.float32, device=marked.device)
+    return groups, torch.where(marked, 0.0, weights) if evict else weights
 
 
 def plan_reduction(
@@ -192,36 +283,27 @@ def plan_reduction(
     _check_spans(length, spans, ks, method)
     batch, device = _batch_of(length, keys, mass)
 
-    joined = torch.zeros((batch, length), dtype=torch.bool, device=device)  # t merges into t-1
-    dropped = torch.zeros((batch, length), dtype=torch.bool, device=device)
+    # Evictions mark dropped tokens; merges mark each token that joins its left neighbour.
+    marked = torch.zeros((batch, length), dtype=torch.bool, device=device)
     for (start, end), k in zip(spans, ks, strict=True):
         if k == 0:
             continue
         n = end - start
-        if method in EVICT_METHODS:
-            if method == "fastv":
-                scores = -mass[:, start:end].float()
-            else:
-                scores = _uniform((batch, n), device, generator)
-            dropped[:, start:end].scatter_(1, _top(scores, k), True)
-            continue
-        if method == "random-merge":
-            edge_scores = _uniform((batch, n - 1), device, generator)
+        if method == "fastv":
+            _mark_top(mass[:, start:end], k, marked[:, start:end], largest=False)
+        elif method == "random-evict":
+            _mark_top(_uniform((batch, n), device, generator), k, marked[:, start:end])
         else:
-            edge_scores = adjacent_similarity(keys[:, start:end])
-        # a-tome: disjoint pairs (start+2i, start+2i+1), i.e. edges 0, 2, 4, ... of the span.
-        edges = _top(edge_scores[:, ::2], k) * 2 if method == "a-tome" else _top(edge_scores, k)
-        joined[:, start + 1 : end].scatter_(1, edges, True)
-
-    kept = ~dropped
-    starts = kept & ~joined
-    # Tokens before a row's first kept token (evictions at position 0) join group 0.
-    groups = (starts.long().cumsum(1) - 1).clamp_min(0)
-    if method in ("fastadasp", "random-merge"):
-        weights = mass.float().clamp_min(_MIN_MASS)
-    else:
-        weights = torch.ones((batch, length), dtype=torch.float32, device=device)
-    weights = torch.where(dropped, 0.0, weights)
+            if method == "random-merge":
+                edge_scores = _uniform((batch, n - 1), device, generator)
+            else:
+                edge_scores = adjacent_similarity(keys[:, start:end])
+            if method == "a-tome":  # disjoint pairs (start+2i, start+2i+1): edges 0, 2, 4, ...
+                _mark_top(edge_scores[:, ::2], k, marked[:, start + 1 : end : 2])
+            else:
+                _mark_top(edge_scores, k, marked[:, start + 1 : end])
+    weighted = mass if method in WEIGHTED_METHODS else None
+    groups, weights = _group(marked, weighted, method in EVICT_METHODS)
 
     out_spans, removed = [], 0
     for (start, end), k in zip(spans, ks, strict=True):

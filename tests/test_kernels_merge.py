@@ -1,0 +1,216 @@
+"""Triton merge-step kernels against the PyTorch paths of pipeline.merging.ops.
+
+Runs on CUDA when there is one, else in the Triton interpreter on CPU tensors (hence tiny shapes).
+The interpreter rounds fp32 -> bf16 by truncation where CUDA rounds to nearest, so bf16 merged rows
+may differ by one bf16 ulp there; copied rows are compared bit for bit everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel module is imported
+pytest.importorskip("triton")
+
+from pipeline.kernels import merge
+from pipeline.merging import ops
+from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Merged rows: fp32 sums in another order (and FMA on GPU); bf16 additionally one ulp of rounding.
+TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-5)}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _both_paths(fn):
+    """fn() under the PyTorch path, then under the Triton path."""
+    with ops.forced_path("pytorch"):
+        expected = fn()
+    with ops.forced_path("triton"):
+        got = fn()
+    return expected, got
+
+
+def _weighted_members(red: ops.Reduction) -> torch.Tensor:
+    """[B, n_out] how many members of each group carry weight."""
+    counts = torch.zeros(red.groups.shape[0], red.n_out, dtype=torch.int64, device=red.groups.device)
+    return counts.scatter_add_(1, red.groups, (red.weights > 0).long())
+
+
+def _assert_same_merge(
+    red: ops.Reduction, x: torch.Tensor, expected: torch.Tensor, got: torch.Tensor
+) -> None:
+    """Groups of one weighted member: bit-identical copies of x's lead row; merged groups: within
+    fp32-sum tolerance of the PyTorch path's output ``expected``."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    single = _weighted_members(red) == 1
+    lead = red.first_index().reshape(*red.first_index().shape, *[1] * (x.dim() - 2))
+    assert torch.equal(got[single], x.gather(1, lead.expand(-1, -1, *x.shape[2:]))[single])
+    rtol, atol = TOL[got.dtype]
+    torch.testing.assert_close(got[~single], expected[~single], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [40, 300])
+def test_similarity_matches_pytorch(dtype, width):
+    # Non-contiguous keys (feature-major storage) and a length that is no multiple of the tile.
+    keys = torch.randn(2, width, 37, generator=_gen(width)).to(DEVICE, dtype).transpose(1, 2)
+    expected, got = _both_paths(lambda: ops.adjacent_similarity(keys))
+    assert got.shape == (2, 36) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert merge.adjacent_similarity(keys[:, :1]).shape == (2, 0)
+
+
+@pytest.mark.parametrize(
+    ("size", "k", "largest", "step"),
+    [
+        (50, 7, True, 1),
+        (50, 7, False, 1),
+        (61, 1, True, 2),
+        (61, 30, False, 2),
+        (40, 0, True, 1),
+        (40, 40, True, 1),
+    ],
+)
+def test_mark_top_k_matches_topk(size, k, largest, step):
+    scores = torch.randn(3, size * step, generator=_gen(size + k)).to(DEVICE)[:, ::step]
+    out = torch.zeros(3, size * step + 1, dtype=torch.bool, device=DEVICE)[:, 1::step]
+    merge.mark_top_k(scores, k, out, largest=largest)
+    expected = torch.zeros(3, size, dtype=torch.bool, device=DEVICE)
+    expected.scatter_(1, scores.topk(k, dim=1, largest=largest).indices, True)
+    assert torch.equal(out, expected)
+    assert not out._base[:, 0].any()  # nothing written outside the view
+
+
+def test_mark_top_k_over_several_blocks_and_ties():
+    scores = torch.randn(1, merge._MAX_SELECT_BLOCK + 900, generator=_gen(1)).to(DEVICE)
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    merge.mark_top_k(scores, 4321, out)
+    assert torch.equal(out[0].nonzero()[:, 0].sort().values, scores[0].topk(4321).indices.sort().values)
+    # Ties at the k-th value go to the lowest indices, signed zeros included.
+    ties = torch.tensor([[3.0, 1.0, 3.0, 0.0, 3.0, 3.0, -0.0, -2.0]], device=DEVICE)
+    out = torch.zeros_like(ties, dtype=torch.bool)
+    merge.mark_top_k(ties, 3, out)
+    assert out[0].nonzero()[:, 0].tolist() == [0, 2, 4]
+    merge.mark_top_k(ties, 2, out, largest=False)
+    assert out[0].nonzero()[:, 0].tolist() == [3, 7]
+    merge.mark_top_k(ties[:, [6, 3]], 1, out[:, :2])
+    assert out[0, :2].tolist() == [True, False]
+    with pytest.raises(ValueError, match="k=9"):
+        merge.mark_top_k(ties, 9, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", [*MERGE_METHODS, *EVICT_METHODS])
+def test_plans_and_outputs_match_pytorch(method, dtype):
+    gen = _gen(len(method))
+    batch, length, spans, ks = 2, 46, [(0, 17), (19, 40), (41, 45)], [7, 6, 2]
+    keys = torch.randn(batch, length, 24, generator=gen).to(DEVICE, dtype)
+    mass = (torch.rand(batch, length, generator=gen) * 5 + 0.01).to(DEVICE)
+    x = torch.randn(batch, length, 20, generator=gen).to(DEVICE, dtype)
+
+    def run():
+        red = ops.plan_reduction(method, length, spans, ks, keys=keys, mass=mass, generator=_gen(7))
+        return red, red.apply(x)
+
+    (red_pt, out_pt), (red_tr, out_tr) = _both_paths(run)
+    assert torch.equal(red_tr.groups, red_pt.groups)
+    assert torch.equal(red_tr.weights, red_pt.weights)
+    assert torch.equal(red_tr.first_index(), red_pt.first_index())
+    assert (red_tr.n_out, red_tr.spans) == (red_pt.n_out, red_pt.spans)
+    _assert_same_merge(red_pt, x, out_pt, out_tr)
+    if method in EVICT_METHODS:
+        lead = red_tr.first_index()[..., None].expand(-1, -1, x.shape[-1])
+        assert torch.equal(out_tr, x.gather(1, lead))
+
+
+def _arbitrary_reduction(seed: int, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Contiguous groups of 1-4 tokens with weight-0 members anywhere (each group keeps one > 0)."""
+    gen = _gen(seed)
+    groups = torch.repeat_interleave(torch.arange(length), torch.randint(1, 5, (length,), generator=gen))
+    groups = groups[:length]
+    n_out = int(groups[-1]) + 1
+    sizes = torch.bincount(groups)
+    kept = torch.randint(0, 4, (batch, n_out), generator=gen) % sizes  # the member sure to weigh
+    offset = torch.arange(length) - torch.searchsorted(groups, groups)
+    weights = torch.rand(batch, length, generator=gen) * (torch.rand(batch, length, generator=gen) < 0.6)
+    weights = torch.where(offset == kept[:, groups], weights + 0.5, weights)
+    return groups.expand(batch, -1).contiguous(), weights, n_out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_index_and_merge_of_arbitrary_groups(seed):
+    groups, weights, n_out = _arbitrary_reduction(seed, 3, 53)
+    x = torch.randn(3, 53, 2, 9, generator=_gen(seed)).to(DEVICE)
+
+    def run():
+        red = ops.Reduction(groups.to(DEVICE), weights.to(DEVICE), n_out, [])
+        return red, red.apply(x)
+
+    (red_pt, out_pt), (red_tr, out_tr) = _both_paths(run)
+    assert (offsets := red_tr.first_index() - red_tr._bounds[:, :-1]).max() > 0  # some leads are not first
+    assert torch.equal(red_tr.first_index(), red_pt.first_index())
+    starts = torch.searchsorted(red_tr.groups, torch.arange(n_out, device=DEVICE).expand(3, -1).contiguous())
+    assert torch.equal(red_tr._bounds, torch.cat([starts, torch.full((3, 1), 53, device=DEVICE)], 1))
+    assert offsets.min() == 0
+    _assert_same_merge(red_pt, x, out_pt, out_tr)
+
+
+def test_bf16_sums_in_fp32_and_other_dtypes_fall_back():
+    with ops.forced_path("triton"):
+        # In bf16, 256 + 1 + 1 rounds to 256; the fp32 mean is exactly 86.
+        x = torch.tensor([[[256.0], [1.0], [1.0]]], dtype=torch.bfloat16, device=DEVICE)
+        red = ops.plan_reduction("average", 3, [(0, 3)], [2], keys=torch.ones(1, 3, 2, device=DEVICE))
+        assert red.apply(x).item() == 86.0
+        # float64 takes the PyTorch gather on a Triton-planned reduction.
+        groups, weights, n_out = _arbitrary_reduction(5, 2, 30)
+        red = ops.Reduction(groups.to(DEVICE), weights.to(DEVICE), n_out, [])
+        values = torch.randn(2, 30, 3, generator=_gen(0), dtype=torch.float64).to(DEVICE)
+        got = red.apply(values)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got.float(), red.apply(values.float()))
+
+
+_COMPILE = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from pipeline.kernels import merge
+
+SCALARS = {"eps": "fp32", "floor": "fp32"}
+KERNELS = [
+    (merge._similarity_kernel, {"K": "*bf16", "OUT": "*fp32"}, {"BLOCK_T": 16, "BLOCK_D": 128}, 4),
+    (merge._mark_top_kernel, {"S": "*fp32", "OUT": "*i8"}, {"LARGEST": False, "BLOCK": 8192}, 8),
+    (merge._group_kernel, {"MARKED": "*i8", "MASS": "*fp32", "GROUPS": "*i64", "WEIGHTS": "*fp32"},
+     {"WEIGHTED": True, "EVICT": True, "BLOCK": 1024}, 4),
+    (merge._index_kernel, {"GROUPS": "*i64", "WEIGHTS": "*fp32", "LEAD": "*i64", "BOUNDS": "*i64"},
+     {"BLOCK": 1024}, 4),
+    (merge._merge_kernel, {"X": "*bf16", "WEIGHTS": "*fp32", "LEAD": "*i64", "BOUNDS": "*i64", "OUT": "*bf16"},
+     {"BLOCK_D": 1024}, 4),
+]
+for kernel, pointers, constants, warps in KERNELS:
+    signature = {
+        name: "constexpr" if name in constants else pointers.get(name) or SCALARS.get(name, "i32")
+        for name in kernel.arg_names
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the other tests compile the kernels on this GPU")
+def test_kernels_compile_for_hopper():
+    """Without a GPU, compile every kernel for sm_90 down to a cubin (ptxas), so that a GPU session does
+    not discover what the interpreter forgives."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    subprocess.run([sys.executable, "-c", textwrap.dedent(_COMPILE)], check=True, env=env, timeout=300)
