@@ -260,9 +260,12 @@ def bench_batch(
     cuda = stack.device.type == "cuda"
     row: dict[str, Any] = {"batch": batch}
     need = cache_bytes(stack, batch, args.cached + args.new_tokens)
-    if cuda and need + _MARGIN > torch.cuda.mem_get_info()[0]:
+    if cuda:
+        torch.cuda.empty_cache()  # blocks cached by earlier batches count as used in mem_get_info
         free = torch.cuda.mem_get_info()[0]
-        return {**row, "skipped": f"caches need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"}
+        if need + _MARGIN > free:
+            return {**row, "skipped": f"caches need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"}
+    print(f"batch {batch}: {need / 2**30:.2f} GiB of caches", flush=True)
     caches = fill_caches(stack, batch, args.cached, args.new_tokens)
     engine, fused = make_decoders(stack, caches, args.cached, args.new_tokens, ops)
     decoders: dict[str, GreedyDecoder] = {"engine": engine, "fused": fused}
@@ -339,8 +342,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             except Exception as exc:  # report and go on: one failed batch must not hide the others
                 traceback.print_exc()
                 row = {"batch": batch, "error": repr(exc)}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             result["rows"].append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2))
