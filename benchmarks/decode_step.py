@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --cpu-smoke")
     import transformers
+    import triton
 
     from jobs.bench import SHAPES, copy_bandwidth, weight_bytes
 
@@ -320,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": (platform.processor() or "cpu") if args.cpu_smoke else torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "triton": triton.__version__,
         "interpreted": args.cpu_smoke,
         "shape": config,
         "dtype": args.dtype,
