@@ -59,7 +59,7 @@ PRESETS: dict[str, dict[str, dict[str, Preset]]] = {
             ),
         }
     },
-    "qwen2-audio-7b-instruct": {
+    "Qwen/Qwen2-Audio-7B-Instruct": {
         "asr": _QWEN_DENSE,
         "st": _QWEN_DENSE,
         "er": _QWEN_SPARSE,

@@ -15,7 +15,8 @@ def ray_local() -> Iterator[None]:
     """One local Ray cluster (2 CPUs) shared by a test module; shut down after its last test."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh cluster, never one that `ray start` left running on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:

@@ -24,7 +24,7 @@ def test_every_model_task_has_a_default_and_schedules_fit_the_task() -> None:
 def test_resolve_none_default_named_and_unknown() -> None:
     assert resolve_reduction("anything", "asr", "none") == NO_REDUCTION
     assert resolve_reduction("whisper-tiny.en", "asr") == PRESETS["whisper-tiny.en"]["asr"][DEFAULT].config
-    assert resolve_reduction("qwen2-audio-7b-instruct", "st", "decay").schedule == "decay"
+    assert resolve_reduction("Qwen/Qwen2-Audio-7B-Instruct", "st", "decay").schedule == "decay"
     with pytest.raises(PresetError, match="choose one of: none, default, constant"):
         resolve_reduction("whisper-tiny.en", "asr", "bogus")
     with pytest.raises(PresetError, match=r"choose one of: none$"):

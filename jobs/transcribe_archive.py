@@ -1,0 +1,68 @@
+"""Transcribe / translate / label an archive of recordings into Parquet. See docs/pipeline.md.
+
+    python jobs/transcribe_archive.py --input PATH --output DIR [--task asr|st|er|sqa] [--model NAME]
+        [--reduction default|PRESET|none] [--target-language de] [--model-actors N] [--gpus-per-actor 1]
+
+Run plainly it starts a local Ray cluster; under ``ray job submit`` it joins that cluster.
+Exit status: 0 done (failed recordings are rows of the errors table), 2 refused (bad options, model
+cannot do the task, output folder locked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
+
+from pipeline.merging.config import ReductionConfigError
+from pipeline.plan import PlanError
+from pipeline.presets import PresetError
+from pipeline.publish import OutputLockedError
+from schemas.job_config import TASKS, JobConfig, JobConfigError
+from workers.archive_job import ModelTaskError, run_archive
+
+REFUSALS = (JobConfigError, ModelTaskError, PresetError, ReductionConfigError, PlanError, OutputLockedError)
+
+
+def parse_args(argv: list[str] | None = None) -> JobConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--input", required=True, help="audio folder, JSONL manifest, .tar shard or folder of shards"
+    )
+    p.add_argument("--output", required=True, help="output folder (runs/, staging/, _lock)")
+    p.add_argument("--task", default="asr", choices=TASKS)
+    p.add_argument("--model", default="whisper-tiny.en")
+    p.add_argument(
+        "--reduction", default="default", help="default, a preset name of pipeline/presets.py, or none"
+    )
+    p.add_argument("--target-language", help="st: language to translate into")
+    p.add_argument("--question", help="sqa: the question asked of every recording")
+    p.add_argument("--model-actors", type=int, default=1, help="model actors (one per GPU on a GPU cluster)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="0: model actors run on CPU")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--num-cpus", type=int, help="local cluster only: CPUs to give Ray")
+    p.add_argument("--num-gpus", type=int, help="local cluster only: GPUs to give Ray")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per model call")
+    p.add_argument("--overlap-s", type=float, default=3.0)
+    p.add_argument("--max-duration-s", type=float, default=4 * 3600.0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = p.parse_args(argv)
+    return JobConfig(**{k: v for k, v in vars(args).items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run_archive(parse_args(argv))
+    except REFUSALS as err:
+        print(f"refused: {err}", file=sys.stderr)
+        return 2
+    print(summary.line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The archive run on a real local Ray cluster with the real Whisper tiny.en: results, reruns, a
+model actor killed mid-batch, bad inputs, WebDataset input, refusal of a task the model cannot do."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.publish import committed_manifests, read_committed
+from schemas.job_config import JobConfig
+from tests.conftest import tone_bursts, write_wav
+from workers.archive_job import ModelTaskError, RunSummary, run_archive
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Good recordings (one long enough for two windows, one 6-channel 96 kHz) and bad ones."""
+    root = tmp_path_factory.mktemp("archive")
+    write_wav(root / "short.wav", tone_bursts(3.0))
+    write_wav(root / "calls" / "long.wav", tone_bursts(35.0, 44100), 44100, channels=2)
+    write_wav(root / "calls" / "six.wav", tone_bursts(2.0, 96000), 96000, channels=6)
+    write_wav(root / "silence.wav", np.zeros(16000, dtype=np.float32))
+    (root / "empty.wav").write_bytes(b"")
+    (root / "text.wav").write_text("not audio\n" * 50)
+    return root
+
+
+def _table(output: Path, name: str) -> list[dict]:
+    """A committed table without its run ids, sorted by recording id."""
+    rows = [{k: v for k, v in r.items() if k != "run_id"} for r in read_committed(output, name).to_pylist()]
+    return sorted(rows, key=lambda r: r["recording_id"])
+
+
+def _texts(output: Path) -> dict[str, str]:
+    return {r["recording_id"]: r["text"] for r in _table(output, "results")}
+
+
+@pytest.fixture(scope="module")
+def reference(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RunSummary]:
+    output = tmp_path_factory.mktemp("reference")
+    return output, run_archive(JobConfig(str(archive), str(output), batch_size=2))
+
+
+def test_run_writes_one_row_per_recording(reference: tuple[Path, RunSummary]) -> None:
+    output, summary = reference
+    assert (summary.ok, summary.empty, summary.failed, summary.skipped) == (3, 1, 2, 0)
+    results, errors = _table(output, "results"), _table(output, "errors")
+    assert [r["recording_id"] for r in results] == [
+        "calls/long.wav",
+        "calls/six.wav",
+        "short.wav",
+        "silence.wav",
+    ]
+    assert [(e["recording_id"], e["stage"]) for e in errors] == [
+        ("empty.wav", "decode"),
+        ("text.wav", "decode"),
+    ]
+    assert {r["recording_id"]: r["status"] for r in results}["silence.wav"] == "empty"
+    stats = {s["recording_id"]: s for s in _table(output, "stats")}
+    assert stats["calls/long.wav"]["windows"] >= 2 and stats["calls/long.wav"][
+        "audio_seconds"
+    ] == pytest.approx(35.0)
+    assert stats["short.wav"]["generated_tokens"] > 0 and stats["short.wav"]["real_time_factor"] > 0
+    (manifest,) = committed_manifests(output)
+    assert manifest.counts == {"planned": 6, "ok": 3, "empty": 1, "error": 2}
+    assert manifest.reduction["method"] == "fastadasp" and manifest.config["model"] == "whisper-tiny.en"
+    assert "ok 3, empty 1, failed 2" in summary.line()
+
+
+def test_rerun_adds_and_changes_nothing(archive: Path, reference: tuple[Path, RunSummary]) -> None:
+    output, _ = reference
+    before = {name: _table(output, name) for name in ("results", "stats", "errors")}
+    again = run_archive(JobConfig(str(archive), str(output)))
+    assert (again.run_id, again.skipped) == (None, 6)
+    assert {name: _table(output, name) for name in before} == before
+    assert len(committed_manifests(output)) == 1
+
+
+def _predictor_pids() -> list[int]:
+    """Processes of Ray actors running the model stage (Ray names the process after the operator)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"WindowPredictor" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_model_actor_killed_mid_run_gives_the_same_tables(
+    archive: Path, reference: tuple[Path, RunSummary], tmp_path: Path
+) -> None:
+    result: list[RunSummary] = []
+    run = threading.Thread(
+        target=lambda: result.append(run_archive(JobConfig(str(archive), str(tmp_path), batch_size=1)))
+    )
+    run.start()
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "staging").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    while not _predictor_pids() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(2.0)  # let it load the model and start on a batch
+    killed = _predictor_pids()
+    assert killed, "no model actor seen"
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    run.join(300)
+    assert result and result[0].ok == 3
+    assert _texts(tmp_path) == _texts(reference[0])
+    assert _table(tmp_path, "errors") == _table(reference[0], "errors")
+
+
+def test_webdataset_shard_and_file_changed_after_planning(tmp_path: Path) -> None:
+    shard = tmp_path / "shard-000.tar"
+    wav = write_wav(tmp_path / "src.wav", tone_bursts(2.0)).read_bytes()
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("rec1.wav", wav), ("rec1.json", b'{"speaker": "a"}'), ("rec2.wav", wav[:100])):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    summary = run_archive(JobConfig(str(shard), str(tmp_path / "out"), reduction="none"))
+    assert (summary.ok, summary.failed) == (1, 1)
+    (result,) = _table(tmp_path / "out", "results")
+    assert (result["recording_id"], result["meta"], result["reduction"]) == (
+        "rec1",
+        '{"speaker": "a"}',
+        _NONE,
+    )
+
+
+_NONE = '{"first_layer": 0, "mass": "full", "method": "none", "position": "first", "ratio": null, "schedule": "constant", "seed": 0, "target": null}'
+
+
+def test_task_the_model_cannot_do_is_refused_before_any_work(archive: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelTaskError, match=r"whisper-tiny.en' cannot do task 'er'"):
+        run_archive(JobConfig(str(archive), str(tmp_path / "out"), task="er", reduction="none"))
+    assert not (tmp_path / "out" / "runs").exists() and not (tmp_path / "out" / "staging").exists()

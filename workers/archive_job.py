@@ -1,0 +1,223 @@
+"""The archive run, end to end: plan, one Ray Data dataset (CPU -> model -> stitch), stage, publish.
+
+jobs/transcribe_archive.py parses arguments into a JobConfig and calls ``run_archive``; everything
+with logic lives here and in pipeline/ so that it is tested without the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+
+from pipeline.merging.config import ReductionConfig
+from pipeline.plan import PIPELINE_VERSION, PlannedRecording, done_keys, fingerprint, list_recordings, pending
+from pipeline.presets import PRESETS_VERSION, resolve_reduction
+from pipeline.publish import (
+    OutputLock,
+    StagingWriter,
+    committed_manifests,
+    new_run_id,
+    publish,
+    remove_abandoned,
+    validate,
+)
+from schemas.job_config import JobConfig
+from schemas.manifest import RunManifest
+from schemas.stages import PLAN_SCHEMA
+from workers.cpu_stage import cut_windows
+from workers.model_stage import ModelInfo, WindowPredictor, model_info
+from workers.stitch_stage import stitch_group
+
+log = logging.getLogger(__name__)
+_MAX_PLAN_BLOCKS = 256
+
+
+class ModelTaskError(ValueError):
+    """The model cannot do the requested task; raised before any work starts."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str | None  # None: nothing to do, nothing committed
+    planned: int
+    skipped: int
+    ok: int
+    empty: int
+    failed: int
+    audio_seconds: float
+    model_seconds: float
+    wall_seconds: float
+
+    def line(self) -> str:
+        """The final progress line: counts, audio hours, real-time factors (model and wall clock)."""
+        audio = self.audio_seconds
+        rtf = f"{self.model_seconds / audio:.3f}" if audio else "n/a"
+        wall_rtf = f"{self.wall_seconds / audio:.3f}" if audio else "n/a"
+        return (
+            f"run {self.run_id or '-'}: recordings ok {self.ok}, empty {self.empty}, failed {self.failed}, "
+            f"skipped (done before) {self.skipped}; audio {audio / 3600:.3f} h; "
+            f"RTF model {rtf}, wall {wall_rtf}; {self.wall_seconds:.1f} s"
+        )
+
+
+def _request(config: JobConfig) -> dict:
+    return {"task": config.task, "target_language": config.target_language, "question": config.question}
+
+
+def _versions() -> dict:
+    import torch
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "pyarrow": pa.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _plan_dataset(todo: list[PlannedRecording]) -> ray.data.Dataset:
+    """Plan rows split into blocks so the CPU stage can spread over the cluster."""
+    rows = [r.to_row() for r in todo]
+    size = max(1, -(-len(rows) // _MAX_PLAN_BLOCKS))
+    blocks = [pa.Table.from_pylist(rows[i : i + size], schema=PLAN_SCHEMA) for i in range(0, len(rows), size)]
+    return ray.data.from_arrow(blocks)
+
+
+def _actor_resources(config: JobConfig) -> dict:
+    return (
+        {"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {"num_cpus": config.cpus_per_actor}
+    )
+
+
+def build_dataset(
+    todo: list[PlannedRecording],
+    config: JobConfig,
+    info: ModelInfo,
+    reduction: ReductionConfig,
+    run_fields: dict,
+) -> ray.data.Dataset:
+    """The run's single dataset: plan rows -> windows -> window texts -> one record per recording."""
+    windows = _plan_dataset(todo).map_batches(
+        cut_windows,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=1,
+        fn_kwargs={
+            "sample_rate": info.sample_rate,
+            "max_window_s": info.max_window_s,
+            "overlap_s": config.overlap_s,
+            "max_duration_s": config.max_duration_s,
+        },
+    )
+    texts = windows.map_batches(
+        WindowPredictor,
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=config.model_actors, max_tasks_in_flight_per_actor=2),
+        fn_constructor_kwargs={
+            "model_name": config.model,
+            "request": _request(config),
+            "reduction": reduction.to_dict(),
+            "device": config.device,
+        },
+        **_actor_resources(config),
+    )
+    # Few shuffle partitions: each holds only text rows, and the default (200) costs seconds of overhead.
+    partitions = max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1))))
+    return texts.groupby("recording_id", num_partitions=partitions).map_groups(
+        stitch_group, batch_format="pyarrow", fn_kwargs={"task": config.task, "run_fields": run_fields}
+    )
+
+
+def check_model(config: JobConfig) -> ModelInfo:
+    """Describe the model and refuse a task it cannot do, before any input is read."""
+    info = model_info(config.model, config.device, _actor_resources(config))
+    if config.task not in info.tasks:
+        raise ModelTaskError(
+            f"model {config.model!r} cannot do task {config.task!r} (it does: {', '.join(sorted(info.tasks))})"
+        )
+    return info
+
+
+def connect(config: JobConfig) -> None:
+    """Join the cluster of a submitted job (RAY_ADDRESS) or start a local one; no-op if connected."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus)
+
+
+def run_archive(config: JobConfig) -> RunSummary:
+    """Plan, process and publish one run into ``config.output``; see pipeline/publish.py for the layout."""
+    started = time.monotonic()
+    reduction = resolve_reduction(config.model, config.task, config.reduction)
+    output, run_id = Path(config.output), new_run_id()
+    with OutputLock(output, run_id):
+        connect(config)
+        info = check_model(config)
+        run_fp = fingerprint(
+            config.model, config.task, _request(config), reduction.to_dict(), PIPELINE_VERSION
+        )
+        for path in remove_abandoned(output):
+            log.info("removed %s, left by an interrupted run", path)
+        todo, skipped = pending(list_recordings(config.input), done_keys(committed_manifests(output), run_fp))
+        log.info("plan: %d recordings to process, %d done before", len(todo), len(skipped))
+        if not todo:
+            return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started)
+        run_fields = {
+            "task": config.task,
+            "model": config.model,
+            "reduction": json.dumps(reduction.to_dict(), sort_keys=True),
+            "pipeline_version": PIPELINE_VERSION,
+            "run_id": run_id,
+        }
+        writer = StagingWriter(output, run_id)
+        audio_s = model_s = 0.0
+        for batch in build_dataset(todo, config, info, reduction, run_fields).iter_batches(
+            batch_size=None, batch_format="pyarrow"
+        ):
+            writer.add(batch)
+            ok = batch.filter(pa.compute.not_equal(batch["status"], "error"))
+            audio_s += pa.compute.sum(ok["audio_seconds"]).as_py() or 0.0
+            model_s += sum(
+                (pa.compute.sum(ok[c]).as_py() or 0.0) for c in ("encode_s", "prefill_s", "decode_s")
+            )
+        files = writer.close()
+        counts = validate([(r.recording_id, r.content_sha256) for r in todo], writer.recordings, files)
+        manifest = RunManifest(
+            run_id=run_id,
+            fingerprint=run_fp,
+            pipeline_version=PIPELINE_VERSION,
+            presets_version=PRESETS_VERSION,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            config=json.loads(config.to_json()),
+            reduction=reduction.to_dict(),
+            versions=_versions(),
+            files=files,
+            counts=asdict(counts),
+            recordings=sorted(writer.recordings, key=lambda r: r.recording_id),
+        )
+        publish(output, manifest)
+    return RunSummary(
+        run_id,
+        counts.planned,
+        len(skipped),
+        counts.ok,
+        counts.empty,
+        counts.error,
+        audio_s,
+        model_s,
+        time.monotonic() - started,
+    )

@@ -1,0 +1,132 @@
+"""Model stage: a Ray actor that loads the model once and turns window PCM into window text + stats.
+
+Rows that are not ``ok`` (errors and empty recordings from the CPU stage) pass through untouched.
+Windows are grouped by sample count so each ``model.run`` call gets equal-length waveforms; when a
+group fails, its windows are retried one by one so only the window that fails becomes an error row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from pipeline.models.registry import load_model
+
+from pipeline.merging.config import ReductionConfig
+from pipeline.models.base import TaskRequest, WindowOutput
+from pipeline.stats import WindowStats
+from schemas.stages import WINDOW_TEXT_SCHEMA
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the driver must know of a model before any work: its tasks and window format."""
+
+    name: str
+    tasks: frozenset[str]
+    sample_rate: int
+    max_window_s: float
+
+
+def _describe(model_name: str, device: str) -> ModelInfo:
+    model = load_model(model_name, device=pick_device(device))
+    return ModelInfo(model.name, frozenset(model.tasks), int(model.sample_rate), float(model.max_window_s))
+
+
+def model_info(model_name: str, device: str, resources: dict) -> ModelInfo:
+    """Load the model once where a model actor would run (same resources) and describe it.
+
+    Costs one model load before the run; the driver node may be too small to hold the model itself.
+    """
+    return ray.get(ray.remote(_describe).options(**resources).remote(model_name, device))
+
+
+def pick_device(requested: str) -> str:
+    """``auto``: cuda when Ray gave this actor a GPU that torch can see, else cpu."""
+    if requested != "auto":
+        return requested
+    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+
+
+def _nvml_handle() -> object | None:
+    """NVML handle of this actor's GPU (the first visible one), None without a GPU or pynvml."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetHandleByIndex(int(torch.cuda.current_device()))
+    except Exception:  # no driver, no library: NVML readings are optional
+        return None
+
+
+class WindowPredictor:
+    """Ray ``map_batches`` callable class: WINDOW_SCHEMA rows -> WINDOW_TEXT_SCHEMA rows."""
+
+    def __init__(self, model_name: str, request: dict, reduction: dict, device: str = "auto") -> None:
+        self.device = pick_device(device)
+        self.model = load_model(model_name, device=self.device)
+        self.request = TaskRequest(**request)
+        self.reduction = ReductionConfig(**reduction)
+        self.node = ray.get_runtime_context().get_node_id()
+        cuda = self.device.startswith("cuda")
+        self.device_name = (
+            torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
+        )
+        self.nvml = _nvml_handle() if cuda else None
+
+    def _run(self, waveforms: list[np.ndarray]) -> list[WindowOutput | Exception]:
+        try:
+            return self.model.run(waveforms, self.request, self.reduction)
+        except Exception as err:
+            if len(waveforms) == 1:
+                return [err]
+            log.warning("batch of %d windows failed (%s); retrying one by one", len(waveforms), err)
+            return [out for w in waveforms for out in self._run([w])]
+
+    def _memory(self) -> tuple[int | None, int | None]:
+        if not self.device.startswith("cuda"):
+            return None, None
+        peak = int(torch.cuda.max_memory_allocated())
+        if self.nvml is None:
+            return peak, None
+        import pynvml
+
+        return peak, int(pynvml.nvmlDeviceGetMemoryInfo(self.nvml).used)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, row in enumerate(rows):
+            if row["status"] == "ok":
+                by_length[len(row["pcm"])].append(i)
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        outputs: dict[int, WindowOutput | Exception] = {}
+        for indices in by_length.values():
+            waveforms = [np.frombuffer(rows[i]["pcm"], dtype="<f4") for i in indices]
+            outputs.update(zip(indices, self._run(waveforms), strict=True))
+        peak, nvml_used = self._memory()
+        out_rows = []
+        for i, row in enumerate(rows):
+            row.pop("pcm")
+            result = outputs.get(i)
+            if isinstance(result, Exception):
+                row |= {"status": "error", "stage": "model", "error": f"{type(result).__name__}: {result}"}
+            stats = result.stats if isinstance(result, WindowOutput) else WindowStats()
+            row |= {
+                "text": result.text if isinstance(result, WindowOutput) else None,
+                "window_stats": stats.to_dict(),
+                "peak_memory_bytes": peak,
+                "nvml_memory_bytes": nvml_used,
+                "device_name": self.device_name,
+                "node": self.node,
+            }
+            out_rows.append(row)
+        return pa.Table.from_pylist(out_rows, schema=WINDOW_TEXT_SCHEMA)
