@@ -88,7 +88,7 @@ def _row_lse_kernel(
     HEAD_DIM: tl.constexpr,
 ):
     """LSE[b, h, m] = log2 sum_j 2^(qk_scale * q_m . k_j) over the keys j that query m sees."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets of large batches pass 2**31
     b = bh // q_heads
     h = bh % q_heads
     rows = first_row + tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -212,7 +212,7 @@ def _column_mass_kernel(
     HEAD_DIM: tl.constexpr,
 ):
     """OUT[b, h, j] = sum_m 2^(qk_scale * q_m . k_(span_start+j) - LSE[b, h, m]) over the queries m that see the key."""
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # offsets of large batches pass 2**31
     b = bh // q_heads
     h = bh % q_heads
     first_col = span_start + tl.program_id(0) * BLOCK_N

@@ -62,7 +62,8 @@ def _split_kernel(
     """Partials of split ``split`` for the query heads of one KV head: PART_M/PART_L [B, H, SPLITS] (base-2
     running max and sum), PART_ACC [B, H, SPLITS, D] (values weighted by 2^(s - max), not yet divided)."""
     split = tl.program_id(0)
-    b = tl.program_id(1) // kv_heads
+    # int64: b * stride_kb passes 2**31 at ~86 rows of 7B-shaped caches.
+    b = (tl.program_id(1) // kv_heads).to(tl.int64)
     kv_head = tl.program_id(1) % kv_heads
     length = tl.minimum(tl.load(LENGTHS + b * length_stride), capacity)
     chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
@@ -124,7 +125,7 @@ def _combine_kernel(
     HEAD_DIM: tl.constexpr,
 ):
     """OUT[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s (empty splits weigh 0)."""
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)
     splits = tl.arange(0, BLOCK_S)
     in_splits = splits < SPLITS
     dims = tl.arange(0, HEAD_DIM)
