@@ -7,10 +7,12 @@ may differ by one bf16 ulp there; copied rows are compared bit for bit everywher
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from pipeline.merging import ops
 from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REPO = Path(__file__).resolve().parents[1]
 # Merged rows: fp32 sums in another order (and FMA on GPU); bf16 additionally one ulp of rounding.
 TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (1e-3, 1e-5), torch.bfloat16: (8e-3, 1e-5)}
 
@@ -214,3 +217,24 @@ def test_kernels_compile_for_hopper():
     not discover what the interpreter forgives."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     subprocess.run([sys.executable, "-c", textwrap.dedent(_COMPILE)], check=True, env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_benchmark_cpu_smoke(tmp_path):
+    out = tmp_path / "smoke.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/merge_step.py", "--cpu-smoke", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    result = json.loads(out.read_text())
+    assert result["interpreted"] and result["layer_ms"] > 0
+    assert {(r["method"], r["path"]) for r in result["steps"]} == {
+        (method, path) for method in ("fastadasp", "a-tome", "fastv") for path in ("triton", "pytorch")
+    }
+    assert all(r["step_ms"] > 0 and "error" not in r for r in result["steps"])
+    for check in result["checks"]:
+        assert check["same_groups"] and check["same_lead"] and check["copies_exact"], check
+        assert check["max_abs_diff"] < 1e-5, check

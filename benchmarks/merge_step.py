@@ -1,0 +1,325 @@
+"""Cost of one merge step (plan_reduction + Reduction.apply) against one 7B decoder layer's prefill.
+
+    python benchmarks/merge_step.py --out merge_step.json              # CUDA, Qwen2-Audio-7B shapes
+    python benchmarks/merge_step.py --cpu-smoke --out smoke.json       # tiny shapes, Triton interpreter
+
+One Qwen2 decoder layer (hidden 4096, 32 heads, MLP 11008, bf16, random weights) prefills L = 6,000
+tokens through the engine's own ops (rope, qkv, SDPA, o, MLP). Its keys, attention mass and hidden
+states feed the merge step of each method and k, on both paths (Triton kernels, PyTorch). The target
+is the merge step without the attention mass under 2% of the layer.
+
+Times (median ms, CUDA events after warm-up):
+- ``*_ms``: the GPU's time with the launch queue filled first (a spin kernel runs while the host
+  enqueues), as inside the engine, where the layer's kernels keep the GPU ahead of the host; a host
+  sync inside the step still shows, because it drains the queue.
+- ``eager_ms``: plan + apply launched onto an idle GPU, so host launch costs show too.
+- ``graph_ms``: plan + apply replayed from one CUDA graph (Triton path; capture fails on a host sync).
+``host_sync_free`` runs the step under torch.cuda.set_sync_debug_mode("error").
+The CPU smoke run times with perf_counter and only shows that everything runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PATHS = ("triton", "pytorch")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter")
+    parser.add_argument("--length", type=int, default=6000, help="prompt tokens L")
+    parser.add_argument("--span", type=int, nargs=2, default=[50, 5950], help="audio span [start, end)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1500, 2900], help="tokens removed")
+    parser.add_argument("--methods", nargs="+", default=["fastadasp", "a-tome", "fastv"])
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=32)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--iters", type=int, default=20)
+    args = parser.parse_args(argv)
+    if args.cpu_smoke:
+        args.length, args.span, args.ks = 40, [3, 37], [6, 12]
+        args.hidden, args.heads, args.kv_heads, args.intermediate, args.iters = 64, 4, 2, 128, 1
+    return args
+
+
+class Timer:
+    """Median milliseconds of fn(): ``queued`` (GPU time, queue filled first) or ``eager``."""
+
+    def __init__(self, cuda: bool, iters: int) -> None:
+        import torch
+
+        self.torch, self.cuda, self.iters = torch, cuda, iters
+        self.spin_cycles = self._cycles_for_ms(5.0) if cuda else 0
+
+    def _cycles_for_ms(self, ms: float) -> int:
+        """Spin-kernel cycles that keep the GPU busy for about ``ms``."""
+        probe = 10_000_000
+        self.torch.cuda._sleep(probe)  # warm the spin kernel up
+        start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.torch.cuda._sleep(probe)
+        end.record()
+        end.synchronize()
+        return int(probe * ms / start.elapsed_time(end))
+
+    def __call__(self, fn: Callable[[], Any], queued: bool = True) -> float:
+        torch = self.torch
+        for _ in range(3 if self.cuda else 0):
+            fn()
+        samples = []
+        for _ in range(self.iters):
+            if not self.cuda:
+                t0 = time.perf_counter()
+                fn()
+                samples.append((time.perf_counter() - t0) * 1e3)
+                continue
+            torch.cuda.synchronize()
+            if queued:
+                torch.cuda._sleep(self.spin_cycles)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        return statistics.median(samples)
+
+
+def build_layer(args: argparse.Namespace, device: str, dtype: Any) -> Any:
+    """A one-layer Qwen2 model with random weights, viewed as the engine's DecoderStack."""
+    import torch
+    from transformers import Qwen2Config, Qwen2Model
+
+    from pipeline.engine.decoder import DecoderStack
+
+    config = Qwen2Config(
+        vocab_size=256,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=1,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(args.length, 32768),
+    )
+    with torch.device(device):
+        model = Qwen2Model(config).to(dtype).eval()
+        lm_head = torch.nn.Linear(args.hidden, config.vocab_size, bias=False, dtype=dtype)
+    return DecoderStack(model, lm_head)
+
+
+def layer_inputs(stack: Any, hidden: Any, span: tuple[int, int]) -> dict[str, Any]:
+    """One prefill layer as the engine runs it, returning what its merge step reads."""
+    import torch
+
+    from pipeline.kernels import span_attention_mass
+
+    b, length, _ = hidden.shape
+    layer = stack.layers[0]
+    positions = torch.arange(length, device=hidden.device).expand(b, length)
+    cos, sin = stack.rope(positions)
+    q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
+    after_attention = hidden + layer.o(stack.attend(q, k, v, causal=True))
+    mass = torch.zeros(b, length, dtype=torch.float32, device=hidden.device)
+    mass[:, span[0] : span[1]] = span_attention_mass(q, k, scale=stack.scale, causal=True, span=span)
+    keys = k.transpose(1, 2).reshape(b, length, -1)
+    return {"q": q, "k": k, "keys": keys, "mass": mass, "hidden": after_attention}
+
+
+def layer_step(stack: Any, hidden: Any) -> Callable[[], Any]:
+    """The layer's prefill without the merge: rope, qkv, SDPA, o, MLP (norms and residuals included)."""
+    import torch
+
+    b, length, _ = hidden.shape
+    layer = stack.layers[0]
+    positions = torch.arange(length, device=hidden.device).expand(b, length)
+
+    def run() -> Any:
+        cos, sin = stack.rope(positions)
+        q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
+        h = hidden + layer.o(stack.attend(q, k, v, causal=True))
+        return h + stack.mlp(layer, layer.mlp_norm(h))
+
+    return run
+
+
+def _graphed(fn: Callable[[], Any]) -> Callable[[], None]:
+    """fn captured once in a CUDA graph; calling the result replays it."""
+    import torch
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def _sync_free(fn: Callable[[], Any]) -> bool | str:
+    import torch
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError as error:
+        return f"False: {error}"[:200]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def bench_step(
+    method: str, k: int, path: str, inputs: dict[str, Any], args: argparse.Namespace, timer: Timer
+) -> dict[str, Any]:
+    """Times one method, count and path; returns the row and (for checks) its reduction and output."""
+    from pipeline.merging import ops
+
+    span = tuple(args.span)
+    x = inputs["hidden"]
+
+    def plan() -> ops.Reduction:
+        with ops.forced_path(path):
+            return ops.plan_reduction(
+                method, args.length, [span], [k], keys=inputs["keys"], mass=inputs["mass"]
+            )
+
+    red = plan()
+
+    def apply() -> Any:
+        with ops.forced_path(path):
+            return red.apply(x)
+
+    def step() -> Any:
+        reduction = plan()
+        with ops.forced_path(path):
+            return reduction.apply(x)
+
+    row: dict[str, Any] = {"method": method, "k": k, "path": path, "n_out": red.n_out}
+    row["plan_ms"] = timer(plan)
+    row["apply_ms"] = timer(apply)
+    row["step_ms"] = timer(step)
+    row["eager_ms"] = timer(step, queued=False)
+    moved = (args.length + red.n_out) * x.shape[-1] * x.element_size() * x.shape[0]
+    row["apply_gb_per_s"] = moved / row["apply_ms"] / 1e6
+    if timer.cuda and path == "triton":
+        row["host_sync_free"] = _sync_free(step)
+        try:
+            row["graph_ms"] = timer(_graphed(step))
+        except RuntimeError as error:  # a capture error is a result, not a crash
+            row["graph_ms"] = f"capture failed: {error}"[:200]
+    row["reduction"], row["out"] = red, apply()
+    return row
+
+
+def compare(triton_row: dict[str, Any], torch_row: dict[str, Any], x: Any) -> dict[str, Any]:
+    """Same plan on both paths; copies (groups of one weighted member) bit-identical; merged rows close."""
+    import torch
+
+    a, b = triton_row.pop("reduction"), torch_row.pop("reduction")
+    out_a, out_b = triton_row.pop("out"), torch_row.pop("out")
+    weighted = torch.zeros(a.groups.shape[0], a.n_out, dtype=torch.int64, device=a.groups.device)
+    single = weighted.scatter_add_(1, a.groups, (a.weights > 0).long()) == 1
+    lead = a.first_index()[..., None].expand(-1, -1, x.shape[-1])
+    return {
+        "same_groups": bool(torch.equal(a.groups, b.groups)),
+        "same_lead": bool(torch.equal(a.first_index(), b.first_index())),
+        "copies_exact": bool(torch.equal(out_a[single], x.gather(1, lead)[single])),
+        "max_abs_diff": float((out_a.float() - out_b.float()).abs().max()),
+    }
+
+
+def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(row.get(key, "")) for key in keys] for row in rows]
+    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
+    lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths, strict=True))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+    import torch
+    import triton
+
+    from pipeline.kernels import span_attention_mass
+
+    cuda = not args.cpu_smoke
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --cpu-smoke")
+    device = "cuda" if cuda else "cpu"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    timer = Timer(cuda, args.iters)
+    span = tuple(args.span)
+    with torch.inference_mode():
+        stack = build_layer(args, device, dtype)
+        gen = torch.Generator(device=device).manual_seed(0)
+        hidden = torch.randn(1, args.length, args.hidden, generator=gen, device=device, dtype=dtype)
+        inputs = layer_inputs(stack, hidden, span)
+        layer_ms = timer(layer_step(stack, hidden))
+        context = {
+            "layer_ms": layer_ms,
+            "attention_mass_ms": timer(
+                lambda: span_attention_mass(
+                    inputs["q"], inputs["k"], scale=stack.scale, causal=True, span=span
+                )
+            ),
+            "engine_keys_copy_ms": timer(lambda: inputs["k"].transpose(1, 2).reshape(1, args.length, -1)),
+        }
+        rows, checks = [], []
+        for method in args.methods:
+            for k in args.ks:
+                try:
+                    pair = [bench_step(method, k, path, inputs, args, timer) for path in PATHS]
+                except Exception as error:  # one failing case must not lose the others
+                    rows.append({"method": method, "k": k, "error": repr(error)[:300]})
+                    continue
+                checks.append({"method": method, "k": k, **compare(*pair, inputs["hidden"])})
+                for row in pair:
+                    row["pct_of_layer"] = 100 * row["step_ms"] / layer_ms
+                rows += pair
+    result = {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "interpreted": args.cpu_smoke,
+        "shape": {
+            "length": args.length,
+            "span": list(span),
+            "hidden": args.hidden,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "intermediate": args.intermediate,
+            "dtype": str(dtype),
+        },
+        **context,
+        "steps": rows,
+        "checks": checks,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2, default=str))
+    print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}")
+    print(_table([context], list(context)))
+    columns = ["method", "k", "path", "plan_ms", "apply_ms", "step_ms", "pct_of_layer", "eager_ms"]
+    columns += ["graph_ms", "host_sync_free", "apply_gb_per_s", "error"]
+    print(_table(rows, columns))
+    print(_table(checks, list(checks[0]) if checks else ["method"]))
+    return result
+
+
+if __name__ == "__main__":
+    main()
