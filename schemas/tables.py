@@ -7,6 +7,7 @@ exactly one row of ``errors``; ``stats`` has one row per ``results`` row.
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SEGMENT_TYPE = pa.struct(
     [
@@ -91,8 +92,8 @@ RECORD_SCHEMA = _union(RESULTS_SCHEMA, STATS_SCHEMA, ERRORS_SCHEMA)
 
 def split_records(records: pa.Table) -> dict[str, pa.Table]:
     """Split stitch-stage rows into the published tables, each cast to its schema."""
-    failed = pa.compute.equal(records["status"], "error")
-    good = records.filter(pa.compute.invert(failed))
+    failed = pc.equal(records["status"], "error")
+    good = records.filter(pc.invert(failed))
     bad = records.filter(failed)
     return {
         "results": good.select(RESULTS_SCHEMA.names).cast(RESULTS_SCHEMA),

@@ -1,9 +1,11 @@
-"""The archive run on a real local Ray cluster with the real Whisper tiny.en: results, reruns, a
-model actor killed mid-batch, bad inputs, WebDataset input, refusal of a task the model cannot do."""
+"""The archive run on a real local Ray cluster with the real Whisper tiny.en (the tiny random
+Qwen2-Audio for a sparse task): results, reruns, a model actor killed mid-batch, bad inputs,
+WebDataset input, refusal of a task the model cannot do."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import tarfile
@@ -14,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.presets import resolve_reduction
 from pipeline.publish import committed_manifests, read_committed
+from pipeline.tasks import EMOTIONS, UNKNOWN
 from schemas.job_config import JobConfig
 from tests.conftest import tone_bursts, write_wav
 from workers.archive_job import ModelTaskError, RunSummary, run_archive
@@ -122,7 +126,8 @@ def test_model_actor_killed_mid_run_gives_the_same_tables(
     assert _table(tmp_path, "errors") == _table(reference[0], "errors")
 
 
-def test_webdataset_shard_and_file_changed_after_planning(tmp_path: Path) -> None:
+def test_webdataset_shard_through_a_sparse_task(tmp_path: Path) -> None:
+    """Emotion labels from the tiny random Qwen2-Audio with its one-merge preset; a cut member fails."""
     shard = tmp_path / "shard-000.tar"
     wav = write_wav(tmp_path / "src.wav", tone_bursts(2.0)).read_bytes()
     with tarfile.open(shard, "w") as tar:
@@ -130,17 +135,15 @@ def test_webdataset_shard_and_file_changed_after_planning(tmp_path: Path) -> Non
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    summary = run_archive(JobConfig(str(shard), str(tmp_path / "out"), reduction="none"))
+    config = JobConfig(str(shard), str(tmp_path / "out"), task="er", model="tiny-random-qwen2-audio")
+    summary = run_archive(config)
     assert (summary.ok, summary.failed) == (1, 1)
     (result,) = _table(tmp_path / "out", "results")
-    assert (result["recording_id"], result["meta"], result["reduction"]) == (
-        "rec1",
-        '{"speaker": "a"}',
-        _NONE,
-    )
-
-
-_NONE = '{"first_layer": 0, "mass": "full", "method": "none", "position": "first", "ratio": null, "schedule": "constant", "seed": 0, "target": null}'
+    assert (result["recording_id"], result["meta"], result["text"]) == ("rec1", '{"speaker": "a"}', None)
+    assert result["label"] in (*EMOTIONS, UNKNOWN)
+    assert json.loads(result["reduction"]) == resolve_reduction(config.model, "er").to_dict()
+    assert json.loads(result["reduction"])["schedule"] == "single"
+    assert [e["recording_id"] for e in _table(tmp_path / "out", "errors")] == ["rec2"]
 
 
 def test_task_the_model_cannot_do_is_refused_before_any_work(archive: Path, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline.merging.config import ReductionConfig
@@ -189,11 +190,9 @@ def run_archive(config: JobConfig) -> RunSummary:
             batch_size=None, batch_format="pyarrow"
         ):
             writer.add(batch)
-            ok = batch.filter(pa.compute.not_equal(batch["status"], "error"))
-            audio_s += pa.compute.sum(ok["audio_seconds"]).as_py() or 0.0
-            model_s += sum(
-                (pa.compute.sum(ok[c]).as_py() or 0.0) for c in ("encode_s", "prefill_s", "decode_s")
-            )
+            ok = batch.filter(pc.not_equal(batch["status"], "error"))
+            audio_s += pc.sum(ok["audio_seconds"]).as_py() or 0.0
+            model_s += sum((pc.sum(ok[c]).as_py() or 0.0) for c in ("encode_s", "prefill_s", "decode_s"))
         files = writer.close()
         counts = validate([(r.recording_id, r.content_sha256) for r in todo], writer.recordings, files)
         manifest = RunManifest(
