@@ -95,11 +95,13 @@ def test_mark_top_k_matches_topk(size, k, largest, step):
     assert not out._base[:, 0].any()  # nothing written outside the view
 
 
-def test_mark_top_k_over_several_blocks_and_ties():
-    scores = torch.randn(1, merge._MAX_SELECT_BLOCK + 900, generator=_gen(1)).to(DEVICE)
-    out = torch.zeros_like(scores, dtype=torch.bool)
-    merge.mark_top_k(scores, 4321, out)
-    assert torch.equal(out[0].nonzero()[:, 0].sort().values, scores[0].topk(4321).indices.sort().values)
+def test_mark_top_k_long_rows_and_ties():
+    # 9,000 scores: one register tile of 16,384; 16,400: PyTorch's top-k.
+    for size in (9000, merge._MAX_SELECT_BLOCK + 16):
+        scores = torch.randn(1, size, generator=_gen(size)).to(DEVICE)
+        out = torch.zeros_like(scores, dtype=torch.bool)
+        merge.mark_top_k(scores, 4321, out)
+        assert torch.equal(out[0].nonzero()[:, 0], scores[0].topk(4321).indices.sort().values)
     # Ties at the k-th value go to the lowest indices, signed zeros included.
     ties = torch.tensor([[3.0, 1.0, 3.0, 0.0, 3.0, 3.0, -0.0, -2.0]], device=DEVICE)
     out = torch.zeros_like(ties, dtype=torch.bool)
@@ -192,14 +194,15 @@ from pipeline.kernels import merge
 
 SCALARS = {"eps": "fp32", "floor": "fp32"}
 KERNELS = [
-    (merge._similarity_kernel, {"K": "*bf16", "OUT": "*fp32"}, {"BLOCK_T": 16, "BLOCK_D": 128}, 4),
+    (merge._similarity_kernel, {"K": "*bf16", "OUT": "*fp32"}, {"BLOCK_T": 8, "BLOCK_D": 256}, 4),
     (merge._mark_top_kernel, {"S": "*fp32", "OUT": "*i8"}, {"LARGEST": False, "BLOCK": 8192}, 8),
+    (merge._similarity_kernel, {"K": "*fp32", "OUT": "*fp32"}, {"BLOCK_T": 8, "BLOCK_D": 256}, 4),
     (merge._group_kernel, {"MARKED": "*i8", "MASS": "*fp32", "GROUPS": "*i64", "WEIGHTS": "*fp32"},
      {"WEIGHTED": True, "EVICT": True, "BLOCK": 1024}, 4),
     (merge._index_kernel, {"GROUPS": "*i64", "WEIGHTS": "*fp32", "LEAD": "*i64", "BOUNDS": "*i64"},
      {"BLOCK": 1024}, 4),
     (merge._merge_kernel, {"X": "*bf16", "WEIGHTS": "*fp32", "LEAD": "*i64", "BOUNDS": "*i64", "OUT": "*bf16"},
-     {"BLOCK_D": 1024}, 4),
+     {"BLOCK_D": 4096}, 8),
 ]
 for kernel, pointers, constants, warps in KERNELS:
     signature = {

@@ -1,11 +1,12 @@
 """Triton kernels of the merge step: edge scores, top-k selection, grouping and the weighted merge.
 
 A layer's reduction on the GPU is a handful of launches and never syncs with the host:
-``adjacent_similarity`` (one pass over the keys), ``mark_top_k`` per span (one program per row finds
-the k-th largest score by a 32-step bisection of its bit pattern, so no sort), ``group_rows`` and
-``group_index`` (one program per row scans it in chunks), and ``merge_rows``: one program per output
-token and feature slice walks its group's member rows, so every kept row is read once and every
-output row written once, with no atomics. Groups of one weighted member are copied bit for bit.
+``adjacent_similarity`` (one pass over the keys), ``mark_top_k`` per span (one program per row holds
+its scores in registers and finds the k-th largest by a 32-step bisection of the bit pattern: no
+sort), ``group_rows`` and ``group_index`` (one program per row scans it in chunks), and
+``merge_rows``: one program per output token and feature slice walks its group's member rows, so
+every kept row is read once and every output row written once, with no atomics. Groups of one
+weighted member are copied bit for bit.
 
 Same results as the PyTorch paths in ``pipeline.merging.ops`` (fp32 sums in another order for the
 similarity; top-k ties go to the lowest index). Importing this module needs triton; set
@@ -22,7 +23,7 @@ from torch import Tensor
 # Dtypes merge_rows takes (it accumulates in fp32).
 MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _SCAN_BLOCK = 1024  # tokens per step of the row scans
-_MAX_SELECT_BLOCK = 8192  # scores per step of the top-k bisection (one step for spans up to 8192)
+_MAX_SELECT_BLOCK = 16384  # longest span the top-k kernel holds in registers
 
 
 @triton.jit
@@ -83,41 +84,27 @@ def _mark_top_kernel(
     LARGEST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """OUT[b, i] = 1 for the k largest S[b, i] (ties: lowest i first), else 0; one program per row."""
+    """OUT[b, i] = 1 for the k largest S[b, i] (ties: lowest i first), else 0, for i < size <= BLOCK.
+
+    One program per row keeps the row's keys in registers for the whole search."""
     b = tl.program_id(0).to(tl.int64)
-    scores = S + b * stride_sb
-    out = OUT + b * stride_ob
+    index = tl.arange(0, BLOCK)
+    valid = index < size
+    keys = _order_keys(S + b * stride_sb + index * stride_si, valid, LARGEST)
     # Bisection from the top bit: the largest key T with at least k keys >= T is the k-th largest.
     # T is built in the unsigned image of the keys (key + 2^31, held in int64) so its bits set in order.
     threshold = tl.full([], 0, tl.int64)
     for bit in range(31, -1, -1):
         candidate = threshold | (tl.full([], 1, tl.int64) << bit)
-        signed = (candidate - 2147483648).to(tl.int32)
-        count = tl.full([], 0, tl.int32)
-        for start in range(0, size, BLOCK):
-            index = start + tl.arange(0, BLOCK)
-            valid = index < size
-            keys = _order_keys(scores + index * stride_si, valid, LARGEST)
-            count += tl.sum(((keys >= signed) & valid).to(tl.int32))
+        count = tl.sum(((keys >= (candidate - 2147483648).to(tl.int32)) & valid).to(tl.int32))
         threshold = tl.where(count >= k, candidate, threshold)
     kth = (threshold - 2147483648).to(tl.int32)
-    above = tl.full([], 0, tl.int32)
-    for start in range(0, size, BLOCK):
-        index = start + tl.arange(0, BLOCK)
-        valid = index < size
-        keys = _order_keys(scores + index * stride_si, valid, LARGEST)
-        above += tl.sum(((keys > kth) & valid).to(tl.int32))
-    ties = k - above  # keys equal to the k-th that are taken, in index order
-    seen = tl.full([], 0, tl.int32)
-    for start in range(0, size, BLOCK):
-        index = start + tl.arange(0, BLOCK)
-        valid = index < size
-        keys = _order_keys(scores + index * stride_si, valid, LARGEST)
-        equal = ((keys == kth) & valid).to(tl.int32)
-        rank = seen + tl.cumsum(equal, 0) - equal
-        chosen = (keys > kth) | ((equal == 1) & (rank < ties))
-        tl.store(out + index * stride_oi, chosen.to(tl.int8), mask=valid)
-        seen += tl.sum(equal)
+    above = keys > kth
+    equal = ((keys == kth) & valid).to(tl.int32)
+    # Keys equal to the k-th are taken in index order until k are chosen.
+    rank = tl.cumsum(equal, 0) - equal
+    chosen = above | ((equal == 1) & (rank < k - tl.sum((above & valid).to(tl.int32))))
+    tl.store(OUT + b * stride_ob + index * stride_oi, chosen.to(tl.int8), mask=valid)
 
 
 @triton.jit
@@ -247,7 +234,7 @@ def adjacent_similarity(keys: Tensor) -> Tensor:
     batch, length, width = keys.shape
     out = torch.empty(batch, max(length - 1, 0), dtype=torch.float32, device=keys.device)
     if length > 1:
-        block_t, block_d = 16, _block(width, 128)
+        block_t, block_d = 8, _block(width, 256)
         _similarity_kernel[(triton.cdiv(length - 1, block_t), batch)](
             keys, out, *keys.stride(), length - 1, width, 1e-12, BLOCK_T=block_t, BLOCK_D=block_d
         )
@@ -258,13 +245,18 @@ def mark_top_k(scores: Tensor, k: int, out: Tensor, *, largest: bool = True) -> 
     """Writes out[b, i] = (scores[b, i] is among the k largest of row b, or smallest if not largest).
 
     scores [B, M] float, out [B, M] bool or int8 (views with any strides, e.g. every other element of
-    a row). Ties at the k-th value go to the lowest indices, so the choice is deterministic."""
+    a row). Ties at the k-th value go to the lowest indices, so the choice is deterministic; rows
+    longer than 32,768 take torch.topk instead (ties in any order)."""
     if scores.shape != out.shape or scores.dim() != 2:
         raise ValueError(f"scores {tuple(scores.shape)} and out {tuple(out.shape)} must be one [B, M] shape")
     batch, size = scores.shape
     if not 0 <= k <= size:
         raise ValueError(f"k={k} must lie in 0..{size}")
     if size == 0:
+        return
+    if size > _MAX_SELECT_BLOCK:  # longer than one register tile: PyTorch's radix select
+        chosen = scores.float().topk(k, dim=1, largest=largest, sorted=False).indices
+        out.copy_(torch.zeros_like(out).scatter_(1, chosen, 1))
         return
     target = out.view(torch.int8) if out.dtype == torch.bool else out
     block = _block(size, _MAX_SELECT_BLOCK)
@@ -277,7 +269,7 @@ def mark_top_k(scores: Tensor, k: int, out: Tensor, *, largest: bool = True) -> 
         k,
         LARGEST=largest,
         BLOCK=block,
-        num_warps=8 if block >= 4096 else 4,
+        num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16,
     )
 
 
@@ -331,7 +323,9 @@ def merge_rows(x: Tensor, weights: Tensor, lead: Tensor, bounds: Tensor) -> Tens
         x = x.contiguous()
     out = torch.empty(batch, n_out, width, dtype=x.dtype, device=x.device)
     if n_out and width:
-        block_d = _block(width, 1024)
+        # Whole rows of up to 4,096 features per program: fewer, longer programs keep more bytes in
+        # flight than one per 1,024-feature slice, and read each group's bounds and weights once.
+        block_d = _block(width, 4096)
         _merge_kernel[(n_out, triton.cdiv(width, block_d), batch)](
             x,
             weights,
@@ -346,5 +340,6 @@ def merge_rows(x: Tensor, weights: Tensor, lead: Tensor, bounds: Tensor) -> Tens
             n_out,
             width,
             BLOCK_D=block_d,
+            num_warps=8 if block_d >= 2048 else 4,
         )
     return out
