@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# Triton decides interpreted vs compiled when it is first imported (transformers imports it through
+# torch._dynamo), so the CPU kernel tests need this set before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")
