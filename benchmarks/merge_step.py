@@ -47,7 +47,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=32)
     parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args(argv)
     if args.cpu_smoke:
         args.length, args.span, args.ks = 40, [3, 37], [6, 12]
@@ -62,7 +62,7 @@ class Timer:
         import torch
 
         self.torch, self.cuda, self.iters = torch, cuda, iters
-        self.spin_cycles = self._cycles_for_ms(5.0) if cuda else 0
+        self.spin_cycles = self._cycles_for_ms(2.0) if cuda else 0
 
     def _cycles_for_ms(self, ms: float) -> int:
         """Spin-kernel cycles that keep the GPU busy for about ``ms``."""
@@ -238,11 +238,12 @@ def compare(triton_row: dict[str, Any], torch_row: dict[str, Any], x: Any) -> di
     }
 
 
-def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
-    def cell(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
-    cells = [[cell(row.get(key, "")) for key in keys] for row in rows]
+
+def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
+    cells = [[_cell(row.get(key, "")) for key in keys] for row in rows]
     widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
     lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
@@ -312,13 +313,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}")
-    print(_table([context], list(context)))
     columns = ["method", "k", "path", "plan_ms", "apply_ms", "step_ms", "pct_of_layer", "eager_ms"]
     columns += ["graph_ms", "host_sync_free", "apply_gb_per_s", "error"]
     print(_table(rows, columns))
     print(_table(checks, list(checks[0]) if checks else ["method"]))
+    print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}")
+    print(_table([context], list(context)))
+    print(_summary(rows, checks))
     return result
+
+
+def _summary(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> str:
+    """One line per method and k, last in the output (the GPU script keeps only its tail)."""
+    lines = ["merge step = plan + apply (GPU ms, % of the layer): triton | pytorch | checks"]
+    for check in checks:
+        pair = {r["path"]: r for r in rows if (r["method"], r["k"]) == (check["method"], check["k"])}
+        tr, pt = pair["triton"], pair["pytorch"]
+        same = check["same_groups"] and check["same_lead"] and check["copies_exact"]
+        lines.append(
+            f"{check['method']:>9} k={check['k']:<5} {tr['step_ms']:.3f} ({tr['pct_of_layer']:.1f}%)"
+            f" graph {_cell(tr.get('graph_ms', '-'))} sync-free {tr.get('host_sync_free', '-')}"
+            f" | {pt['step_ms']:.3f} ({pt['pct_of_layer']:.1f}%) | {'ok' if same else 'MISMATCH'}"
+            f" max diff {check['max_abs_diff']:.2g}"
+        )
+    lines += [f"{r['method']} k={r['k']}: {r['error']}" for r in rows if "error" in r]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
