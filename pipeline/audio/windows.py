@@ -44,6 +44,10 @@ def _clean(speech: list[tuple[float, float]], duration_s: float) -> list[tuple[f
     return merged
 
 
+# Forced cuts add floats; a tail this short is rounding, not speech left to cover.
+_EPS_S = 1e-6
+
+
 def plan_windows(
     speech: list[tuple[float, float]],
     duration_s: float,
@@ -67,10 +71,14 @@ def plan_windows(
             continue
         if open_start is not None:
             spans.append((open_start, open_end, overlap_before, 0.0))
-        open_start, overlap_before = start, 0.0
+        open_start, overlap_before, forced = start, 0.0, False
         while end - open_start > max_window_s:
             spans.append((open_start, open_start + max_window_s, overlap_before, overlap_s))
-            open_start, overlap_before = open_start + max_window_s - overlap_s, overlap_s
+            open_start, overlap_before, forced = open_start + max_window_s - overlap_s, overlap_s, True
+        if forced and end - open_start <= overlap_s + _EPS_S:  # the last forced window reached the end
+            spans[-1] = (*spans[-1][:3], 0.0)
+            open_start = None
+            continue
         open_end = end
     if open_start is not None:
         spans.append((open_start, open_end, overlap_before, 0.0))
