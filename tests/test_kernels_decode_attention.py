@@ -5,14 +5,10 @@ Runs on CUDA when there is one, else in the Triton interpreter on CPU tensors (h
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from torch.nn import functional
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel module is imported
 pytest.importorskip("triton")
 
 from pipeline.kernels import decode_attention_torch

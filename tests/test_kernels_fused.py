@@ -6,7 +6,6 @@ in the interpreter on CPU tensors (tiny shapes): fp32 within 1e-6, bf16 within a
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -15,19 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Read when triton is first imported, which transformers' modules do (through torch._dynamo).
-    os.environ["TRITON_INTERPRET"] = "1"
-
 from transformers import Qwen2Config
 from transformers.activations import ACT2FN
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
 from pipeline.kernels import fused
-
-if not fused.HAS_TRITON:  # imported earlier in this process, before TRITON_INTERPRET was set
-    fused = importlib.reload(fused)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not fused.HAS_TRITON, reason="triton is not installed")
