@@ -81,6 +81,7 @@ def run_one(model, waves, refs, request, cfg, batch: int, score) -> dict:
 
 def markdown(results: list[dict], levels: list[float], metric_name: str, meta: dict) -> str:
     none = results[0]  # the no-reduction run always comes first
+    levels = sorted(levels)
     head = "| method | " + " | ".join(f"{round(lv * 100)}%" for lv in levels) + " |"
     lines = [
         f"# {meta['model']} on {meta['manifest_name']}: {metric_name} by target reduction",
@@ -179,10 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     runs = [("No reduction", NO_REDUCTION, None, "keep")]
     if DROP_PADDING in args.methods and hasattr(model, "padding"):
         runs.append((DROP_PADDING, NO_REDUCTION, None, "drop"))
-    for label in (m for m in args.methods if m in GRID):
-        method, schedule, first = GRID[label]
-        first = layers - 1 if first == LAST else first
-        for level in args.levels:
+    # Level by level, in the order given: a partial run still compares every method.
+    for level in args.levels:
+        for label in (m for m in args.methods if m in GRID):
+            method, schedule, first = GRID[label]
+            first = layers - 1 if first == LAST else first
             cfg = ReductionConfig(method, schedule, first_layer=first, target=level, seed=args.seed)
             runs.append((label, cfg, level, "keep"))
     meta = {
