@@ -29,6 +29,13 @@ from pipeline.merging.config import NO_REDUCTION, ReductionConfig, ReductionConf
         ({"first_layer": 2.0}, "first_layer=2.0 must be an integer"),
         ({"seed": "1"}, "seed='1' must be an integer"),
         ({"method": "a-tome", "ratio": 0.6}, "ratio=0.6 is above 0.5"),
+        ({"max_chain": 1}, "max_chain=1 must be None or an integer >= 2"),
+        ({"max_chain": True}, "max_chain=True must be None or an integer >= 2"),
+        (
+            {"method": "a-tome", "max_chain": 2},
+            "max_chain=2 applies to fastadasp, average, random-merge, not",
+        ),
+        ({"method": "fastv", "max_chain": 3}, "max_chain=3 applies to"),
     ],
 )
 def test_invalid_fields_are_named(changes, message):
@@ -43,6 +50,7 @@ def test_valid_configs():
     assert not NO_REDUCTION.enabled
     assert not ReductionConfig(method="fastv", ratio=0.0).enabled
     assert cfg.with_(method="h2o").method == "h2o"
+    assert cfg.max_chain is None and cfg.with_(max_chain=2).to_dict()["max_chain"] == 2
     with pytest.raises(ReductionConfigError, match="method='x'"):
         cfg.with_(method="x")
 

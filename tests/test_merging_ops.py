@@ -7,9 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS
+from pipeline.merging.config import CHAIN_METHODS, EVICT_METHODS, MERGE_METHODS
 from pipeline.merging.ops import (
     adjacent_similarity,
+    capped_most,
     forced_path,
     h2o_keep_indices,
     plan_reduction,
@@ -137,6 +138,72 @@ def test_zero_counts_are_the_identity(problem):
     assert torch.equal(red.apply(x), x)
 
 
+@st.composite
+def capped_problems(draw):
+    """A chain method, a cap and 1-2 spans with counts the capped selection can always reach."""
+    method = draw(st.sampled_from(CHAIN_METHODS))
+    cap = draw(st.integers(2, 5))
+    spans, ks, cursor = [], [], draw(st.integers(0, 3))
+    for _ in range(draw(st.integers(1, 2))):
+        n = draw(st.integers(1, 24))
+        spans.append((cursor, cursor + n))
+        ks.append(draw(st.integers(0, capped_most(n, cap))))
+        cursor += n + draw(st.integers(0, 3))
+    return method, cap, cursor, spans, ks, draw(st.integers(0, 2**16))
+
+
+@settings(max_examples=150, deadline=None)
+@given(capped_problems())
+def test_max_chain_caps_every_group_and_removes_exactly_k(problem):
+    method, cap, length, spans, ks, seed = problem
+    keys, mass, _ = make_inputs(2, length, seed)
+
+    def plan(max_chain):
+        gen = torch.Generator().manual_seed(seed)
+        return plan_reduction(
+            method, length, spans, ks, keys=keys, mass=mass, generator=gen, max_chain=max_chain
+        )
+
+    red = plan(cap)
+    sizes = torch.zeros(2, red.n_out, dtype=torch.int64).scatter_add_(
+        1, red.groups, torch.ones_like(red.groups)
+    )
+    assert sizes.max() <= cap
+    assert red.n_out == length - sum(ks)
+    for b in range(2):
+        for (s, e), k in zip(spans, ks, strict=True):
+            assert int(red.groups[b, e - 1] - red.groups[b, s]) == e - s - 1 - k  # exactly k lost per span
+    # A cap no chain can reach selects the same edges as plain top-k (random scores: no ties).
+    if all(k == 0 or e - s <= cap for (s, e), k in zip(spans, ks, strict=True)):
+        assert torch.equal(red.groups, plan(None).groups)
+
+
+def test_capped_most_is_what_greedy_can_always_reach():
+    # Worst stalls: runs alternating 1, cap (every neighbouring pair joins more than cap tokens).
+    assert [capped_most(n, 2) for n in range(1, 9)] == [0, 1, 1, 1, 2, 2, 2, 3]
+    assert capped_most(700, 2) == 233 and capped_most(700, 3) == 350
+    assert capped_most(4, 9) == 3  # span shorter than the cap: anything up to n - 1
+
+
+def test_max_chain_splits_a_run_of_similar_tokens():
+    keys = chain_keys()  # tokens 3..6 identical: edges 3, 4, 5 tie for the top
+    red = plan_reduction("average", 10, [(1, 9)], [3], keys=keys, max_chain=2)
+    sizes = torch.bincount(red.groups[0])
+    assert sizes.max() == 2 and red.n_out == 7
+    assert red.groups[0, :7].tolist() == [0, 1, 2, 3, 3, 4, 4]  # ties by edge order: (3, 4), then (5, 6)
+
+
+def test_max_chain_gives_the_same_plan_on_the_triton_path():
+    keys, mass, _ = make_inputs(2, 80, 3)
+    spans, ks = [(4, 40), (44, 78)], [11, 9]
+    plans = []
+    for path in ("pytorch", "triton"):
+        with forced_path(path):
+            plans.append(plan_reduction("fastadasp", 80, spans, ks, keys=keys, mass=mass, max_chain=3))
+    assert torch.equal(plans[0].groups, plans[1].groups)
+    torch.testing.assert_close(plans[0].weights, plans[1].weights)
+
+
 @pytest.mark.parametrize("method", ["random-merge", "random-evict"])
 def test_random_methods_are_deterministic_per_seed(method):
     keys, mass, _ = make_inputs(2, 40, 0)
@@ -254,6 +321,9 @@ def test_zero_mass_does_not_divide_by_zero():
         ({"mass": None}, "needs mass"),
         ({"method": "random-evict", "keys": None, "mass": None}, "needs keys or mass"),
         ({"mass": torch.ones(2, 12)}, "mass has shape"),
+        ({"max_chain": 2, "ks": [4]}, "fastadasp with max_chain=2 removes 0..3 of 8"),
+        ({"max_chain": 1}, "max_chain=1 needs an integer >= 2"),
+        ({"method": "a-tome", "max_chain": 2}, "max_chain=2 needs an integer >= 2 and one of fastadasp"),
         ({"keys": torch.ones(1, 11, 4)}, "keys has shape"),
     ],
 )

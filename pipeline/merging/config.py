@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 MERGE_METHODS = ("fastadasp", "average", "random-merge", "a-tome")
+CHAIN_METHODS = ("fastadasp", "average", "random-merge")  # selected edges form chains of any length
 EVICT_METHODS = ("fastv", "random-evict")
 KV_METHODS = ("h2o",)
 METHODS = ("none", *MERGE_METHODS, *EVICT_METHODS, *KV_METHODS)
@@ -48,6 +49,9 @@ class ReductionConfig:
     mass: attention-mass estimator for weights and eviction scores: ``full`` = every query (the
         method as defined); ``tail`` = only the queries after the audio span (FastV-style, cheaper).
     seed: seed of the random methods.
+    max_chain: None (the method as defined) or the most tokens one merge may join in one layer, >= 2, for
+        the chain methods (CHAIN_METHODS): edges are then taken greedily by score, skipping those that
+        would grow a chain past it. Off by default; an experiment against long runs of similar frames.
     """
 
     method: str = "none"
@@ -58,6 +62,7 @@ class ReductionConfig:
     position: str = "first"
     mass: str = "full"
     seed: int = 0
+    max_chain: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -72,6 +77,13 @@ class ReductionConfig:
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
                 raise ReductionConfigError(f"{field}={value!r} must be a number in [0, 1) or None")
+        if self.max_chain is not None:
+            if isinstance(self.max_chain, bool) or not isinstance(self.max_chain, int) or self.max_chain < 2:
+                raise ReductionConfigError(f"max_chain={self.max_chain!r} must be None or an integer >= 2")
+            if self.method not in CHAIN_METHODS:
+                raise ReductionConfigError(
+                    f"max_chain={self.max_chain} applies to {', '.join(CHAIN_METHODS)}, not method={self.method!r}"
+                )
         if self.method == "none":
             return
         if (self.ratio is None) == (self.target is None):

@@ -21,7 +21,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS
+from pipeline.merging.config import CHAIN_METHODS, EVICT_METHODS, MERGE_METHODS
 
 SIMILARITY_METHODS = ("fastadasp", "average", "a-tome")
 MASS_METHODS = ("fastadasp", "random-merge", "fastv")
@@ -197,7 +197,17 @@ def right_aligned_positions(n_original: int, n_now: int, batch: int, device: tor
     return torch.arange(n_original - n_now, n_original, device=device).repeat(batch, 1)
 
 
-def _check_spans(length: int, spans: list[tuple[int, int]], ks: list[int], method: str) -> None:
+def capped_most(n: int, cap: int) -> int:
+    """Tokens the capped greedy selection is sure to remove from a span of n tokens. It only stops
+    early when every unselected edge joins two runs of more than ``cap`` tokens together; m such runs
+    hold at least floor(m / 2) * (cap + 1) tokens (plus one for odd m), which bounds m."""
+    runs = max(2 * ((n - 1) // (cap + 1)) + 1, 2 * (n // (cap + 1)))
+    return n - min(runs, n)
+
+
+def _check_spans(
+    length: int, spans: list[tuple[int, int]], ks: list[int], method: str, max_chain: int | None
+) -> None:
     if len(ks) != len(spans):
         raise ValueError(f"got {len(ks)} counts ks for {len(spans)} spans")
     previous_end = 0
@@ -209,8 +219,13 @@ def _check_spans(length: int, spans: list[tuple[int, int]], ks: list[int], metho
         previous_end = end
         n = end - start
         most = n // 2 if method == "a-tome" else n - 1
+        if max_chain is not None:
+            most = capped_most(n, max_chain)
         if not 0 <= k <= most:
-            raise ValueError(f"k={k} for span ({start}, {end}): {method} removes 0..{most} of {n} tokens")
+            capped = "" if max_chain is None else f" with max_chain={max_chain}"
+            raise ValueError(
+                f"k={k} for span ({start}, {end}): {method}{capped} removes 0..{most} of {n} tokens"
+            )
 
 
 def _batch_of(length: int, keys: Tensor | None, mass: Tensor | None) -> tuple[int, torch.device]:
@@ -242,6 +257,28 @@ def _mark_top(scores: Tensor, k: int, out: Tensor, *, largest: bool = True) -> N
         out.scatter_(1, scores.float().topk(k, dim=1, largest=largest, sorted=False).indices, True)
 
 
+def _mark_top_capped(scores: Tensor, k: int, cap: int, out: Tensor) -> None:
+    """Sets out[b, e] (a bool view [B, n-1] of the plan's marks) for k edges of an n-token span, taken
+    by decreasing scores [B, n-1] (ties: lower edge first) and skipping any edge that would join more
+    than ``cap`` tokens; callers keep k <= capped_most(n, cap), so k edges are always found. A host loop
+    (one sync per span) on either path, so both give the same marks."""
+    chosen = torch.zeros(out.shape, dtype=torch.bool)
+    for b, edges in enumerate(scores.float().argsort(dim=1, descending=True, stable=True).tolist()):
+        # first[i] / last[i]: the first / last token of i's run, kept exact at the run's two ends.
+        first, last = list(range(len(edges) + 1)), list(range(len(edges) + 1))
+        taken = []
+        for e in edges:
+            lo, hi = first[e], last[e + 1]  # edge e joins the run ending at e to the one starting at e+1
+            if hi - lo >= cap:
+                continue
+            first[hi], last[lo] = lo, hi
+            taken.append(e)
+            if len(taken) == k:
+                break
+        chosen[b, taken] = True
+    out |= chosen.to(out.device)
+
+
 def _group(marked: Tensor, mass: Tensor | None, evict: bool) -> tuple[Tensor, Tensor]:
     """marked [B, L] (joins the previous token, or dropped when evict), mass [B, L] or None ->
     groups [B, L] int64, weights [B, L] fp32 (mass floored, or 1; 0 where dropped)."""
@@ -265,6 +302,7 @@ def plan_reduction(
     keys: Tensor | None = None,
     mass: Tensor | None = None,
     generator: torch.Generator | None = None,
+    max_chain: int | None = None,
 ) -> Reduction:
     """One layer's reduction of a batch of sequences of ``length`` tokens.
 
@@ -273,6 +311,8 @@ def plan_reduction(
     mass [B, length] fp32: attention mass each token receives, for weights (fastadasp, random-merge)
     and scores (fastv). Merges select edges (t, t+1) inside a span; a run of selected edges collapses
     into one token. Evictions drop tokens; a dropped token joins the previous group with weight 0.
+    max_chain (chain methods only, see ReductionConfig): no run of selected edges joins more than
+    max_chain tokens; span i then loses at most capped_most(n_i, max_chain).
     """
     if method not in (*MERGE_METHODS, *EVICT_METHODS):
         raise ValueError(f"method={method!r} is not one of {', '.join((*MERGE_METHODS, *EVICT_METHODS))}")
@@ -280,7 +320,13 @@ def plan_reduction(
         raise ValueError(f"method={method!r} needs keys")
     if method in MASS_METHODS and mass is None:
         raise ValueError(f"method={method!r} needs mass")
-    _check_spans(length, spans, ks, method)
+    if max_chain is not None and (
+        method not in CHAIN_METHODS or isinstance(max_chain, bool) or max_chain < 2
+    ):
+        raise ValueError(
+            f"max_chain={max_chain!r} needs an integer >= 2 and one of {', '.join(CHAIN_METHODS)}"
+        )
+    _check_spans(length, spans, ks, method, max_chain)
     batch, device = _batch_of(length, keys, mass)
 
     # Evictions mark dropped tokens; merges mark each token that joins its left neighbour.
@@ -300,6 +346,8 @@ def plan_reduction(
                 edge_scores = adjacent_similarity(keys[:, start:end])
             if method == "a-tome":  # disjoint pairs (start+2i, start+2i+1): edges 0, 2, 4, ...
                 _mark_top(edge_scores[:, ::2], k, marked[:, start + 1 : end : 2])
+            elif max_chain is not None:
+                _mark_top_capped(edge_scores, k, max_chain, marked[:, start + 1 : end])
             else:
                 _mark_top(edge_scores, k, marked[:, start + 1 : end])
     weighted = mass if method in WEIGHTED_METHODS else None
