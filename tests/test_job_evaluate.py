@@ -1,0 +1,37 @@
+"""jobs/evaluate.py on two of the bundled example recordings: every run scored, files written, resumable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs import evaluate
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    rows = [json.loads(line) for line in (EXAMPLES / "manifest.jsonl").read_text().splitlines()]
+    short = [r | {"audio": str(EXAMPLES / r["audio"])} for r in rows if r["id"] in ("intro", "announcement")]
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in short))
+    return path
+
+
+@pytest.mark.slow
+def test_methods_side_by_side_and_resume(manifest, tmp_path):
+    out = tmp_path / "eval"
+    argv = ["--manifest", str(manifest), "--methods", "FastAdaSP constant", "A-ToMe", "--levels", "0.3"]
+    evaluate.main([*argv, "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["label"] for r in results] == ["No reduction", "FastAdaSP constant", "A-ToMe"]
+    assert all(0 <= r["score"] < 100 for r in results)
+    assert results[0]["kv_kept_frac"] == 1.0 and all(r["kv_kept_frac"] < 1.0 for r in results[1:])
+    assert "| FastAdaSP constant |" in (out / "results.md").read_text() and (out / "wer.png").stat().st_size
+    runs = (out / "runs.jsonl").read_text()
+    evaluate.main([*argv, "--out", str(out)])  # everything is found in runs.jsonl: nothing re-runs
+    assert (out / "runs.jsonl").read_text() == runs
+    assert json.loads((out / "results.json").read_text())["results"] == results
