@@ -8,7 +8,7 @@ means there) it runs every utterance and records the metric (WER / BLEU / accura
 KV bytes and timings. Writes results.json, results.md (tables) and wer.png (metric vs reduction, one line
 per method). Greedy decoding and seeded random methods make every number except timings reproduce
 exactly on the same machine and software. Finished runs are kept in runs.jsonl: re-running the same
-command skips them (delete the file to measure again).
+command skips them (delete the file to measure again); ``--report-only`` rewrites the tables from them.
 
 The method grid (label: method, schedule, first layer) is in ``GRID``, set for Whisper tiny.en's 4
 encoder layers; layers are counted from 0 and ``LAST`` means the model's last reducing layer. Models
@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--report-only", action="store_true", help="write the tables from runs.jsonl, measure nothing"
+    )
     args = parser.parse_args(argv)
     unknown = set(args.methods) - {DROP_PADDING, *GRID}
     if unknown:
@@ -202,10 +205,14 @@ def main(argv: list[str] | None = None) -> None:
     # Finished runs are appended to runs.jsonl, so an interrupted evaluation resumes where it stopped.
     done_path = args.out / "runs.jsonl"
     done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
+    for d in done:  # through ReductionConfig: fields added since (at their defaults) still match
+        d["key"]["config"] = ReductionConfig(**d["key"]["config"]).to_dict()
     results = []
     for label, cfg, level, padding in tqdm(runs, desc="runs"):
         key = {"model": args.model, "ids": meta["ids"], "config": cfg.to_dict(), "padding": padding}
         row = next((d for d in done if d["key"] == key), None)
+        if row is None and args.report_only:
+            continue
         if row is None:
             if hasattr(model, "padding"):
                 model.padding = padding
