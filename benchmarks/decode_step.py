@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from table import text_table  # sibling module: these run as scripts
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import torch
@@ -288,19 +290,6 @@ def bench_batch(
     return row
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    keys = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [[_cell(row.get(key, "")) for key in keys] for row in rows]
-    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
-    lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths, strict=True))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
-    return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     if args.cpu_smoke:
@@ -348,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2))
             print(json.dumps(row), flush=True)
-    print(_table(result["rows"]))
+    print(text_table(result["rows"]))
     return result
 
 

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from table import text_table  # sibling module: these run as scripts
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -190,15 +192,6 @@ def bench_decode(args: argparse.Namespace, device: str, time_ms: Callable) -> li
     return rows
 
 
-def _table(rows: list[dict[str, Any]]) -> str:
-    keys = list(rows[0])
-    cells = [[f"{r[key]:.4g}" if isinstance(r[key], float) else str(r[key]) for key in keys] for r in rows]
-    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
-    lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths, strict=True))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(cell, widths, strict=True)) for cell in cells]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     if args.cpu_smoke:
@@ -225,8 +218,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}")
-    print("attention mass:\n" + _table([mass]))
-    print("decode attention:\n" + _table(decode))
+    print("attention mass:\n" + text_table([mass]))
+    print("decode attention:\n" + text_table(decode))
     return result
 
 

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from table import cell, text_table  # sibling module: these run as scripts
+
 PATHS = ("triton", "pytorch")
 
 
@@ -238,18 +240,6 @@ def compare(triton_row: dict[str, Any], torch_row: dict[str, Any], x: Any) -> di
     }
 
 
-def _cell(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
-    cells = [[_cell(row.get(key, "")) for key in keys] for row in rows]
-    widths = [max(len(key), *(len(c[i]) for c in cells)) for i, key in enumerate(keys)]
-    lines = ["  ".join(key.rjust(w) for key, w in zip(keys, widths, strict=True))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     if args.cpu_smoke:
@@ -315,10 +305,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out.write_text(json.dumps(result, indent=2, default=str))
     columns = ["method", "k", "path", "plan_ms", "apply_ms", "step_ms", "pct_of_layer", "eager_ms"]
     columns += ["graph_ms", "host_sync_free", "apply_gb_per_s", "error"]
-    print(_table(rows, columns))
-    print(_table(checks, list(checks[0]) if checks else ["method"]))
+    print(text_table(rows, columns))
+    print(text_table(checks, list(checks[0]) if checks else ["method"]))
     print(f"{result['device']}  torch {result['torch']}  triton {result['triton']}")
-    print(_table([context], list(context)))
+    print(text_table([context], list(context)))
     print(_summary(rows, checks))
     return result
 
@@ -332,7 +322,7 @@ def _summary(rows: list[dict[str, Any]], checks: list[dict[str, Any]]) -> str:
         same = check["same_groups"] and check["same_lead"] and check["copies_exact"]
         lines.append(
             f"{check['method']:>9} k={check['k']:<5} {tr['step_ms']:.3f} ({tr['pct_of_layer']:.1f}%)"
-            f" graph {_cell(tr.get('graph_ms', '-'))} sync-free {tr.get('host_sync_free', '-')}"
+            f" graph {cell(tr.get('graph_ms', '-'))} sync-free {tr.get('host_sync_free', '-')}"
             f" | {pt['step_ms']:.3f} ({pt['pct_of_layer']:.1f}%) | {'ok' if same else 'MISMATCH'}"
             f" max diff {check['max_abs_diff']:.2g}"
         )
