@@ -173,3 +173,14 @@ def test_plan_rejects_bad_spans():
         plan_layers(10, [], ReductionConfig(), 4)
     with pytest.raises(ValueError, match="outside the prompt"):
         plan_layers(10, [(5, 12)], ReductionConfig(), 4)
+
+
+def test_chain_cap_reaches_the_engine(qwen):
+    rows = [[clip(1)]]
+    capped = ReductionConfig(method="fastadasp", schedule="single", first_layer=0, ratio=0.3, max_chain=2)
+    plain = ours(qwen, PROMPT, rows, capped.with_(max_chain=None))
+    merged = ours(qwen, PROMPT, rows, capped)
+    assert merged.plan == plain.plan  # same counts per layer, different groups
+    assert not torch.equal(merged.first_logits, plain.first_logits)
+    with pytest.raises(ValueError, match="max_chain=2"):
+        ours(qwen, PROMPT, rows, capped.with_(ratio=0.6))  # pairs alone cannot remove 60%

@@ -175,7 +175,9 @@ def _plan_reduction(
         for span, n in zip(spans, ks, strict=True):
             if n:
                 mass[:, span[0] : span[1]] = _span_mass(stack, q, k, span, cfg, per_head=False)
-    return ops.plan_reduction(cfg.method, length, spans, ks, keys=keys, mass=mass, generator=generator)
+    return ops.plan_reduction(
+        cfg.method, length, spans, ks, keys=keys, mass=mass, generator=generator, max_chain=cfg.max_chain
+    )
 
 
 def _h2o_evict(

@@ -127,7 +127,14 @@ def _reduce_row(
         k_heads = _heads(keys[None], q.shape[0])
         mass = attention_mass(q[None], k_heads, scale=1.0, causal=False, span=(0, length))
     plan = plan_reduction(
-        cfg.method, length, [(0, speech)], [k], keys=keys[None], mass=mass, generator=generator
+        cfg.method,
+        length,
+        [(0, speech)],
+        [k],
+        keys=keys[None],
+        mass=mass,
+        generator=generator,
+        max_chain=cfg.max_chain,
     )
     return plan.apply(x[None])[0]
 
