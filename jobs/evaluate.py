@@ -41,15 +41,17 @@ from pipeline.models.base import TaskRequest
 from pipeline.models.registry import load_model
 
 LAST = -1
+# label: (method, schedule, first layer, max_chain)
 GRID = {
-    "FastAdaSP constant": ("fastadasp", "constant", 1),
-    "FastAdaSP decay": ("fastadasp", "decay", 0),
-    "FastAdaSP single (last layer)": ("fastadasp", "single", LAST),
-    "Average merge": ("average", "single", LAST),
-    "A-ToMe": ("a-tome", "constant", 0),
-    "FastV": ("fastv", "single", LAST),
-    "Random merge": ("random-merge", "single", LAST),
-    "Random evict": ("random-evict", "single", LAST),
+    "FastAdaSP constant": ("fastadasp", "constant", 1, None),
+    "FastAdaSP decay": ("fastadasp", "decay", 0, None),
+    "FastAdaSP single (last layer)": ("fastadasp", "single", LAST, None),
+    "FastAdaSP constant, chains <= 2": ("fastadasp", "constant", 1, 2),
+    "Average merge": ("average", "single", LAST, None),
+    "A-ToMe": ("a-tome", "constant", 0, None),
+    "FastV": ("fastv", "single", LAST, None),
+    "Random merge": ("random-merge", "single", LAST, None),
+    "Random evict": ("random-evict", "single", LAST, None),
 }
 DROP_PADDING = "Drop padding only"
 METRIC = {
@@ -186,9 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     # Level by level, in the order given: a partial run still compares every method.
     for level in args.levels:
         for label in (m for m in args.methods if m in GRID):
-            method, schedule, first = GRID[label]
+            method, schedule, first, max_chain = GRID[label]
             first = layers - 1 if first == LAST else first
-            cfg = ReductionConfig(method, schedule, first_layer=first, target=level, seed=args.seed)
+            cfg = ReductionConfig(
+                method, schedule, first_layer=first, target=level, seed=args.seed, max_chain=max_chain
+            )
             runs.append((label, cfg, level, "keep"))
     meta = {
         "command": "python " + " ".join(sys.argv) if argv is None else "evaluate " + " ".join(argv),
