@@ -6,6 +6,6 @@ venv=${VENV:-.venv-test}
 rm -rf "$venv"
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q -c constraints.txt -e ".[dev]"
-"$venv/bin/ruff" check .
-"$venv/bin/ruff" format --check .
+"$venv/bin/ruff" check --no-cache .
+"$venv/bin/ruff" format --no-cache --check .
 "$venv/bin/python" -m pytest -q "$@"

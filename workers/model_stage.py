@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
-from pipeline.models.registry import load_model
 
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import TaskRequest, WindowOutput
+from pipeline.models.registry import load_model
 from pipeline.stats import WindowStats
 from schemas.stages import WINDOW_TEXT_SCHEMA
 
