@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared device run (H100/H200; torch, transformers, triton preinstalled; nothing installed):
-# engine correctness against transformers, the decode-step and merge-step A/B benchmarks, then the
-# 7B bench matrix. Every stage has its own timeout and writes into $OUT, so a slow stage loses only itself.
+# engine correctness against transformers, the decode-step and merge-step A/B benchmarks, the 7B
+# bench matrix, then the CUDA halves of the kernel tests (they skip on CPU). Every stage has its own
+# timeout and writes into $OUT, so a slow stage loses only itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
@@ -12,6 +13,9 @@ python -c "import torch, transformers, triton; print(torch.__version__, transfor
 timeout 60 python benchmarks/gpu_engine_check.py "$OUT/engine_check.json" 2>&1 | tail -5
 timeout 90 python benchmarks/decode_step.py --out "$OUT/decode_step.json" 2>&1 | tail -8
 timeout 60 python benchmarks/merge_step.py --out "$OUT/merge_step.json" 2>&1 | tail -12
-timeout "${BENCH_TIMEOUT:-240}" python jobs/bench.py --shape qwen2-audio-7b --device cuda --audio-seconds 240 \
-    --batch 1 8 --max-new-tokens "${NEW_TOKENS:-32}" --methods none fastadasp --levels 0.5 --fit \
+timeout "${BENCH_TIMEOUT:-300}" python jobs/bench.py --shape qwen2-audio-7b --device cuda --audio-seconds 240 \
+    --batch 1 8 32 --max-new-tokens "${NEW_TOKENS:-32}" --methods none fastadasp --levels 0.5 --fit \
     --out "$OUT/bench-7b" 2>&1 | tail -20
+timeout 150 python -m pytest -q -p no:cacheprovider tests/test_attention_lse.py tests/test_kernels_attention_mass.py \
+    tests/test_kernels_merge.py tests/test_kernels_decode_attention.py tests/test_kernels_fused.py \
+    tests/test_merging_mass.py 2>&1 | tail -8 | tee "$OUT/pytest.txt"

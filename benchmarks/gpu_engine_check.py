@@ -2,14 +2,15 @@
 
 1. tiny random Qwen2-Audio in fp32 on CUDA: our greedy tokens == transformers' generate, with and
    without a reduction at the last layer (which cannot reach the logits);
-2. the bench's "small" shape in bf16: first-token logits within bf16 tolerance of transformers'
-   forward, and the greedy tokens of 32 steps compared.
+2. the bench's "small" shape in bf16 and in fp32: first-token logits against transformers' forward,
+   the greedy tokens of 32 steps compared, and the logit gaps where a row diverges.
 Prints one line per check and writes JSON to the path given as the first argument.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -21,21 +22,23 @@ from pipeline.engine.generate import generate
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.qwen2_audio import AUDIO_TOKEN, build_tiny_random
 
+DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # "cpu" only to try the script itself here
+
 
 def audio_oracle() -> dict:
-    qwen = build_tiny_random().to("cuda")
+    qwen = build_tiny_random().to(DEVICE)
     qwen.max_new_tokens = 16
     rng = np.random.default_rng(0)
     rows = [[(0.1 * rng.standard_normal(48000)).astype(np.float32)] for _ in range(3)]
     prompt = f"<|audio_bos|>{AUDIO_TOKEN}<|audio_eos|>Transcribe:"
     features, mask = qwen.features([r[0] for r in rows])
     ids, _ = qwen.prompt(prompt, qwen.audio_token_counts(mask)[:1])
-    input_ids = torch.tensor([ids] * 3, device="cuda")
+    input_ids = torch.tensor([ids] * 3, device=DEVICE)
     ref = qwen.model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
-        input_features=features.cuda(),
-        feature_attention_mask=mask.cuda(),
+        input_features=features.to(DEVICE),
+        feature_attention_mask=mask.to(DEVICE),
         max_new_tokens=16,
         do_sample=False,
         eos_token_id=qwen.eos_token_ids,
@@ -51,8 +54,13 @@ def audio_oracle() -> dict:
     }
 
 
-def bf16_small() -> dict:
-    model = build_model("small", torch.device("cuda"), torch.bfloat16)
+def _small(dtype: torch.dtype) -> dict:
+    """The bench's "small" shape: first-token logits against transformers' forward, 32 greedy steps
+    against its generate, and where a row diverges, transformers' own logits at that step (the common
+    prefix teacher-forced): its top-2 gap and how far below its top our token lies (a near-tie when
+    both are within the dtype's rounding of logits of this scale)."""
+    name = str(dtype).removeprefix("torch.")
+    model = build_model("small", torch.device(DEVICE), dtype)
     embeds, spans = prompt_embeds(model, 4, 750)
     with torch.inference_mode():
         ref_logits = model(inputs_embeds=embeds, logits_to_keep=1).logits[:, -1].float()
@@ -61,15 +69,47 @@ def bf16_small() -> dict:
         gen = generate(
             stack, embeds, spans, ReductionConfig(), max_new_tokens=32, eos_token_ids=[], pad_token_id=0
         )
+        ours = gen.tokens
+        agree = (ours == ref[:, : ours.shape[1]]).float()
+        first_diff = [int(row.argmin()) if not bool(row.all()) else ours.shape[1] for row in agree]
+        gaps = []
+        for row, step in enumerate(first_diff):
+            if step == ours.shape[1]:
+                continue
+            prefix = model.get_input_embeddings()(ref[row, :step])[None]
+            x = torch.cat([embeds[row : row + 1], prefix], dim=1)
+            logits = model(inputs_embeds=x, logits_to_keep=1).logits[0, -1].float()
+            top2 = logits.topk(2).values
+            gaps.append(
+                {
+                    "row": row,
+                    "step": step,
+                    "top2_gap": float(top2[0] - top2[1]),
+                    "top_minus_ours": float(logits[ref[row, step]] - logits[ours[row, step]]),
+                    "max_abs_logit": float(logits.abs().max()),
+                }
+            )
     err = (gen.first_logits - ref_logits).abs().max().item() / ref_logits.abs().max().item()
-    agree = (gen.tokens == ref[:, : gen.tokens.shape[1]]).float()
-    first_diff = [int(row.argmin()) if not bool(row.all()) else 32 for row in agree]
-    return {"bf16_first_logits_rel_err": err, "bf16_steps_identical_per_row": first_diff, "prefix": PREFIX}
+    return {
+        f"{name}_first_logits_rel_err": err,
+        f"{name}_steps_identical_per_row": first_diff,
+        f"{name}_divergence_logit_gaps": gaps,
+        "prefix": PREFIX,
+    }
+
+
+def bf16_small() -> dict:
+    return _small(torch.bfloat16)
+
+
+def fp32_small() -> dict:
+    """The same shape in fp32: identical tokens here make the bf16 divergence a rounding effect."""
+    return _small(torch.float32)
 
 
 if __name__ == "__main__":
     results = {}
-    for check in (audio_oracle, bf16_small):
+    for check in (audio_oracle, bf16_small, fp32_small):
         try:
             results.update(check())
         except Exception as exc:  # report and go on: one failed check must not hide the others

@@ -16,8 +16,11 @@ method at the largest batch that fits the free memory (or ``--memory-gb``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,22 +130,23 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 @torch.inference_mode()
 def run_transformers(model, embeds, new_tokens: int, device: torch.device) -> dict:
-    """transformers' own generate (the path users run today), prefill timed as one forward."""
+    """transformers' own generate (the path users run today): prefill is a 1-token generate, decode the
+    rest of an N-token generate (warmed up first, as our engine is)."""
+
+    def timed(n: int) -> tuple[float, int]:
+        sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(inputs_embeds=embeds, max_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - t0, out.shape[1]
+
+    timed(1)
     reset_peak(device)
-    sync(device)
-    t0 = time.perf_counter()
-    model(inputs_embeds=embeds, logits_to_keep=1)
-    sync(device)
-    prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = model.generate(inputs_embeds=embeds, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    sync(device)
-    total = time.perf_counter() - t0
-    steps = out.shape[1]
-    decode = max(total - prefill, 1e-9)
+    prefill, _ = timed(1)
+    total, steps = timed(new_tokens)
     return {
         "prefill_s": prefill,
-        "decode_s": decode,
+        "decode_s": max(total - prefill, 1e-9),
         "steps": steps,
         "e2e_s": total,
         "peak_bytes": peak_bytes(device),
@@ -174,8 +178,12 @@ def reduction_for(method: str, level: float, schedule: str, first_layer: int) ->
     return ReductionConfig(method=method, schedule=schedule, first_layer=first_layer, target=level)
 
 
-def finish(row: dict, batch: int, weights: int, bandwidth: float, new_tokens: int) -> dict:
+def finish(row: dict, batch: int, bandwidth: float, new_tokens: int) -> dict:
     """Derived columns: per-step decode time, tokens/s and the bandwidth floor of one step."""
+    row.pop("tokens", None)
+    if "error" in row:
+        return row
+    weights = row["weights"]
     steps = row.pop("steps")
     # Engine: the steady step after warm-up and graph capture (a one-off per call, inside e2e_s).
     row["decode_ms_per_step"] = row.pop("steady_ms_per_step", None) or 1e3 * row["decode_s"] / max(
@@ -186,8 +194,58 @@ def finish(row: dict, batch: int, weights: int, bandwidth: float, new_tokens: in
         kv_mean = row["kv_bytes"] + batch * (new_tokens / 2) * row["kv_per_token_all_layers"]
         row["floor_ms_per_step"] = 1e3 * (weights + kv_mean) / bandwidth
         row["vs_floor"] = row["decode_ms_per_step"] / row["floor_ms_per_step"]
-    row.pop("tokens", None)
     return row
+
+
+class Report:
+    """The rows so far, rewritten to bench.json and bench.md after every row: a run cut short (a device
+    time limit) keeps what it measured."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.rows = args, []
+        args.out.mkdir(parents=True, exist_ok=True)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        rows = copy.deepcopy(self.rows)
+        add_ratios(rows, row["weights"])
+        meta = {"args": vars(self.args) | {"out": str(self.args.out)}, "rows": rows}
+        (self.args.out / "bench.json").write_text(json.dumps(meta, indent=1))
+        (self.args.out / "bench.md").write_text(markdown(rows))
+
+
+def attempt(run: Callable[..., dict], *args: object) -> dict:
+    """run(*args)'s measurements, or {"error": ...}: one cell that fails (most often out of memory, as
+    transformers' growing cache at a large batch) must not lose the others."""
+    try:
+        return run(*args)
+    except Exception as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        print(f"cell failed: {error!r}"[:300], file=sys.stderr, flush=True)
+        return {"error": f"{type(error).__name__}: {error}"[:300]}
+
+
+def run_engine_warm(
+    stack, embeds, spans, cfg: ReductionConfig, new_tokens: int, device: torch.device
+) -> dict:
+    """run_engine after a 2-token warm-up (kernel compilation, allocator)."""
+    run_engine(stack, embeds, spans, cfg, 2, device)
+    return run_engine(stack, embeds, spans, cfg, new_tokens, device)
+
+
+def fit_batch(stack, length: int, spans, cfg: ReductionConfig, new_tokens: int, free: int, device) -> dict:
+    """The largest batch whose footprint fits ``free`` bytes."""
+    need = footprint(stack, length, spans, cfg, new_tokens, fused_mass=triton_usable(device))
+    return {"batch": max_batch(free, need)}
+
+
+def run_fit(
+    model, stack, batch: int, audio: int, cfg: ReductionConfig, new_tokens: int, device: torch.device
+) -> dict:
+    """run_engine on a prompt batch of its own: the largest that fits, so nothing else is held."""
+    embeds, spans = prompt_embeds(model, batch, audio)
+    return run_engine(stack, embeds, spans, cfg, new_tokens, device)
 
 
 def bench(args: argparse.Namespace) -> list[dict]:
@@ -198,47 +256,39 @@ def bench(args: argparse.Namespace) -> list[dict]:
     weights = weight_bytes(model)
     bandwidth = copy_bandwidth(device, 1 << 28 if device.type == "cpu" else 1 << 31)
     kv_token = stack.kv_bytes_per_token() * stack.num_layers
-    rows: list[dict] = []
+    report = Report(args)
+
+    def record(cell: dict, res: dict) -> None:
+        row = {**cell, **res, "weights": weights, "kv_per_token_all_layers": kv_token}
+        report.add(finish(row, cell["batch"], bandwidth, args.max_new_tokens))
+
     for seconds in args.audio_seconds:
         audio = int(seconds * TOKENS_PER_SECOND)
         for batch in args.batch:
             embeds, spans = prompt_embeds(model, batch, audio)
             cell = {"audio_s": seconds, "batch": batch, "shape": args.shape, "device": device_name(device)}
-            baseline = None
             if not args.skip_transformers:
-                hf = run_transformers(model, embeds, args.max_new_tokens, device)
-                rows.append(
-                    finish(
-                        {**cell, "system": "transformers", **hf},
-                        batch,
-                        weights,
-                        bandwidth,
-                        args.max_new_tokens,
-                    )
-                )
+                hf = attempt(run_transformers, model, embeds, args.max_new_tokens, device)
+                record({**cell, "system": "transformers"}, hf)
+            baseline = None
             for method in args.methods:
                 for level in [0.0] if method == "none" else args.levels:
                     cfg = reduction_for(method, level, args.schedule, args.first_layer)
-                    run_engine(stack, embeds, spans, cfg, 2, device)  # warm-up (kernels, allocator)
-                    res = run_engine(stack, embeds, spans, cfg, args.max_new_tokens, device)
-                    res["kv_per_token_all_layers"] = kv_token
-                    row = {**cell, "system": "engine", "method": method, "level": level, **res}
-                    tokens = res["tokens"]
-                    if method == "none":
-                        baseline = tokens
-                    elif baseline is not None:
-                        row["same_first_token"] = bool((tokens[:, 0] == baseline[:, 0]).all())
-                    rows.append(finish(row, batch, weights, bandwidth, args.max_new_tokens))
+                    res = attempt(run_engine_warm, stack, embeds, spans, cfg, args.max_new_tokens, device)
+                    if "tokens" in res:
+                        if method == "none":
+                            baseline = res["tokens"]
+                        elif baseline is not None:
+                            res["same_first_token"] = bool((res["tokens"][:, 0] == baseline[:, 0]).all())
+                    record({**cell, "system": "engine", "method": method, "level": level}, res)
     if args.fit:
-        rows += fit_rows(args, model, stack, weights, bandwidth, kv_token, device)
-    add_ratios(rows, weights)
-    return rows
+        fit_rows(args, model, stack, device, record)
+    return report.rows
 
 
-def fit_rows(args, model, stack, weights, bandwidth, kv_token, device) -> list[dict]:
+def fit_rows(args, model, stack, device, record) -> None:
     """Each method at the largest batch that fits: where merging turns saved memory into throughput."""
     free = int(args.memory_gb * 2**30) if args.memory_gb else free_device_bytes(device)
-    rows = []
     for seconds in args.audio_seconds:
         audio = int(seconds * TOKENS_PER_SECOND)
         length = PREFIX + audio + SUFFIX
@@ -246,24 +296,16 @@ def fit_rows(args, model, stack, weights, bandwidth, kv_token, device) -> list[d
         for method in args.methods:
             for level in [0.0] if method == "none" else args.levels:
                 cfg = reduction_for(method, level, args.schedule, args.first_layer)
-                need = footprint(
-                    stack, length, spans, cfg, args.max_new_tokens, fused_mass=triton_usable(device)
-                )
-                batch = max_batch(free, need)
-                if batch == 0:
+                cell = {"audio_s": seconds, "shape": args.shape, "device": device_name(device)}
+                row = {**cell, "system": "engine-fit", "method": method, "level": level}
+                sized = attempt(fit_batch, stack, length, spans, cfg, args.max_new_tokens, free, device)
+                if "error" in sized:
+                    record({**row, "batch": 0}, sized)
                     continue
-                embeds, spans = prompt_embeds(model, batch, audio)
-                res = run_engine(stack, embeds, spans, cfg, args.max_new_tokens, device)
-                res["kv_per_token_all_layers"] = kv_token
-                cell = {
-                    "audio_s": seconds,
-                    "batch": batch,
-                    "shape": args.shape,
-                    "device": device_name(device),
-                }
-                row = {**cell, "system": "engine-fit", "method": method, "level": level, **res}
-                rows.append(finish(row, batch, weights, bandwidth, args.max_new_tokens))
-    return rows
+                if sized["batch"] == 0:
+                    continue
+                res = attempt(run_fit, model, stack, sized["batch"], audio, cfg, args.max_new_tokens, device)
+                record({**row, "batch": sized["batch"]}, res)
 
 
 def add_ratios(rows: list[dict], weights: int) -> None:
@@ -273,6 +315,7 @@ def add_ratios(rows: list[dict], weights: int) -> None:
     def key(r: dict) -> tuple:
         return (r["audio_s"], r["batch"]) if r["system"] != "engine-fit" else (r["audio_s"], "fit")
 
+    rows = [r for r in rows if "error" not in r]
     hf = {key(r): r for r in rows if r["system"] == "transformers"}
     plain = {key(r): r for r in rows if r["system"] in ("engine", "engine-fit") and r["method"] == "none"}
     for r in rows:
@@ -309,6 +352,7 @@ COLUMNS = (
     ("speedup_vs_engine", "{:.2f}x"),
     ("predicted_speedup", "{:.2f}x"),
     ("share_of_predicted", "{:.0%}"),
+    ("error", "{}"),
 )
 
 
@@ -348,14 +392,8 @@ def main(argv: list[str] | None = None) -> None:
         args.shape, args.audio_seconds, args.batch, args.max_new_tokens = "small", [30], [1, 4], 8
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
-    rows = bench(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench.json").write_text(
-        json.dumps({"args": vars(args) | {"out": str(args.out)}, "rows": rows}, indent=1)
-    )
-    table = markdown(rows)
-    (args.out / "bench.md").write_text(table)
-    print(table)
+    bench(args)
+    print((args.out / "bench.md").read_text())
 
 
 if __name__ == "__main__":

@@ -20,19 +20,28 @@ def test_bench_rows_ratios_and_files(tmp_path):
         "--max-new-tokens",
         "4",
     ]
-    argv += ["--methods", "none", "fastadasp", "h2o", "--levels", "0.3", "--fit", "--memory-gb", "0.01"]
+    argv += ["--methods", "none", "fastadasp", "h2o", "--fit", "--memory-gb", "0.01"]
+    argv += ["--levels", "0.3", "0.99"]  # 0.99 is out of a 2-layer constant schedule's reach: an error row
     bench.main([*argv, "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     systems = [(r["system"], r.get("method")) for r in rows]
-    assert systems[:4] == [
+    assert systems[:6] == [
         ("transformers", None),
         ("engine", "none"),
         ("engine", "fastadasp"),
+        ("engine", "fastadasp"),
+        ("engine", "h2o"),
         ("engine", "h2o"),
     ]
+    assert "unreachable" in rows[3]["error"] and "decode_tokens_per_s" not in rows[3]
+    # A real generate step on CPU takes milliseconds (not the clamp of a negative difference).
+    assert rows[0]["decode_ms_per_step"] > 0.05 and rows[0]["prefill_s"] > 0
     merged = rows[2]
     assert merged["kv_bytes"] < rows[1]["kv_bytes"]
     assert merged["predicted_speedup"] > 1 and merged["speedup_vs_transformers"] > 0
-    fit = {r["method"]: r["batch"] for r in rows if r["system"] == "engine-fit"}
+    fit = {r["method"]: r["batch"] for r in rows if r["system"] == "engine-fit" and "error" not in r}
+    failed = [(r["method"], r["level"]) for r in rows if r["system"] == "engine-fit" and "error" in r]
+    assert failed == [("fastadasp", 0.99)]
     assert set(fit) == {"none", "fastadasp", "h2o"} and min(fit.values()) >= 1
-    assert "| engine | fastadasp | 30% |" in (tmp_path / "bench.md").read_text()
+    table = (tmp_path / "bench.md").read_text()
+    assert "| engine | fastadasp | 30% |" in table and "ValueError: target=0.99" in table

@@ -69,7 +69,27 @@ def test_similarity_matches_pytorch(dtype, width):
     expected, got = _both_paths(lambda: ops.adjacent_similarity(keys))
     assert got.shape == (2, 36) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert merge.adjacent_similarity(keys[:, :1]).shape == (2, 0)
+    assert merge.adjacent_similarity(keys[:, None, :1]).shape == (2, 0)
+
+
+@pytest.mark.parametrize("path", ops.PATHS)
+def test_similarity_reads_the_attention_layout_in_place(path):
+    """Keys as attention holds them, [B, H, L, hd] transposed out of [B, L, H, hd]: the same similarity
+    as the heads concatenated, from the strided tensor itself (no copy)."""
+    per_head = torch.randn(2, 37, 3, 16, generator=_gen(3)).to(DEVICE).transpose(1, 2)
+    concatenated = per_head.transpose(1, 2).reshape(2, 37, 48)
+    with ops.forced_path(path):
+        got, expected = ops.adjacent_similarity(per_head), ops.adjacent_similarity(concatenated)
+        span = ops.adjacent_similarity(per_head[:, :, 5:30])
+    assert got.shape == (2, 36)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(span, expected[:, 5:29], rtol=1e-5, atol=1e-6)
+    mass = torch.rand(2, 37, generator=_gen(4)).to(DEVICE)
+    plans = [
+        ops.plan_reduction("fastadasp", 37, [(5, 30)], [9], keys=keys, mass=mass)
+        for keys in (per_head, concatenated)
+    ]
+    assert torch.equal(plans[0].groups, plans[1].groups)
 
 
 @pytest.mark.parametrize(

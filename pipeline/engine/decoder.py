@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from pipeline.kernels import attention_with_lse
+
 
 @dataclass(frozen=True)
 class LayerWeights:
@@ -129,6 +131,15 @@ class DecoderStack:
         out = nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=causal, scale=self.scale, enable_gqa=self.num_heads != self.num_kv_heads
         )
+        return self._join_heads(out)
+
+    def attend_with_lse(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Causal attention as ``attend`` plus each query's log-sum-exp [B, H, Lq] fp32, which merge
+        layers reuse for the attention mass (``pipeline.kernels.attention_with_lse``)."""
+        out, lse = attention_with_lse(q, k, v, scale=self.scale, causal=True)
+        return self._join_heads(out), lse
+
+    def _join_heads(self, out: Tensor) -> Tensor:
         b, _, n, _ = out.shape
         return out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
 

@@ -21,6 +21,10 @@ from pipeline.engine.decoder import DecoderStack
 from pipeline.kernels import span_attention_mass
 from pipeline.merging import ops, schedule
 from pipeline.merging.config import KV_METHODS, ReductionConfig
+from pipeline.merging.ops import MASS_METHODS
+
+# Methods whose merge layers need the attention mass: their attention also returns its log-sum-exp.
+_MASS_USERS = (*MASS_METHODS, *KV_METHODS)
 
 Span = tuple[int, int]
 # Rows prefilled together hold at most this many tokens (at least one row): bounds transient memory.
@@ -129,13 +133,18 @@ def _prefill_rows(
     for i, layer in enumerate(stack.layers):
         cos, sin = stack.rope(positions)
         q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
-        hidden = hidden + layer.o(stack.attend(q, k, v, causal=True))
         ks = plan.removed[i]
+        lse = None
+        if any(ks) and cfg.method in _MASS_USERS:
+            attended, lse = stack.attend_with_lse(q, k, v)
+        else:
+            attended = stack.attend(q, k, v, causal=True)
+        hidden = hidden + layer.o(attended)
         if any(ks) and cfg.method in KV_METHODS:
-            k, v = _h2o_evict(stack, q, k, v, spans, ks, cfg)
+            k, v = _h2o_evict(stack, q, k, v, lse, spans, ks, cfg)
         caches.fill(i, k, v, rows)
         if any(ks) and cfg.method not in KV_METHODS:
-            reduction = _plan_reduction(stack, q, k, spans, ks, cfg, generator)
+            reduction = _plan_reduction(stack, q, k, lse, spans, ks, cfg, generator)
             hidden = reduction.apply(hidden)
             if cfg.position == "right":
                 positions = ops.right_aligned_positions(length, reduction.n_out, b, embeds.device)
@@ -147,14 +156,22 @@ def _prefill_rows(
 
 
 def _span_mass(
-    stack: DecoderStack, q: Tensor, k: Tensor, span: Span, cfg: ReductionConfig, per_head: bool
+    stack: DecoderStack, q: Tensor, k: Tensor, lse: Tensor, span: Span, cfg: ReductionConfig, per_head: bool
 ) -> Tensor:
-    """Attention mass the keys of one span receive: [B, S] or per KV head [B, Hkv, S]."""
+    """Attention mass the keys of one span receive: [B, S] or per KV head [B, Hkv, S]; lse [B, H, L]
+    from this layer's attention."""
     start = span[1] if cfg.mass == "tail" else 0
     if start >= q.shape[2]:
         raise ValueError("mass='tail' needs text after the audio span to use as queries")
     return span_attention_mass(
-        q[:, :, start:], k, scale=stack.scale, causal=True, span=span, query_start=start, per_head=per_head
+        q[:, :, start:],
+        k,
+        scale=stack.scale,
+        causal=True,
+        span=span,
+        query_start=start,
+        per_head=per_head,
+        lse=lse[:, :, start:],
     )
 
 
@@ -162,21 +179,21 @@ def _plan_reduction(
     stack: DecoderStack,
     q: Tensor,
     k: Tensor,
+    lse: Tensor | None,
     spans: list[Span],
     ks: list[int],
     cfg: ReductionConfig,
     generator: torch.Generator,
 ) -> ops.Reduction:
     b, _, length, _ = k.shape
-    keys = k.transpose(1, 2).reshape(b, length, -1)
     mass = None
-    if cfg.method in ("fastadasp", "random-merge", "fastv"):
+    if cfg.method in MASS_METHODS:
         mass = torch.zeros(b, length, dtype=torch.float32, device=k.device)
         for span, n in zip(spans, ks, strict=True):
             if n:
-                mass[:, span[0] : span[1]] = _span_mass(stack, q, k, span, cfg, per_head=False)
+                mass[:, span[0] : span[1]] = _span_mass(stack, q, k, lse, span, cfg, per_head=False)
     return ops.plan_reduction(
-        cfg.method, length, spans, ks, keys=keys, mass=mass, generator=generator, max_chain=cfg.max_chain
+        cfg.method, length, spans, ks, keys=k, mass=mass, generator=generator, max_chain=cfg.max_chain
     )
 
 
@@ -185,6 +202,7 @@ def _h2o_evict(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    lse: Tensor,
     spans: list[Span],
     ks: list[int],
     cfg: ReductionConfig,
@@ -194,7 +212,7 @@ def _h2o_evict(
     prev = 0
     for span, n in zip(spans, ks, strict=True):
         keep.append(torch.arange(prev, span[0], device=k.device).expand(*k.shape[:2], -1))
-        scores = _span_mass(stack, q, k, span, cfg, per_head=True)
+        scores = _span_mass(stack, q, k, lse, span, cfg, per_head=True)
         keep.append(ops.h2o_keep_indices(scores, n) + span[0])
         prev = span[1]
     keep.append(torch.arange(prev, k.shape[2], device=k.device).expand(*k.shape[:2], -1))

@@ -3,8 +3,9 @@
 ``span_attention_mass`` and ``cached_decode_attention`` pick the Triton kernel for CUDA tensors when
 triton is installed and PyTorch otherwise (CPU). The kernel modules import triton and are imported
 only when a kernel is used, so ``pipeline`` imports fine without triton:
-``attention_mass.attention_mass_triton`` (two-pass attention mass) and
-``decode_attention.decode_attention`` (split-K decode attention).
+``attention_mass.attention_mass_triton`` (attention mass; one pass when given the log-sum-exp that
+``attention_with_lse`` returns with the layer's attention) and ``decode_attention.decode_attention``
+(split-K decode attention).
 """
 
 from __future__ import annotations
@@ -39,18 +40,43 @@ def span_attention_mass(
     span: tuple[int, int],
     query_start: int = 0,
     per_head: bool = False,
+    lse: Tensor | None = None,
 ) -> Tensor:
     """``pipeline.merging.mass.attention_mass`` (q [B, Hq, Lq, D], k [B, Hkv, Lk, D] -> [B, S] or
-    [B, Hkv, S] fp32), by the fused Triton kernel where it can run, blockwise in PyTorch elsewhere."""
+    [B, Hkv, S] fp32; lse [B, Hq, Lq] from ``attention_with_lse`` saves a pass), by the fused Triton
+    kernel where it can run, blockwise in PyTorch elsewhere."""
+    args = {"scale": scale, "causal": causal, "span": span, "query_start": query_start, "per_head": per_head}
     if triton_usable(q.device) and supported_head_dim(q.shape[-1]):
         from pipeline.kernels.attention_mass import attention_mass_triton
 
-        return attention_mass_triton(
-            q, k, scale=scale, causal=causal, span=span, query_start=query_start, per_head=per_head
-        )
-    return blockwise.attention_mass(
-        q, k, scale=scale, causal=causal, span=span, query_start=query_start, per_head=per_head
-    )
+        return attention_mass_triton(q, k, lse=lse, **args)
+    return blockwise.attention_mass(q, k, lse=lse, **args)
+
+
+def attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, causal: bool
+) -> tuple[Tensor, Tensor]:
+    """Fused attention that also returns what it computed on the way: each query's log-sum-exp of its
+    scaled scores (natural log, fp32), which the attention mass needs and would otherwise recompute.
+
+    q [B, H, L, D], k/v [B, Hkv, L, D] (same length: prefill) -> (out [B, H, L, D], lse [B, H, L]).
+    PyTorch's public SDPA does not return the log-sum-exp, so this calls the ATen kernels SDPA itself
+    dispatches to (same outputs): flash on CPU, flash (fp16/bf16) or memory-efficient (fp32) on CUDA.
+    """
+    if k.shape[1] != q.shape[1]:  # these kernels take no grouped KV heads; only merge layers pay this
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    aten = torch.ops.aten
+    if q.device.type == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    elif q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    else:  # the memory-efficient kernel pads the log-sum-exp's rows to a multiple of 32
+        out, lse = aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale
+        )[:2]
+        lse = lse[..., : q.shape[2]]
+    return out, lse.float()
 
 
 def decode_attention_torch(
@@ -86,6 +112,7 @@ def cached_decode_attention(
 
 
 __all__ = [
+    "attention_with_lse",
     "cached_decode_attention",
     "decode_attention_torch",
     "span_attention_mass",

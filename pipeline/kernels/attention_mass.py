@@ -6,6 +6,10 @@ it walks the query tiles that can see them, adds up exp(s - lse) per key, and st
 once. Programs run per query head and the heads of a KV group are summed in PyTorch afterwards, so no
 atomics are needed. Scores are kept in base 2 (exp2/log2) because that is what the hardware computes.
 
+A caller whose fused attention already returned the log-sum-exp (``lse``, see
+``pipeline.kernels.attention_with_lse``) skips pass 1: the mass then costs one pass over the span's
+keys, about half an attention forward.
+
 Same contract and result as ``pipeline.merging.mass.attention_mass`` (fp32 accumulation whatever the
 input dtype). Importing this module needs triton; set TRITON_INTERPRET=1 before importing it to run
 the kernels on CPU tensors.
@@ -301,8 +305,10 @@ def attention_mass_triton(
     span: tuple[int, int],
     query_start: int = 0,
     per_head: bool = False,
+    lse: Tensor | None = None,
 ) -> Tensor:
-    """Mass each key in ``span`` [s, e) receives, summed over queries (and heads), in two fused passes.
+    """Mass each key in ``span`` [s, e) receives, summed over queries (and heads), in two fused passes
+    (one when ``lse``, each query's natural-log log-sum-exp [B, Hq, Lq], is given).
 
     q [B, Hq, Lq, D]: queries at absolute positions query_start .. query_start+Lq-1;
     k [B, Hkv, Lk, D]: keys at positions 0 .. Lk-1 (GQA: query head h uses key head h // (Hq/Hkv)).
@@ -310,6 +316,8 @@ def attention_mass_triton(
     Returns [B, e-s] fp32, or [B, Hkv, e-s] when per_head (the query heads of one group summed).
     """
     _check(q, k, span, query_start, causal)
+    if lse is not None and lse.shape != q.shape[:3]:
+        raise ValueError(f"lse {tuple(lse.shape)} must be [B, Hq, Lq] = {tuple(q.shape[:3])}")
     operand, precision = dot_operands(q.dtype, _row_lse_kernel)
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
@@ -320,7 +328,6 @@ def attention_mass_triton(
     first_row = max(span[0] - query_start, 0) if causal else 0
     if first_row < q_len:
         block_m, block_n, warps, stages = _tiles(q.dtype, head_dim)
-        lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
         common = {
             "q_heads": q_heads,
             "group": group,
@@ -334,9 +341,22 @@ def attention_mass_triton(
             "num_stages": stages,
         }
         strides = (*q.stride(), *k.stride())
-        _row_lse_kernel[(triton.cdiv(q_len - first_row, block_m), batch * q_heads)](
-            q, k, lse, *strides, q_len, k_len, first_row=first_row, BLOCK_M=block_m, BLOCK_N=block_n, **common
-        )
+        if lse is None:
+            lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=q.device)
+            _row_lse_kernel[(triton.cdiv(q_len - first_row, block_m), batch * q_heads)](
+                q,
+                k,
+                lse,
+                *strides,
+                q_len,
+                k_len,
+                first_row=first_row,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                **common,
+            )
+        else:  # pass 2 works in base 2 and indexes a contiguous [B, Hq, Lq]
+            lse = (lse.float() * _LOG2E).contiguous()
         # Pass 2 keeps a key tile resident and streams query tiles: the roles of the two block sizes swap.
         _column_mass_kernel[(triton.cdiv(span_len, block_m), batch * q_heads)](
             q,

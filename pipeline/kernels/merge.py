@@ -1,7 +1,7 @@
 """Triton kernels of the merge step: edge scores, top-k selection, grouping and the weighted merge.
 
 A layer's reduction on the GPU is a handful of launches and never syncs with the host:
-``adjacent_similarity`` (one pass over the keys), ``mark_top_k`` per span (one program per row holds
+``adjacent_similarity`` (one pass over the keys, in the attention's layout), ``mark_top_k`` per span (one program per row holds
 its scores in registers and finds the k-th largest by a 32-step bisection of the bit pattern: no
 sort), ``group_rows`` and ``group_index`` (one program per row scans it in chunks), and
 ``merge_rows``: one program per output token and feature slice walks its group's member rows, so
@@ -31,15 +31,18 @@ def _similarity_kernel(
     K,
     OUT,
     stride_kb,
+    stride_kh,
     stride_kl,
     stride_kd,
     n_edges,
-    width,
+    heads,
+    head_dim,
     eps,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """OUT[b, e] = cos(K[b, e], K[b, e + 1]) for a tile of BLOCK_T edges, norms and dot in fp32."""
+    """OUT[b, e] = cos(K[b, :, e], K[b, :, e + 1]) over all heads' dims for a tile of BLOCK_T edges,
+    norms and dot in fp32; K is read in the attention's [B, H, L, hd] layout."""
     b = tl.program_id(1).to(tl.int64)
     edges = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     valid = edges < n_edges
@@ -47,14 +50,16 @@ def _similarity_kernel(
     dot = tl.zeros([BLOCK_T], tl.float32)
     left = tl.zeros([BLOCK_T], tl.float32)
     right = tl.zeros([BLOCK_T], tl.float32)
-    for start in range(0, width, BLOCK_D):
-        dims = start + tl.arange(0, BLOCK_D)
-        mask = valid[:, None] & (dims[None, :] < width)
-        a = tl.load(rows + dims[None, :] * stride_kd, mask=mask, other=0.0).to(tl.float32)
-        c = tl.load(rows + stride_kl + dims[None, :] * stride_kd, mask=mask, other=0.0).to(tl.float32)
-        dot += tl.sum(a * c, 1)
-        left += tl.sum(a * a, 1)
-        right += tl.sum(c * c, 1)
+    for h in range(heads):
+        head = rows + h * stride_kh
+        for start in range(0, head_dim, BLOCK_D):
+            dims = start + tl.arange(0, BLOCK_D)
+            mask = valid[:, None] & (dims[None, :] < head_dim)
+            a = tl.load(head + dims[None, :] * stride_kd, mask=mask, other=0.0).to(tl.float32)
+            c = tl.load(head + stride_kl + dims[None, :] * stride_kd, mask=mask, other=0.0).to(tl.float32)
+            dot += tl.sum(a * c, 1)
+            left += tl.sum(a * a, 1)
+            right += tl.sum(c * c, 1)
     # As torch.nn.functional.normalize: each norm floored at eps.
     sim = dot / (tl.maximum(tl.sqrt(left), eps) * tl.maximum(tl.sqrt(right), eps))
     tl.store(OUT + b * n_edges + edges, sim, mask=valid)
@@ -230,13 +235,14 @@ def _block(n: int, most: int) -> int:
 
 
 def adjacent_similarity(keys: Tensor) -> Tensor:
-    """keys [B, L, D] (any strides; fp32/bf16/fp16) -> cosine similarity of neighbours [B, L-1] fp32."""
-    batch, length, width = keys.shape
+    """keys [B, H, L, hd] (any strides; fp32/bf16/fp16) -> cosine similarity of neighbours over all
+    heads' dims together [B, L-1] fp32: the attention's key layout is read in place, never copied."""
+    batch, heads, length, head_dim = keys.shape
     out = torch.empty(batch, max(length - 1, 0), dtype=torch.float32, device=keys.device)
     if length > 1:
-        block_t, block_d = 8, _block(width, 256)
+        block_t, block_d = 8, _block(head_dim, 256)
         _similarity_kernel[(triton.cdiv(length - 1, block_t), batch)](
-            keys, out, *keys.stride(), length - 1, width, 1e-12, BLOCK_T=block_t, BLOCK_D=block_d
+            keys, out, *keys.stride(), length - 1, heads, head_dim, 1e-12, BLOCK_T=block_t, BLOCK_D=block_d
         )
     return out
 

@@ -63,11 +63,18 @@ def _kernels() -> ModuleType:
     return merge
 
 
+def _per_head(keys: Tensor) -> Tensor:
+    """keys [B, L, D] (heads concatenated) or [B, H, L, hd] (the attention's layout) -> [B, H, L, hd], a view."""
+    return keys[:, None] if keys.dim() == 3 else keys
+
+
 def adjacent_similarity(keys: Tensor) -> Tensor:
-    """keys [B, L, D] (heads concatenated) -> cosine similarity of neighbours [B, L-1], fp32."""
+    """keys [B, L, D] or [B, H, L, hd] -> cosine similarity of neighbours [B, L-1] fp32, over all heads'
+    dims together (as if concatenated)."""
+    keys = _per_head(keys)
     if _on_triton(keys.device):
         return _kernels().adjacent_similarity(keys)
-    unit = torch.nn.functional.normalize(keys.float(), dim=-1)
+    unit = torch.nn.functional.normalize(keys.transpose(1, 2).flatten(2).float(), dim=-1)
     return (unit[:, :-1] * unit[:, 1:]).sum(-1)
 
 
@@ -230,10 +237,12 @@ def _check_spans(
 
 def _batch_of(length: int, keys: Tensor | None, mass: Tensor | None) -> tuple[int, torch.device]:
     if keys is not None:
-        if keys.dim() != 3 or keys.shape[1] != length:
-            raise ValueError(f"keys has shape {tuple(keys.shape)}, expected [B, {length}, D]")
-        if mass is not None and mass.shape != keys.shape[:2]:
-            raise ValueError(f"mass has shape {tuple(mass.shape)}, expected {tuple(keys.shape[:2])}")
+        if keys.dim() not in (3, 4) or keys.shape[-2 if keys.dim() == 4 else 1] != length:
+            raise ValueError(
+                f"keys has shape {tuple(keys.shape)}, expected [B, {length}, D] or [B, H, {length}, hd]"
+            )
+        if mass is not None and mass.shape != (keys.shape[0], length):
+            raise ValueError(f"mass has shape {tuple(mass.shape)}, expected {(keys.shape[0], length)}")
         return keys.shape[0], keys.device
     if mass is None:
         raise ValueError("plan_reduction needs keys or mass (they also give the batch size)")
@@ -307,7 +316,8 @@ def plan_reduction(
     """One layer's reduction of a batch of sequences of ``length`` tokens.
 
     spans: audio spans (start, end), identical for all rows; ks[i]: tokens span i loses.
-    keys [B, length, D]: this layer's keys (heads concatenated) for similarity methods;
+    keys [B, length, D] (heads concatenated) or [B, H, length, hd] (the attention's layout, read in
+    place): this layer's keys for similarity methods;
     mass [B, length] fp32: attention mass each token receives, for weights (fastadasp, random-merge)
     and scores (fastv). Merges select edges (t, t+1) inside a span; a run of selected edges collapses
     into one token. Evictions drop tokens; a dropped token joins the previous group with weight 0.
@@ -343,7 +353,7 @@ def plan_reduction(
             if method == "random-merge":
                 edge_scores = _uniform((batch, n - 1), device, generator)
             else:
-                edge_scores = adjacent_similarity(keys[:, start:end])
+                edge_scores = adjacent_similarity(_per_head(keys)[:, :, start:end])
             if method == "a-tome":  # disjoint pairs (start+2i, start+2i+1): edges 0, 2, 4, ...
                 _mark_top(edge_scores[:, ::2], k, marked[:, start + 1 : end : 2])
             elif max_chain is not None:
