@@ -11,8 +11,8 @@ PyTorch, index_copy cache write, split-K decode attention); (b) fused: the same 
 runs per layer [add + RMSNorm] -> qkv GEMM -> [bias + rope + cache write] -> decode attention -> o GEMM
 -> [add + RMSNorm] -> gate_up GEMM -> [silu * up] -> down GEMM (``pipeline.kernels.fused``).
 Per batch: logits of both on one state (max abs and relative error, same argmax), device kernels of
-one eager step (torch.profiler), ms per step from replays of a one-step CUDA graph (CUDA events,
-engine and fused rounds alternating, median), ms per step as ``GreedyDecoder.run`` reports it (how
+one eager step (torch.profiler: count, device time, the 8 costliest kernels), ms per step from
+replays of a one-step CUDA graph (CUDA events, engine and fused rounds alternating, median), ms per step as ``GreedyDecoder.run`` reports it (how
 benchmarks/h200-2026-11-28 measured), and the bandwidth floor: (weights + KV read) / copy bandwidth.
 A batch whose caches do not fit the free memory is reported as skipped. The JSON is rewritten after
 every batch, so a run cut short keeps what it measured. On CPU all times are the interpreter's.
@@ -186,8 +186,11 @@ def _rewind(decoder: GreedyDecoder, cached: int) -> None:
     decoder.position.fill_(cached)
 
 
-def kernels_per_step(decoder: GreedyDecoder, cached: int) -> int:
-    """Device kernels (and copies) one eager step launches, as CUDA's profiler sees them."""
+def step_profile(decoder: GreedyDecoder, cached: int) -> dict[str, Any]:
+    """One eager step as CUDA's profiler sees it: kernel (and copy) count, their summed device time and
+    the kernels that take most of it (name, us, share): where the distance to the floor goes."""
+    from collections import Counter
+
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -195,7 +198,13 @@ def kernels_per_step(decoder: GreedyDecoder, cached: int) -> int:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         decoder._advance()
         torch.cuda.synchronize()
-    return sum(1 for event in prof.events() if event.device_type == DeviceType.CUDA)
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    by_name: Counter[str] = Counter()
+    for event in kernels:
+        by_name[event.name[:80]] += event.time_range.elapsed_us()  # a kernel's own interval
+    total = sum(by_name.values())
+    top = [{"kernel": name, "us": us, "share": us / total} for name, us in by_name.most_common(8)]
+    return {"kernels": len(kernels), "device_us": total, "top": top}
 
 
 def _one_step(decoder: GreedyDecoder, cached: int, cuda: bool) -> Callable[[], None]:
@@ -284,8 +293,8 @@ def bench_batch(
         zip(("engine", "fused"), make_decoders(stack, caches, args.cached, args.new_tokens, ops), strict=True)
     )
     for name, decoder in decoders.items():
-        if cuda:
-            _attempt(row, f"{name}_kernels", lambda d=decoder: kernels_per_step(d, args.cached))
+        if cuda and _attempt(row, f"{name}_profile", lambda d=decoder: step_profile(d, args.cached)):
+            row[f"{name}_kernels"] = row[f"{name}_profile"]["kernels"]
         _attempt(row, f"{name}_run_ms", lambda d=fresh[name]: run_ms(d))
     return row
 
