@@ -1,14 +1,15 @@
 """Model stage: a Ray actor that loads the model once and turns window PCM into window text + stats.
 
 Rows that are not ``ok`` (errors and empty recordings from the CPU stage) pass through untouched.
-Windows are grouped by sample count so each ``model.run`` call gets equal-length waveforms; when a
-group fails, its windows are retried one by one so only the window that fails becomes an error row.
+All ``ok`` windows of a Ray batch go to one ``model.run`` call, whatever their lengths: the adapter
+batches them as its model allows (Whisper pads every window to 30 s; Qwen2-Audio groups equal audio
+token counts). When the call fails, its windows are retried one by one so only the window that fails
+becomes an error row.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,16 +103,11 @@ class WindowPredictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        by_length: dict[int, list[int]] = defaultdict(list)
-        for i, row in enumerate(rows):
-            if row["status"] == "ok":
-                by_length[len(row["pcm"])].append(i)
+        indices = [i for i, row in enumerate(rows) if row["status"] == "ok"]
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        outputs: dict[int, WindowOutput | Exception] = {}
-        for indices in by_length.values():
-            waveforms = [np.frombuffer(rows[i]["pcm"], dtype="<f4") for i in indices]
-            outputs.update(zip(indices, self._run(waveforms), strict=True))
+        waveforms = [np.frombuffer(rows[i]["pcm"], dtype="<f4") for i in indices]
+        outputs = dict(zip(indices, self._run(waveforms) if waveforms else [], strict=True))
         peak, nvml_used = self._memory()
         out_rows = []
         for i, row in enumerate(rows):

@@ -1,0 +1,43 @@
+"""Model stage: windows of any lengths in one Ray batch reach the model together; bad rows pass through."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.audio.decode import decode_audio
+from schemas.stages import WINDOW_SCHEMA, WINDOW_TEXT_SCHEMA
+from workers.model_stage import WindowPredictor
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "intro.wav"
+
+
+def _row(i: int, pcm: np.ndarray | None, status: str = "ok") -> dict:
+    return {
+        "recording_id": "intro", "source_path": str(EXAMPLE), "content_sha256": "h", "duration_s": 9.0,
+        "window_index": i, "window_count": 4, "start_s": 0.0, "end_s": 1.0, "overlap_before_s": 0.0,
+        "overlap_after_s": 0.0, "meta": "{}", "status": status, "stage": None if status == "ok" else "decode",
+        "error": None if status == "ok" else "bad file", "pcm": None if pcm is None else pcm.astype("<f4").tobytes(),
+    }  # fmt: skip
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_mixed_lengths_share_one_encoder_pass_and_match_single_runs():
+    speech = decode_audio(EXAMPLE).samples
+    cuts = [speech[: 16000 * 3], speech[16000 * 3 : 16000 * 7], speech[16000 * 7 : 16000 * 8 + 1234]]
+    predictor = WindowPredictor("whisper-tiny.en", {"task": "asr"}, {"method": "none"}, device="cpu")
+    calls = []
+    hook = predictor.model.model.model.encoder.conv1.register_forward_hook(lambda *_: calls.append(1))
+    rows = [_row(0, cuts[0]), _row(1, None, status="error"), _row(2, cuts[1]), _row(3, cuts[2])]
+    out = predictor(pa.Table.from_pylist(rows, schema=WINDOW_SCHEMA))
+    hook.remove()
+    assert out.schema == WINDOW_TEXT_SCHEMA and out.num_rows == 4
+    assert len(calls) == 1  # three windows of three lengths: one encoder pass
+    got = out.to_pylist()
+    assert got[1]["status"] == "error" and got[1]["error"] == "bad file" and got[1]["text"] is None
+    one_by_one = [predictor(pa.Table.from_pylist([_row(0, cut)], schema=WINDOW_SCHEMA)) for cut in cuts]
+    assert [got[i]["text"] for i in (0, 2, 3)] == [t.column("text")[0].as_py() for t in one_by_one]
+    assert all(got[i]["text"] for i in (0, 2, 3))
