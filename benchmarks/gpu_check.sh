@@ -18,4 +18,4 @@ timeout "${BENCH_TIMEOUT:-300}" python jobs/bench.py --shape qwen2-audio-7b --de
     --out "$OUT/bench-7b" 2>&1 | tail -20
 timeout 150 python -m pytest -q -p no:cacheprovider tests/test_attention_lse.py tests/test_kernels_attention_mass.py \
     tests/test_kernels_merge.py tests/test_kernels_decode_attention.py tests/test_kernels_fused.py \
-    tests/test_merging_mass.py 2>&1 | tail -8 | tee "$OUT/pytest.txt"
+    tests/test_merging_mass.py tests/test_engine_memory.py 2>&1 | tail -8 | tee "$OUT/pytest.txt"

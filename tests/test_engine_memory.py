@@ -1,9 +1,15 @@
-"""Memory-aware batching: merged caches let more rows fit; prefill transients stop growing."""
+"""Memory-aware batching: merged caches let more rows fit; prefill transients stop growing; the
+Qwen2-Audio adapter batches by it."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+import torch
+
 from pipeline.engine.memory import Footprint, footprint, max_batch
 from pipeline.merging.config import ReductionConfig
+from pipeline.models.base import TaskRequest
 from pipeline.models.qwen2_audio import build_tiny_random
 
 
@@ -22,6 +28,38 @@ def test_merging_shrinks_the_per_row_footprint():
         stack, 780, spans, ReductionConfig(method="fastadasp", target=0.5), 64, fused_mass=True
     )
     assert merged.per_row < plain.per_row
-    assert merged.per_prefill_row == plain.per_prefill_row
+    # Grouped KV heads (4 query, 2 KV): merge layers' attention takes K and V repeated per query head.
+    item = stack.embed_tokens.weight.element_size()
+    assert merged.per_prefill_row - plain.per_prefill_row == 2 * stack.num_heads * 780 * stack.head_dim * item
+    assert stack.num_heads != stack.num_kv_heads
     budget = 64 * 2**20
     assert max_batch(budget, merged) > max_batch(budget, plain)
+
+
+def _tower_batches(qwen) -> list[int]:
+    """Batch sizes the audio tower sees: one forward per generate call."""
+    seen: list[int] = []
+    qwen.audio_tower.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    return seen
+
+
+def test_adapter_splits_equal_windows_into_batches_of_its_size():
+    qwen = build_tiny_random()
+    qwen.max_new_tokens, qwen.max_batch = 2, 4
+    seen = _tower_batches(qwen)
+    rng = np.random.default_rng(0)
+    waves = [(0.1 * rng.standard_normal(16000)).astype(np.float32) for _ in range(10)]
+    outputs = qwen.run(waves, TaskRequest("asr"), ReductionConfig())
+    assert len(outputs) == 10 and seen == [4, 4, 2]
+    assert qwen.batch_size("<|audio_bos|><|AUDIO|><|audio_eos|>", 25, ReductionConfig()) == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adapter_batch_follows_free_memory_on_cuda():
+    qwen = build_tiny_random().to("cuda")
+    prompt, count = "<|audio_bos|><|AUDIO|><|audio_eos|>Transcribe:", 750
+    plain = qwen.batch_size(prompt, count, ReductionConfig())
+    merged = qwen.batch_size(prompt, count, ReductionConfig(method="fastadasp", target=0.5))
+    assert 1 <= plain <= merged  # merged caches are shorter: at least as many windows fit
+    qwen.max_batch = 3
+    assert qwen.batch_size(prompt, count, ReductionConfig()) == min(3, plain)

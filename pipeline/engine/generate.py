@@ -24,7 +24,7 @@ from pipeline.merging.config import KV_METHODS, ReductionConfig
 from pipeline.merging.ops import MASS_METHODS
 
 # Methods whose merge layers need the attention mass: their attention also returns its log-sum-exp.
-_MASS_USERS = (*MASS_METHODS, *KV_METHODS)
+MASS_USERS = (*MASS_METHODS, *KV_METHODS)
 
 Span = tuple[int, int]
 # Rows prefilled together hold at most this many tokens (at least one row): bounds transient memory.
@@ -135,7 +135,7 @@ def _prefill_rows(
         q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
         ks = plan.removed[i]
         lse = None
-        if any(ks) and cfg.method in _MASS_USERS:
+        if any(ks) and cfg.method in MASS_USERS:
             attended, lse = stack.attend_with_lse(q, k, v)
         else:
             attended = stack.attend(q, k, v, causal=True)

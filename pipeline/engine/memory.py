@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.engine.decoder import DecoderStack
-from pipeline.engine.generate import PREFILL_TOKENS, Span, plan_layers
+from pipeline.engine.generate import MASS_USERS, PREFILL_TOKENS, Span, plan_layers
 from pipeline.merging.config import ReductionConfig
 
 # Query block of the PyTorch attention-mass path (pipeline.merging.mass): its fp32 scores are
@@ -41,8 +41,9 @@ def footprint(
     """Bytes for prompts of ``length`` tokens with ``spans`` under ``cfg`` (see ``Footprint``).
 
     Prefill transient per row (first layer, the longest): hidden + residual + attention output, the
-    fused qkv, the MLP's gate/up and product; plus the fp32 mass scores of one query block unless the
-    fused Triton mass kernel runs (``fused_mass``).
+    fused qkv, the MLP's gate/up and product; at merge layers that need the attention mass, the fp32
+    scores of one query block unless the fused Triton mass kernel runs (``fused_mass``), and K and V
+    repeated per query head (grouped-KV models) for the attention that returns its log-sum-exp.
     """
     plan = plan_layers(length, spans, cfg, stack.num_layers)
     kv = sum(n + max_new_tokens for n in plan.cache_lengths) * stack.kv_bytes_per_token()
@@ -51,7 +52,12 @@ def footprint(
     intermediate = stack.layers[0].gate_up_weight.shape[0]
     qkv = (stack.num_heads + 2 * stack.num_kv_heads) * stack.head_dim
     activations = length * (3 * stack.hidden_size + qkv + 3 * intermediate // 2) * item
-    mass = 0 if fused_mass or not cfg.enabled else stack.num_heads * min(MASS_BLOCK, length) * length * 4
+    mass = 0
+    if cfg.enabled and cfg.method in MASS_USERS:
+        if not fused_mass:
+            mass = stack.num_heads * min(MASS_BLOCK, length) * length * 4
+        if stack.num_heads != stack.num_kv_heads:  # attention_with_lse takes K and V per query head
+            mass += 2 * stack.num_heads * length * stack.head_dim * item
     return Footprint(kv + logits, activations + mass, max(1, PREFILL_TOKENS // length))
 
 

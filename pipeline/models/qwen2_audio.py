@@ -24,6 +24,8 @@ from transformers import (
 from pipeline import tasks
 from pipeline.engine.decoder import DecoderStack
 from pipeline.engine.generate import Generation, generate
+from pipeline.engine.memory import footprint, free_device_bytes, max_batch
+from pipeline.kernels import triton_usable
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import TaskRequest, WindowOutput
 from pipeline.stats import WindowStats
@@ -38,6 +40,7 @@ SPECIAL_TOKENS = (
     "<|audio_eos|>",
 )
 TINY_RANDOM = "tiny-random-qwen2-audio"
+CPU_BATCH = 8  # windows per generate call on CPU (no memory reading there; past this, little gain)
 SAMPLE_RATE = 16000
 
 
@@ -106,7 +109,9 @@ def load(name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Qw
 
 
 class Qwen2AudioSpeechModel:
-    """SpeechModel for Qwen2-Audio-shaped models; batches windows of equal audio-token count."""
+    """SpeechModel for Qwen2-Audio-shaped models; batches windows of equal audio-token count, on CUDA as
+    many as the free memory holds under the reduction (merged caches fit more windows), at most
+    ``max_batch`` when given; ``CPU_BATCH`` on CPU."""
 
     sample_rate = SAMPLE_RATE
     max_window_s = 30.0
@@ -119,7 +124,7 @@ class Qwen2AudioSpeechModel:
         feature_extractor: WhisperFeatureExtractor,
         name: str,
         max_new_tokens: int = 256,
-        max_batch: int = 8,
+        max_batch: int | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -239,13 +244,27 @@ class Qwen2AudioSpeechModel:
         for i, n in enumerate(self.audio_token_counts(mask)):
             groups[n].append(i)
         outputs: list[WindowOutput | None] = [None] * len(waveforms)
-        for members in groups.values():
-            for start in range(0, len(members), self.max_batch):
-                batch = members[start : start + self.max_batch]
+        for count, members in groups.items():
+            size = self.batch_size(prompt_text, count, reduction)
+            for start in range(0, len(members), size):
+                batch = members[start : start + size]
                 gen, encode_s = self.generate_batch(prompt_text, [[waveforms[i]] for i in batch], reduction)
                 for row, i in enumerate(batch):
                     outputs[i] = self._output(gen, row, len(batch), encode_s, len(waveforms[i]))
         return outputs
+
+    def batch_size(self, prompt_text: str, audio_tokens: int, reduction: ReductionConfig) -> int:
+        """Windows of ``audio_tokens`` per generate call: on CUDA the largest batch whose caches and
+        prefill activations fit the free memory (``pipeline.engine.memory``), at least 1."""
+        device = self.stack.device
+        if device.type != "cuda":
+            return self.max_batch or CPU_BATCH
+        ids, spans = self.prompt(prompt_text, [audio_tokens])
+        need = footprint(
+            self.stack, len(ids), spans, reduction, self.max_new_tokens, fused_mass=triton_usable(device)
+        )
+        fit = max(1, max_batch(free_device_bytes(device), need))
+        return min(fit, self.max_batch or fit)
 
     def _output(self, gen: Generation, row: int, batch: int, encode_s: float, samples: int) -> WindowOutput:
         n = int(gen.num_tokens[row])
