@@ -1,26 +1,28 @@
-"""One decode step of the engine as it is, against the same step composed from the fused kernels.
+"""One decode step of the engine (fused kernels) against the step it replaced (PyTorch elementwise ops).
 
     python benchmarks/decode_step.py --out decode_step.json             # CUDA, Qwen2-Audio-7B-shaped LM
     python benchmarks/decode_step.py --layers 4 --out quick.json        # 4 layers of that shape
-    python benchmarks/decode_step.py --cpu-smoke --out smoke.json       # tiny fp32 shape, kernels interpreted
+    TRITON_INTERPRET=1 python benchmarks/decode_step.py --cpu-smoke --out smoke.json   # tiny, interpreted
 
 Both variants decode from one random-weight Qwen2 stack and one set of caches (``--cached`` random
 tokens per row) with GreedyDecoder's bookkeeping (argmax, EOS mask, output and step update):
-(a) engine: ``GreedyDecoder`` as the engine runs it (DecoderStack: RMSNorm modules, fused qkv, rope in
-PyTorch, index_copy cache write, split-K decode attention); (b) fused: the same decoder whose forward
-runs per layer [add + RMSNorm] -> qkv GEMM -> [bias + rope + cache write] -> decode attention -> o GEMM
--> [add + RMSNorm] -> gate_up GEMM -> [silu * up] -> down GEMM (``pipeline.kernels.fused``).
+(a) engine: ``GreedyDecoder`` as the engine runs it, per layer [add + RMSNorm] -> qkv GEMM -> [bias +
+rope + cache write] -> decode attention -> o GEMM -> [add + RMSNorm] -> gate_up GEMM -> [silu * up]
+-> down GEMM (``pipeline.kernels.fused``); (b) unfused: the step before those kernels (RMSNorm
+modules, rope in PyTorch, index_copy cache writes, chunk + silu + mul), the same decode attention.
 Per batch: logits of both on one state (max abs and relative error, same argmax), device kernels of
 one eager step (torch.profiler: count, device time, the 8 costliest kernels), ms per step from
-replays of a one-step CUDA graph (CUDA events, engine and fused rounds alternating, median), ms per step as ``GreedyDecoder.run`` reports it (how
-benchmarks/h200-2026-11-28 measured), and the bandwidth floor: (weights + KV read) / copy bandwidth.
-A batch whose caches do not fit the free memory is reported as skipped. The JSON is rewritten after
-every batch, so a run cut short keeps what it measured. On CPU all times are the interpreter's.
+replays of a one-step CUDA graph (CUDA events, rounds alternating, median), ms per step as
+``GreedyDecoder.run`` reports it (how jobs/bench.py measures), and the bandwidth floor: (weights + KV
+read) / copy bandwidth. A batch whose caches do not fit the free memory is reported as skipped. The
+JSON is rewritten after every batch, so a run cut short keeps what it measured. ``--cpu-smoke`` runs
+every kernel in Triton's interpreter (``forced_path("triton")``); its times mean nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,7 +31,6 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,57 +45,31 @@ from torch.nn import functional
 from pipeline.engine.cache import LayerCaches
 from pipeline.engine.decode import GreedyDecoder
 from pipeline.engine.decoder import DecoderStack
+from pipeline.kernels import cached_decode_attention, forced_path
 
 _MARGIN = 4 << 30  # free bytes kept beyond the caches: graph pools, logits, attention partials, cuBLAS
 
 
-@dataclass(frozen=True)
-class FusedOps:
-    """The kernels a fused step calls (signatures of ``pipeline.kernels.fused`` and decode attention)."""
-
-    add_rmsnorm: Callable[[Tensor, Tensor | None, Tensor, float], tuple[Tensor, Tensor]]
-    rope_and_cache: Callable[..., Tensor]
-    silu_mul: Callable[[Tensor], Tensor]
-    attention: Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor]
-
-
-def triton_ops() -> FusedOps:
-    """The Triton kernels, interpreted on CPU tensors when TRITON_INTERPRET=1 was set before."""
-    from pipeline.kernels import fused
-    from pipeline.kernels.decode_attention import decode_attention
-
-    if not fused.HAS_TRITON:
-        raise SystemExit("the fused kernels need triton (and CUDA or TRITON_INTERPRET=1)")
-    return FusedOps(
-        fused.add_rmsnorm_triton, fused.rope_and_cache_triton, fused.silu_mul_triton, decode_attention
-    )
-
-
-class FusedDecoder(GreedyDecoder):
-    """GreedyDecoder whose forward runs the fused kernels over the same stack, caches and state."""
-
-    def __init__(self, *args: Any, ops: FusedOps, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.ops = ops
+class UnfusedDecoder(GreedyDecoder):
+    """The decode step before the fused kernels, over the same stack, caches and state: the reference
+    the engine's step is measured against."""
 
     def _forward(self) -> Tensor:
-        stack, caches, ops = self.stack, self.caches, self.ops
-        batch = self.tokens.shape[0]
-        cos, sin = stack.rope(self.position)  # [B, 1, 1, hd]: once per step, shared by all layers
-        positions = caches.prefill_lengths + self.step  # [layers]: where each layer writes this token
-        lengths = positions + 1
-        x, residual = stack.embed_tokens(self.tokens), None  # [B, D]
+        stack, caches = self.stack, self.caches
+        hidden = stack.embed_tokens(self.tokens)[:, None]
+        cos, sin = stack.rope(self.position)
+        batch = hidden.shape[0]
         for i, layer in enumerate(stack.layers):
-            norm = layer.attn_norm
-            normed, residual = ops.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
-            qkv = functional.linear(normed, layer.qkv_weight)  # bias added by the rope kernel
-            q = ops.rope_and_cache(qkv, cos, sin, caches.k[i], caches.v[i], positions[i], layer.qkv_bias)
-            x = layer.o(ops.attention(q, caches.k[i], caches.v[i], lengths[i], stack.scale).view(batch, -1))
-            norm = layer.mlp_norm
-            normed, residual = ops.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
-            x = layer.down(ops.silu_mul(functional.linear(normed, layer.gate_up_weight)))
-        normed, _ = ops.add_rmsnorm(x, residual, stack.final_norm.weight, stack.final_norm.variance_epsilon)
-        return stack.lm_head(normed).float()
+            q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
+            index = (caches.prefill_lengths[i] + self.step).view(1)
+            caches.k[i].index_copy_(2, index, k)
+            caches.v[i].index_copy_(2, index, v)
+            length = caches.prefill_lengths[i] + self.step + 1
+            attn = cached_decode_attention(q[:, :, 0], caches.k[i], caches.v[i], length, stack.scale)
+            hidden = hidden + layer.o(attn.reshape(batch, 1, -1))
+            gate, up = functional.linear(layer.mlp_norm(hidden), layer.gate_up_weight).chunk(2, dim=-1)
+            hidden = hidden + layer.down(functional.silu(gate) * up)
+        return stack.logits(hidden[:, -1])
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -156,22 +131,22 @@ def fill_caches(stack: DecoderStack, batch: int, cached: int, new_tokens: int) -
 
 
 def make_decoders(
-    stack: DecoderStack, caches: LayerCaches, cached: int, new_tokens: int, ops: FusedOps
-) -> tuple[GreedyDecoder, FusedDecoder]:
-    """An engine and a fused decoder at the same state: same first tokens, step 0, shared caches."""
+    stack: DecoderStack, caches: LayerCaches, cached: int, new_tokens: int
+) -> tuple[GreedyDecoder, UnfusedDecoder]:
+    """The engine's decoder and the unfused one at the same state: same first tokens, step 0, shared caches."""
     gen = torch.Generator().manual_seed(caches.k[0].shape[0])
     first = torch.randint(0, stack.embed_tokens.num_embeddings, (caches.k[0].shape[0],), generator=gen)
     kwargs = {"max_new_tokens": new_tokens, "eos_token_ids": [], "pad_token_id": 0}
     first = first.to(stack.device)
     return (
         GreedyDecoder(stack, caches, cached, first, **kwargs),
-        FusedDecoder(stack, caches, cached, first, ops=ops, **kwargs),
+        UnfusedDecoder(stack, caches, cached, first, **kwargs),
     )
 
 
-def compare_logits(engine: GreedyDecoder, fused: FusedDecoder) -> dict[str, Any]:
+def compare_logits(engine: GreedyDecoder, unfused: UnfusedDecoder) -> dict[str, Any]:
     """Logits of one step from the same state (each writes its own k, v at the same position first)."""
-    expected, got = engine._forward(), fused._forward()
+    expected, got = unfused._forward(), engine._forward()
     err = (got - expected).abs().max().item()
     return {
         "logits_max_abs_err": err,
@@ -265,9 +240,9 @@ def _attempt(row: dict[str, Any], key: str, measure: Callable[[], Any]) -> bool:
 
 
 def bench_batch(
-    stack: DecoderStack, batch: int, args: argparse.Namespace, ops: FusedOps, floor: Callable[[int], float]
+    stack: DecoderStack, batch: int, args: argparse.Namespace, floor: Callable[[int], float]
 ) -> dict[str, Any]:
-    """One table row; a fused step that fails leaves the engine's numbers and says why."""
+    """One table row; a step that fails leaves the other's numbers and says why."""
     cuda = stack.device.type == "cuda"
     row: dict[str, Any] = {"batch": batch}
     need = cache_bytes(stack, batch, args.cached + args.new_tokens)
@@ -278,19 +253,19 @@ def bench_batch(
             return {**row, "skipped": f"caches need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"}
     print(f"batch {batch}: {need / 2**30:.2f} GiB of caches", flush=True)
     caches = fill_caches(stack, batch, args.cached, args.new_tokens)
-    engine, fused = make_decoders(stack, caches, args.cached, args.new_tokens, ops)
-    decoders: dict[str, GreedyDecoder] = {"engine": engine, "fused": fused}
-    if _attempt(row, "agreement", lambda: compare_logits(engine, fused)):
+    engine, unfused = make_decoders(stack, caches, args.cached, args.new_tokens)
+    decoders: dict[str, GreedyDecoder] = {"engine": engine, "unfused": unfused}
+    if _attempt(row, "agreement", lambda: compare_logits(engine, unfused)):
         row.update(row.pop("agreement"))
     else:
-        del decoders["fused"]
+        del decoders["engine"]
     row["floor_ms"] = floor(batch)
     for name, ms in step_ms(decoders, args, cuda).items():
         row[f"{name}_ms"], row[f"{name}_vs_floor"] = ms, ms / row["floor_ms"]
-    if "fused_ms" in row:
-        row["speedup"] = row["engine_ms"] / row["fused_ms"]
+    if "engine_ms" in row:
+        row["speedup"] = row["unfused_ms"] / row["engine_ms"]
     fresh = dict(
-        zip(("engine", "fused"), make_decoders(stack, caches, args.cached, args.new_tokens, ops), strict=True)
+        zip(("engine", "unfused"), make_decoders(stack, caches, args.cached, args.new_tokens), strict=True)
     )
     for name, decoder in decoders.items():
         if cuda and _attempt(row, f"{name}_profile", lambda d=decoder: step_profile(d, args.cached)):
@@ -301,9 +276,10 @@ def bench_batch(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    if args.cpu_smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton (transformers does)
-    elif not torch.cuda.is_available():
+    if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        # triton picks compiled or interpreted when first imported, which this module's imports do
+        raise SystemExit("--cpu-smoke needs TRITON_INTERPRET=1 in the environment")
+    if not args.cpu_smoke and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --cpu-smoke")
     import transformers
     import triton
@@ -314,7 +290,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"unknown shape {args.shape!r}: one of {sorted(SHAPES)}")
     config = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    ops = triton_ops()
     result: dict[str, Any] = {
         "device": (platform.processor() or "cpu") if args.cpu_smoke else torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -338,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         for batch in args.batches:
             try:
-                row = bench_batch(stack, batch, args, ops, floor)
+                with forced_path("triton") if args.cpu_smoke else contextlib.nullcontext():
+                    row = bench_batch(stack, batch, args, floor)
             except Exception as exc:  # report and go on: one failed batch must not hide the others
                 traceback.print_exc()
                 row = {"batch": batch, "error": repr(exc)}

@@ -32,8 +32,6 @@ from typing import Any
 
 from table import cell, text_table  # sibling module: these run as scripts
 
-PATHS = ("triton", "pytorch")
-
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -183,24 +181,25 @@ def bench_step(
     method: str, k: int, path: str, inputs: dict[str, Any], args: argparse.Namespace, timer: Timer
 ) -> dict[str, Any]:
     """Times one method, count and path; returns the row and (for checks) its reduction and output."""
+    from pipeline.kernels import forced_path
     from pipeline.merging import ops
 
     span = tuple(args.span)
     x = inputs["hidden"]
 
     def plan() -> ops.Reduction:
-        with ops.forced_path(path):
+        with forced_path(path):
             return ops.plan_reduction(method, args.length, [span], [k], keys=inputs["k"], mass=inputs["mass"])
 
     red = plan()
 
     def apply() -> Any:
-        with ops.forced_path(path):
+        with forced_path(path):
             return red.apply(x)
 
     def step() -> Any:
         reduction = plan()
-        with ops.forced_path(path):
+        with forced_path(path):
             return reduction.apply(x)
 
     row: dict[str, Any] = {"method": method, "k": k, "path": path, "n_out": red.n_out}
@@ -280,7 +279,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for method in args.methods:
             for k in args.ks:
                 try:
-                    pair = [bench_step(method, k, path, inputs, args, timer) for path in PATHS]
+                    pair = [
+                        bench_step(method, k, path, inputs, args, timer) for path in ("triton", "pytorch")
+                    ]
                 except Exception as error:  # one failing case must not lose the others
                     rows.append({"method": method, "k": k, "error": repr(error)[:300]})
                     continue

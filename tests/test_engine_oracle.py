@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pipeline.engine.generate import plan_layers
+from pipeline.kernels import forced_path, supported_head_dim
 from pipeline.merging.config import METHODS, NO_REDUCTION, ReductionConfig
 from pipeline.models.qwen2_audio import AUDIO_TOKEN, build_tiny_random
 
@@ -184,3 +185,23 @@ def test_chain_cap_reaches_the_engine(qwen):
     assert not torch.equal(merged.first_logits, plain.first_logits)
     with pytest.raises(ValueError, match="max_chain=2"):
         ours(qwen, PROMPT, rows, capped.with_(ratio=0.6))  # pairs alone cannot remove 60%
+
+
+@pytest.mark.parametrize("method", ["none", "fastadasp", "h2o"])
+def test_triton_path_gives_the_pytorch_tokens(qwen, method):
+    """The engine on its Triton path (interpreted on CPU tensors): attention mass from the attention's
+    log-sum-exp, the merge-step kernels, and the fused decode step with split-K attention, against the
+    PyTorch path of the same prompts, token for token."""
+    pytest.importorskip("triton")
+    assert supported_head_dim(qwen.stack.head_dim)  # else the dispatchers would quietly take PyTorch
+    rows = [[clip(1)], [clip(2)]]
+    cfg = ReductionConfig(method=method, schedule="constant", first_layer=0, target=0.3)
+    if method == "none":
+        cfg = NO_REDUCTION
+    with forced_path("pytorch"):
+        expected = ours(qwen, PROMPT, rows, cfg)
+    with forced_path("triton"):
+        got = ours(qwen, PROMPT, rows, cfg)
+    torch.testing.assert_close(got.first_logits, expected.first_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.tokens, expected.tokens)
+    assert got.plan.cache_lengths == expected.plan.cache_lengths

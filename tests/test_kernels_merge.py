@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from pipeline.kernels import merge
+from pipeline.kernels import PATHS, forced_path, merge
 from pipeline.merging import ops
 from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS
 
@@ -35,9 +34,9 @@ def _gen(seed: int) -> torch.Generator:
 
 def _both_paths(fn):
     """fn() under the PyTorch path, then under the Triton path."""
-    with ops.forced_path("pytorch"):
+    with forced_path("pytorch"):
         expected = fn()
-    with ops.forced_path("triton"):
+    with forced_path("triton"):
         got = fn()
     return expected, got
 
@@ -72,13 +71,13 @@ def test_similarity_matches_pytorch(dtype, width):
     assert merge.adjacent_similarity(keys[:, None, :1]).shape == (2, 0)
 
 
-@pytest.mark.parametrize("path", ops.PATHS)
+@pytest.mark.parametrize("path", PATHS)
 def test_similarity_reads_the_attention_layout_in_place(path):
     """Keys as attention holds them, [B, H, L, hd] transposed out of [B, L, H, hd]: the same similarity
     as the heads concatenated, from the strided tensor itself (no copy)."""
     per_head = torch.randn(2, 37, 3, 16, generator=_gen(3)).to(DEVICE).transpose(1, 2)
     concatenated = per_head.transpose(1, 2).reshape(2, 37, 48)
-    with ops.forced_path(path):
+    with forced_path(path):
         got, expected = ops.adjacent_similarity(per_head), ops.adjacent_similarity(concatenated)
         span = ops.adjacent_similarity(per_head[:, :, 5:30])
     assert got.shape == (2, 36)
@@ -190,7 +189,7 @@ def test_index_and_merge_of_arbitrary_groups(seed):
 
 
 def test_bf16_sums_in_fp32_and_other_dtypes_fall_back():
-    with ops.forced_path("triton"):
+    with forced_path("triton"):
         # In bf16, 256 + 1 + 1 rounds to 256; the fp32 mean is exactly 86.
         x = torch.tensor([[[256.0], [1.0], [1.0]]], dtype=torch.bfloat16, device=DEVICE)
         red = ops.plan_reduction("average", 3, [(0, 3)], [2], keys=torch.ones(1, 3, 2, device=DEVICE))
@@ -202,42 +201,6 @@ def test_bf16_sums_in_fp32_and_other_dtypes_fall_back():
         got = red.apply(values)
         assert got.dtype == torch.float64
         torch.testing.assert_close(got.float(), red.apply(values.float()))
-
-
-_COMPILE = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from pipeline.kernels import merge
-
-SCALARS = {"eps": "fp32", "floor": "fp32"}
-KERNELS = [
-    (merge._similarity_kernel, {"K": "*bf16", "OUT": "*fp32"}, {"BLOCK_T": 8, "BLOCK_D": 256}, 4),
-    (merge._mark_top_kernel, {"S": "*fp32", "OUT": "*i8"}, {"LARGEST": False, "BLOCK": 8192}, 8),
-    (merge._similarity_kernel, {"K": "*fp32", "OUT": "*fp32"}, {"BLOCK_T": 8, "BLOCK_D": 256}, 4),
-    (merge._group_kernel, {"MARKED": "*i8", "MASS": "*fp32", "GROUPS": "*i64", "WEIGHTS": "*fp32"},
-     {"WEIGHTED": True, "EVICT": True, "BLOCK": 1024}, 4),
-    (merge._index_kernel, {"GROUPS": "*i64", "WEIGHTS": "*fp32", "LEAD": "*i64", "BOUNDS": "*i64"},
-     {"BLOCK": 1024}, 4),
-    (merge._merge_kernel, {"X": "*bf16", "WEIGHTS": "*fp32", "LEAD": "*i64", "BOUNDS": "*i64", "OUT": "*bf16"},
-     {"BLOCK_D": 4096}, 8),
-]
-for kernel, pointers, constants, warps in KERNELS:
-    signature = {
-        name: "constexpr" if name in constants else pointers.get(name) or SCALARS.get(name, "i32")
-        for name in kernel.arg_names
-    }
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-    triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the other tests compile the kernels on this GPU")
-def test_kernels_compile_for_hopper():
-    """Without a GPU, compile every kernel for sm_90 down to a cubin (ptxas), so that a GPU session does
-    not discover what the interpreter forgives."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
-    subprocess.run([sys.executable, "-c", textwrap.dedent(_COMPILE)], check=True, env=env, timeout=300)
 
 
 @pytest.mark.slow

@@ -7,11 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.kernels import forced_path
 from pipeline.merging.config import CHAIN_METHODS, EVICT_METHODS, MERGE_METHODS
 from pipeline.merging.ops import (
     adjacent_similarity,
     capped_most,
-    forced_path,
     h2o_keep_indices,
     plan_reduction,
     right_aligned_positions,

@@ -40,12 +40,6 @@ class LayerCaches:
         self.v[layer][rows, :, :n] = v
         self.lengths[layer] = n
 
-    def write_decode(self, layer: int, k: Tensor, v: Tensor, step: Tensor) -> None:
-        """Write one decode token k, v [B, Hkv, 1, hd] at prefill length + step (step: device [] int64)."""
-        index = (self.prefill_lengths[layer] + step).view(1)
-        self.k[layer].index_copy_(2, index, k)
-        self.v[layer].index_copy_(2, index, v)
-
     def nbytes(self) -> int:
         """Bytes held by the filled parts of all layers."""
         return sum(

@@ -12,10 +12,11 @@ import time
 
 import torch
 from torch import Tensor
+from torch.nn import functional
 
 from pipeline.engine.cache import LayerCaches
 from pipeline.engine.decoder import DecoderStack
-from pipeline.kernels import cached_decode_attention, triton_usable
+from pipeline.kernels import cached_decode_attention, fused, triton_usable
 
 
 class GreedyDecoder:
@@ -35,12 +36,13 @@ class GreedyDecoder:
     ) -> None:
         device = first_tokens.device
         batch = first_tokens.shape[0]
-        if use_graph and not triton_usable(device):
+        graph_ready = device.type == "cuda" and triton_usable(device)
+        if use_graph and not graph_ready:
             raise ValueError(
                 "CUDA-graph decoding needs a CUDA device and triton (cache lengths on the device)"
             )
         self.stack, self.caches = stack, caches
-        self.use_graph = triton_usable(device) if use_graph is None else use_graph
+        self.use_graph = graph_ready if use_graph is None else use_graph
         self.max_new_tokens = max_new_tokens
         self.pad = pad_token_id
         self.eos = torch.tensor(eos_token_ids, device=device)
@@ -53,19 +55,31 @@ class GreedyDecoder:
         self.check_every = 16 if device.type == "cuda" else 1
 
     def _forward(self) -> Tensor:
-        """Logits [B, V] for the current token at the current position."""
+        """Logits [B, V] for the current token at the current position.
+
+        Per layer: [add residual + RMSNorm] -> qkv GEMM -> [bias + rope + cache write] -> decode
+        attention -> o GEMM -> [add residual + RMSNorm] -> gate_up GEMM -> [silu * up] -> down GEMM;
+        the bracketed steps are single Triton kernels on CUDA (``pipeline.kernels.fused``; their PyTorch
+        twins elsewhere), so a captured step launches about ten kernels per layer, not thirty.
+        """
         stack, caches = self.stack, self.caches
-        hidden = stack.embed_tokens(self.tokens)[:, None]
-        cos, sin = stack.rope(self.position)
-        batch = hidden.shape[0]
+        batch = self.tokens.shape[0]
+        cos, sin = stack.rope(self.position)  # [B, 1, 1, hd]: once per step, shared by all layers
+        positions = caches.prefill_lengths + self.step  # [layers]: where each layer writes this token
+        x, residual = stack.embed_tokens(self.tokens), None  # [B, D]
         for i, layer in enumerate(stack.layers):
-            q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
-            caches.write_decode(i, k, v, self.step)
-            length = caches.prefill_lengths[i] + self.step + 1
-            attn = cached_decode_attention(q[:, :, 0], caches.k[i], caches.v[i], length, stack.scale)
-            hidden = hidden + layer.o(attn.reshape(batch, 1, -1))
-            hidden = hidden + stack.mlp(layer, layer.mlp_norm(hidden))
-        return stack.logits(hidden[:, -1])
+            norm = layer.attn_norm
+            normed, residual = fused.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
+            qkv = functional.linear(normed, layer.qkv_weight)  # the bias is added with the rope
+            q = fused.rope_and_cache(qkv, cos, sin, caches.k[i], caches.v[i], positions[i], layer.qkv_bias)
+            attn = cached_decode_attention(q, caches.k[i], caches.v[i], positions[i] + 1, stack.scale)
+            x = layer.o(attn.view(batch, -1))
+            norm = layer.mlp_norm
+            normed, residual = fused.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
+            x = stack.mlp(layer, normed)
+        norm = stack.final_norm
+        normed, _ = fused.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
+        return stack.lm_head(normed).float()
 
     def _advance(self) -> None:
         token = self._forward().argmax(-1)

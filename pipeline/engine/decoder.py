@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.kernels import attention_with_lse
+from pipeline.kernels.fused import silu_mul
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,6 @@ class LayerWeights:
     mlp_norm: nn.Module
     gate_up_weight: Tensor
     down: nn.Linear
-    act: nn.Module
 
 
 def _fuse(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None]:
@@ -59,7 +59,6 @@ def _layer_weights(layer: nn.Module) -> LayerWeights:
         mlp_norm=layer.post_attention_layernorm,
         gate_up_weight=gate_up_weight,
         down=mlp.down_proj,
-        act=mlp.act_fn,
     )
 
 
@@ -73,6 +72,8 @@ class DecoderStack:
         cfg = text_model.config
         if getattr(cfg, "use_sliding_window", False):
             raise ValueError("sliding-window attention is not supported by the merge engine")
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"hidden_act={cfg.hidden_act!r}: the engine runs gated SiLU MLPs (silu_mul)")
         self.embed_tokens = text_model.embed_tokens
         self.final_norm = text_model.norm
         self.lm_head = lm_head
@@ -122,9 +123,8 @@ class DecoderStack:
         return _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin), v.transpose(1, 2)
 
     def mlp(self, layer: LayerWeights, hidden: Tensor) -> Tensor:
-        """Normed hidden [B, L, D] -> gated MLP output [B, L, D]."""
-        gate, up = nn.functional.linear(hidden, layer.gate_up_weight).chunk(2, dim=-1)
-        return layer.down(layer.act(gate) * up)
+        """Normed hidden [..., D] -> gated MLP output [..., D]: down(silu(gate) * up)."""
+        return layer.down(silu_mul(nn.functional.linear(hidden, layer.gate_up_weight)))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool) -> Tensor:
         """Fused attention with grouped KV heads: q [B, H, Lq, hd], k/v [B, Hkv, Lk, hd] -> [B, Lq, H*hd]."""

@@ -1,7 +1,7 @@
 """Triton kernels for the merge engine, with the PyTorch paths they replace where Triton cannot run.
 
 ``span_attention_mass`` and ``cached_decode_attention`` pick the Triton kernel for CUDA tensors when
-triton is installed and PyTorch otherwise (CPU). The kernel modules import triton and are imported
+triton is installed and PyTorch otherwise (CPU); ``forced_path`` (``paths``) overrides that. The kernel modules import triton and are imported
 only when a kernel is used, so ``pipeline`` imports fine without triton:
 ``attention_mass.attention_mass_triton`` (attention mass; one pass when given the log-sum-exp that
 ``attention_with_lse`` returns with the layer's attention) and ``decode_attention.decode_attention``
@@ -10,20 +10,14 @@ only when a kernel is used, so ``pipeline`` imports fine without triton:
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
 from torch.nn import functional
 
+from pipeline.kernels.paths import PATHS, forced_path, triton_usable
 from pipeline.merging import (
     mass as blockwise,
 )  # not a bare name: the submodule attention_mass would shadow it
-
-
-def triton_usable(device: torch.device) -> bool:
-    """Whether the Triton kernels run on ``device``: a CUDA device and triton installed."""
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def supported_head_dim(head_dim: int) -> bool:
@@ -112,9 +106,11 @@ def cached_decode_attention(
 
 
 __all__ = [
+    "PATHS",
     "attention_with_lse",
     "cached_decode_attention",
     "decode_attention_torch",
+    "forced_path",
     "span_attention_mass",
     "supported_head_dim",
     "triton_usable",

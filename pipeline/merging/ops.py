@@ -6,14 +6,11 @@ Pure tensor functions, model-agnostic. A layer's reduction is planned once (``pl
 
 Two paths give the same plans and results: CUDA tensors take the Triton kernels of
 ``pipeline.kernels.merge`` when triton is installed (a few launches, no host sync, one pass over the
-hidden states); everything else takes PyTorch. ``forced_path`` picks one explicitly.
+hidden states); everything else takes PyTorch. ``pipeline.kernels.forced_path`` picks one explicitly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import ModuleType
@@ -21,40 +18,15 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from pipeline.kernels.paths import triton_usable
 from pipeline.merging.config import CHAIN_METHODS, EVICT_METHODS, MERGE_METHODS
 
 SIMILARITY_METHODS = ("fastadasp", "average", "a-tome")
 MASS_METHODS = ("fastadasp", "random-merge", "fastv")
 WEIGHTED_METHODS = ("fastadasp", "random-merge")
-PATHS = ("triton", "pytorch")
 # Attention mass can underflow to 0; a group whose weights are all 0 would divide 0 by 0. Masses are
 # sums of probabilities (order 1 and above), so this floor never changes a real weight.
 _MIN_MASS = 1e-20
-_FORCED: ContextVar[str | None] = ContextVar("merge_path", default=None)
-
-
-@contextmanager
-def forced_path(path: str) -> Iterator[None]:
-    """Inside the block, planning and applying take ``path`` whatever the device: ``pytorch`` (e.g. to
-    time it on CUDA) or ``triton`` (on CPU tensors only with TRITON_INTERPRET=1 set before triton is
-    first imported). Outside, CUDA tensors take Triton when it is installed. A Reduction planned on
-    one path applies on either."""
-    if path not in PATHS:
-        raise ValueError(f"path={path!r} is not one of {', '.join(PATHS)}")
-    token = _FORCED.set(path)
-    try:
-        yield
-    finally:
-        _FORCED.reset(token)
-
-
-def _on_triton(device: torch.device) -> bool:
-    forced = _FORCED.get()
-    if forced is not None:
-        return forced == "triton"
-    from pipeline.kernels import triton_usable  # here: pipeline.kernels imports pipeline.merging
-
-    return triton_usable(device)
 
 
 def _kernels() -> ModuleType:
@@ -72,7 +44,7 @@ def adjacent_similarity(keys: Tensor) -> Tensor:
     """keys [B, L, D] or [B, H, L, hd] -> cosine similarity of neighbours [B, L-1] fp32, over all heads'
     dims together (as if concatenated)."""
     keys = _per_head(keys)
-    if _on_triton(keys.device):
+    if triton_usable(keys.device):
         return _kernels().adjacent_similarity(keys)
     unit = torch.nn.functional.normalize(keys.transpose(1, 2).flatten(2).float(), dim=-1)
     return (unit[:, :-1] * unit[:, 1:]).sum(-1)
@@ -161,7 +133,7 @@ class Reduction:
     _bounds: Tensor | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if _on_triton(self.groups.device):
+        if triton_usable(self.groups.device):
             self._lead, self._bounds = _kernels().group_index(self.groups, self.weights, self.n_out)
         else:
             self._lead, self._bounds = self._gather.lead, None
@@ -180,7 +152,7 @@ class Reduction:
         batch, length = self.groups.shape
         if x.shape[:2] != (batch, length):
             raise ValueError(f"x has shape {tuple(x.shape)}, expected [{batch}, {length}, ...]")
-        if self._bounds is not None and _on_triton(x.device) and x.dtype in _kernels().MERGE_DTYPES:
+        if self._bounds is not None and triton_usable(x.device) and x.dtype in _kernels().MERGE_DTYPES:
             out = _kernels().merge_rows(x.reshape(batch, length, -1), self.weights, self._lead, self._bounds)
         else:
             out = self._gather.apply(x.reshape(batch * length, -1))
@@ -260,7 +232,7 @@ def _uniform(shape: tuple[int, int], device: torch.device, generator: torch.Gene
 def _mark_top(scores: Tensor, k: int, out: Tensor, *, largest: bool = True) -> None:
     """Sets out[b, i] (a bool view [B, M] of the plan's marks) for the k largest (or smallest) of
     scores [B, M]."""
-    if _on_triton(scores.device):
+    if triton_usable(scores.device):
         _kernels().mark_top_k(scores, k, out, largest=largest)
     else:
         out.scatter_(1, scores.float().topk(k, dim=1, largest=largest, sorted=False).indices, True)
@@ -291,7 +263,7 @@ def _mark_top_capped(scores: Tensor, k: int, cap: int, out: Tensor) -> None:
 def _group(marked: Tensor, mass: Tensor | None, evict: bool) -> tuple[Tensor, Tensor]:
     """marked [B, L] (joins the previous token, or dropped when evict), mass [B, L] or None ->
     groups [B, L] int64, weights [B, L] fp32 (mass floored, or 1; 0 where dropped)."""
-    if _on_triton(marked.device):
+    if triton_usable(marked.device):
         return _kernels().group_rows(marked, mass, evict=evict, floor=_MIN_MASS)
     # Tokens before a row's first unmarked token (evictions at position 0) join group 0.
     groups = ((~marked).long().cumsum(1) - 1).clamp_min(0)
