@@ -61,7 +61,7 @@ class UnfusedDecoder(GreedyDecoder):
         batch = hidden.shape[0]
         for i, layer in enumerate(stack.layers):
             q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
-            index = (caches.prefill_lengths[i] + self.step).view(1)
+            index = caches.prefill_lengths[i, :1] + self.step  # every row has the same length here
             caches.k[i].index_copy_(2, index, k)
             caches.v[i].index_copy_(2, index, v)
             length = caches.prefill_lengths[i] + self.step + 1
@@ -115,9 +115,8 @@ def cache_bytes(stack: DecoderStack, batch: int, tokens: int) -> int:
 def fill_caches(stack: DecoderStack, batch: int, cached: int, new_tokens: int) -> LayerCaches:
     """Caches of ``cached`` filled positions per layer and row (standard normal keys and values)."""
     caches = LayerCaches(
-        [cached] * stack.num_layers,
+        [[cached] * stack.num_layers] * batch,
         new_tokens,
-        batch,
         stack.num_kv_heads,
         stack.head_dim,
         stack.dtype,
@@ -126,7 +125,7 @@ def fill_caches(stack: DecoderStack, batch: int, cached: int, new_tokens: int) -
     for k, v in zip(caches.k, caches.v, strict=True):
         k.normal_()
         v.normal_()
-    caches.lengths = [cached] * stack.num_layers
+    caches.filled = [[cached] * batch for _ in range(stack.num_layers)]
     return caches
 
 
@@ -138,9 +137,10 @@ def make_decoders(
     first = torch.randint(0, stack.embed_tokens.num_embeddings, (caches.k[0].shape[0],), generator=gen)
     kwargs = {"max_new_tokens": new_tokens, "eos_token_ids": [], "pad_token_id": 0}
     first = first.to(stack.device)
+    prompt = torch.full_like(first, cached)
     return (
-        GreedyDecoder(stack, caches, cached, first, **kwargs),
-        UnfusedDecoder(stack, caches, cached, first, **kwargs),
+        GreedyDecoder(stack, caches, prompt, first, **kwargs),
+        UnfusedDecoder(stack, caches, prompt, first, **kwargs),
     )
 
 

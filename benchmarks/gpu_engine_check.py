@@ -18,7 +18,7 @@ import torch
 
 from jobs.bench import PREFIX, build_model, prompt_embeds
 from pipeline.engine.decoder import DecoderStack
-from pipeline.engine.generate import generate
+from pipeline.engine.generate import PromptGroup, generate
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.qwen2_audio import AUDIO_TOKEN, build_tiny_random
 
@@ -67,7 +67,12 @@ def _small(dtype: torch.dtype) -> dict:
         ref = model.generate(inputs_embeds=embeds, max_new_tokens=32, do_sample=False, pad_token_id=0)
         stack = DecoderStack(model.model, model.lm_head)
         gen = generate(
-            stack, embeds, spans, ReductionConfig(), max_new_tokens=32, eos_token_ids=[], pad_token_id=0
+            stack,
+            [PromptGroup(embeds, spans)],
+            ReductionConfig(),
+            max_new_tokens=32,
+            eos_token_ids=[],
+            pad_token_id=0,
         )
         ours = gen.tokens
         agree = (ours == ref[:, : ours.shape[1]]).float()

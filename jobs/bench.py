@@ -27,7 +27,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from pipeline.engine.decoder import DecoderStack
-from pipeline.engine.generate import generate
+from pipeline.engine.generate import PromptGroup, generate
 from pipeline.engine.memory import footprint, free_device_bytes, max_batch
 from pipeline.kernels import triton_usable
 from pipeline.merging.config import METHODS, ReductionConfig
@@ -157,7 +157,9 @@ def run_transformers(model, embeds, new_tokens: int, device: torch.device) -> di
 def run_engine(stack, embeds, spans, cfg: ReductionConfig, new_tokens: int, device: torch.device) -> dict:
     reset_peak(device)
     t0 = time.perf_counter()
-    gen = generate(stack, embeds, spans, cfg, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+    gen = generate(
+        stack, [PromptGroup(embeds, spans)], cfg, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0
+    )
     total = time.perf_counter() - t0
     return {
         "prefill_s": gen.prefill_s,

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     gen, encode_s = model.generate_batch(prompt, [[audio.samples]], reduction)
     n = int(gen.num_tokens[0])
     text = model.tokenizer.decode(gen.tokens[0, :n].tolist(), skip_special_tokens=True)
-    plan = gen.plan
+    plan = gen.plans[0]
     print(text.strip())
     print(f"\nreduction: {reduction.to_dict()}")
     print(f"audio: {audio.duration_s:.2f} s -> {plan.audio_lengths[0]} tokens")

@@ -43,14 +43,17 @@ def _tower_batches(qwen) -> list[int]:
     return seen
 
 
-def test_adapter_splits_equal_windows_into_batches_of_its_size():
+def test_adapter_batches_windows_of_any_length_up_to_its_size():
     qwen = build_tiny_random()
     qwen.max_new_tokens, qwen.max_batch = 2, 4
     seen = _tower_batches(qwen)
     rng = np.random.default_rng(0)
-    waves = [(0.1 * rng.standard_normal(16000)).astype(np.float32) for _ in range(10)]
+    seconds = [1.0, 2.5, 0.5, 1.7, 3.0, 1.0, 2.2, 0.8, 1.3, 2.0]  # mixed lengths batch together
+    waves = [(0.1 * rng.standard_normal(int(16000 * t))).astype(np.float32) for t in seconds]
     outputs = qwen.run(waves, TaskRequest("asr"), ReductionConfig())
     assert len(outputs) == 10 and seen == [4, 4, 2]
+    # Longest first: each output belongs to its own window.
+    assert [o.stats.audio_seconds for o in outputs] == seconds
     assert qwen.batch_size("<|audio_bos|><|AUDIO|><|audio_eos|>", 25, ReductionConfig()) == 4
 
 

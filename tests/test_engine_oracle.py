@@ -103,10 +103,10 @@ def test_reduction_at_last_layer_cannot_reach_the_logits(qwen, method):
     plain, merged = ours(qwen, PROMPT, rows), ours(qwen, PROMPT, rows, cfg)
     assert torch.equal(plain.first_logits, merged.first_logits)
     if method == "h2o":  # the last layer's own cache shrinks, so only decoding can see it
-        assert merged.plan.cache_lengths[last] < plain.plan.cache_lengths[last]
+        assert merged.plans[0].cache_lengths[last] < plain.plans[0].cache_lengths[last]
     else:  # the merge layer caches the full length: nothing after it to shorten
         assert torch.equal(plain.tokens, merged.tokens)
-        assert merged.plan.cache_lengths == plain.plan.cache_lengths
+        assert merged.plans[0].cache_lengths == plain.plans[0].cache_lengths
 
 
 def expected_audio_lengths(n: int, ratios: list[float], method: str) -> list[int]:
@@ -126,16 +126,16 @@ def test_cache_lengths_follow_the_schedule(qwen, method, schedule):
     rows = [[clip(1)]]
     cfg = ReductionConfig(method=method, schedule=schedule, first_layer=1, ratio=0.3)
     gen = ours(qwen, PROMPT, rows, cfg)
-    n_audio = gen.plan.audio_lengths[0]
+    n_audio = gen.plans[0].audio_lengths[0]
     layers = qwen.stack.num_layers
     ratios = {
         "single": [0, 0.3, 0, 0],
         "constant": [0, 0.3, 0.3, 0.3],
         "decay": [0, 0.3, 0.3 * (layers - 3) / (layers - 2), 0],
     }[schedule]
-    assert gen.plan.audio_lengths == expected_audio_lengths(n_audio, ratios, method)
-    text = gen.plan.cache_lengths[0] - n_audio
-    assert gen.plan.cache_lengths == [text + a for a in gen.plan.audio_lengths]
+    assert gen.plans[0].audio_lengths == expected_audio_lengths(n_audio, ratios, method)
+    text = gen.plans[0].cache_lengths[0] - n_audio
+    assert gen.plans[0].cache_lengths == [text + a for a in gen.plans[0].audio_lengths]
     assert gen.kv_bytes_kept < gen.kv_bytes_full
 
 
@@ -165,7 +165,7 @@ def test_positions_policy_changes_outputs_only_through_positions(qwen):
         rows,
         ReductionConfig(method="fastadasp", schedule="single", first_layer=0, ratio=0.5, position="right"),
     )
-    assert first.plan == right.plan
+    assert first.plans == right.plans
     assert not torch.allclose(first.first_logits, right.first_logits)
 
 
@@ -181,7 +181,7 @@ def test_chain_cap_reaches_the_engine(qwen):
     capped = ReductionConfig(method="fastadasp", schedule="single", first_layer=0, ratio=0.3, max_chain=2)
     plain = ours(qwen, PROMPT, rows, capped.with_(max_chain=None))
     merged = ours(qwen, PROMPT, rows, capped)
-    assert merged.plan == plain.plan  # same counts per layer, different groups
+    assert merged.plans == plain.plans  # same counts per layer, different groups
     assert not torch.equal(merged.first_logits, plain.first_logits)
     with pytest.raises(ValueError, match="max_chain=2"):
         ours(qwen, PROMPT, rows, capped.with_(ratio=0.6))  # pairs alone cannot remove 60%
@@ -198,7 +198,7 @@ def test_triton_path_gives_the_pytorch_tokens(qwen, method):
     PyTorch path of the same prompts, token for token."""
     pytest.importorskip("triton")
     assert supported_head_dim(qwen.stack.head_dim)  # else the dispatchers would quietly take PyTorch
-    rows = [[clip(1)], [clip(2)]]
+    rows = [[clip(1)], [clip(2, seconds=2.0)], [clip(3)]]  # two lengths: per-row cache positions
     cfg = ReductionConfig(method=method, schedule="constant", first_layer=0, target=0.3)
     if method == "none":
         cfg = NO_REDUCTION
@@ -208,4 +208,30 @@ def test_triton_path_gives_the_pytorch_tokens(qwen, method):
         got = ours(qwen, PROMPT, rows, cfg)
     torch.testing.assert_close(got.first_logits, expected.first_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.tokens, expected.tokens)
-    assert got.plan.cache_lengths == expected.plan.cache_lengths
+    assert got.plans == expected.plans
+
+
+@pytest.mark.parametrize("method", ["none", "fastadasp", "fastv", "h2o", "a-tome"])
+def test_windows_of_different_lengths_decode_together_as_alone(qwen, method):
+    """Rows whose audio gives different token counts prefill apart and decode in one batch, each over
+    its own cache lengths: every row's tokens and plan are what it gets alone, in the input order."""
+    rows = [[clip(1)], [clip(2, seconds=1.5)], [clip(3, seconds=2.2)], [clip(4)]]
+    cfg = NO_REDUCTION if method == "none" else ReductionConfig(method, "constant", first_layer=0, target=0.3)
+    batch = ours(qwen, PROMPT, rows, cfg)
+    assert len({p.prompt_length for p in batch.plans}) == 3 and batch.tokens.shape[0] == 4
+    for i, row in enumerate(rows):
+        single = ours(qwen, PROMPT, [row], cfg)
+        n = int(single.num_tokens[0])
+        assert batch.tokens[i, :n].tolist() == single.tokens[0, :n].tolist()
+        assert batch.plans[i] == single.plans[0]
+        torch.testing.assert_close(batch.first_logits[i], single.first_logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_two_clips_of_different_lengths_per_row(qwen):
+    rows = [[clip(1), clip(2, seconds=1.0)], [clip(3, seconds=2.0), clip(4)]]
+    cfg = ReductionConfig("fastadasp", "constant", first_layer=0, target=0.3)
+    batch = ours(qwen, TWO_CLIPS, rows, cfg)
+    for i, row in enumerate(rows):
+        single = ours(qwen, TWO_CLIPS, [row], cfg)
+        n = int(single.num_tokens[0])
+        assert batch.tokens[i, :n].tolist() == single.tokens[0, :n].tolist()

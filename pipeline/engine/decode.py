@@ -20,13 +20,17 @@ from pipeline.kernels import cached_decode_attention, fused, triton_usable
 
 
 class GreedyDecoder:
-    """Decodes after prefill. ``run`` returns tokens [B, T] (pad after EOS) and the steps taken."""
+    """Decodes after prefill. ``run`` returns tokens [B, T] (pad after EOS) and the steps taken.
+
+    prompt_lengths [B]: each row's prompt length (its next position); first_tokens [B]: the tokens
+    prefill chose. Every row writes and attends at its own cache lengths (``caches.prefill_lengths``).
+    """
 
     def __init__(
         self,
         stack: DecoderStack,
         caches: LayerCaches,
-        prompt_length: int,
+        prompt_lengths: Tensor,
         first_tokens: Tensor,
         *,
         max_new_tokens: int,
@@ -48,7 +52,8 @@ class GreedyDecoder:
         self.eos = torch.tensor(eos_token_ids, device=device)
         self.tokens = first_tokens.clone()
         self.step = torch.zeros((), dtype=torch.long, device=device)
-        self.position = torch.full((batch, 1), prompt_length, dtype=torch.long, device=device)
+        # Original positions: a row's next token sits at its prompt length however merging shortened it.
+        self.position = prompt_lengths.to(device=device, dtype=torch.long).view(batch, 1).clone()
         self.finished = torch.isin(first_tokens, self.eos)
         self.out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         self.out[:, 0] = first_tokens
@@ -65,7 +70,7 @@ class GreedyDecoder:
         stack, caches = self.stack, self.caches
         batch = self.tokens.shape[0]
         cos, sin = stack.rope(self.position)  # [B, 1, 1, hd]: once per step, shared by all layers
-        positions = caches.prefill_lengths + self.step  # [layers]: where each layer writes this token
+        positions = caches.prefill_lengths + self.step  # [layers, B]: where each layer and row writes
         x, residual = stack.embed_tokens(self.tokens), None  # [B, D]
         for i, layer in enumerate(stack.layers):
             norm = layer.attn_norm

@@ -38,6 +38,7 @@ class LayerPlan:
     removed: list[list[int]]
     cache_lengths: list[int]  # whole-sequence KV length of each layer after prefill
     audio_lengths: list[int]  # audio tokens (all spans) each layer caches
+    prompt_length: int  # tokens of the prompt before any reduction
 
 
 def plan_layers(length: int, spans: list[Span], cfg: ReductionConfig, num_layers: int) -> LayerPlan:
@@ -45,14 +46,14 @@ def plan_layers(length: int, spans: list[Span], cfg: ReductionConfig, num_layers
     _check_spans(length, spans)
     audio = sum(e - s for s, e in spans)
     if not cfg.enabled:
-        return LayerPlan([[0] * len(spans)] * num_layers, [length] * num_layers, [audio] * num_layers)
+        return LayerPlan([[0] * len(spans)] * num_layers, [length] * num_layers, [audio] * num_layers, length)
     ratios = schedule.resolve_ratios(cfg, num_layers)
     per_span = [schedule.removed_counts(e - s, ratios, cfg.method) for s, e in spans]
     per_span_len = [schedule.span_lengths(e - s, ratios, cfg.method) for s, e in spans]
     removed = [[counts[i] for counts in per_span] for i in range(num_layers)]
     audio_lengths = [sum(lens[i] for lens in per_span_len) for i in range(num_layers)]
     cache = [length - audio + a for a in audio_lengths]
-    return LayerPlan(removed, cache, audio_lengths)
+    return LayerPlan(removed, cache, audio_lengths, length)
 
 
 def _check_spans(length: int, spans: list[Span]) -> None:
@@ -67,13 +68,30 @@ def _check_spans(length: int, spans: list[Span]) -> None:
         prev_end = e
 
 
+@dataclass(frozen=True)
+class PromptGroup:
+    """Prompts that share a length and audio spans: embeds [B, L, D] (audio scattered in), spans."""
+
+    embeds: Tensor
+    spans: list[Span]
+
+    @property
+    def rows(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
+
+
 @dataclass
 class Generation:
-    """tokens [B, T] (after EOS: pad id), num_tokens [B] generated per row (EOS included)."""
+    """tokens [B, T] (after EOS: pad id), num_tokens [B] generated per row (EOS included); plans[b]:
+    row b's layer plan (rows of one PromptGroup share it)."""
 
     tokens: Tensor
     num_tokens: Tensor
-    plan: LayerPlan
+    plans: list[LayerPlan]
     prefill_s: float = 0.0
     decode_s: float = 0.0
     kv_bytes_full: int = 0
@@ -90,31 +108,41 @@ def _sync(device: torch.device) -> None:
 @torch.inference_mode()
 def prefill(
     stack: DecoderStack,
-    embeds: Tensor,
-    spans: list[Span],
+    groups: list[PromptGroup],
     cfg: ReductionConfig,
     max_new_tokens: int,
     prefill_tokens: int = PREFILL_TOKENS,
-) -> tuple[Tensor, LayerCaches, LayerPlan]:
-    """embeds [B, L, D] (audio already scattered in) -> last-token logits [B, V], filled caches, plan.
+) -> tuple[Tensor, LayerCaches, list[LayerPlan]]:
+    """Prompt groups -> last-token logits [B, V] (rows in group order), filled caches, plan per row.
 
-    Rows are prefilled in groups of at most ``prefill_tokens`` tokens (at least one row), so the
-    transient activations stay bounded whatever the batch: memory then scales with the caches alone.
+    Each group is prefilled apart (its rows share a length), in chunks of at most ``prefill_tokens``
+    tokens (at least one row), so the transient activations stay bounded whatever the batch: memory
+    then scales with the caches alone. Rows of different groups share the caches and decode together.
     """
-    b, length, _ = embeds.shape
-    plan = plan_layers(length, spans, cfg, stack.num_layers)
+    if not groups:
+        raise ValueError("no prompts to prefill")
+    plans = [plan_layers(g.length, g.spans, cfg, stack.num_layers) for g in groups]
+    row_plans = [plan for g, plan in zip(groups, plans, strict=True) for _ in range(g.rows)]
+    first = groups[0].embeds
     caches = LayerCaches(
-        plan.cache_lengths, max_new_tokens, b, stack.num_kv_heads, stack.head_dim, embeds.dtype, embeds.device
+        [p.cache_lengths for p in row_plans],
+        max_new_tokens,
+        stack.num_kv_heads,
+        stack.head_dim,
+        first.dtype,
+        first.device,
     )
-    generator = torch.Generator(device=embeds.device).manual_seed(cfg.seed)
-    group = max(1, prefill_tokens // length)
-    logits = [
-        _prefill_rows(stack, embeds[r : r + group], spans, cfg, plan, caches, slice(r, r + group), generator)
-        for r in range(0, b, group)
-    ]
-    if caches.lengths != plan.cache_lengths:
-        raise RuntimeError(f"cache lengths {caches.lengths} differ from the plan {plan.cache_lengths}")
-    return torch.cat(logits), caches, plan
+    logits, offset = [], 0
+    for g, plan in zip(groups, plans, strict=True):
+        generator = torch.Generator(device=g.embeds.device).manual_seed(cfg.seed)
+        chunk = max(1, prefill_tokens // g.length)
+        for r in range(0, g.rows, chunk):
+            rows = slice(offset + r, offset + min(r + chunk, g.rows))
+            embeds = g.embeds[r : r + chunk]
+            logits.append(_prefill_rows(stack, embeds, g.spans, cfg, plan, caches, rows, generator))
+        offset += g.rows
+    caches.check_filled()
+    return torch.cat(logits), caches, row_plans
 
 
 def _prefill_rows(
@@ -223,35 +251,34 @@ def _h2o_evict(
 @torch.inference_mode()
 def generate(
     stack: DecoderStack,
-    embeds: Tensor,
-    spans: list[Span],
+    groups: list[PromptGroup],
     cfg: ReductionConfig,
     *,
     max_new_tokens: int,
     eos_token_ids: list[int],
     pad_token_id: int,
 ) -> Generation:
-    """Greedy decoding of a batch of prompts that share length and audio spans.
+    """Greedy decoding of every row of the prompt groups, all rows in one decode batch.
 
-    embeds [B, L, D] -> Generation with tokens [B, max_new_tokens or fewer]. Rows stop at any EOS id;
-    the loop ends when all rows have stopped or the budget is spent.
+    -> Generation with tokens [B, max_new_tokens or fewer], rows in group order. Groups of different
+    lengths prefill apart and decode together, each row attending to its own cache lengths, so a
+    row's tokens do not depend on the other rows. Rows stop at any EOS id; the loop ends when all
+    rows have stopped or the budget is spent.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    device = embeds.device
-    b, length, _ = embeds.shape
+    device = groups[0].embeds.device if groups else torch.device("cpu")
     _sync(device)
     t0 = time.perf_counter()
-    logits, caches, plan = prefill(stack, embeds, spans, cfg, max_new_tokens)
-    first_logits = logits
+    logits, caches, plans = prefill(stack, groups, cfg, max_new_tokens)
     tokens = logits.argmax(-1)
     _sync(device)
     t1 = time.perf_counter()
-    kv_kept = caches.nbytes()
+    prompt_lengths = torch.tensor([g.length for g in groups for _ in range(g.rows)], device=device)
     decoder = GreedyDecoder(
         stack,
         caches,
-        length,
+        prompt_lengths,
         tokens,
         max_new_tokens=max_new_tokens,
         eos_token_ids=eos_token_ids,
@@ -269,11 +296,11 @@ def generate(
     return Generation(
         tokens=out[:, :steps],
         num_tokens=num_tokens,
-        plan=plan,
+        plans=plans,
         prefill_s=t1 - t0,
         decode_s=t2 - t1,
-        kv_bytes_full=b * length * stack.num_layers * stack.kv_bytes_per_token(),
-        kv_bytes_kept=kv_kept,
+        kv_bytes_full=sum(g.rows * g.length for g in groups) * stack.num_layers * stack.kv_bytes_per_token(),
+        kv_bytes_kept=caches.nbytes(),
         steady_step_s=decoder.steady_s / max(decoder.steady_steps, 1),
-        first_logits=first_logits,
+        first_logits=logits,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from transformers import (
 
 from pipeline import tasks
 from pipeline.engine.decoder import DecoderStack
-from pipeline.engine.generate import Generation, generate
+from pipeline.engine.generate import Generation, PromptGroup, generate
 from pipeline.engine.memory import footprint, free_device_bytes, max_batch
 from pipeline.kernels import triton_usable
 from pipeline.merging.config import ReductionConfig
@@ -109,9 +110,10 @@ def load(name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> Qw
 
 
 class Qwen2AudioSpeechModel:
-    """SpeechModel for Qwen2-Audio-shaped models; batches windows of equal audio-token count, on CUDA as
-    many as the free memory holds under the reduction (merged caches fit more windows), at most
-    ``max_batch`` when given; ``CPU_BATCH`` on CPU."""
+    """SpeechModel for Qwen2-Audio-shaped models. Windows of any lengths decode together (equal
+    audio-token counts share a prefill); on CUDA a batch holds as many windows as the free memory
+    allows under the reduction (merged caches fit more), at most ``max_batch`` when given; on CPU
+    ``max_batch`` or ``CPU_BATCH``."""
 
     sample_rate = SAMPLE_RATE
     max_window_s = 30.0
@@ -209,7 +211,11 @@ class Qwen2AudioSpeechModel:
     def generate_batch(
         self, prompt_text: str, clips: list[list[np.ndarray]], reduction: ReductionConfig
     ) -> tuple[Generation, float]:
-        """Rows of clips that give equal token counts -> (Generation, encode seconds)."""
+        """Rows of clips (the same number per row, any lengths) -> (Generation, encode seconds).
+
+        Rows whose clips give the same audio-token counts form one prompt group (one prefill); all
+        rows decode together, each over its own cache lengths.
+        """
         t0 = time.perf_counter()
         flat = [clip for row in clips for clip in row]
         features, mask = self.features(flat)
@@ -218,39 +224,46 @@ class Qwen2AudioSpeechModel:
             torch.cuda.synchronize()
         encode_s = time.perf_counter() - t0
         per_row = len(clips[0])
-        counts = [x.shape[0] for x in encoded[:per_row]]
-        ids, spans = self.prompt(prompt_text, counts)
         audio = [encoded[i : i + per_row] for i in range(0, len(encoded), per_row)]
-        ids_t = torch.tensor([ids] * len(clips))
+        by_counts: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for row, row_audio in enumerate(audio):
+            by_counts[tuple(x.shape[0] for x in row_audio)].append(row)
+        groups, order = [], []
+        for counts, rows in by_counts.items():
+            ids, spans = self.prompt(prompt_text, list(counts))
+            ids_t = torch.tensor([ids] * len(rows))
+            groups.append(PromptGroup(self.embed(ids_t, spans, [audio[r] for r in rows]), spans))
+            order += rows
         reduction.check_layers(self.stack.num_layers)
         gen = generate(
             self.stack,
-            self.embed(ids_t, spans, audio),
-            spans,
+            groups,
             reduction,
             max_new_tokens=self.max_new_tokens,
             eos_token_ids=self.eos_token_ids,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        return gen, encode_s
+        return _reorder(gen, order), encode_s
 
     # --- SpeechModel -------------------------------------------------------------------------------
     def run(
         self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
     ) -> list[WindowOutput]:
+        """Windows of any lengths, longest first, in batches that decode together (``batch_size`` of
+        the batch's longest window)."""
         prompt_text = tasks.prompt(request)
         _, mask = self.features(waveforms)
-        groups: dict[int, list[int]] = defaultdict(list)
-        for i, n in enumerate(self.audio_token_counts(mask)):
-            groups[n].append(i)
+        counts = self.audio_token_counts(mask)
+        order = sorted(range(len(waveforms)), key=lambda i: -counts[i])
         outputs: list[WindowOutput | None] = [None] * len(waveforms)
-        for count, members in groups.items():
-            size = self.batch_size(prompt_text, count, reduction)
-            for start in range(0, len(members), size):
-                batch = members[start : start + size]
-                gen, encode_s = self.generate_batch(prompt_text, [[waveforms[i]] for i in batch], reduction)
-                for row, i in enumerate(batch):
-                    outputs[i] = self._output(gen, row, len(batch), encode_s, len(waveforms[i]))
+        start = 0
+        while start < len(order):
+            size = self.batch_size(prompt_text, counts[order[start]], reduction)
+            batch = order[start : start + size]
+            gen, encode_s = self.generate_batch(prompt_text, [[waveforms[i]] for i in batch], reduction)
+            for row, i in enumerate(batch):
+                outputs[i] = self._output(gen, row, len(batch), encode_s, len(waveforms[i]))
+            start += size
         return outputs
 
     def batch_size(self, prompt_text: str, audio_tokens: int, reduction: ReductionConfig) -> int:
@@ -269,16 +282,29 @@ class Qwen2AudioSpeechModel:
     def _output(self, gen: Generation, row: int, batch: int, encode_s: float, samples: int) -> WindowOutput:
         n = int(gen.num_tokens[row])
         ids = [t for t in gen.tokens[row, :n].tolist() if t not in self.eos_token_ids]
-        plan = gen.plan
+        plan = gen.plans[row]
+        per_token = self.stack.kv_bytes_per_token()
         stats = WindowStats(
             audio_seconds=samples / SAMPLE_RATE,
             audio_tokens_in=plan.audio_lengths[0],
             audio_tokens_kept=sum(plan.audio_lengths) / len(plan.audio_lengths),
-            kv_bytes_full=gen.kv_bytes_full // batch,
-            kv_bytes_kept=gen.kv_bytes_kept // batch,
+            kv_bytes_full=plan.prompt_length * len(plan.cache_lengths) * per_token,
+            kv_bytes_kept=sum(plan.cache_lengths) * per_token,
             encode_s=encode_s / batch,
             prefill_s=gen.prefill_s / batch,
             decode_s=gen.decode_s / batch,
             generated_tokens=n,
         )
         return WindowOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), stats=stats)
+
+
+def _reorder(gen: Generation, order: list[int]) -> Generation:
+    """gen's rows are in group order: row j of gen is input row order[j]. Back to input order."""
+    back = torch.argsort(torch.tensor(order, device=gen.tokens.device))
+    return replace(
+        gen,
+        tokens=gen.tokens[back],
+        num_tokens=gen.num_tokens[back],
+        plans=[gen.plans[i] for i in back.tolist()],
+        first_logits=None if gen.first_logits is None else gen.first_logits[back],
+    )
