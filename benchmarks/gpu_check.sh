@@ -16,6 +16,9 @@ timeout 60 python benchmarks/merge_step.py --out "$OUT/merge_step.json" 2>&1 | t
 timeout "${BENCH_TIMEOUT:-300}" python jobs/bench.py --shape qwen2-audio-7b --device cuda --audio-seconds 240 \
     --batch 1 8 32 --max-new-tokens "${NEW_TOKENS:-32}" --methods none fastadasp --levels 0.5 --fit \
     --out "$OUT/bench-7b" 2>&1 | tail -20
+timeout 120 python jobs/bench.py --shape qwen2-audio-7b --device cuda --audio-seconds 30 --batch 16 \
+    --max-new-tokens 32 --methods none fastadasp --levels 0.5 --ragged --skip-transformers \
+    --out "$OUT/bench-ragged" 2>&1 | tail -8
 timeout 150 python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_attention_lse.py tests/test_kernels_attention_mass.py \
     tests/test_kernels_merge.py tests/test_kernels_decode_attention.py tests/test_kernels_fused.py \
     tests/test_merging_mass.py tests/test_engine_memory.py 2>&1 | tail -8 | tee "$OUT/pytest.txt"

@@ -10,7 +10,9 @@ for a fixed number of new tokens (no EOS). Reported: prefill s, decode ms per st
 step after warm-up and CUDA-graph capture, which end-to-end time includes), decode tokens/s,
 end-to-end s, peak device memory, KV bytes, the bandwidth floor of a decode step (weights + mean KV
 bytes at the measured copy bandwidth) and ratios against both baselines. ``--fit`` also runs every
-method at the largest batch that fits the free memory (or ``--memory-gb``).
+method at the largest batch that fits the free memory (or ``--memory-gb``); ``--ragged`` also decodes
+prompts of different lengths (70-100% of the audio length, as VAD-cut windows are) in one batch and
+one by one (``speedup_vs_one_by_one``).
 """
 
 from __future__ import annotations
@@ -283,9 +285,60 @@ def bench(args: argparse.Namespace) -> list[dict]:
                         elif baseline is not None:
                             res["same_first_token"] = bool((res["tokens"][:, 0] == baseline[:, 0]).all())
                     record({**cell, "system": "engine", "method": method, "level": level}, res)
+    if args.ragged:
+        ragged_rows(args, model, stack, device, record)
     if args.fit:
         fit_rows(args, model, stack, device, record)
     return report.rows
+
+
+def run_ragged(stack, groups: list[PromptGroup], cfg: ReductionConfig, new_tokens: int, device) -> dict:
+    """Prompts of different lengths: all in one generate (they decode together), then each alone (what
+    a batch of equal lengths only would do with them); tokens/s of both."""
+    run_engine_warm(stack, groups[0].embeds, groups[0].spans, cfg, new_tokens, device)  # warm-up
+    reset_peak(device)
+    sync(device)
+    t0 = time.perf_counter()
+    gen = generate(stack, groups, cfg, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+    together_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for g in groups:
+        generate(stack, [g], cfg, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+    sync(device)
+    alone_s = time.perf_counter() - t0
+    return {
+        "prefill_s": gen.prefill_s,
+        "decode_s": gen.decode_s,
+        "steps": gen.tokens.shape[1],
+        "e2e_s": together_s,
+        "peak_bytes": peak_bytes(device),
+        "kv_bytes": gen.kv_bytes_kept,
+        "steady_ms_per_step": 1e3 * gen.steady_step_s,
+        "one_by_one_e2e_s": alone_s,
+        "speedup_vs_one_by_one": alone_s / together_s,
+    }
+
+
+def ragged_rows(args, model, stack, device, record) -> None:
+    """Windows of different lengths (audio from 70% to 100% of --audio-seconds, as VAD cuts give)
+    decoded in one batch against one by one."""
+    for seconds in args.audio_seconds:
+        for batch in args.batch:
+            audio = [
+                int(seconds * TOKENS_PER_SECOND * (0.7 + 0.3 * i / max(batch - 1, 1))) for i in range(batch)
+            ]
+            groups = [PromptGroup(*prompt_embeds(model, 1, n)) for n in audio]
+            for method in args.methods:
+                for level in [0.0] if method == "none" else args.levels:
+                    cfg = reduction_for(method, level, args.schedule, args.first_layer)
+                    res = attempt(run_ragged, stack, groups, cfg, args.max_new_tokens, device)
+                    cell = {
+                        "audio_s": seconds,
+                        "batch": batch,
+                        "shape": args.shape,
+                        "device": device_name(device),
+                    }
+                    record({**cell, "system": "engine-ragged", "method": method, "level": level}, res)
 
 
 def fit_rows(args, model, stack, device, record) -> None:
@@ -315,11 +368,13 @@ def add_ratios(rows: list[dict], weights: int) -> None:
     bytes predict: (weights + full KV) / (weights + merged KV)."""
 
     def key(r: dict) -> tuple:
-        return (r["audio_s"], r["batch"]) if r["system"] != "engine-fit" else (r["audio_s"], "fit")
+        if r["system"] == "engine-fit":
+            return (r["audio_s"], "fit")
+        return (r["audio_s"], r["batch"], r["system"] == "engine-ragged")
 
     rows = [r for r in rows if "error" not in r]
     hf = {key(r): r for r in rows if r["system"] == "transformers"}
-    plain = {key(r): r for r in rows if r["system"] in ("engine", "engine-fit") and r["method"] == "none"}
+    plain = {key(r): r for r in rows if r["system"] != "transformers" and r["method"] == "none"}
     for r in rows:
         if r["system"] == "transformers":
             continue
@@ -354,6 +409,7 @@ COLUMNS = (
     ("speedup_vs_engine", "{:.2f}x"),
     ("predicted_speedup", "{:.2f}x"),
     ("share_of_predicted", "{:.0%}"),
+    ("speedup_vs_one_by_one", "{:.2f}x"),
     ("error", "{}"),
 )
 
@@ -387,6 +443,9 @@ def main(argv: list[str] | None = None) -> None:
         "--memory-gb", type=float, help="memory budget for --fit (default: free device memory)"
     )
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--ragged", action="store_true", help="also windows of different lengths: one batch vs one by one"
+    )
     parser.add_argument("--quick", action="store_true", help="CPU smoke: small shape, 30 s, batch 1 and 4")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)

@@ -21,7 +21,8 @@ def test_bench_rows_ratios_and_files(tmp_path):
         "4",
     ]
     argv += ["--methods", "none", "fastadasp", "h2o", "--fit", "--memory-gb", "0.01"]
-    argv += ["--levels", "0.3", "0.99"]  # 0.99 is out of a 2-layer constant schedule's reach: an error row
+    # 0.99 is out of a 2-layer constant schedule's reach: an error row.
+    argv += ["--levels", "0.3", "0.99", "--ragged"]
     bench.main([*argv, "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     systems = [(r["system"], r.get("method")) for r in rows]
@@ -40,6 +41,14 @@ def test_bench_rows_ratios_and_files(tmp_path):
     assert merged["kv_bytes"] < rows[1]["kv_bytes"]
     assert merged["predicted_speedup"] > 1 and merged["speedup_vs_transformers"] > 0
     fit = {r["method"]: r["batch"] for r in rows if r["system"] == "engine-fit" and "error" not in r}
+    ragged = [r for r in rows if r["system"] == "engine-ragged" and "error" not in r]
+    assert [(r["method"], r["level"]) for r in ragged] == [
+        ("none", 0.0),
+        ("fastadasp", 0.3),
+        ("h2o", 0.3),
+        ("h2o", 0.99),
+    ]
+    assert all(r["speedup_vs_one_by_one"] > 0 and r["decode_tokens_per_s"] > 0 for r in ragged)
     failed = [(r["method"], r["level"]) for r in rows if r["system"] == "engine-fit" and "error" in r]
     assert failed == [("fastadasp", 0.99)]
     assert set(fit) == {"none", "fastadasp", "h2o"} and min(fit.values()) >= 1
