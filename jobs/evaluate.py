@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -195,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
             )
             runs.append((label, cfg, level, "keep"))
     meta = {
-        "command": "python " + " ".join(sys.argv) if argv is None else "evaluate " + " ".join(argv),
+        # The command that measures these runs (--report-only only rewrites the tables).
+        "command": shlex.join(["python", *sys.argv] if argv is None else ["evaluate", *argv]).replace(
+            " --report-only", ""
+        ),
         "model": args.model,
         "manifest_name": args.manifest.parent.name,
         "utterances": len(rows),
