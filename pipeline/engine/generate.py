@@ -4,7 +4,9 @@ Prefill runs every layer over the whole prompt; at a layer whose schedule ratio 
 spans are reduced after attention (+ residual) and before the MLP, so that layer caches the full
 length and later layers see fewer tokens. H2O instead shrinks that layer's cache per head and leaves
 the hidden states alone. Every token keeps an explicit position id; decoding continues at the
-original prompt length whatever the merges did.
+original prompt length whatever the merges did. Prompts come in groups that share a length and
+spans (``PromptGroup``): each group prefills apart, then all rows decode in one batch, every row over
+its own cache lengths, so windows of different lengths batch without padding.
 """
 
 from __future__ import annotations
