@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--cpus-per-actor", type=float, default=1.0)
     p.add_argument("--num-cpus", type=int, help="local cluster only: CPUs to give Ray")
     p.add_argument("--num-gpus", type=int, help="local cluster only: GPUs to give Ray")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per model call")
+    p.add_argument(
+        "--batch-size", type=int, help="windows per model call (default: 64 on GPU actors, 8 on CPU actors)"
+    )
     p.add_argument("--overlap-s", type=float, default=3.0)
     p.add_argument("--max-duration-s", type=float, default=4 * 3600.0)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

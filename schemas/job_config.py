@@ -21,7 +21,7 @@ class JobConfig:
     reduction: ``default`` (the model/task preset), a named preset, or ``none``.
     model_actors: model actors to run; with ``gpus_per_actor > 0`` each holds that many GPUs.
     num_cpus / num_gpus: resources of the local cluster started when no cluster is running.
-    batch_size: windows per model call. max_duration_s: longer recordings are cut off (guards memory).
+    batch_size: windows per model call (None: ``windows_per_call``'s default). max_duration_s: longer recordings are cut off (guards memory).
     """
 
     input: str
@@ -36,7 +36,7 @@ class JobConfig:
     cpus_per_actor: float = 1.0
     num_cpus: int | None = None
     num_gpus: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     overlap_s: float = 3.0
     max_duration_s: float = 4 * 3600.0
     device: str = "auto"  # auto: cuda when the actor holds a GPU that torch can see, else cpu
@@ -48,7 +48,7 @@ class JobConfig:
             raise JobConfigError("--task st needs --target-language")
         if self.task == "sqa" and not self.question:
             raise JobConfigError("--task sqa needs --question")
-        if self.model_actors < 1 or self.batch_size < 1:
+        if self.model_actors < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise JobConfigError("--model-actors and --batch-size must be >= 1")
         if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
             raise JobConfigError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
@@ -56,6 +56,14 @@ class JobConfig:
             raise JobConfigError("--overlap-s must be >= 0 and --max-duration-s > 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise JobConfigError(f"--device {self.device!r} is not one of auto, cpu, cuda")
+
+    @property
+    def windows_per_call(self) -> int:
+        """``batch_size``, or by default 64 windows per model call on GPU actors (the adapters fill a
+        GPU batch up to what its memory holds) and 8 on CPU actors (little to gain beyond)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 64 if self.gpus_per_actor > 0 else 8
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

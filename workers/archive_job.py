@@ -151,7 +151,7 @@ def build_dataset(
     )
     texts = windows.map_batches(
         WindowPredictor,
-        batch_size=config.batch_size,
+        batch_size=config.windows_per_call,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.model_actors, max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={

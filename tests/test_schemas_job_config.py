@@ -1,0 +1,29 @@
+"""JobConfig: validation with clear errors, and the default windows per model call."""
+
+from __future__ import annotations
+
+import pytest
+
+from schemas.job_config import JobConfig, JobConfigError
+
+
+def test_windows_per_call_defaults_by_actor_kind_and_honours_the_option():
+    assert JobConfig("in", "out").windows_per_call == 8
+    assert JobConfig("in", "out", gpus_per_actor=1).windows_per_call == 64
+    assert JobConfig("in", "out", gpus_per_actor=1, batch_size=5).windows_per_call == 5
+    assert JobConfig.from_json(JobConfig("in", "out").to_json()) == JobConfig("in", "out")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"batch_size": 0}, "--batch-size"),
+        ({"task": "st"}, "--target-language"),
+        ({"task": "sqa"}, "--question"),
+        ({"device": "tpu"}, "--device"),
+        ({"overlap_s": -1}, "--overlap-s"),
+    ],
+)
+def test_bad_options_name_the_flag(kwargs, message):
+    with pytest.raises(JobConfigError, match=message):
+        JobConfig("in", "out", **kwargs)
