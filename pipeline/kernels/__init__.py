@@ -1,8 +1,9 @@
 """Triton kernels for the merge engine, with the PyTorch paths they replace where Triton cannot run.
 
 ``span_attention_mass`` and ``cached_decode_attention`` pick the Triton kernel for CUDA tensors when
-triton is installed and PyTorch otherwise (CPU); ``forced_path`` (``paths``) overrides that. The kernel modules import triton and are imported
-only when a kernel is used, so ``pipeline`` imports fine without triton:
+triton is installed and PyTorch otherwise (CPU); ``forced_path`` (``paths``) overrides that. The
+kernel modules import triton and are imported only when a kernel is used, so ``pipeline`` imports
+fine without triton:
 ``attention_mass.attention_mass_triton`` (attention mass; one pass when given the log-sum-exp that
 ``attention_with_lse`` returns with the layer's attention) and ``decode_attention.decode_attention``
 (split-K decode attention).
