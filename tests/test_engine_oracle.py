@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine.generate import plan_layers
+from pipeline.engine.generate import PromptGroup, plan_layers, prefill
 from pipeline.kernels import forced_path, supported_head_dim
 from pipeline.merging.config import METHODS, NO_REDUCTION, ReductionConfig
 from pipeline.models.qwen2_audio import AUDIO_TOKEN, build_tiny_random
@@ -235,3 +235,23 @@ def test_two_clips_of_different_lengths_per_row(qwen):
         single = ours(qwen, TWO_CLIPS, [row], cfg)
         n = int(single.num_tokens[0])
         assert batch.tokens[i, :n].tolist() == single.tokens[0, :n].tolist()
+
+
+def test_prefill_in_one_row_chunks_equals_one_pass(qwen):
+    """Rows of two groups prefilled one row per chunk (offsets into the shared caches) give the same
+    logits and caches as each group in one pass."""
+    cfg = ReductionConfig("fastadasp", "constant", first_layer=0, target=0.3)
+    groups = []
+    for seconds in (3.0, 2.0):
+        clips = [clip(1, seconds), clip(2, seconds)]
+        features, mask = qwen.features(clips)
+        encoded = qwen.encode(features, mask)
+        ids, spans = qwen.prompt(PROMPT, [encoded[0].shape[0]])
+        groups.append(PromptGroup(qwen.embed(torch.tensor([ids] * 2), spans, [[e] for e in encoded]), spans))
+    whole, caches, plans = prefill(qwen.stack, groups, cfg, max_new_tokens=2)
+    length = max(g.length for g in groups)
+    chunked, chunked_caches, chunked_plans = prefill(qwen.stack, groups, cfg, 2, prefill_tokens=length)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert chunked_plans == plans and chunked_caches.filled == caches.filled
+    for a, b in zip(chunked_caches.k, caches.k, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
