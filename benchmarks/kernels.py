@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -25,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from table import text_table  # sibling module: these run as scripts
+from table import text_table, use_cuda  # sibling module: these run as scripts
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -202,14 +201,10 @@ def bench_decode(args: argparse.Namespace, device: str, time_ms: Callable) -> li
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    if args.cpu_smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+    cuda = use_cuda(args.cpu_smoke)
     import torch
     import triton
 
-    cuda = not args.cpu_smoke
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --cpu-smoke")
     device = "cuda" if cuda else "cpu"
     time_ms = _timer(cuda, warmup=5 if cuda else 0, iters=20 if cuda else 1)
     with torch.inference_mode():

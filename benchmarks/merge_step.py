@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -30,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from table import cell, text_table  # sibling module: these run as scripts
+from table import cell, text_table, use_cuda  # sibling module: these run as scripts
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -238,16 +237,12 @@ def compare(triton_row: dict[str, Any], torch_row: dict[str, Any], x: Any) -> di
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    if args.cpu_smoke:
-        os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of a kernel module
+    cuda = use_cuda(args.cpu_smoke)
     import torch
     import triton
 
     from pipeline.kernels import span_attention_mass
 
-    cuda = not args.cpu_smoke
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --cpu-smoke")
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     timer = Timer(cuda, args.iters)

@@ -1,8 +1,22 @@
-"""Plain-text tables for the benchmark scripts' console output."""
+"""Shared by the benchmark scripts: the device choice and plain-text tables for the console."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+
+def use_cuda(cpu_smoke: bool) -> bool:
+    """True for a CUDA run; for ``--cpu-smoke`` False, with the kernels interpreted on CPU tensors.
+    Call before anything imports triton (it picks compiled or interpreted at its first import)."""
+    if cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        return False
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --cpu-smoke")
+    return True
 
 
 def cell(value: Any) -> str:

@@ -162,12 +162,16 @@ def run_engine(stack, embeds, spans, cfg: ReductionConfig, new_tokens: int, devi
     gen = generate(
         stack, [PromptGroup(embeds, spans)], cfg, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0
     )
-    total = time.perf_counter() - t0
+    return measured(gen, time.perf_counter() - t0, device)
+
+
+def measured(gen, e2e_s: float, device: torch.device) -> dict:
+    """A row's measurements of one generate call (peak memory since the last reset)."""
     return {
         "prefill_s": gen.prefill_s,
         "decode_s": gen.decode_s,
         "steps": gen.tokens.shape[1],
-        "e2e_s": total,
+        "e2e_s": e2e_s,
         "peak_bytes": peak_bytes(device),
         "kv_bytes": gen.kv_bytes_kept,
         "kv_bytes_full": gen.kv_bytes_full,
@@ -306,17 +310,8 @@ def run_ragged(stack, groups: list[PromptGroup], cfg: ReductionConfig, new_token
         generate(stack, [g], cfg, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
     sync(device)
     alone_s = time.perf_counter() - t0
-    return {
-        "prefill_s": gen.prefill_s,
-        "decode_s": gen.decode_s,
-        "steps": gen.tokens.shape[1],
-        "e2e_s": together_s,
-        "peak_bytes": peak_bytes(device),
-        "kv_bytes": gen.kv_bytes_kept,
-        "steady_ms_per_step": 1e3 * gen.steady_step_s,
-        "one_by_one_e2e_s": alone_s,
-        "speedup_vs_one_by_one": alone_s / together_s,
-    }
+    row = measured(gen, together_s, device)
+    return row | {"one_by_one_e2e_s": alone_s, "speedup_vs_one_by_one": alone_s / together_s}
 
 
 def ragged_rows(args, model, stack, device, record) -> None:

@@ -71,13 +71,14 @@ class GreedyDecoder:
         batch = self.tokens.shape[0]
         cos, sin = stack.rope(self.position)  # [B, 1, 1, hd]: once per step, shared by all layers
         positions = caches.prefill_lengths + self.step  # [layers, B]: where each layer and row writes
+        lengths = positions + 1  # keys each layer and row attends to, this token included
         x, residual = stack.embed_tokens(self.tokens), None  # [B, D]
         for i, layer in enumerate(stack.layers):
             norm = layer.attn_norm
             normed, residual = fused.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
             qkv = functional.linear(normed, layer.qkv_weight)  # the bias is added with the rope
             q = fused.rope_and_cache(qkv, cos, sin, caches.k[i], caches.v[i], positions[i], layer.qkv_bias)
-            attn = cached_decode_attention(q, caches.k[i], caches.v[i], positions[i] + 1, stack.scale)
+            attn = cached_decode_attention(q, caches.k[i], caches.v[i], lengths[i], stack.scale)
             x = layer.o(attn.view(batch, -1))
             norm = layer.mlp_norm
             normed, residual = fused.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
