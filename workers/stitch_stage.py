@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from pipeline.stats import WindowStats
 from pipeline.stitch import WindowText, stitch
-from pipeline.tasks import aggregate_labels, normalise_output
+from pipeline.tasks import aggregate_labels, is_dense, normalise_output
 from schemas.tables import RECORD_SCHEMA
 
 
@@ -39,7 +39,7 @@ def _outputs(rows: list[dict], task: str) -> dict:
     if rows[0]["status"] == "empty":
         return {"text": "", "segments": []}
     texts = [normalise_output(task, r["text"]) for r in rows]
-    if task in ("er", "sqa"):  # one answer per recording: the one given for the most audio
+    if not is_dense(task):  # one answer per recording: the one given for the most audio
         key = "label" if task == "er" else "answer"
         return {key: aggregate_labels(texts, [r["end_s"] - r["start_s"] for r in rows])}
     windows = [
