@@ -33,7 +33,7 @@ def audio_oracle() -> dict:
     rows = [[(0.1 * rng.standard_normal(48000)).astype(np.float32)] for _ in range(3)]
     prompt = f"<|audio_bos|>{AUDIO_TOKEN}<|audio_eos|>Transcribe:"
     features, mask = qwen.features([r[0] for r in rows])
-    ids, _ = qwen.prompt(prompt, qwen.audio_token_counts(mask)[:1])
+    ids, _ = qwen.prompt(prompt, qwen.audio_token_counts([rows[0][0]]))
     input_ids = torch.tensor([ids] * 3, device=DEVICE)
     ref = qwen.model.generate(
         input_ids=input_ids,

@@ -66,3 +66,12 @@ def test_adapter_batch_follows_free_memory_on_cuda():
     assert 1 <= plain <= merged  # merged caches are shorter: at least as many windows fit
     qwen.max_batch = 3
     assert qwen.batch_size(prompt, count, ReductionConfig()) == min(3, plain)
+
+
+def test_token_counts_from_lengths_match_the_feature_mask():
+    """The adapter sizes and groups windows from their lengths, without computing mel features."""
+    qwen = build_tiny_random()
+    waves = [np.zeros(n, np.float32) for n in (1, 159, 160, 161, 16000, 16001, 33333, 479_999, 480_000)]
+    _, mask = qwen.features(waves)
+    _, from_mask = qwen.audio_tower._get_feat_extract_output_lengths(mask.sum(-1))
+    assert qwen.audio_token_counts(waves) == from_mask.tolist()

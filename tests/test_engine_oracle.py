@@ -34,7 +34,7 @@ def hf_generate(qwen, prompt: str, rows: list[list[np.ndarray]], eos: list[int])
     """transformers' own greedy generate on the same expanded prompt; returns the new tokens."""
     flat = [c for row in rows for c in row]
     features, mask = qwen.features(flat)
-    counts = qwen.audio_token_counts(mask)
+    counts = qwen.audio_token_counts(flat)
     ids, _ = qwen.prompt(prompt, counts[: len(rows[0])])
     input_ids = torch.tensor([ids] * len(rows))
     out = qwen.model.generate(

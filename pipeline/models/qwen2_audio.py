@@ -164,8 +164,12 @@ class Qwen2AudioSpeechModel:
         )
         return out["input_features"], out["attention_mask"]
 
-    def audio_token_counts(self, frame_mask: Tensor) -> list[int]:
-        _, counts = self.audio_tower._get_feat_extract_output_lengths(frame_mask.sum(-1))
+    def audio_token_counts(self, waveforms: list[np.ndarray]) -> list[int]:
+        """Audio tokens each waveform becomes, from its length alone: the frames ``features`` marks
+        valid (one per started hop, at most 30 s), through the audio tower's length arithmetic."""
+        fe = self.feature_extractor
+        frames = torch.tensor([min(-(-len(w) // fe.hop_length), fe.nb_max_frames) for w in waveforms])
+        _, counts = self.audio_tower._get_feat_extract_output_lengths(frames)
         return counts.tolist()
 
     @torch.inference_mode()
@@ -252,8 +256,7 @@ class Qwen2AudioSpeechModel:
         """Windows of any lengths, longest first, in batches that decode together (``batch_size`` of
         the batch's longest window)."""
         prompt_text = tasks.prompt(request)
-        _, mask = self.features(waveforms)
-        counts = self.audio_token_counts(mask)
+        counts = self.audio_token_counts(waveforms)
         order = sorted(range(len(waveforms)), key=lambda i: -counts[i])
         outputs: list[WindowOutput | None] = [None] * len(waveforms)
         start = 0
