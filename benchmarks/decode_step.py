@@ -6,8 +6,8 @@
 
 Both variants decode from one random-weight Qwen2 stack and one set of caches (``--cached`` random
 tokens per row) with GreedyDecoder's bookkeeping (argmax, EOS mask, output and step update):
-(a) engine: ``GreedyDecoder`` as the engine runs it, per layer [add + RMSNorm] -> qkv GEMM -> [bias +
-rope + cache write] -> decode attention -> o GEMM -> [add + RMSNorm] -> gate_up GEMM -> [silu * up]
+(a) engine: ``GreedyDecoder`` as the engine runs it, per layer [add + RMSNorm] -> qkv GEMM (+ bias) ->
+[rope + cache write] -> decode attention -> o GEMM -> [add + RMSNorm] -> gate_up GEMM -> [silu * up]
 -> down GEMM (``pipeline.kernels.fused``); (b) unfused: the step before those kernels (RMSNorm
 modules, rope in PyTorch, index_copy cache writes, chunk + silu + mul), the same decode attention.
 Per batch: logits of both on one state (max abs and relative error, same argmax), device kernels of

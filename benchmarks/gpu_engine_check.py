@@ -131,5 +131,5 @@ if __name__ == "__main__":
         except Exception as exc:  # report and go on: one failed check must not hide the others
             results[check.__name__] = f"FAILED: {exc!r}"
         print(check.__name__, {k: v for k, v in results.items()}, flush=True)
-    with open(sys.argv[1], "w") as f:
-        json.dump(results, f, indent=1)
+        with open(sys.argv[1], "w") as f:  # after every check: a time limit keeps the earlier ones
+            json.dump(results, f, indent=1)

@@ -271,6 +271,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             / layer_ms
         )
         rows, checks = [], []
+        result = {
+            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "interpreted": args.cpu_smoke,
+            "shape": {
+                "length": args.length,
+                "span": list(span),
+                "hidden": args.hidden,
+                "heads": args.heads,
+                "kv_heads": args.kv_heads,
+                "intermediate": args.intermediate,
+                "dtype": str(dtype),
+            },
+            **context,
+            "steps": rows,
+            "checks": checks,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        # Written after every case: a time limit keeps what was measured before it.
+        args.out.write_text(json.dumps(result, indent=2, default=str))
         for method in args.methods:
             for k in args.ks:
                 try:
@@ -284,26 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for row in pair:
                     row["pct_of_layer"] = 100 * row["step_ms"] / layer_ms
                 rows += pair
-    result = {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "interpreted": args.cpu_smoke,
-        "shape": {
-            "length": args.length,
-            "span": list(span),
-            "hidden": args.hidden,
-            "heads": args.heads,
-            "kv_heads": args.kv_heads,
-            "intermediate": args.intermediate,
-            "dtype": str(dtype),
-        },
-        **context,
-        "steps": rows,
-        "checks": checks,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, default=str))
+                args.out.write_text(json.dumps(result, indent=2, default=str))
     columns = ["method", "k", "path", "plan_ms", "apply_ms", "step_ms", "pct_of_layer", "eager_ms"]
     columns += ["graph_ms", "host_sync_free", "apply_gb_per_s", "error"]
     print(text_table(rows, columns))

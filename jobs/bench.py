@@ -31,7 +31,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from pipeline.engine.decoder import DecoderStack
 from pipeline.engine.generate import PromptGroup, generate
 from pipeline.engine.memory import footprint, free_device_bytes, max_batch
-from pipeline.kernels import triton_usable
+from pipeline.kernels import attention_kernels_usable
 from pipeline.merging.config import METHODS, ReductionConfig
 
 SHAPES = {
@@ -244,7 +244,9 @@ def run_engine_warm(
 
 def fit_batch(stack, length: int, spans, cfg: ReductionConfig, new_tokens: int, free: int, device) -> dict:
     """The largest batch whose footprint fits ``free`` bytes."""
-    need = footprint(stack, length, spans, cfg, new_tokens, fused_mass=triton_usable(device))
+    need = footprint(
+        stack, length, spans, cfg, new_tokens, fused_mass=attention_kernels_usable(device, stack.head_dim)
+    )
     return {"batch": max_batch(free, need)}
 
 
@@ -298,16 +300,24 @@ def bench(args: argparse.Namespace) -> list[dict]:
 
 def run_ragged(stack, groups: list[PromptGroup], cfg: ReductionConfig, new_tokens: int, device) -> dict:
     """Prompts of different lengths: all in one generate (they decode together), then each alone (what
-    a batch of equal lengths only would do with them); tokens/s of both."""
-    run_engine_warm(stack, groups[0].embeds, groups[0].spans, cfg, new_tokens, device)  # warm-up
+    a batch of equal lengths only would do with them); tokens/s of both. Both run once untimed first:
+    every length compiles and allocates on its first run, which would otherwise be timed."""
+
+    def together():
+        return generate(stack, groups, cfg, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+
+    def alone():
+        for g in groups:
+            generate(stack, [g], cfg, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+
+    together(), alone()
     reset_peak(device)
     sync(device)
     t0 = time.perf_counter()
-    gen = generate(stack, groups, cfg, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+    gen = together()
     together_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for g in groups:
-        generate(stack, [g], cfg, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+    alone()
     sync(device)
     alone_s = time.perf_counter() - t0
     row = measured(gen, together_s, device)

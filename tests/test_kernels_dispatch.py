@@ -7,7 +7,13 @@ import sys
 
 import torch
 
-from pipeline.kernels import cached_decode_attention, span_attention_mass, triton_usable
+from pipeline.kernels import (
+    attention_kernels_usable,
+    cached_decode_attention,
+    forced_path,
+    span_attention_mass,
+    triton_usable,
+)
 from pipeline.merging.mass import attention_mass
 
 
@@ -36,3 +42,14 @@ def test_imports_and_runs_without_triton():
         "assert torch.allclose(mass, torch.full((1, 6), 2 * 4 / 6)), mass\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_head_sizes_the_kernels_do_not_take_keep_the_pytorch_attention():
+    # Decoding is captured in a CUDA graph only where this holds (the PyTorch path syncs the host).
+    cpu = torch.device("cpu")
+    with forced_path("triton"):
+        assert attention_kernels_usable(cpu, 128)
+        assert attention_kernels_usable(cpu, 16)
+        assert not attention_kernels_usable(cpu, 80)  # Phi-style heads: no power of two
+        assert not attention_kernels_usable(cpu, 8)
+    assert not attention_kernels_usable(cpu, 128)

@@ -71,7 +71,7 @@ def test_add_rmsnorm_matches_qwen2_rmsnorm(dtype, weight_dtype, with_residual):
 
 
 def _rope_case(gen, dtype, batch, q_heads, kv_heads, head_dim, capacity):
-    """qkv [B, (H + 2 Hkv) hd], bias, cos/sin [B, hd] from Qwen2's rotary embedding, NaN-filled caches."""
+    """qkv [B, (H + 2 Hkv) hd], cos/sin [B, hd] from Qwen2's rotary embedding, NaN-filled caches."""
     cfg = Qwen2Config(
         hidden_size=q_heads * head_dim,
         num_attention_heads=q_heads,
@@ -79,17 +79,16 @@ def _rope_case(gen, dtype, batch, q_heads, kv_heads, head_dim, capacity):
         head_dim=head_dim,
     )
     qkv = _randn(gen, batch, (q_heads + 2 * kv_heads) * head_dim, dtype=dtype, scale=2.0)
-    bias = _randn(gen, qkv.shape[1], dtype=dtype)
     positions = torch.tensor([[7], [1000], [3]][:batch], device=DEVICE)
     cos, sin = Qwen2RotaryEmbedding(cfg).to(DEVICE)(qkv, positions)  # [B, 1, hd] in qkv's dtype
     caches = torch.full((2, batch, kv_heads, capacity, head_dim), float("nan"), device=DEVICE, dtype=dtype)
-    return qkv, bias, cos[:, 0], sin[:, 0], caches
+    return qkv, cos[:, 0], sin[:, 0], caches
 
 
-def _rope_reference(qkv, bias, cos, sin, caches, index, q_heads, kv_heads, head_dim):
+def _rope_reference(qkv, cos, sin, caches, index, q_heads, kv_heads, head_dim):
     """transformers' apply_rotary_pos_emb on the split heads; caches written by plain indexing."""
     batch = qkv.shape[0]
-    heads = (qkv + bias).view(batch, 1, -1, head_dim).transpose(1, 2)  # [B, heads, 1, hd]
+    heads = qkv.view(batch, 1, -1, head_dim).transpose(1, 2)  # [B, heads, 1, hd]
     q, k, v = heads.split([q_heads, kv_heads, kv_heads], dim=1)
     q, k = apply_rotary_pos_emb(q, k, cos[:, None], sin[:, None])
     expected = caches.clone()
@@ -110,18 +109,18 @@ def _rope_reference(qkv, bias, cos, sin, caches, index, q_heads, kv_heads, head_
 def test_rope_and_cache_matches_apply_rotary_pos_emb(dtype, head_dim, index):
     gen = torch.Generator().manual_seed(1)
     q_heads, kv_heads = 4, 2
-    qkv, bias, cos, sin, caches = _rope_case(gen, dtype, 3, q_heads, kv_heads, head_dim, capacity=9)
+    qkv, cos, sin, caches = _rope_case(gen, dtype, 3, q_heads, kv_heads, head_dim, capacity=9)
     index = torch.tensor(index, device=DEVICE)
-    q_ref, expected = _rope_reference(qkv, bias, cos, sin, caches, index, q_heads, kv_heads, head_dim)
+    q_ref, expected = _rope_reference(qkv, cos, sin, caches, index, q_heads, kv_heads, head_dim)
 
     twin_caches = caches.clone()
-    twin = fused.rope_and_cache_torch(qkv, cos, sin, twin_caches[0], twin_caches[1], index, bias)
+    twin = fused.rope_and_cache_torch(qkv, cos, sin, twin_caches[0], twin_caches[1], index)
     torch.testing.assert_close(twin, q_ref, **EXACT)
     torch.testing.assert_close(twin_caches, expected, equal_nan=True, **EXACT)
     if not fused.HAS_TRITON:
         return
     got = fused.rope_and_cache_triton(
-        qkv, cos[:, None, None], sin[:, None, None], caches[0], caches[1], index, bias
+        qkv, cos[:, None, None], sin[:, None, None], caches[0], caches[1], index
     )
     assert got.shape == (3, q_heads, head_dim)
     torch.testing.assert_close(got, q_ref, **TOL[dtype])
@@ -131,7 +130,7 @@ def test_rope_and_cache_matches_apply_rotary_pos_emb(dtype, head_dim, index):
 @needs_triton
 def test_rope_and_cache_reads_the_index_from_the_device_each_call():
     gen = torch.Generator().manual_seed(2)
-    qkv, _, cos, sin, caches = _rope_case(gen, torch.float32, 2, 2, 2, 16, capacity=6)
+    qkv, cos, sin, caches = _rope_case(gen, torch.float32, 2, 2, 2, 16, capacity=6)
     index = torch.tensor(1, device=DEVICE)
     fused.rope_and_cache_triton(qkv, cos, sin, caches[0], caches[1], index)
     first = caches[:, :, :, 1].clone()
@@ -164,7 +163,7 @@ def test_dispatch_picks_triton_on_cuda_and_the_twin_elsewhere():
     gen = torch.Generator().manual_seed(4)
     x, res, w = (_randn(gen, 2, 64) for _ in range(3))
     gate_up = _randn(gen, 2, 64)
-    qkv, bias, cos, sin, caches = _rope_case(gen, torch.float32, 2, 2, 1, 16, capacity=4)
+    qkv, cos, sin, caches = _rope_case(gen, torch.float32, 2, 2, 1, 16, capacity=4)
     index = torch.tensor(2, device=DEVICE)
     impl = "triton" if DEVICE == "cuda" else "torch"
     expected_caches = caches.clone()
@@ -172,8 +171,8 @@ def test_dispatch_picks_triton_on_cuda_and_the_twin_elsewhere():
         (fused.add_rmsnorm(x, res, w, 1e-5), getattr(fused, f"add_rmsnorm_{impl}")(x, res, w, 1e-5)),
         (fused.silu_mul(gate_up), getattr(fused, f"silu_mul_{impl}")(gate_up)),
         (
-            fused.rope_and_cache(qkv, cos, sin, caches[0], caches[1], index, bias),
-            getattr(fused, f"rope_and_cache_{impl}")(qkv, cos, sin, *expected_caches, index, bias),
+            fused.rope_and_cache(qkv, cos, sin, caches[0], caches[1], index),
+            getattr(fused, f"rope_and_cache_{impl}")(qkv, cos, sin, *expected_caches, index),
         ),
     ]
     for got, expected in pairs:
@@ -191,7 +190,7 @@ def test_bad_inputs_raise():
         fused.add_rmsnorm_triton(x, x.bfloat16(), _randn(gen, 8), 1e-6)
     with pytest.raises(ValueError, match="odd"):
         fused.silu_mul_triton(_randn(gen, 2, 7))
-    qkv, _, cos, sin, caches = _rope_case(gen, torch.float32, 2, 2, 1, 16, capacity=4)
+    qkv, cos, sin, caches = _rope_case(gen, torch.float32, 2, 2, 1, 16, capacity=4)
     with pytest.raises(ValueError, match="qkv"):
         fused.rope_and_cache_triton(
             qkv[:, :-8], cos, sin, caches[0], caches[1], torch.tensor(0, device=DEVICE)

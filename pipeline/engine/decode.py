@@ -16,7 +16,7 @@ from torch.nn import functional
 
 from pipeline.engine.cache import LayerCaches
 from pipeline.engine.decoder import DecoderStack
-from pipeline.kernels import cached_decode_attention, fused, triton_usable
+from pipeline.kernels import attention_kernels_usable, cached_decode_attention, fused
 
 
 class GreedyDecoder:
@@ -40,10 +40,12 @@ class GreedyDecoder:
     ) -> None:
         device = first_tokens.device
         batch = first_tokens.shape[0]
-        graph_ready = device.type == "cuda" and triton_usable(device)
+        # The PyTorch decode attention reads the lengths on the host, which a graph cannot capture.
+        graph_ready = device.type == "cuda" and attention_kernels_usable(device, stack.head_dim)
         if use_graph and not graph_ready:
             raise ValueError(
-                "CUDA-graph decoding needs a CUDA device and triton (cache lengths on the device)"
+                "CUDA-graph decoding needs a CUDA device, triton and a head_dim the kernels take "
+                f"(a power of two >= 16, got {stack.head_dim})"
             )
         self.stack, self.caches = stack, caches
         self.use_graph = graph_ready if use_graph is None else use_graph
@@ -62,7 +64,7 @@ class GreedyDecoder:
     def _forward(self) -> Tensor:
         """Logits [B, V] for the current token at the current position.
 
-        Per layer: [add residual + RMSNorm] -> qkv GEMM -> [bias + rope + cache write] -> decode
+        Per layer: [add residual + RMSNorm] -> qkv GEMM -> [rope + cache write] -> decode
         attention -> o GEMM -> [add residual + RMSNorm] -> gate_up GEMM -> [silu * up] -> down GEMM;
         the bracketed steps are single Triton kernels on CUDA (``pipeline.kernels.fused``; their PyTorch
         twins elsewhere), so a captured step launches about ten kernels per layer, not thirty.
@@ -76,8 +78,9 @@ class GreedyDecoder:
         for i, layer in enumerate(stack.layers):
             norm = layer.attn_norm
             normed, residual = fused.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
-            qkv = functional.linear(normed, layer.qkv_weight)  # the bias is added with the rope
-            q = fused.rope_and_cache(qkv, cos, sin, caches.k[i], caches.v[i], positions[i], layer.qkv_bias)
+            # The bias inside the GEMM (its epilogue), as in prefill: bf16 rounds once, not twice.
+            qkv = functional.linear(normed, layer.qkv_weight, layer.qkv_bias)
+            q = fused.rope_and_cache(qkv, cos, sin, caches.k[i], caches.v[i], positions[i])
             attn = cached_decode_attention(q, caches.k[i], caches.v[i], lengths[i], stack.scale)
             x = layer.o(attn.view(batch, -1))
             norm = layer.mlp_norm

@@ -26,6 +26,12 @@ def supported_head_dim(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+def attention_kernels_usable(device: torch.device, head_dim: int) -> bool:
+    """Whether attention on ``device`` with this head size takes the Triton kernels (mass, split-K decode
+    attention): what decides CUDA-graph decoding (no host sync) and the mass's memory footprint."""
+    return triton_usable(device) and supported_head_dim(head_dim)
+
+
 def span_attention_mass(
     q: Tensor,
     k: Tensor,
@@ -41,7 +47,7 @@ def span_attention_mass(
     [B, Hkv, S] fp32; lse [B, Hq, Lq] from ``attention_with_lse`` saves a pass), by the fused Triton
     kernel where it can run, blockwise in PyTorch elsewhere."""
     args = {"scale": scale, "causal": causal, "span": span, "query_start": query_start, "per_head": per_head}
-    if triton_usable(q.device) and supported_head_dim(q.shape[-1]):
+    if attention_kernels_usable(q.device, q.shape[-1]):
         from pipeline.kernels.attention_mass import attention_mass_triton
 
         return attention_mass_triton(q, k, lse=lse, **args)
@@ -99,7 +105,7 @@ def cached_decode_attention(
 ) -> Tensor:
     """One query token per row over static caches (shapes as ``decode_attention_torch``): the split-K
     Triton kernel where it can run (no host sync, CUDA-graph safe), masked SDPA elsewhere."""
-    if triton_usable(q.device) and supported_head_dim(q.shape[-1]):
+    if attention_kernels_usable(q.device, q.shape[-1]):
         from pipeline.kernels.decode_attention import decode_attention
 
         return decode_attention(q, k_cache, v_cache, lengths, scale)
@@ -108,6 +114,7 @@ def cached_decode_attention(
 
 __all__ = [
     "PATHS",
+    "attention_kernels_usable",
     "attention_with_lse",
     "cached_decode_attention",
     "decode_attention_torch",

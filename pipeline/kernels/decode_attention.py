@@ -27,7 +27,9 @@ _BLOCK_N = 64  # keys per inner step
 _TARGET_PROGRAMS = 512  # enough to fill 132 SMs several times over
 
 
-@triton.jit
+# Shapes enter as runtime ints, not compile-time constants or specialised values: one compiled kernel
+# then serves every capacity and batch (windows of any length), instead of one compile (~1 s) each.
+@triton.jit(do_not_specialize=["capacity", "splits"])
 def _split_kernel(
     Q,
     K,
@@ -52,21 +54,21 @@ def _split_kernel(
     kv_heads,
     group,
     qk_scale,
-    SPLITS: tl.constexpr,
+    splits,
     OPERAND: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
-    """Partials of split ``split`` for the query heads of one KV head: PART_M/PART_L [B, H, SPLITS] (base-2
-    running max and sum), PART_ACC [B, H, SPLITS, D] (values weighted by 2^(s - max), not yet divided)."""
+    """Partials of split ``split`` for the query heads of one KV head: PART_M/PART_L [B, H, splits] (base-2
+    running max and sum), PART_ACC [B, H, splits, D] (values weighted by 2^(s - max), not yet divided)."""
     split = tl.program_id(0)
     # int64: b * stride_kb passes 2**31 at ~86 rows of 7B-shaped caches.
     b = (tl.program_id(1) // kv_heads).to(tl.int64)
     kv_head = tl.program_id(1) % kv_heads
     length = tl.minimum(tl.load(LENGTHS + b * length_stride), capacity)
-    chunk = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(length, splits), BLOCK_N) * BLOCK_N
     start = split * chunk
     end = tl.minimum(start + chunk, length)
     heads = kv_head * group + tl.arange(0, BLOCK_G)
@@ -104,13 +106,13 @@ def _split_kernel(
         ).to(OPERAND)
         acc = acc * alpha[:, None] + tl.dot(p.to(OPERAND), v, input_precision=PRECISION)
         m_i = m_new
-    row = (b * kv_heads * group + heads) * SPLITS + split
+    row = (b * kv_heads * group + heads) * splits + split
     tl.store(PART_M + row, m_i, mask=in_group)
     tl.store(PART_L + row, l_i, mask=in_group)
     tl.store(PART_ACC + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=in_group[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _combine_kernel(
     PART_M,
     PART_L,
@@ -120,19 +122,19 @@ def _combine_kernel(
     stride_oh,
     stride_od,
     q_heads,
-    SPLITS: tl.constexpr,
+    splits,
     BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):
     """OUT[b, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s (empty splits weigh 0)."""
     bh = tl.program_id(0).to(tl.int64)
-    splits = tl.arange(0, BLOCK_S)
-    in_splits = splits < SPLITS
+    parts = tl.arange(0, BLOCK_S)
+    in_splits = parts < splits
     dims = tl.arange(0, HEAD_DIM)
-    m = tl.load(PART_M + bh * SPLITS + splits, mask=in_splits, other=float("-inf"))
-    l_s = tl.load(PART_L + bh * SPLITS + splits, mask=in_splits, other=0.0)
+    m = tl.load(PART_M + bh * splits + parts, mask=in_splits, other=float("-inf"))
+    l_s = tl.load(PART_L + bh * splits + parts, mask=in_splits, other=0.0)
     acc = tl.load(
-        PART_ACC + (bh * SPLITS + splits[:, None]) * HEAD_DIM + dims[None, :],
+        PART_ACC + (bh * splits + parts[:, None]) * HEAD_DIM + dims[None, :],
         mask=in_splits[:, None],
         other=0.0,
     )
@@ -197,7 +199,7 @@ def decode_attention(
         kv_heads,
         group,
         scale * _LOG2E,
-        SPLITS=splits,
+        splits,
         OPERAND=operand,
         PRECISION=precision,
         BLOCK_G=max(16, triton.next_power_of_2(group)),  # tl.dot needs at least 16 rows
@@ -213,7 +215,7 @@ def decode_attention(
         out,
         *out.stride(),
         q_heads,
-        SPLITS=splits,
+        splits,
         BLOCK_S=max(2, triton.next_power_of_2(splits)),
         HEAD_DIM=head_dim,
     )

@@ -1,7 +1,7 @@
 """Fused elementwise kernels of a decode step, each with a PyTorch twin of the same semantics.
 
-A captured decode layer then runs: [add residual + RMSNorm] -> qkv GEMM -> [qkv bias + rope on q, k +
-write k, v into the cache] -> decode attention -> o GEMM -> [add residual + RMSNorm] -> gate_up GEMM ->
+A captured decode layer then runs: [add residual + RMSNorm] -> qkv GEMM (bias in its epilogue) -> [rope
+on q, k + write k, v into the cache] -> decode attention -> o GEMM -> [add residual + RMSNorm] -> gate_up GEMM ->
 [silu(gate) * up] -> down GEMM, i.e. three small kernels where PyTorch launches about twenty.
 
 ``add_rmsnorm``, ``rope_and_cache`` and ``silu_mul`` run the Triton kernel for CUDA tensors and the
@@ -76,7 +76,6 @@ if HAS_TRITON:
     @triton.jit
     def _rope_cache_kernel(
         QKV,
-        BIAS,
         COS,
         SIN,
         Q_OUT,
@@ -99,7 +98,6 @@ if HAS_TRITON:
         q_heads,
         kv_heads,
         half,
-        HAS_BIAS: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
     ):
         """Program (row b, head j of q | k | v): q and k heads are rotated, q goes to Q_OUT[b, j], k and v
@@ -111,12 +109,6 @@ if HAS_TRITON:
         src = QKV + b * stride_qkv + head * 2 * half
         x1 = tl.load(src + dims, mask=inside, other=0.0)
         x2 = tl.load(src + half + dims, mask=inside, other=0.0)
-        if HAS_BIAS:
-            bias = BIAS + head * 2 * half
-            b1 = tl.load(bias + dims, mask=inside, other=0.0)
-            b2 = tl.load(bias + half + dims, mask=inside, other=0.0)
-            x1 = (x1.to(tl.float32) + b1.to(tl.float32)).to(QKV.dtype.element_ty)
-            x2 = (x2.to(tl.float32) + b2.to(tl.float32)).to(QKV.dtype.element_ty)
         if head < q_heads + kv_heads:
             cos = COS + b * stride_cos
             sin = SIN + b * stride_sin
@@ -233,7 +225,7 @@ def add_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) 
     return add_rmsnorm_torch(x, residual, weight, eps)
 
 
-# --- qkv bias + rope + cache write ----------------------------------------------------------------------
+# --- rope + cache write ----------------------------------------------------------------------------
 
 
 def _rope_heads(
@@ -265,21 +257,18 @@ def rope_and_cache_torch(
     k_cache: Tensor,
     v_cache: Tensor,
     index: Tensor,
-    bias: Tensor | None = None,
 ) -> Tensor:
     """One decode token per row: rotate q and k, store k and v in the caches, return q.
 
-    qkv [B, (H + 2 Hkv) * hd] (the fused projection: q heads, then k, then v); ``bias`` [(H + 2 Hkv) * hd]
-    or None, added first (rounded to qkv's dtype); cos, sin [B, hd] (or any shape with B * hd elements,
-    e.g. [B, 1, 1, hd]) in qkv's dtype; k_cache, v_cache [B, Hkv, capacity, hd]; index: int tensor [] (all
-    rows) or [B] on the device, the cache position to write, in [0, capacity). Rope is rotate-half:
+    qkv [B, (H + 2 Hkv) * hd] (the fused projection, bias included: q heads, then k, then v); cos, sin
+    [B, hd] (or any shape with B * hd elements, e.g. [B, 1, 1, hd]) in qkv's dtype; k_cache, v_cache
+    [B, Hkv, capacity, hd]; index: int tensor [] (all rows) or [B] on the device, the cache position to
+    write, in [0, capacity). Rope is rotate-half:
     x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype (as transformers'
     apply_rotary_pos_emb). Returns q [B, H, hd]. No host synchronisation.
     """
     q_heads, kv_heads, head_dim = _rope_heads(qkv, cos, sin, k_cache, v_cache, index)
     batch = qkv.shape[0]
-    if bias is not None:
-        qkv = qkv + bias
     heads = qkv.view(batch, -1, head_dim)
     cos, sin = cos.reshape(batch, 1, head_dim), sin.reshape(batch, 1, head_dim)
     half = head_dim // 2
@@ -299,7 +288,6 @@ def rope_and_cache_triton(
     k_cache: Tensor,
     v_cache: Tensor,
     index: Tensor,
-    bias: Tensor | None = None,
 ) -> Tensor:
     """``rope_and_cache_torch`` as one kernel launch (one program per row and head of q, k and v).
 
@@ -312,13 +300,10 @@ def rope_and_cache_triton(
     qkv = _rows(qkv)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("caches need a unit stride along head_dim")
-    if bias is not None and (bias.shape != qkv.shape[1:] or bias.dtype != qkv.dtype):
-        raise ValueError(f"bias {bias.dtype} {tuple(bias.shape)} does not match qkv")
     q = torch.empty(batch, q_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     half = head_dim // 2
     _rope_cache_kernel[(batch, q_heads + 2 * kv_heads)](
         qkv,
-        qkv if bias is None else bias.contiguous(),
         cos,
         sin,
         q,
@@ -337,7 +322,6 @@ def rope_and_cache_triton(
         q_heads,
         kv_heads,
         half,
-        HAS_BIAS=bias is not None,
         BLOCK_HALF=triton.next_power_of_2(half),
         num_warps=1,
     )
@@ -351,17 +335,16 @@ def rope_and_cache(
     k_cache: Tensor,
     v_cache: Tensor,
     index: Tensor,
-    bias: Tensor | None = None,
 ) -> Tensor:
     """``rope_and_cache_torch`` (see there for shapes): the Triton kernel on CUDA, else the twin.
 
-    Engine use, layer i of a decode step: ``q = rope_and_cache(linear(normed, qkv_weight), cos, sin,
-    caches.k[i], caches.v[i], positions[i], bias=qkv_bias)`` with ``positions = caches.prefill_lengths +
+    Engine use, layer i of a decode step: ``q = rope_and_cache(linear(normed, qkv_weight, qkv_bias), cos,
+    sin, caches.k[i], caches.v[i], positions[i])`` with ``positions = caches.prefill_lengths +
     step`` computed once per step; attention then reads ``positions[i] + 1`` keys.
     """
     if _use_triton(qkv):
-        return rope_and_cache_triton(qkv, cos, sin, k_cache, v_cache, index, bias)
-    return rope_and_cache_torch(qkv, cos, sin, k_cache, v_cache, index, bias)
+        return rope_and_cache_triton(qkv, cos, sin, k_cache, v_cache, index)
+    return rope_and_cache_torch(qkv, cos, sin, k_cache, v_cache, index)
 
 
 # --- silu(gate) * up ------------------------------------------------------------------------------------

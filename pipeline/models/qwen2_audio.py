@@ -26,7 +26,7 @@ from pipeline import tasks
 from pipeline.engine.decoder import DecoderStack
 from pipeline.engine.generate import Generation, PromptGroup, generate
 from pipeline.engine.memory import footprint, free_device_bytes, max_batch
-from pipeline.kernels import triton_usable
+from pipeline.kernels import attention_kernels_usable
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import TaskRequest, WindowOutput
 from pipeline.stats import WindowStats
@@ -277,7 +277,12 @@ class Qwen2AudioSpeechModel:
             return self.max_batch or CPU_BATCH
         ids, spans = self.prompt(prompt_text, [audio_tokens])
         need = footprint(
-            self.stack, len(ids), spans, reduction, self.max_new_tokens, fused_mass=triton_usable(device)
+            self.stack,
+            len(ids),
+            spans,
+            reduction,
+            self.max_new_tokens,
+            fused_mass=attention_kernels_usable(device, self.stack.head_dim),
         )
         fit = max(1, max_batch(free_device_bytes(device), need))
         return min(fit, self.max_batch or fit)
