@@ -49,7 +49,15 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         "--batch-size", type=int, help="windows per model call (default: 64 on GPU actors, 8 on CPU actors)"
     )
     p.add_argument("--overlap-s", type=float, default=3.0)
-    p.add_argument("--max-duration-s", type=float, default=4 * 3600.0)
+    p.add_argument(
+        "--max-duration-s", type=float, default=4 * 3600.0, help="longer recordings become errors rows"
+    )
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="redo every recording whose committed result is an error (by default only I/O, model, "
+        "duration-limit and listing errors are redone)",
+    )
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = p.parse_args(argv)
     return JobConfig(**{k: v for k, v in vars(args).items()})

@@ -4,13 +4,19 @@ Inputs: a folder searched recursively for audio files (id = path relative to the
 manifest of ``{"id": ..., "audio": path, ...}`` lines (paths relative to the manifest), or WebDataset tar
 shards (a ``.tar`` file or a folder holding only shards; id = the sample key, members ``<key>.<audio ext>``
 and optional ``<key>.json``). A recording is done when a committed run with the same fingerprint (model,
-task, reduction, pipeline version) holds its (recording id, content sha256).
+task, request, windowing, reduction, pipeline version) holds its (recording id, content sha256), unless
+it failed in a way a later run may not (``RETRIED_STAGES``).
+
+One bad item never stops the plan: a manifest line that is no JSON object, a file name that is no
+UTF-8, a cut-short shard, a sample without audio become recordings carrying ``plan_error``, which the CPU
+stage reports as their errors row.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tarfile
 from collections import Counter
 from collections.abc import Iterable
@@ -22,6 +28,10 @@ from schemas.manifest import RunManifest
 PIPELINE_VERSION = "0.1.0"  # bump whenever the same inputs and settings would give different outputs
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a"})
 _HASH_CHUNK = 1 << 20
+# Error stages redone by the next run: transient (I/O, a model batch), set by an option (the duration
+# limit), or about the input listing itself (re-reported while the input stays broken). Errors in
+# decoding, VAD or windowing the same bytes under the same settings would only fail again.
+RETRIED_STAGES = frozenset({"plan", "read", "limit", "model"})
 
 
 class PlanError(ValueError):
@@ -32,7 +42,8 @@ class PlanError(ValueError):
 class PlannedRecording:
     """One recording to process. ``member_offset``/``member_size`` locate a tar member's bytes in
     ``source_path`` (offset -1: the whole file). ``content_sha256`` is "" when the bytes were unreadable
-    at plan time (the CPU stage then reports the read error). ``meta``: extra fields as JSON."""
+    at plan time (the CPU stage then reports the read error). ``meta``: extra fields as JSON.
+    ``plan_error``: why the item could not be planned ("" when it could)."""
 
     recording_id: str
     source_path: str
@@ -40,6 +51,7 @@ class PlannedRecording:
     member_offset: int = -1
     member_size: int = -1
     meta: str = "{}"
+    plan_error: str = ""
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -81,9 +93,22 @@ def _is_audio(path: Path) -> bool:
     return path.suffix.lower() in AUDIO_EXTENSIONS
 
 
+def _unplannable(recording_id: str, source: str, why: str) -> PlannedRecording:
+    return PlannedRecording(recording_id, source, "", plan_error=why)
+
+
+def _plan_file(root: Path, path: Path) -> PlannedRecording:
+    rec_id = path.relative_to(root).as_posix()
+    try:
+        rec_id.encode()
+    except UnicodeEncodeError:  # undecodable bytes in the name (os.fsdecode's surrogates): no Arrow string
+        shown = os.fsencode(rec_id).decode(errors="backslashreplace")
+        return _unplannable(shown, str(root / shown), "file name is not UTF-8; rename the file")
+    return PlannedRecording(rec_id, str(path), _hash_or_empty(path))
+
+
 def _plan_folder(root: Path) -> list[PlannedRecording]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and _is_audio(p))
-    return [PlannedRecording(p.relative_to(root).as_posix(), str(p), _hash_or_empty(p)) for p in files]
+    return [_plan_file(root, p) for p in sorted(root.rglob("*")) if p.is_file() and _is_audio(p)]
 
 
 def _plan_manifest(path: Path) -> list[PlannedRecording]:
@@ -95,7 +120,9 @@ def _plan_manifest(path: Path) -> list[PlannedRecording]:
             entry = json.loads(line)
             rec_id, audio = str(entry.pop("id")), Path(entry.pop("audio"))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise PlanError(f"{path}:{number}: need a JSON object with 'id' and 'audio' ({e})") from e
+            why = f"line {number}: need a JSON object with 'id' and 'audio' ({type(e).__name__}: {e})"
+            out.append(_unplannable(f"{path.name}:{number}", str(path), why))
+            continue
         audio = audio if audio.is_absolute() else path.parent / audio
         out.append(
             PlannedRecording(
@@ -113,24 +140,46 @@ def _split_key(name: str) -> tuple[str, str]:
 
 
 def _plan_shard(shard: Path) -> list[PlannedRecording]:
+    """The shard's samples; what cannot be read (where a cut-short or corrupt shard breaks off, a bad
+    ``.json``, a sample without audio) is planned as an error, the rest as usual."""
     audio: dict[str, tuple[int, int, str]] = {}
     meta: dict[str, str] = {}
-    with tarfile.open(shard, "r:") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = _split_key(member.name)
-            data = tar.extractfile(member).read()
-            if ext == "json":
-                meta[key] = json.dumps(json.loads(data), sort_keys=True)
-            elif f".{ext}" in AUDIO_EXTENSIONS:
-                if key in audio:
-                    raise PlanError(f"{shard}: sample {key!r} has more than one audio member")
-                audio[key] = (member.offset_data, member.size, sha256_hex(data))
-    return [
-        PlannedRecording(key, str(shard), digest, offset, size, meta.get(key, "{}"))
-        for key, (offset, size, digest) in audio.items()
+    members: dict[str, list[str]] = {}
+    bad: list[PlannedRecording] = []
+    key = None  # the sample being read when the shard breaks off
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _split_key(member.name)
+                members.setdefault(key, []).append(member.name)
+                data = tar.extractfile(member).read()
+                if ext == "json":
+                    try:
+                        meta[key] = json.dumps(json.loads(data), sort_keys=True)
+                    except ValueError as e:
+                        why = f"{member.name}: not JSON ({e})"
+                        bad.append(_unplannable(key, str(shard), why))
+                elif f".{ext}" in AUDIO_EXTENSIONS:
+                    if key in audio:
+                        raise PlanError(f"{shard}: sample {key!r} has more than one audio member")
+                    audio[key] = (member.offset_data, member.size, sha256_hex(data))
+                key = None
+    except (tarfile.TarError, OSError) as e:  # keeps the samples read before the damage
+        why = f"the shard breaks off here ({type(e).__name__}: {e}); no later sample can be read"
+        bad.append(_unplannable(key or str(shard), str(shard), why))
+    failed = {r.recording_id for r in bad}
+    for sample, names in members.items():
+        if sample not in audio and sample not in failed:
+            why = f"no audio member among {names} (keys contain no dots; audio: {sorted(AUDIO_EXTENSIONS)})"
+            bad.append(_unplannable(sample, str(shard), why))
+    planned = [
+        PlannedRecording(sample, str(shard), digest, offset, size, meta.get(sample, "{}"))
+        for sample, (offset, size, digest) in audio.items()
+        if sample not in failed
     ]
+    return planned + bad
 
 
 def list_recordings(input_path: str | Path) -> list[PlannedRecording]:
@@ -140,6 +189,8 @@ def list_recordings(input_path: str | Path) -> list[PlannedRecording]:
         recordings = _plan_manifest(path)
     elif path.is_file() and path.suffix == ".tar":
         recordings = _plan_shard(path)
+    elif not path.exists():
+        raise PlanError(f"{path}: no such file or folder")
     elif path.is_dir():
         shards = sorted(path.rglob("*.tar"))
         loose = _plan_folder(path)
@@ -154,12 +205,15 @@ def list_recordings(input_path: str | Path) -> list[PlannedRecording]:
     return sorted(recordings, key=lambda r: r.recording_id)
 
 
-def fingerprint(model: str, task: str, request: dict, reduction: dict, pipeline_version: str) -> str:
+def fingerprint(
+    model: str, task: str, request: dict, windowing: dict, reduction: dict, pipeline_version: str
+) -> str:
     """A short hash of everything besides the input bytes that decides a recording's output."""
     key = {
         "model": model,
         "task": task,
         "request": request,
+        "windowing": windowing,
         "reduction": reduction,
         "version": pipeline_version,
     }
@@ -176,11 +230,15 @@ def pending(
     return todo, skipped
 
 
-def done_keys(manifests: Iterable[RunManifest], run_fingerprint: str) -> set[tuple[str, str]]:
-    """(recording id, content sha256) of every recording committed under ``run_fingerprint``."""
+def done_keys(
+    manifests: Iterable[RunManifest], run_fingerprint: str, retry_errors: bool = False
+) -> set[tuple[str, str]]:
+    """(recording id, content sha256) of every recording committed under ``run_fingerprint``, less the
+    errors of ``RETRIED_STAGES`` (all errors with ``retry_errors``)."""
     return {
         (r.recording_id, r.content_sha256)
         for m in manifests
         if m.fingerprint == run_fingerprint
         for r in m.recordings
+        if r.status != "error" or not (retry_errors or r.stage in RETRIED_STAGES)
     }

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.plan import sha256_file
@@ -173,8 +174,8 @@ class StagingWriter:
             if table.num_rows:
                 self.writers[name].write_table(table)
         self.recordings += [
-            RecordingEntry(r["recording_id"], r["content_sha256"], r["status"])
-            for r in records.select(["recording_id", "content_sha256", "status"]).to_pylist()
+            RecordingEntry(r["recording_id"], r["content_sha256"], r["status"], r["stage"])
+            for r in records.select(["recording_id", "content_sha256", "status", "stage"]).to_pylist()
         ]
 
     def close(self) -> dict[str, FileEntry]:
@@ -257,14 +258,13 @@ def committed_manifests(output: Path) -> list[RunManifest]:
 
 
 def read_committed(output: Path, table: str) -> pa.Table:
-    """One table over all committed runs; where runs share a recording id the latest run wins."""
-    schema = TABLES[table]
-    parts = [
-        pq.read_table(run_dir(output, m.run_id) / m.files[table].path, schema=schema)
-        for m in committed_manifests(output)
-    ]
-    if not parts:
-        return schema.empty_table()
-    combined = pa.concat_tables(parts)
-    latest: dict[str, int] = {rid: i for i, rid in enumerate(combined["recording_id"].to_pylist())}
-    return combined.take(sorted(latest.values()))
+    """One table over all committed runs. A recording's rows come from the latest run that processed it,
+    in every table alike: a recording that failed and then succeeded has results and no errors."""
+    manifests = committed_manifests(output)
+    latest = {r.recording_id: m.run_id for m in manifests for r in m.recordings}  # oldest first
+    parts = []
+    for m in manifests:
+        part = pq.read_table(run_dir(output, m.run_id) / m.files[table].path, schema=TABLES[table])
+        own = pa.array([rid for rid, run in latest.items() if run == m.run_id], pa.string())
+        parts.append(part.filter(pc.is_in(part["recording_id"], value_set=own)))
+    return pa.concat_tables(parts) if parts else TABLES[table].empty_table()

@@ -21,7 +21,10 @@ class JobConfig:
     reduction: ``default`` (the model/task preset), a named preset, or ``none``.
     model_actors: model actors to run; with ``gpus_per_actor > 0`` each holds that many GPUs.
     num_cpus / num_gpus: resources of the local cluster started when no cluster is running.
-    batch_size: windows per model call (None: ``windows_per_call``'s default). max_duration_s: longer recordings are cut off (guards memory).
+    batch_size: windows per model call (None: ``windows_per_call``'s default). max_duration_s: longer
+    recordings become errors rows (guards memory; redone by a later run). retry_errors: redo every
+    recording whose committed result is an error, not only those that failed in a way a later run may
+    not (``pipeline.plan.RETRIED_STAGES``).
     """
 
     input: str
@@ -39,6 +42,7 @@ class JobConfig:
     batch_size: int | None = None
     overlap_s: float = 3.0
     max_duration_s: float = 4 * 3600.0
+    retry_errors: bool = False
     device: str = "auto"  # auto: cuda when the actor holds a GPU that torch can see, else cpu
 
     def __post_init__(self) -> None:

@@ -30,6 +30,7 @@ class RecordingEntry:
     recording_id: str
     content_sha256: str
     status: str  # ok | empty | error
+    stage: str | None = None  # where an error happened (pipeline.plan.RETRIED_STAGES are redone)
 
 
 @dataclass(frozen=True)

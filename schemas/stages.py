@@ -21,6 +21,7 @@ PLAN_SCHEMA = pa.schema(
         pa.field("member_size", pa.int64(), nullable=False),
         pa.field("content_sha256", pa.string(), nullable=False),
         pa.field("meta", pa.string(), nullable=False),  # manifest line / webdataset json, as JSON
+        pa.field("plan_error", pa.string(), nullable=False),  # "" unless the item could not be planned
     ]
 )
 

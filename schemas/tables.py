@@ -44,20 +44,24 @@ STATS_SCHEMA = pa.schema(
     [
         pa.field("recording_id", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
-        pa.field("audio_seconds", pa.float64(), nullable=False),
+        pa.field("audio_seconds", pa.float64(), nullable=False),  # decoded duration, silence included
         pa.field("windows", pa.int32(), nullable=False),
         pa.field("audio_tokens_in", pa.int64(), nullable=False),
         pa.field("audio_tokens_kept", pa.float64(), nullable=False),
         pa.field("kv_bytes_full", pa.int64(), nullable=False),
         pa.field("kv_bytes_kept", pa.int64(), nullable=False),
+        # encode_s, prefill_s, decode_s: the windows' shares of their batches' times, by the work each
+        # caused (pipeline.stats.batch_times: encode equally, prefill by prompt, decode by generated tokens)
         pa.field("encode_s", pa.float64(), nullable=False),
         pa.field("prefill_s", pa.float64(), nullable=False),
         pa.field("decode_s", pa.float64(), nullable=False),
         pa.field("generated_tokens", pa.int64(), nullable=False),
+        # generated_tokens / decode_s: the decode throughput of the batches (all their rows) that generated
+        # this recording's tokens, weighted by its tokens in each
         pa.field("decode_tokens_per_s", pa.float64()),
         pa.field("peak_memory_bytes", pa.int64()),  # torch allocator peak; null on CPU
         pa.field("nvml_memory_bytes", pa.int64()),  # device memory in use per NVML; null without a GPU
-        pa.field("real_time_factor", pa.float64()),  # model seconds / audio seconds
+        pa.field("real_time_factor", pa.float64()),  # (encode_s + prefill_s + decode_s) / audio_seconds
         pa.field("device_name", pa.string(), nullable=False),
         pa.field("node", pa.string(), nullable=False),  # Ray node id of the model actor
     ]
@@ -68,7 +72,7 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("recording_id", pa.string(), nullable=False),
         pa.field("source_path", pa.string(), nullable=False),
         pa.field("content_sha256", pa.string(), nullable=False),
-        pa.field("stage", pa.string(), nullable=False),  # read | decode | window | model | stitch
+        pa.field("stage", pa.string(), nullable=False),  # plan read decode limit vad window model stitch
         pa.field("error", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
     ]

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.plan import PlanError
 from pipeline.presets import resolve_reduction
 from pipeline.publish import committed_manifests, read_committed
 from pipeline.tasks import EMOTIONS, UNKNOWN
-from schemas.job_config import JobConfig
+from schemas.job_config import JobConfig, JobConfigError
 from tests.conftest import tone_bursts, write_wav
 from workers.archive_job import ModelTaskError, RunSummary, run_archive
 
@@ -88,6 +89,35 @@ def test_rerun_adds_and_changes_nothing(archive: Path, reference: tuple[Path, Ru
     assert (again.run_id, again.skipped) == (None, 6)
     assert {name: _table(output, name) for name in before} == before
     assert len(committed_manifests(output)) == 1
+
+
+def test_errors_a_setting_caused_are_redone_and_retry_errors_redoes_the_rest(
+    archive: Path, tmp_path: Path
+) -> None:
+    limited = run_archive(JobConfig(str(archive), str(tmp_path), max_duration_s=20.0))
+    assert (limited.ok, limited.failed) == (2, 3)
+    assert ("calls/long.wav", "limit") in [
+        (e["recording_id"], e["stage"]) for e in _table(tmp_path, "errors")
+    ]
+    # The limit is no part of the fingerprint: the default run redoes only what the limit failed.
+    lifted = run_archive(JobConfig(str(archive), str(tmp_path)))
+    assert (lifted.planned, lifted.skipped, lifted.ok) == (1, 5, 1)
+    assert "calls/long.wav" in _texts(tmp_path)
+    assert [e["recording_id"] for e in _table(tmp_path, "errors")] == ["empty.wav", "text.wav"]
+    assert run_archive(JobConfig(str(archive), str(tmp_path))).run_id is None  # decode errors stay done
+    retried = run_archive(JobConfig(str(archive), str(tmp_path), retry_errors=True))
+    assert (retried.planned, retried.failed) == (2, 2)
+
+
+def test_bad_paths_and_overlap_are_refused_before_any_work(archive: Path, tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="no such file or folder"):
+        run_archive(JobConfig(str(tmp_path / "missing"), str(tmp_path / "out")))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(JobConfigError, match="is a file"):
+        run_archive(JobConfig(str(archive), str(tmp_path / "file")))
+    with pytest.raises(JobConfigError, match=r"--overlap-s 15\.0 must be below half"):
+        run_archive(JobConfig(str(archive), str(tmp_path / "out"), overlap_s=15.0))
+    assert not (tmp_path / "out" / "runs").exists()
 
 
 def _predictor_pids() -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -59,11 +60,28 @@ def test_manifest_resolves_relative_paths_and_keeps_extra_fields(tmp_path: Path)
     assert json.loads(recs[0].meta) == {"speaker": "s1"}
 
 
-def test_manifest_line_without_id_is_refused_with_its_line_number(tmp_path: Path) -> None:
+def test_bad_manifest_lines_are_planned_as_errors_naming_their_line(tmp_path: Path) -> None:
     manifest = tmp_path / "list.jsonl"
-    manifest.write_text('{"id": "a", "audio": "a.wav"}\n{"audio": "b.wav"}\n')
-    with pytest.raises(PlanError, match=r"list.jsonl:2"):
-        list_recordings(manifest)
+    manifest.write_text('{"id": "a", "audio": "a.wav"}\n{"audio": "b.wav"}\n{"id": "c", "audio": \n')
+    recs = list_recordings(manifest)
+    assert [(r.recording_id, bool(r.plan_error)) for r in recs] == [
+        ("a", False),
+        ("list.jsonl:2", True),
+        ("list.jsonl:3", True),
+    ]
+    assert "line 2: need a JSON object with 'id' and 'audio'" in recs[1].plan_error
+    assert "JSONDecodeError" in recs[2].plan_error
+
+
+def test_a_file_name_that_is_not_utf8_is_planned_as_an_error(tmp_path: Path) -> None:
+    (tmp_path / "good.wav").write_bytes(b"good")
+    with open(os.fsencode(tmp_path) + b"/caf\xe9 latin1.wav", "wb") as f:  # a name only bytes can spell
+        f.write(b"x")
+    bad, good = list_recordings(tmp_path)
+    assert (good.recording_id, good.plan_error) == ("good.wav", "")
+    assert bad.recording_id == "caf\\xe9 latin1.wav"
+    assert "not UTF-8" in bad.plan_error
+    bad.recording_id.encode()  # an Arrow string, unlike the name itself
 
 
 def test_missing_manifest_file_is_planned_with_empty_hash(tmp_path: Path) -> None:
@@ -81,11 +99,32 @@ def test_webdataset_members_are_located_by_offset(tmp_path: Path) -> None:
     )
     _write_shard(shards / "s1.tar", {"sub/k3.mp3": b"audio-333", "k4.json": b"{}"})  # k4 has no audio
     recs = list_recordings(shards)
-    assert [r.recording_id for r in recs] == ["k1", "k2", "sub/k3"]
+    assert [r.recording_id for r in recs] == ["k1", "k2", "k4", "sub/k3"]
+    assert "no audio member among ['k4.json']" in recs[2].plan_error
+    recs = [r for r in recs if not r.plan_error]
     for r, data in zip(recs, (b"audio-1", b"audio-22", b"audio-333"), strict=True):
         assert read_bytes(r.source_path, r.member_offset, r.member_size) == data
         assert r.content_sha256 == _sha(data)
     assert json.loads(recs[0].meta) == {"lang": "en"}
+
+
+def test_damaged_shards_keep_their_readable_samples_and_report_the_rest(tmp_path: Path) -> None:
+    members = {"a.wav": b"A" * 3000, "a.json": b"{not json", "b.wav": b"B" * 3000, "c.wav": b"C" * 3000}
+    full = _write_shard(tmp_path / "full.tar", members).read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(full[: len(full) // 2])  # ends inside c.wav
+    recs = {r.recording_id: r for r in list_recordings(cut)}
+    assert sorted(recs) == ["a", "b", "c"]
+    assert recs["a"].plan_error.startswith("a.json: not JSON")  # its audio is fine, its metadata is not
+    assert (recs["b"].plan_error, recs["b"].content_sha256) == ("", _sha(b"B" * 3000))
+    assert recs["c"].plan_error.startswith("the shard breaks off here (ReadError")
+    cut.write_bytes(full[:700])  # inside the first member's data: nothing to plan but the shard's error
+    (broken,) = list_recordings(cut)
+    assert broken.recording_id == "a" and "breaks off" in broken.plan_error
+    dotted = _write_shard(tmp_path / "dots.tar", {"2024.01.05.wav": b"x", "ok.wav": b"y"})
+    recs = list_recordings(dotted)
+    assert [(r.recording_id, bool(r.plan_error)) for r in recs] == [("2024", True), ("ok", False)]
+    assert "keys contain no dots" in recs[0].plan_error
 
 
 def test_duplicate_ids_across_shards_and_mixed_folders_are_refused(tmp_path: Path) -> None:
@@ -96,22 +135,29 @@ def test_duplicate_ids_across_shards_and_mixed_folders_are_refused(tmp_path: Pat
     (tmp_path / "loose.wav").write_bytes(b"3")
     with pytest.raises(PlanError, match="both"):
         list_recordings(tmp_path)
+    (tmp_path / "list.csv").write_text("")
     with pytest.raises(PlanError, match="not a folder"):
-        list_recordings(tmp_path / "nothing.csv")
+        list_recordings(tmp_path / "list.csv")
+    with pytest.raises(PlanError, match="no such file or folder"):
+        list_recordings(tmp_path / "nothing")
 
 
-def _manifest(fp: str, recs: list[tuple[str, str]]) -> RunManifest:
+def _manifest(
+    fp: str, recs: list[tuple[str, str]], status: str = "ok", stage: str | None = None
+) -> RunManifest:
     return RunManifest(
         run_id="r", fingerprint=fp, pipeline_version="v", presets_version="p", created_at="t", config={},
         reduction={}, versions={}, files={}, counts={},
-        recordings=[RecordingEntry(i, h, "ok") for i, h in recs],
+        recordings=[RecordingEntry(i, h, status, stage) for i, h in recs],
     )  # fmt: skip
 
 
 def test_done_set_needs_same_fingerprint_id_and_content() -> None:
-    fp = fingerprint("m", "asr", {"task": "asr"}, {"method": "none"}, "1")
-    assert fp != fingerprint("m", "asr", {"task": "asr"}, {"method": "fastadasp"}, "1")
-    assert fp != fingerprint("m", "asr", {"task": "asr"}, {"method": "none"}, "2")
+    win = {"overlap_s": 3.0, "max_window_s": 30.0}
+    fp = fingerprint("m", "asr", {"task": "asr"}, win, {"method": "none"}, "1")
+    assert fp != fingerprint("m", "asr", {"task": "asr"}, win, {"method": "fastadasp"}, "1")
+    assert fp != fingerprint("m", "asr", {"task": "asr"}, win, {"method": "none"}, "2")
+    assert fp != fingerprint("m", "asr", {"task": "asr"}, win | {"overlap_s": 5.0}, {"method": "none"}, "1")
     done = done_keys([_manifest(fp, [("a", "h1"), ("b", "h2")]), _manifest("other", [("c", "h3")])], fp)
     recs = [
         PlannedRecording("a", "p", "h1"),
@@ -121,3 +167,15 @@ def test_done_set_needs_same_fingerprint_id_and_content() -> None:
     todo, skipped = pending(recs, done)
     assert [r.recording_id for r in todo] == ["b", "c"]
     assert [r.recording_id for r in skipped] == ["a"]
+
+
+def test_errors_a_later_run_may_not_repeat_are_redone() -> None:
+    runs = [
+        _manifest("fp", [("decoded-badly", "h1")], "error", "decode"),
+        _manifest("fp", [("too-long", "h2")], "error", "limit"),
+        _manifest("fp", [("oom", "h3")], "error", "model"),
+        _manifest("fp", [("list.jsonl:4", "")], "error", "plan"),
+        _manifest("fp", [("silent", "h4")], "empty"),
+    ]
+    assert done_keys(runs, "fp") == {("decoded-badly", "h1"), ("silent", "h4")}
+    assert done_keys(runs, "fp", retry_errors=True) == {("silent", "h4")}

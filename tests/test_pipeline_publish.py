@@ -87,6 +87,24 @@ def test_publish_commits_three_tables_and_latest_run_wins(tmp_path: Path) -> Non
     assert read_committed(tmp_path, "results")["text"].to_pylist() == ["", "second"]
 
 
+def test_a_recording_reads_from_its_latest_run_in_every_table(tmp_path: Path) -> None:
+    _stage_and_publish(tmp_path, "r1", [("a", "ok", "first"), ("b", "error", "bad header")])
+    assert read_committed(tmp_path, "errors").num_rows == 1
+    # r2: b fixed, a replaced by a broken file; neither's older row may show through
+    m2 = _stage_and_publish(tmp_path, "r2", [("a", "error", "empty file"), ("b", "ok", "fixed")])
+    assert [(r.recording_id, r.status, r.stage) for r in m2.recordings] == [
+        ("a", "error", "decode"),
+        ("b", "ok", None),
+    ]
+    assert read_committed(tmp_path, "results")["text"].to_pylist() == ["fixed"]
+    assert read_committed(tmp_path, "stats")["recording_id"].to_pylist() == ["b"]
+    assert read_committed(tmp_path, "errors")["error"].to_pylist() == ["empty file"]
+    _stage_and_publish(tmp_path, "r3", [("a", "ok", "back")])
+    errors = read_committed(tmp_path, "errors")  # no errors left: an empty table, not a failure
+    assert errors.num_rows == 0 and errors.schema.names[0] == "recording_id"
+    assert sorted(read_committed(tmp_path, "results")["text"].to_pylist()) == ["back", "fixed"]
+
+
 def test_validate_refuses_missing_and_duplicated_rows(tmp_path: Path) -> None:
     writer = StagingWriter(tmp_path, "r")
     writer.add(_records("r", [("a", "ok", "x"), ("a", "ok", "x")]))

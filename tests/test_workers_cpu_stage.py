@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def _bad_inputs(root: Path, make_wav: Callable[..., Path]) -> None:
     header[40:44] = len(nan).to_bytes(4, "little")
     header[4:8] = (36 + len(nan)).to_bytes(4, "little")
     (root / "nan.wav").write_bytes(bytes(header) + nan)
+    make_wav(root / "long.wav", seconds=KW["max_duration_s"] + 5)
+    with open(os.fsencode(root) + b"/caf\xe9.wav", "wb") as f:  # a name that is no UTF-8
+        f.write(full)
 
 
 def test_bad_inputs_become_single_rows_and_good_ones_windows(
@@ -56,6 +60,8 @@ def test_bad_inputs_become_single_rows_and_good_ones_windows(
         assert [r["status"] for r in by_id.pop(rid)] == ["empty"]
     stages = {rid: (rs[0]["status"], rs[0]["stage"]) for rid, rs in by_id.items() if len(rs) == 1}
     assert stages.pop("six_channels.wav") == ("error", "read")
+    assert stages.pop("long.wav") == ("error", "limit")  # redone by a run with a higher limit
+    assert stages.pop("caf\\xe9.wav") == ("error", "plan")
     zero = stages.pop("zero.wav")
     assert zero in {("empty", None), ("error", "decode")}
     assert stages == {k: ("error", "decode") for k in ("empty.wav", "truncated.wav", "text.wav", "nan.wav")}

@@ -19,7 +19,15 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.merging.config import ReductionConfig
-from pipeline.plan import PIPELINE_VERSION, PlannedRecording, done_keys, fingerprint, list_recordings, pending
+from pipeline.plan import (
+    PIPELINE_VERSION,
+    PlanError,
+    PlannedRecording,
+    done_keys,
+    fingerprint,
+    list_recordings,
+    pending,
+)
 from pipeline.presets import PRESETS_VERSION, resolve_reduction
 from pipeline.publish import (
     OutputLock,
@@ -30,7 +38,7 @@ from pipeline.publish import (
     remove_abandoned,
     validate,
 )
-from schemas.job_config import JobConfig
+from schemas.job_config import JobConfig, JobConfigError
 from schemas.manifest import RunManifest
 from schemas.stages import PLAN_SCHEMA
 from workers.cpu_stage import cut_windows
@@ -170,13 +178,26 @@ def build_dataset(
 
 
 def check_model(config: JobConfig) -> ModelInfo:
-    """Describe the model and refuse a task it cannot do, before any input is read."""
+    """Describe the model and refuse a task or window overlap it cannot do, before any input is read."""
     info = model_info(config.model, config.device, _actor_resources(config))
     if config.task not in info.tasks:
         raise ModelTaskError(
             f"model {config.model!r} cannot do task {config.task!r} (it does: {', '.join(sorted(info.tasks))})"
         )
+    if config.overlap_s >= info.max_window_s / 2:  # half a window: each window still adds new audio
+        raise JobConfigError(
+            f"--overlap-s {config.overlap_s} must be below half of {config.model!r}'s "
+            f"{info.max_window_s} s window"
+        )
     return info
+
+
+def check_paths(config: JobConfig) -> None:
+    """Refuse an input that does not exist or an output that is a file, before anything starts."""
+    if not Path(config.input).exists():
+        raise PlanError(f"--input {config.input}: no such file or folder")
+    if Path(config.output).exists() and not Path(config.output).is_dir():
+        raise JobConfigError(f"--output {config.output} is a file; give a folder")
 
 
 def connect(config: JobConfig) -> None:
@@ -193,16 +214,19 @@ def run_archive(config: JobConfig) -> RunSummary:
     """Plan, process and publish one run into ``config.output``; see pipeline/publish.py for the layout."""
     started = time.monotonic()
     reduction = resolve_reduction(config.model, config.task, config.reduction)
+    check_paths(config)
     output, run_id = Path(config.output), new_run_id()
     with OutputLock(output, run_id):
         connect(config)
         info = check_model(config)
+        windowing = {"overlap_s": config.overlap_s, "max_window_s": info.max_window_s}
         run_fp = fingerprint(
-            config.model, config.task, _request(config), reduction.to_dict(), PIPELINE_VERSION
+            config.model, config.task, _request(config), windowing, reduction.to_dict(), PIPELINE_VERSION
         )
         for path in remove_abandoned(output):
             log.info("removed %s, left by an interrupted run", path)
-        todo, skipped = pending(list_recordings(config.input), done_keys(committed_manifests(output), run_fp))
+        done = done_keys(committed_manifests(output), run_fp, config.retry_errors)
+        todo, skipped = pending(list_recordings(config.input), done)
         log.info("plan: %d recordings to process, %d done before", len(todo), len(skipped))
         if not todo:
             return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.audio.decode import decode_audio
+from pipeline.audio.decode import DurationLimitError, decode_audio
 from pipeline.audio.vad import find_speech
 from pipeline.audio.windows import cut, plan_windows
 from pipeline.plan import read_bytes, sha256_hex
@@ -41,6 +41,8 @@ def recording_windows(
     plan_row: dict, sample_rate: int, max_window_s: float, overlap_s: float, max_duration_s: float
 ) -> list[dict]:
     """WINDOW_SCHEMA rows of one PLAN_SCHEMA row; ``pcm`` holds float32 samples of shape (n,) as bytes."""
+    if plan_row["plan_error"]:
+        return [_row(plan_row, "error", stage="plan", error=plan_row["plan_error"])]
     stage = "read"
     try:
         data = read_bytes(plan_row["source_path"], plan_row["member_offset"], plan_row["member_size"])
@@ -70,6 +72,7 @@ def recording_windows(
             for w in windows
         ]
     except Exception as err:  # any failure is this recording's, reported as a row
+        stage = "limit" if isinstance(err, DurationLimitError) else stage  # redone under a higher limit
         return [_row(plan_row, "error", stage=stage, error=f"{type(err).__name__}: {err}")]
 
 

@@ -28,6 +28,10 @@ class AudioDecodeError(ValueError):
     """The input cannot be used as audio; the message names the input and what is wrong with it."""
 
 
+class DurationLimitError(AudioDecodeError):
+    """Longer than the ``max_duration_s`` asked for: depends on that setting, not only on the bytes."""
+
+
 @dataclass
 class Audio:
     """Decoded audio.
@@ -129,7 +133,7 @@ def decode_audio(
         stream = container.streams.audio[0]
         declared_s = _header_duration_s(container, stream)
         if max_duration_s is not None and declared_s is not None and declared_s > max_duration_s:
-            raise AudioDecodeError(
+            raise DurationLimitError(
                 f"{label}: duration {declared_s:.1f} s exceeds the limit {max_duration_s} s"
             )
         source_rate, source_channels = stream.rate, stream.channels
@@ -150,7 +154,7 @@ def decode_audio(
                     )
                 decoded += data.shape[1]
                 if max_duration_s is not None and decoded > max_duration_s * source_rate:
-                    raise AudioDecodeError(f"{label}: duration exceeds the limit {max_duration_s} s")
+                    raise DurationLimitError(f"{label}: duration exceeds the limit {max_duration_s} s")
                 if resampler is None:
                     resampler = soxr.ResampleStream(
                         source_rate, sample_rate, 1, dtype="float64", quality="VHQ"
