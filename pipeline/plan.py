@@ -7,6 +7,11 @@ and optional ``<key>.json``). A recording is done when a committed run with the 
 task, request, windowing, reduction, pipeline version) holds its (recording id, content sha256), unless
 it failed in a way a later run may not (``RETRIED_STAGES``).
 
+Planning reads every byte only once: a source whose size and modification time equal what a committed
+run recorded keeps that run's content hash (``SeenSources``), so a nightly run over a large archive
+hashes only new and changed files. (Touching a file rehashes it; rewriting it in place with its old
+size and mtime restored would go unnoticed, as with make or rsync.)
+
 One bad item never stops the plan: a manifest line that is no JSON object, a file name that is no
 UTF-8, a cut-short shard, a sample without audio become recordings carrying ``plan_error``, which the CPU
 stage reports as their errors row.
@@ -23,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from schemas.manifest import RunManifest
+from schemas.manifest import RecordingEntry, RunManifest
 
 PIPELINE_VERSION = "0.1.0"  # bump whenever the same inputs and settings would give different outputs
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a"})
@@ -43,7 +48,8 @@ class PlannedRecording:
     """One recording to process. ``member_offset``/``member_size`` locate a tar member's bytes in
     ``source_path`` (offset -1: the whole file). ``content_sha256`` is "" when the bytes were unreadable
     at plan time (the CPU stage then reports the read error). ``meta``: extra fields as JSON.
-    ``plan_error``: why the item could not be planned ("" when it could)."""
+    ``plan_error``: why the item could not be planned ("" when it could). ``source_size`` /
+    ``source_mtime_ns``: the source file's stat when it was hashed (-1: not stat'ed)."""
 
     recording_id: str
     source_path: str
@@ -52,6 +58,8 @@ class PlannedRecording:
     member_size: int = -1
     meta: str = "{}"
     plan_error: str = ""
+    source_size: int = -1
+    source_mtime_ns: int = -1
 
     def to_row(self) -> dict:
         return asdict(self)
@@ -89,6 +97,24 @@ def _hash_or_empty(path: Path) -> str:
         return ""  # unreadable now: the CPU stage reports the read error for this recording
 
 
+class SeenSources:
+    """Content hashes that committed runs recorded, by (source path, member offset) with the source's
+    stat at the time; ``digest`` returns one while the source's size and mtime are unchanged."""
+
+    def __init__(self, entries: Iterable[RecordingEntry] = ()) -> None:
+        self._known = {
+            (e.source_path, e.member_offset): e
+            for e in entries
+            if e.content_sha256 and e.source_mtime_ns >= 0
+        }
+
+    def digest(self, source: str, member_offset: int, stat: os.stat_result) -> str | None:
+        e = self._known.get((source, member_offset))
+        if e is None or (e.source_size, e.source_mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            return None
+        return e.content_sha256
+
+
 def _is_audio(path: Path) -> bool:
     return path.suffix.lower() in AUDIO_EXTENSIONS
 
@@ -97,21 +123,32 @@ def _unplannable(recording_id: str, source: str, why: str) -> PlannedRecording:
     return PlannedRecording(recording_id, source, "", plan_error=why)
 
 
-def _plan_file(root: Path, path: Path) -> PlannedRecording:
+def _plan_source(rec_id: str, path: Path, seen: SeenSources, meta: str = "{}") -> PlannedRecording:
+    try:
+        stat = path.stat()  # before hashing: a change after it shows as a new stat next time
+    except OSError:
+        return PlannedRecording(rec_id, str(path), "", meta=meta)  # the CPU stage reports the read error
+    digest = seen.digest(str(path), -1, stat) or _hash_or_empty(path)
+    return PlannedRecording(
+        rec_id, str(path), digest, meta=meta, source_size=stat.st_size, source_mtime_ns=stat.st_mtime_ns
+    )
+
+
+def _plan_file(root: Path, path: Path, seen: SeenSources) -> PlannedRecording:
     rec_id = path.relative_to(root).as_posix()
     try:
         rec_id.encode()
     except UnicodeEncodeError:  # undecodable bytes in the name (os.fsdecode's surrogates): no Arrow string
         shown = os.fsencode(rec_id).decode(errors="backslashreplace")
         return _unplannable(shown, str(root / shown), "file name is not UTF-8; rename the file")
-    return PlannedRecording(rec_id, str(path), _hash_or_empty(path))
+    return _plan_source(rec_id, path, seen)
 
 
-def _plan_folder(root: Path) -> list[PlannedRecording]:
-    return [_plan_file(root, p) for p in sorted(root.rglob("*")) if p.is_file() and _is_audio(p)]
+def _plan_folder(root: Path, seen: SeenSources) -> list[PlannedRecording]:
+    return [_plan_file(root, p, seen) for p in sorted(root.rglob("*")) if p.is_file() and _is_audio(p)]
 
 
-def _plan_manifest(path: Path) -> list[PlannedRecording]:
+def _plan_manifest(path: Path, seen: SeenSources) -> list[PlannedRecording]:
     out = []
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -124,11 +161,7 @@ def _plan_manifest(path: Path) -> list[PlannedRecording]:
             out.append(_unplannable(f"{path.name}:{number}", str(path), why))
             continue
         audio = audio if audio.is_absolute() else path.parent / audio
-        out.append(
-            PlannedRecording(
-                rec_id, str(audio), _hash_or_empty(audio), meta=json.dumps(entry, sort_keys=True)
-            )
-        )
+        out.append(_plan_source(rec_id, audio, seen, json.dumps(entry, sort_keys=True)))
     return out
 
 
@@ -139,7 +172,7 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def _plan_shard(shard: Path) -> list[PlannedRecording]:
+def _plan_shard(shard: Path, seen: SeenSources) -> list[PlannedRecording]:
     """The shard's samples; what cannot be read (where a cut-short or corrupt shard breaks off, a bad
     ``.json``, a sample without audio) is planned as an error, the rest as usual."""
     audio: dict[str, tuple[int, int, str]] = {}
@@ -148,23 +181,26 @@ def _plan_shard(shard: Path) -> list[PlannedRecording]:
     bad: list[PlannedRecording] = []
     key = None  # the sample being read when the shard breaks off
     try:
+        stat = shard.stat()
         with tarfile.open(shard, "r:") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 key, ext = _split_key(member.name)
                 members.setdefault(key, []).append(member.name)
-                data = tar.extractfile(member).read()
                 if ext == "json":
                     try:
-                        meta[key] = json.dumps(json.loads(data), sort_keys=True)
+                        meta[key] = json.dumps(json.loads(tar.extractfile(member).read()), sort_keys=True)
                     except ValueError as e:
                         why = f"{member.name}: not JSON ({e})"
                         bad.append(_unplannable(key, str(shard), why))
                 elif f".{ext}" in AUDIO_EXTENSIONS:
                     if key in audio:
                         raise PlanError(f"{shard}: sample {key!r} has more than one audio member")
-                    audio[key] = (member.offset_data, member.size, sha256_hex(data))
+                    digest = seen.digest(str(shard), member.offset_data, stat)
+                    if digest is None:
+                        digest = sha256_hex(tar.extractfile(member).read())
+                    audio[key] = (member.offset_data, member.size, digest)
                 key = None
     except (tarfile.TarError, OSError) as e:  # keeps the samples read before the damage
         why = f"the shard breaks off here ({type(e).__name__}: {e}); no later sample can be read"
@@ -175,28 +211,39 @@ def _plan_shard(shard: Path) -> list[PlannedRecording]:
             why = f"no audio member among {names} (keys contain no dots; audio: {sorted(AUDIO_EXTENSIONS)})"
             bad.append(_unplannable(sample, str(shard), why))
     planned = [
-        PlannedRecording(sample, str(shard), digest, offset, size, meta.get(sample, "{}"))
+        PlannedRecording(
+            sample,
+            str(shard),
+            digest,
+            offset,
+            size,
+            meta.get(sample, "{}"),
+            source_size=stat.st_size,
+            source_mtime_ns=stat.st_mtime_ns,
+        )
         for sample, (offset, size, digest) in audio.items()
         if sample not in failed
     ]
     return planned + bad
 
 
-def list_recordings(input_path: str | Path) -> list[PlannedRecording]:
-    """All recordings of an input, sorted by id. Raises PlanError on an unknown layout or duplicate ids."""
-    path = Path(input_path)
+def list_recordings(input_path: str | Path, seen: SeenSources | None = None) -> list[PlannedRecording]:
+    """All recordings of an input, sorted by id, hashed unless ``seen`` knows them unchanged. Raises
+    PlanError on a missing input, an unknown layout or duplicate ids."""
+    path, seen = Path(input_path), seen or SeenSources()
     if path.is_file() and path.suffix == ".jsonl":
-        recordings = _plan_manifest(path)
+        recordings = _plan_manifest(path, seen)
     elif path.is_file() and path.suffix == ".tar":
-        recordings = _plan_shard(path)
+        recordings = _plan_shard(path, seen)
     elif not path.exists():
         raise PlanError(f"{path}: no such file or folder")
     elif path.is_dir():
         shards = sorted(path.rglob("*.tar"))
-        loose = _plan_folder(path)
-        if shards and loose:
+        if shards and any(p.is_file() and _is_audio(p) for p in path.rglob("*")):
             raise PlanError(f"{path}: holds both tar shards and loose audio files; give one kind")
-        recordings = [r for shard in shards for r in _plan_shard(shard)] if shards else loose
+        recordings = (
+            [r for shard in shards for r in _plan_shard(shard, seen)] if shards else _plan_folder(path, seen)
+        )
     else:
         raise PlanError(f"{path}: not a folder, a .jsonl manifest or a .tar shard")
     duplicates = sorted(i for i, n in Counter(r.recording_id for r in recordings).items() if n > 1)

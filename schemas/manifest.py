@@ -31,6 +31,12 @@ class RecordingEntry:
     content_sha256: str
     status: str  # ok | empty | error
     stage: str | None = None  # where an error happened (pipeline.plan.RETRIED_STAGES are redone)
+    # Where the bytes came from and the source's stat when hashed (pipeline.plan.SeenSources reuses the
+    # hash while it holds); -1: unknown.
+    source_path: str = ""
+    member_offset: int = -1
+    source_size: int = -1
+    source_mtime_ns: int = -1
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,8 @@ def test_run_writes_one_row_per_recording(reference: tuple[Path, RunSummary]) ->
     assert stats["short.wav"]["generated_tokens"] > 0 and stats["short.wav"]["real_time_factor"] > 0
     (manifest,) = committed_manifests(output)
     assert manifest.counts == {"planned": 6, "ok": 3, "empty": 1, "error": 2}
+    short = next(e for e in manifest.recordings if e.recording_id == "short.wav")
+    assert short.source_path.endswith("short.wav") and short.source_size > 0 and short.source_mtime_ns > 0
     assert manifest.reduction["method"] == "fastadasp" and manifest.config["model"] == "whisper-tiny.en"
     assert "ok 3, empty 1, failed 2" in summary.line()
 

@@ -14,6 +14,7 @@ import pytest
 from pipeline.plan import (
     PlanError,
     PlannedRecording,
+    SeenSources,
     done_keys,
     fingerprint,
     list_recordings,
@@ -179,3 +180,41 @@ def test_errors_a_later_run_may_not_repeat_are_redone() -> None:
     ]
     assert done_keys(runs, "fp") == {("decoded-badly", "h1"), ("silent", "h4")}
     assert done_keys(runs, "fp", retry_errors=True) == {("silent", "h4")}
+
+
+def _committed(recs: list[PlannedRecording]) -> SeenSources:
+    """What a committed run's manifest records of these recordings."""
+    entries = [
+        RecordingEntry(
+            r.recording_id, r.content_sha256, "ok", None, r.source_path, r.member_offset, r.source_size,
+            r.source_mtime_ns,
+        )
+        for r in recs
+    ]  # fmt: skip
+    return SeenSources(entries)
+
+
+def test_unchanged_sources_keep_their_committed_hash_without_being_read(tmp_path: Path) -> None:
+    (tmp_path / "a.wav").write_bytes(b"aaaa")
+    (tmp_path / "b.wav").write_bytes(b"bbbb")
+    seen = _committed(list_recordings(tmp_path))
+    # a: new bytes of the same size under the old mtime (what only a read could notice): hash reused;
+    # b: touched, so rehashed.
+    stat = (tmp_path / "a.wav").stat()
+    (tmp_path / "a.wav").write_bytes(b"AAAA")
+    os.utime(tmp_path / "a.wav", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    (tmp_path / "b.wav").write_bytes(b"BBBB")
+    os.utime(tmp_path / "b.wav", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    a, b = list_recordings(tmp_path, seen)
+    assert (a.content_sha256, b.content_sha256) == (_sha(b"aaaa"), _sha(b"BBBB"))
+    assert a.source_size == 4 and b.source_mtime_ns == stat.st_mtime_ns + 10**9
+    assert [r.content_sha256 for r in list_recordings(tmp_path)] == [_sha(b"AAAA"), _sha(b"BBBB")]
+
+    shard = _write_shard(tmp_path / "s.tar", {"k.wav": b"kkkk", "k.json": b"{}"})
+    seen = _committed(list_recordings(shard))
+    stat = shard.stat()
+    data = shard.read_bytes()
+    shard.write_bytes(data.replace(b"kkkk", b"KKKK"))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert list_recordings(shard, seen)[0].content_sha256 == _sha(b"kkkk")
+    assert list_recordings(shard)[0].content_sha256 == _sha(b"KKKK")

@@ -11,7 +11,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +23,7 @@ from pipeline.plan import (
     PIPELINE_VERSION,
     PlanError,
     PlannedRecording,
+    SeenSources,
     done_keys,
     fingerprint,
     list_recordings,
@@ -39,7 +40,7 @@ from pipeline.publish import (
     validate,
 )
 from schemas.job_config import JobConfig, JobConfigError
-from schemas.manifest import RunManifest
+from schemas.manifest import RecordingEntry, RunManifest
 from schemas.stages import PLAN_SCHEMA
 from workers.cpu_stage import cut_windows
 from workers.model_stage import ModelInfo, WindowPredictor, model_info
@@ -192,6 +193,22 @@ def check_model(config: JobConfig) -> ModelInfo:
     return info
 
 
+def _with_sources(entries: list[RecordingEntry], todo: list[PlannedRecording]) -> list[RecordingEntry]:
+    """The run's entries, sorted, with where each recording's bytes came from and their stat at hashing
+    (what lets the next run skip hashing them again)."""
+    planned = {r.recording_id: r for r in todo}
+    return [
+        replace(
+            e,
+            source_path=(p := planned[e.recording_id]).source_path,
+            member_offset=p.member_offset,
+            source_size=p.source_size,
+            source_mtime_ns=p.source_mtime_ns,
+        )
+        for e in sorted(entries, key=lambda e: e.recording_id)
+    ]
+
+
 def check_paths(config: JobConfig) -> None:
     """Refuse an input that does not exist or an output that is a file, before anything starts."""
     if not Path(config.input).exists():
@@ -225,8 +242,11 @@ def run_archive(config: JobConfig) -> RunSummary:
         )
         for path in remove_abandoned(output):
             log.info("removed %s, left by an interrupted run", path)
-        done = done_keys(committed_manifests(output), run_fp, config.retry_errors)
-        todo, skipped = pending(list_recordings(config.input), done)
+        manifests = committed_manifests(output)
+        seen = SeenSources(e for m in manifests for e in m.recordings)
+        todo, skipped = pending(
+            list_recordings(config.input, seen), done_keys(manifests, run_fp, config.retry_errors)
+        )
         log.info("plan: %d recordings to process, %d done before", len(todo), len(skipped))
         if not todo:
             return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started)
@@ -262,7 +282,7 @@ def run_archive(config: JobConfig) -> RunSummary:
             versions=_versions(),
             files=files,
             counts=asdict(counts),
-            recordings=sorted(writer.recordings, key=lambda r: r.recording_id),
+            recordings=_with_sources(writer.recordings, todo),
         )
         publish(output, manifest)
     return RunSummary(
