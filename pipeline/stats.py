@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 
@@ -11,6 +12,7 @@ class WindowStats:
 
     audio_tokens_in: audio tokens entering the first layer. audio_tokens_kept: audio tokens summed
     over layers divided by the layer count (the average per-layer length, what the KV cache holds).
+    encode_s, prefill_s, decode_s: the window's share of its batch's times (``batch_times``).
     """
 
     audio_seconds: float = 0.0
@@ -28,3 +30,34 @@ class WindowStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def apportion(seconds: float, work: Sequence[float]) -> list[float]:
+    """``seconds`` shared in proportion to ``work`` (equally where there is none); the shares sum to it."""
+    total = sum(work)
+    if total <= 0:
+        return [seconds / len(work)] * len(work)
+    return [seconds * w / total for w in work]
+
+
+def batch_times(
+    encode_s: float,
+    prefill_s: float,
+    decode_s: float,
+    prefill_work: Sequence[float],
+    generated: Sequence[int],
+) -> list[dict[str, float]]:
+    """Each window's share of one batch's phase times, in proportion to the work it caused there.
+
+    encode: equally (every window is encoded padded to the model's full window); prefill: by
+    ``prefill_work`` (e.g. prompt tokens); decode: by generated tokens, so that every window's
+    generated tokens / decode_s is the batch's decode throughput. Each phase's shares sum to its time.
+    """
+    ones = [1.0] * len(generated)
+    phases = zip(
+        apportion(encode_s, ones),
+        apportion(prefill_s, prefill_work),
+        apportion(decode_s, generated),
+        strict=True,
+    )
+    return [{"encode_s": e, "prefill_s": p, "decode_s": d} for e, p, d in phases]

@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
+from pipeline.models import whisper as whisper_adapter
 from pipeline.models.base import TaskRequest
 from pipeline.models.whisper import load_tiny_en
+from pipeline.models.whisper_decoding import greedy_decode
 from pipeline.models.whisper_encoder import encode, encoder_ratios, output_reduction
+from pipeline.stats import apportion, batch_times
 
 SR = 16000
 ASR = TaskRequest("asr")
@@ -120,6 +123,34 @@ def test_stats_and_text_under_merging(whisper, clips):
         assert out.stats.kv_bytes_kept == 4 * 2 * (1500 - removed) * 384 * 4
         assert out.stats.encode_s > 0 and out.stats.decode_s + out.stats.prefill_s > 0
         assert isinstance(out.text, str)
+
+
+def test_batch_times_follow_the_work_of_each_window(whisper, clips, monkeypatch):
+    decoded = []
+
+    def recorded(*args):
+        decoded.append(greedy_decode(*args))
+        return decoded[-1]
+
+    monkeypatch.setattr(whisper_adapter, "greedy_decode", recorded)
+    stats = [o.stats for o in whisper.run(clips, ASR, NO_REDUCTION)]
+    (batch,) = decoded
+    generated = [s.generated_tokens for s in stats]
+    assert len(set(generated)) == 3  # the windows of one batch say different amounts
+    throughput = sum(generated) / batch.rest_s
+    assert [g / s.decode_s for g, s in zip(generated, stats, strict=True)] == pytest.approx([throughput] * 3)
+    assert sum(s.decode_s for s in stats) == pytest.approx(batch.rest_s)
+    assert [s.prefill_s * 3 for s in stats] == pytest.approx([batch.first_step_s] * 3)
+    assert len({s.encode_s for s in stats}) == 1  # every window is encoded padded to 30 s
+
+
+def test_apportion_shares_by_work():
+    assert apportion(6.0, [1, 2, 3]) == [1.0, 2.0, 3.0]
+    assert apportion(3.0, [0, 0, 0]) == [1.0, 1.0, 1.0]  # no work measured: equal shares
+    times = batch_times(0.3, 0.6, 1.0, [100, 200, 300], [1, 0, 4])
+    assert [t["encode_s"] for t in times] == pytest.approx([0.1, 0.1, 0.1])  # encoded padded alike
+    assert [t["prefill_s"] for t in times] == pytest.approx([0.1, 0.2, 0.3])
+    assert [t["decode_s"] for t in times] == pytest.approx([0.2, 0.0, 0.8])
 
 
 def test_random_methods_do_not_depend_on_the_batch(whisper, clips):

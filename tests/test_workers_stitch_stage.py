@@ -33,8 +33,19 @@ def test_asr_windows_join_in_order_and_stats_sum() -> None:
     assert [s["index"] for s in result["segments"]] == [0, 1]
     (stats,) = tables["stats"].to_pylist()
     assert stats["windows"] == 2 and stats["audio_tokens_in"] == 1000 and stats["generated_tokens"] == 20
-    assert stats["decode_tokens_per_s"] == 20.0 and stats["real_time_factor"] == 1.5 / 20.0
+    assert stats["decode_tokens_per_s"] == 20.0 and stats["real_time_factor"] == 1.5 / 30.0
     assert tables["errors"].num_rows == 0
+
+
+def test_real_time_factor_is_over_the_whole_recording() -> None:
+    """Speech, then long silence; overlapping windows: model seconds over the decoded duration, as the
+    run summary's RTF, not over the windows' spans (speech only, overlaps twice)."""
+    rows = [
+        _window(0, 2, "a", duration_s=180.0, start_s=0.0, end_s=30.0, overlap_after_s=5.0),
+        _window(1, 2, "b", duration_s=180.0, start_s=25.0, end_s=40.0, overlap_before_s=5.0),
+    ]
+    record = recording_record(rows, "asr", RUN)
+    assert record["audio_seconds"] == 180.0 and record["real_time_factor"] == 1.5 / 180.0
 
 
 def test_a_failed_or_missing_window_fails_the_recording() -> None:
@@ -60,3 +71,4 @@ def test_no_speech_is_an_empty_result() -> None:
     empty = _window(0, 0, None, "empty") | {"window_stats": WindowStats().to_dict()}
     record = recording_record([empty], "asr", RUN)
     assert (record["status"], record["text"], record["segments"], record["windows"]) == ("empty", "", [], 0)
+    assert record["real_time_factor"] == 0.0  # 30 s of audio that cost no model time

@@ -20,11 +20,11 @@ from schemas.tables import RECORD_SCHEMA
 def _stats(rows: list[dict]) -> dict:
     total = sum((WindowStats(**r["window_stats"]) for r in rows), WindowStats())
     model_s = total.encode_s + total.prefill_s + total.decode_s
-    audio_s = sum(r["end_s"] - r["start_s"] for r in rows) if rows[0]["status"] == "ok" else 0.0
+    audio_s = rows[0]["duration_s"]  # the whole recording, silence included, as in the run summary's RTF
     peaks = [r["peak_memory_bytes"] for r in rows if r["peak_memory_bytes"] is not None]
     nvml = [r["nvml_memory_bytes"] for r in rows if r["nvml_memory_bytes"] is not None]
     return total.to_dict() | {
-        "audio_seconds": rows[0]["duration_s"],
+        "audio_seconds": audio_s,
         "windows": len(rows) if rows[0]["status"] == "ok" else 0,
         "decode_tokens_per_s": total.generated_tokens / total.decode_s if total.decode_s > 0 else None,
         "peak_memory_bytes": max(peaks, default=None),

@@ -29,7 +29,7 @@ from pipeline.engine.memory import footprint, free_device_bytes, max_batch
 from pipeline.kernels import attention_kernels_usable
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import TaskRequest, WindowOutput
-from pipeline.stats import WindowStats
+from pipeline.stats import WindowStats, batch_times
 
 AUDIO_TOKEN = "<|AUDIO|>"
 SPECIAL_TOKENS = (
@@ -264,8 +264,15 @@ class Qwen2AudioSpeechModel:
             size = self.batch_size(prompt_text, counts[order[start]], reduction)
             batch = order[start : start + size]
             gen, encode_s = self.generate_batch(prompt_text, [[waveforms[i]] for i in batch], reduction)
+            times = batch_times(
+                encode_s,
+                gen.prefill_s,
+                gen.decode_s,
+                [plan.prompt_length for plan in gen.plans],  # groups prefill apart, each over its length
+                gen.num_tokens.tolist(),
+            )
             for row, i in enumerate(batch):
-                outputs[i] = self._output(gen, row, len(batch), encode_s, len(waveforms[i]))
+                outputs[i] = self._output(gen, row, times[row], len(waveforms[i]))
             start += size
         return outputs
 
@@ -287,7 +294,7 @@ class Qwen2AudioSpeechModel:
         fit = max(1, max_batch(free_device_bytes(device), need))
         return min(fit, self.max_batch or fit)
 
-    def _output(self, gen: Generation, row: int, batch: int, encode_s: float, samples: int) -> WindowOutput:
+    def _output(self, gen: Generation, row: int, times: dict[str, float], samples: int) -> WindowOutput:
         n = int(gen.num_tokens[row])
         ids = [t for t in gen.tokens[row, :n].tolist() if t not in self.eos_token_ids]
         plan = gen.plans[row]
@@ -298,10 +305,8 @@ class Qwen2AudioSpeechModel:
             audio_tokens_kept=sum(plan.audio_lengths) / len(plan.audio_lengths),
             kv_bytes_full=plan.prompt_length * len(plan.cache_lengths) * per_token,
             kv_bytes_kept=sum(plan.cache_lengths) * per_token,
-            encode_s=encode_s / batch,
-            prefill_s=gen.prefill_s / batch,
-            decode_s=gen.decode_s / batch,
             generated_tokens=n,
+            **times,
         )
         return WindowOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), stats=stats)
 

@@ -25,7 +25,7 @@ from pipeline.models.base import TaskRequest, WindowOutput
 from pipeline.models.ctranslate2 import load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
 from pipeline.models.whisper_encoder import encode, encoder_ratios, speech_tokens
-from pipeline.stats import WindowStats
+from pipeline.stats import WindowStats, batch_times
 
 TINY_EN = "whisper-tiny.en"
 SAMPLE_RATE = 16000
@@ -76,8 +76,9 @@ class WhisperSpeechModel:
 
     padding: ``keep`` (default) gives the decoder all 1,500 positions less the merged speech tokens;
     ``drop`` also removes the window's trailing padding from the encoder output (a separate reduction).
-    Timings of a batch are shared equally among its windows; ``prefill_s`` is the first decoder step
-    (prompt + projection of the encoder output to cross-attention K/V).
+    Timings of a batch are shared among its windows by ``pipeline.stats.batch_times``; ``prefill_s`` is
+    the first decoder step (prompt + projection of the encoder output to cross-attention K/V), shared
+    equally: every row has the same prompt and padded encoder length.
     """
 
     sample_rate = SAMPLE_RATE
@@ -141,7 +142,8 @@ class WhisperSpeechModel:
             torch.cuda.synchronize(device)
         encode_s = time.perf_counter() - start
         dec = greedy_decode(self.model, enc.states, enc.lengths, self.options)
-        share = 1 / len(waveforms)
+        generated = [len(tokens) for tokens in dec.tokens]
+        times = batch_times(encode_s, dec.first_step_s, dec.rest_s, [1.0] * len(waveforms), generated)
         outputs = []
         for b, wave in enumerate(waveforms):
             text_ids = [t for t in dec.tokens[b] if t < self.options.eos]
@@ -151,10 +153,8 @@ class WhisperSpeechModel:
                 audio_tokens_kept=sum(enc.layer_speech[b]) / len(enc.layer_speech[b]),
                 kv_bytes_full=self._kv_bytes(full),
                 kv_bytes_kept=self._kv_bytes(int(enc.lengths[b])),
-                encode_s=encode_s * share,
-                prefill_s=dec.first_step_s * share,
-                decode_s=dec.rest_s * share,
-                generated_tokens=len(dec.tokens[b]),
+                generated_tokens=generated[b],
+                **times[b],
             )
             outputs.append(WindowOutput(text=self.tokenizer.decode(text_ids).strip(), stats=stats))
         return outputs
