@@ -5,9 +5,12 @@ Windows cut in pauses share no audio: their texts are concatenated. Windows from
 alignment of normalised words near the end of the left text and the start of the right text; the left
 half of the agreeing words comes from the left window and the rest from the right, so the words each
 window heard only partly at its edge are never used. Original words (case, punctuation) are kept.
-When the texts do not agree (fewer than ``MIN_MATCHES`` aligned words or agreement below
-``MIN_AGREEMENT``), the seam is cut at the middle of the overlap by each window's uniform word rate and
-its segments get stitch_confidence 0.
+Agreement is the share of matched words in the aligned region extended to the window edges: a model
+may stop early or start late, so the texts can share few of the overlap's words, but those end the
+left text and start the right one; words between the alignment and an edge, beyond the one a cut can
+split there, disagree. When the texts do not agree (fewer than ``MIN_MATCHES`` aligned words or
+agreement below ``MIN_AGREEMENT``), the seam is cut at the middle of the overlap by each window's
+uniform word rate and its segments get stitch_confidence 0.
 
 Before stitching, each window's text goes through a repetition guard: n-gram loops are collapsed and
 text whose gzip compression ratio still exceeds ``MAX_COMPRESSION_RATIO`` (Whisper's threshold for
@@ -27,7 +30,7 @@ MIN_MATCHES = 2
 MIN_AGREEMENT = 0.5
 SEARCH_FACTOR = 1.5  # search this many times the expected number of overlap words
 MIN_SEARCH_WORDS = 4
-EXPECTED_SHARE = 0.75  # agreement counts against at least this share of the expected overlap words
+EDGE_WORDS = 1  # a cut splits at most one word, which the window may garble or drop at its edge
 MAX_REPEATS = 3  # an n-gram repeated more often than this in a row is a loop
 MAX_NGRAM = 10
 MAX_COMPRESSION_RATIO = 2.4
@@ -130,7 +133,9 @@ def guard_repetition(text: str) -> tuple[list[str], bool]:
 def align(left: list[str], right: list[str]) -> list[tuple[int, int]]:
     """Best local alignment (match +1, mismatch or gap -1) of two normalised word lists.
 
-    Returns the matched (left index, right index) pairs in order; '' never matches.
+    Returns the matched (left index, right index) pairs in order; '' never matches. Ties go to the
+    alignment ending latest in the left text, then earliest in the right: a repeated phrase's copy at
+    the end of the left text is the one the right text starts with.
     """
     rows, cols = len(left) + 1, len(right) + 1
     score = [[0] * cols for _ in range(rows)]
@@ -141,7 +146,7 @@ def align(left: list[str], right: list[str]) -> list[tuple[int, int]]:
             score[i][j] = max(
                 0, score[i - 1][j - 1] + (1 if same else -1), score[i - 1][j] - 1, score[i][j - 1] - 1
             )
-            if score[i][j] > best:
+            if score[i][j] > best or (score[i][j] == best and i > best_at[0]):
                 best, best_at = score[i][j], (i, j)
     pairs: list[tuple[int, int]] = []
     i, j = best_at
@@ -176,12 +181,15 @@ def seam(left: WindowText, lw: list[str], right: WindowText, rw: list[str]) -> t
     k_right = min(len(rw), max(MIN_SEARCH_WORDS, math.ceil(SEARCH_FACTOR * exp_right)))
     offset = len(lw) - k_left
     pairs = align([normalise(w) for w in lw[offset:]], [normalise(w) for w in rw[:k_right]])
-    if pairs:
-        span = max(pairs[-1][0] - pairs[0][0], pairs[-1][1] - pairs[0][1]) + 1
-        agreement = len(pairs) / max(span, EXPECTED_SHARE * (exp_left + exp_right) / 2)
-        if len(pairs) >= MIN_MATCHES and agreement >= MIN_AGREEMENT:
-            last_left, last_right = pairs[len(pairs) // 2 - 1]
-            return offset + last_left + 1, last_right + 1, min(1.0, agreement)
+    if len(pairs) >= MIN_MATCHES:
+        (first_left, first_right), (last_left, last_right) = pairs[0], pairs[-1]
+        span = max(last_left - first_left, last_right - first_right) + 1
+        # Counted in the texts, not by a word-rate estimate of the overlap: models may write few of its words.
+        unmatched = max(0, k_left - 1 - last_left - EDGE_WORDS) + max(0, first_right - EDGE_WORDS)
+        agreement = len(pairs) / (span + unmatched)
+        if agreement >= MIN_AGREEMENT:
+            cut_left, cut_right = pairs[len(pairs) // 2 - 1]
+            return offset + cut_left + 1, cut_right + 1, agreement
     middle = (left.end_s + right.start_s) / 2
     return (
         _words_before(len(lw), left.start_s, left.end_s, middle),

@@ -158,3 +158,47 @@ def test_loops_collapsed_and_degenerate_text_dropped() -> None:
 def test_words_and_normalise() -> None:
     assert words("Hello,  world!\nGood 日本") == ["Hello,", "world!", "Good", "日", "本"]
     assert [normalise(w) for w in ["Don't,", "ÉTÉ", "—", "3.5"]] == ["dont", "été", "", "35"]
+
+
+def test_short_exact_match_at_the_seam_is_accepted() -> None:
+    # examples/lecture.m4a: 85 words in 0-30 s, 56 in 27-47 s, so each text should hold about 8.5 of the
+    # overlap's words, but the left model stopped early and the right one started late: the texts share
+    # only "between them", at the very end of one and the start of the other.
+    filler = " ".join(f"w{i}" for i in range(77))
+    left = WindowText(0, 0.0, 30.0, 0.0, 3.0, f"{filler} a single word at the scene between them.")
+    more = " ".join(f"w{i}" for i in range(100, 148))
+    right = WindowText(1, 27.0, 47.0, 3.0, 0.0, f"between them, which is harder than it sounds {more}")
+    result = stitch([left, right])
+    seam = "a single word at the scene between them, which is harder than it sounds"
+    assert result.text == f"{filler} {seam} {more}"
+    assert result.segments[0].stitch_confidence == 1.0
+
+
+def test_common_words_away_from_the_seam_are_not_a_seam() -> None:
+    # "of the" agrees, but the left text goes on for three words the right one never heard and the
+    # right one starts with two the left one never heard: the texts do not agree on the overlap.
+    left = WindowText(0, 0.0, 10.0, 0.0, 3.0, "she said that we met at the end of the hall every day")
+    right = WindowText(1, 7.0, 17.0, 3.0, 0.0, "so most of the people there were tired and then left")
+    assert [s.stitch_confidence for s in stitch([left, right]).segments] == [0.0, 0.0]
+
+
+def test_repeated_phrase_aligns_at_the_end_of_the_left_text() -> None:
+    # Both copies of "and then" are in the left text's search region; the right window's cut at 10.9 s
+    # splits "stop" (10.8-11.2 s), which its model drops, so its text starts at the second copy.
+    script = [f"w{i}" for i in range(25)] + ["and", "then", "stop", "and", "then", "go", "home"]
+    script += [f"w{i}" for i in range(32, 57)]
+    left = WindowText(0, 0.0, 12.0, 0.0, 1.1, " ".join(heard(script, 0.0, 12.0)))
+    right = WindowText(1, 10.9, 22.9, 1.1, 0.0, " ".join(heard(script, 10.9, 22.9)[1:]))
+    result = stitch([left, right])
+    assert result.text.split() == script
+    assert result.segments[0].stitch_confidence == 1.0
+
+
+def test_repeated_phrase_in_an_exact_overlap() -> None:
+    # The 0.8 s overlap holds exactly the second "I know" (words centred at 7.4 s and 7.8 s).
+    script = [f"w{i}" for i in range(15)] + ["yes", "I", "know", "I", "know", "you", "do"]
+    script += [f"w{i}" for i in range(22, 38)]
+    windows = window_texts(script, 8.0, 0.8)
+    assert [w.overlap_after_s for w in windows] == [0.8, 0.0]
+    assert windows[0].text.endswith("yes I know I know") and windows[1].text.startswith("I know you do")
+    assert stitch(windows).text.split() == script
