@@ -1,4 +1,4 @@
-"""Real decoding of files the tests write themselves (stdlib wave, PyAV encoders)."""
+"""Real decoding of files the tests write themselves (stdlib wave, PyAV encoders) or cut from an example."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import pytest
 
 from pipeline.audio.decode import AudioDecodeError, decode_audio
 from pipeline.audio.encode import encode_audio
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def tone(seconds: float, rate: int, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
@@ -107,6 +109,26 @@ def test_truncated_file(tmp_path: Path, ext: str) -> None:
     cut.write_bytes(data[: len(data) // 2])
     assert "cut." in _error(cut)
     assert decode_audio(data).duration_s == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("source", ["library.ogg", "tone.opus"])
+def test_truncated_ogg(tmp_path: Path, source: str) -> None:
+    """Ogg declares no duration, so a cut file decodes as a shorter recording unless its end is checked:
+    cut inside a page, exactly at the last page boundary (complete pages, no end-of-stream flag) and
+    one byte short."""
+    if source == "tone.opus":
+        path = encode_audio(tmp_path / source, tone(3.0, 48000)[None], 48000)
+    else:
+        path = EXAMPLES / source
+    data = path.read_bytes()
+    assert decode_audio(path).duration_s == decode_audio(data).duration_s > 2.9
+    last_page = data.rindex(b"OggS")
+    for size in (len(data) // 2, last_page, len(data) - 1):
+        cut = tmp_path / f"cut-{size}{path.suffix}"
+        cut.write_bytes(data[:size])
+        message = _error(cut)
+        assert cut.name in message and "truncated ogg" in message
+        assert "truncated ogg" in _error(data[:size])
 
 
 def test_nan_samples_rejected(tmp_path: Path) -> None:

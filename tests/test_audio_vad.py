@@ -1,13 +1,19 @@
-"""Energy VAD on synthetic recordings: silence, steady noise, and speech-like bursts in noise."""
+"""Energy VAD on synthetic recordings (silence, steady noise, speech-like bursts in noise) and on a real
+example made quiet, offset or followed by a quiet stretch."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pipeline.audio.decode import decode_audio
 from pipeline.audio.vad import find_speech
+from tests.conftest import write_wav
 
 RATE = 16000
+INTRO = Path(__file__).resolve().parents[1] / "examples" / "intro.wav"  # two sentences, a 1.2 s pause
 
 
 def babble(seconds: float, rng: np.random.Generator, level: float = 0.2) -> np.ndarray:
@@ -91,3 +97,41 @@ def test_short_gaps_bridged_and_clicks_dropped() -> None:
     x = np.concatenate([x, click, np.zeros(RATE, np.float32)])
     found = find_speech(x, RATE)
     assert len(found) == 1 and found[0][1] < 5.8
+
+
+@pytest.mark.parametrize(("gain_db", "dc"), [(-40.0, 0.0), (0.0, 0.03), (0.0, 0.1)])
+def test_quiet_or_offset_speech_found_as_at_full_level(tmp_path: Path, gain_db: float, dc: float) -> None:
+    """Real speech 40 dB down (peak -44 dBFS) or over a DC offset, written as 16-bit PCM and decoded, keeps
+    the regions of the original: no fixed dBFS threshold, and the offset adds no energy."""
+    speech = decode_audio(INTRO).samples
+    expected = find_speech(speech, RATE)
+    assert len(expected) == 2
+    changed = decode_audio(write_wav(tmp_path / "changed.wav", speech * 10 ** (gain_db / 20) + dc)).samples
+    found = find_speech(changed, RATE)
+    assert len(found) == len(expected)
+    for (start, end), (true_start, true_end) in zip(found, expected, strict=True):
+        assert start == pytest.approx(true_start, abs=0.1) and end == pytest.approx(true_end, abs=0.1)
+
+
+@pytest.mark.parametrize("kind", ["hiss", "hiss-dc", "hiss-drift", "dither"])
+def test_near_silent_noise_is_not_speech(kind: str) -> None:
+    """-70 dBFS hiss alone, over a DC offset of 0.1 or a drifting one, and 16-bit dither (-2..2 steps)."""
+    rng = np.random.default_rng(3)
+    n = RATE * 20
+    if kind == "dither":
+        x = (rng.integers(-1, 2, n) + rng.integers(-1, 2, n)) / 32768
+    else:
+        offset = {"hiss": 0.0, "hiss-dc": 0.1, "hiss-drift": np.linspace(-0.3, 0.3, n)}[kind]
+        x = offset + 10 ** (-70 / 20) * rng.standard_normal(n)
+    assert find_speech(x.astype(np.float32), RATE) == []
+
+
+def test_faint_sound_in_a_quiet_stretch_is_not_speech() -> None:
+    """After normal-level speech the floor drops to -85 dBFS; a -62 dBFS rustle there, some 45 dB below
+    the loud speech frames, is too faint to count (as under the old fixed -55 dBFS limit)."""
+    rng = np.random.default_rng(4)
+    speech = decode_audio(INTRO).samples
+    quiet = 10 ** (-85 / 20) * rng.standard_normal(RATE * 20)
+    quiet[RATE * 10 : RATE * 21 // 2] += 10 ** (-62 / 20) * rng.standard_normal(RATE // 2)
+    found = find_speech(np.concatenate([speech, quiet]), RATE)
+    assert len(found) == 2 and found[-1][1] < len(speech) / RATE + 0.5

@@ -22,6 +22,7 @@ _INT_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0, "s64": 922337203
 _MIN_DECODED_SHARE = 0.98
 _TRUNCATION_SLACK_S = 0.1
 _HEADER_BYTES = 4096
+_OGG_MAX_PAGE_BYTES = 27 + 255 + 255 * 255  # header, segment table, data: the tail that holds the last page
 
 
 class AudioDecodeError(ValueError):
@@ -65,23 +66,46 @@ def _wav_missing_bytes(head: bytes, size: int) -> int:
     return 0
 
 
+def _ogg_cut_short(tail: bytes) -> bool:
+    """Whether an Ogg file ending in ``tail`` lacks its end: its last page must run exactly to the end of
+    the file and carry the end-of-stream flag.
+
+    Ogg declares no duration, so without this a file cut short would decode as a shorter recording.
+    """
+    pos = tail.rfind(b"OggS")
+    while pos >= 0:  # 'OggS' can also occur inside page data: take the last page start that fits the end
+        table = pos + 27
+        if table <= len(tail) and tail[pos + 4] == 0:  # stream structure version 0
+            segments = tail[table : table + tail[pos + 26]]
+            if table + tail[pos + 26] + sum(segments) == len(tail):
+                return not tail[pos + 5] & 0x04
+        pos = tail.rfind(b"OggS", 0, pos)
+    return True
+
+
 def _open(source: str | os.PathLike | bytes, name: str) -> av.container.InputContainer:
     if isinstance(source, bytes | bytearray | memoryview):
         data = bytes(source)
         file: io.BytesIO | str = io.BytesIO(data)
         head, size = data[:_HEADER_BYTES], len(data)
+        tail = data[-_OGG_MAX_PAGE_BYTES:] if head.startswith(b"OggS") else b""
     else:
         file = os.fspath(source)
         if not os.path.isfile(file):
             raise AudioDecodeError(f"{name}: no such file")
         size = os.path.getsize(file)
         with open(file, "rb") as handle:
-            head = handle.read(_HEADER_BYTES)
+            head, tail = handle.read(_HEADER_BYTES), b""
+            if head.startswith(b"OggS"):
+                handle.seek(max(0, size - _OGG_MAX_PAGE_BYTES))
+                tail = handle.read()
     if size == 0:
         raise AudioDecodeError(f"{name}: empty file (0 bytes)")
     missing = _wav_missing_bytes(head, size)
     if missing:
         raise AudioDecodeError(f"{name}: truncated wav, {missing} bytes of audio data missing")
+    if tail and _ogg_cut_short(tail):
+        raise AudioDecodeError(f"{name}: truncated ogg, no end-of-stream page at the end of the file")
     try:
         return av.open(file, mode="r")
     except av.FFmpegError as err:

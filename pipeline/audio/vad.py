@@ -1,10 +1,12 @@
 """Energy-based voice activity detection (no model to download).
 
-Frame energies are compared with an adaptive noise floor (a low percentile of the energies around
-each frame), so steady background noise raises the floor instead of reading as speech. Hysteresis
-(a frame run counts only if it rises ``margin_db`` above the floor somewhere and stays
-``margin_db / 2`` above it throughout), short-gap merging, minimum durations, padding and a hangover
-turn frame decisions into speech regions.
+Frame energies (each frame's mean removed, so a DC offset adds nothing) are compared with an adaptive
+noise floor (a low percentile of the energies around each frame), so steady background noise raises the
+floor instead of reading as speech. The level below which nothing is speech follows the recording's own
+loudness rather than a fixed dBFS value, so a quietly recorded file keeps its speech while faint sounds
+in the quiet stretches of a normal one stay out. Hysteresis (a frame run counts only if it rises
+``margin_db`` above the floor somewhere and stays ``margin_db / 2`` above it throughout), short-gap
+merging, minimum durations, padding and a hangover turn frame decisions into speech regions.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ _SILENT_DB = -120.0  # energy of digital silence, keeps log10 finite
 
 
 def frame_energies_db(samples: np.ndarray, frame_len: int) -> np.ndarray:
-    """Mean-square energy in dBFS of consecutive frames: samples (n,) -> (n // frame_len,)."""
+    """Energy in dBFS of consecutive frames less their means: samples (n,) -> (n // frame_len,).
+
+    Taking the variance rather than the mean square (a high-pass below about 1 / frame length) keeps a
+    DC offset, even a drifting one, from reading as a loud steady level (0.1 is -20 dBFS) over the speech.
+    """
     frames = samples[: len(samples) // frame_len * frame_len].reshape(-1, frame_len).astype(np.float64)
-    return np.maximum(10.0 * np.log10(np.mean(frames**2, axis=1) + 1e-30), _SILENT_DB)
+    return np.maximum(10.0 * np.log10(frames.var(axis=1) + 1e-30), _SILENT_DB)
 
 
 def noise_floor_db(energy_db: np.ndarray, window: int, percentile: float) -> np.ndarray:
@@ -42,7 +48,8 @@ def find_speech(
     *,
     frame_s: float = 0.03,
     margin_db: float = 10.0,
-    min_level_db: float = -55.0,
+    range_db: float = 40.0,
+    min_level_db: float = -90.0,
     floor_window_s: float = 5.0,
     floor_percentile: float = 10.0,
     min_speech_s: float = 0.15,
@@ -52,18 +59,23 @@ def find_speech(
 ) -> list[tuple[float, float]]:
     """Speech regions of a mono recording as sorted, disjoint (start_s, end_s) pairs.
 
-    samples: float (n,) at ``sample_rate``. Frames quieter than ``min_level_db`` dBFS are never speech,
-    so pure silence gives []. Gaps shorter than ``min_silence_s`` are bridged, regions shorter than
-    ``min_speech_s`` dropped, then each region starts ``pad_s`` earlier and ends
-    ``pad_s + hangover_s`` later (clipped to the recording).
+    samples: float (n,) at ``sample_rate``. Frames more than ``range_db`` below the recording's loud level
+    (its 99th-percentile frame energy, set by speech in over 1% of the frames) or quieter than
+    ``min_level_db`` dBFS (about one 16-bit step) are never speech, so pure silence and dither give [].
+    Gaps shorter than ``min_silence_s`` are bridged, regions shorter than ``min_speech_s`` dropped, then
+    each region starts ``pad_s`` earlier and ends ``pad_s + hangover_s`` later (clipped to the recording).
     """
     frame_len = max(1, round(frame_s * sample_rate))
     energy = frame_energies_db(samples, frame_len)
     if len(energy) == 0:
         return []
-    floor = noise_floor_db(energy, max(1, round(floor_window_s / frame_s)), floor_percentile)
-    loud = (energy > floor + margin_db) & (energy > min_level_db)
-    sustained = (energy > floor + margin_db / 2) & (energy > min_level_db)
+    level = max(min_level_db, np.percentile(energy, 99) - range_db)
+    # Digital silence (under min_level_db) measures no noise: taken at its own level it would pull the
+    # floor so low that hiss beside it reads as speech, so the floor counts it at ``level``.
+    measured = np.where(energy > min_level_db, energy, level)
+    floor = noise_floor_db(measured, max(1, round(floor_window_s / frame_s)), floor_percentile)
+    loud = (energy > floor + margin_db) & (energy > level)
+    sustained = (energy > floor + margin_db / 2) & (energy > level)
     frames = [(s, e) for s, e in _runs(sustained) if loud[s:e].any()]
 
     regions: list[list[float]] = []
