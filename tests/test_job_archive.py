@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import tarfile
@@ -22,6 +23,7 @@ from pipeline.publish import committed_manifests, read_committed
 from pipeline.tasks import EMOTIONS, UNKNOWN
 from schemas.job_config import JobConfig, JobConfigError
 from tests.conftest import tone_bursts, write_wav
+from workers import archive_job
 from workers.archive_job import ModelTaskError, RunSummary, run_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -94,10 +96,14 @@ def test_rerun_adds_and_changes_nothing(archive: Path, reference: tuple[Path, Ru
 
 
 def test_errors_a_setting_caused_are_redone_and_retry_errors_redoes_the_rest(
-    archive: Path, tmp_path: Path
+    archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    caplog.set_level(logging.INFO, logger="workers.progress")
+    monkeypatch.setattr(archive_job, "PROGRESS_EVERY_S", 0.2)
     limited = run_archive(JobConfig(str(archive), str(tmp_path), max_duration_s=20.0))
     assert (limited.ok, limited.failed) == (2, 3)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
+    assert len(lines) >= 2 and "progress: 6/6 recordings (3 failed), 0.002 h of audio" in lines[-1]
     assert ("calls/long.wav", "limit") in [
         (e["recording_id"], e["stage"]) for e in _table(tmp_path, "errors")
     ]

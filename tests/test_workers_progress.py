@@ -1,32 +1,19 @@
-"""The archive run's progress lines: throttled, always the last one, counts and ETA."""
+"""Run progress: the tally of recordings whose windows all left the model stage (the progress lines
+themselves, logged from a real tally actor during a run, are checked in tests/test_job_archive.py)."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
-from workers.archive_job import Progress
+from workers.progress import Tally
 
 
-def test_progress_lines_are_throttled_and_the_last_always_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="workers.archive_job")
-    progress = Progress(planned=4, every_s=3600.0)
-    progress.add(1, 0, 30.0)
-    progress.add(2, 1, 60.0)
-    assert not caplog.records  # within the interval and not done
-    progress.add(1, 0, 90.0)
-    (record,) = caplog.records
-    assert "progress: 4/4 recordings (1 failed), 0.050 h of audio" in record.getMessage()
-    assert "ETA 0 s" in record.getMessage()
-
-
-def test_progress_every_batch_when_the_interval_is_zero(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="workers.archive_job")
-    progress = Progress(planned=10, every_s=0.0)
-    progress.add(2, 0, 10.0)
-    progress.add(3, 0, 10.0)
-    assert [r.getMessage().split(" recordings")[0] for r in caplog.records] == [
-        "progress: 2/10",
-        "progress: 5/10",
-    ]
+def test_a_recording_is_done_when_its_last_window_is_in_whatever_the_order() -> None:
+    tally = Tally()
+    tally.add([("long", 3, "ok", 70.0), ("short", 1, "ok", 5.0), ("bad", 0, "error", 0.0)])
+    assert tally.counts() == (2, 1, 5.0)  # long has 1 of 3 windows; an error row is a whole recording
+    tally.add([("silent", 0, "empty", 9.0), ("long", 3, "error", 70.0)])  # a window failed in the model
+    assert tally.counts() == (3, 1, 14.0)
+    tally.add([("long", 3, "ok", 70.0)])
+    assert tally.counts() == pytest.approx((4, 2, 84.0))
+    assert not tally.pending

@@ -44,10 +44,12 @@ from schemas.manifest import RecordingEntry, RunManifest
 from schemas.stages import PLAN_SCHEMA
 from workers.cpu_stage import cut_windows
 from workers.model_stage import ModelInfo, WindowPredictor, model_info
+from workers.progress import ProgressLog, TallyActor
 from workers.stitch_stage import stitch_group
 
 log = logging.getLogger(__name__)
 _MAX_PLAN_BLOCKS = 256
+PROGRESS_EVERY_S = 30.0  # seconds between progress lines
 
 
 class ModelTaskError(ValueError):
@@ -75,35 +77,6 @@ class RunSummary:
             f"run {self.run_id or '-'}: recordings ok {self.ok}, empty {self.empty}, failed {self.failed}, "
             f"skipped (done before) {self.skipped}; audio {audio / 3600:.3f} h; "
             f"RTF model {rtf}, wall {wall_rtf}; {self.wall_seconds:.1f} s"
-        )
-
-
-class Progress:
-    """Progress of a run as log lines: recordings done of planned, failed, audio hours, elapsed and ETA.
-    A line every ``every_s`` seconds at most, and always for the last recording."""
-
-    def __init__(self, planned: int, every_s: float = 30.0) -> None:
-        self.planned, self.every_s = planned, every_s
-        self.done = self.failed = 0
-        self.audio_s = 0.0
-        self.started = self.last = time.monotonic()
-
-    def add(self, done: int, failed: int, audio_s: float) -> None:
-        self.done, self.failed, self.audio_s = self.done + done, self.failed + failed, self.audio_s + audio_s
-        now = time.monotonic()
-        if self.done < self.planned and now - self.last < self.every_s:
-            return
-        self.last = now
-        elapsed = now - self.started
-        eta = elapsed / self.done * (self.planned - self.done) if self.done else float("nan")
-        log.info(
-            "progress: %d/%d recordings (%d failed), %.3f h of audio, %.0f s elapsed, ETA %.0f s",
-            self.done,
-            self.planned,
-            self.failed,
-            self.audio_s / 3600,
-            elapsed,
-            eta,
         )
 
 
@@ -144,6 +117,7 @@ def build_dataset(
     info: ModelInfo,
     reduction: ReductionConfig,
     run_fields: dict,
+    tally: ray.actor.ActorHandle,
 ) -> ray.data.Dataset:
     """The run's single dataset: plan rows -> windows -> window texts -> one record per recording."""
     windows = _plan_dataset(todo).map_batches(
@@ -168,6 +142,7 @@ def build_dataset(
             "request": _request(config),
             "reduction": reduction.to_dict(),
             "device": config.device,
+            "tally": tally,
         },
         **_actor_resources(config),
     )
@@ -259,16 +234,14 @@ def run_archive(config: JobConfig) -> RunSummary:
         }
         writer = StagingWriter(output, run_id)
         audio_s = model_s = 0.0
-        progress = Progress(len(todo))
-        for batch in build_dataset(todo, config, info, reduction, run_fields).iter_batches(
-            batch_size=None, batch_format="pyarrow"
-        ):
-            writer.add(batch)
-            ok = batch.filter(pc.not_equal(batch["status"], "error"))
-            batch_audio_s = pc.sum(ok["audio_seconds"]).as_py() or 0.0
-            audio_s += batch_audio_s
-            model_s += sum((pc.sum(ok[c]).as_py() or 0.0) for c in ("encode_s", "prefill_s", "decode_s"))
-            progress.add(batch.num_rows, batch.num_rows - ok.num_rows, batch_audio_s)
+        tally = TallyActor.remote()
+        dataset = build_dataset(todo, config, info, reduction, run_fields, tally)
+        with ProgressLog(tally, len(todo), PROGRESS_EVERY_S):
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                writer.add(batch)
+                ok = batch.filter(pc.not_equal(batch["status"], "error"))
+                audio_s += pc.sum(ok["audio_seconds"]).as_py() or 0.0
+                model_s += sum((pc.sum(ok[c]).as_py() or 0.0) for c in ("encode_s", "prefill_s", "decode_s"))
         files = writer.close()
         counts = validate([(r.recording_id, r.content_sha256) for r in todo], writer.recordings, files)
         manifest = RunManifest(

@@ -70,7 +70,15 @@ def _nvml_handle() -> object | None:
 class WindowPredictor:
     """Ray ``map_batches`` callable class: WINDOW_SCHEMA rows -> WINDOW_TEXT_SCHEMA rows."""
 
-    def __init__(self, model_name: str, request: dict, reduction: dict, device: str = "auto") -> None:
+    def __init__(
+        self,
+        model_name: str,
+        request: dict,
+        reduction: dict,
+        device: str = "auto",
+        tally: ray.actor.ActorHandle | None = None,
+    ) -> None:
+        self.tally = tally  # workers.progress.TallyActor: hears of every window this stage finishes
         self.device = pick_device(device)
         self.model = load_model(model_name, device=self.device)
         self.request = TaskRequest(**request)
@@ -125,4 +133,7 @@ class WindowPredictor:
                 "node": self.node,
             }
             out_rows.append(row)
+        if self.tally is not None:  # fire and forget: progress never waits on, or fails, the work
+            done = [(r["recording_id"], r["window_count"], r["status"], r["duration_s"]) for r in out_rows]
+            self.tally.add.remote(done)
         return pa.Table.from_pylist(out_rows, schema=WINDOW_TEXT_SCHEMA)

@@ -1,0 +1,83 @@
+"""Run progress from where the work happens: the model stage reports every window it finishes to a
+tally actor, and the driver logs the tally's counts while the run goes on.
+
+The driver cannot count from its own output: stitching groups windows by recording, a barrier before
+which no recording reaches the driver, so counting there would report everything at the very end.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+class Tally:
+    """Recordings whose every window left the model stage: done, failed (any window in error) and
+    their audio seconds. ``add`` takes one (recording id, window count, status, duration s) per window;
+    error and empty recordings travel as one row with window count 0."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[int, bool]] = {}  # windows seen, any failed
+        self.done = self.failed = 0
+        self.audio_s = 0.0
+
+    def add(self, windows: list[tuple[str, int, str, float]]) -> None:
+        for recording_id, count, status, duration_s in windows:
+            seen, failed = self.pending.pop(recording_id, (0, False))
+            seen, failed = seen + 1, failed or status == "error"
+            if seen < count:
+                self.pending[recording_id] = (seen, failed)
+                continue
+            self.done += 1
+            self.failed += failed
+            self.audio_s += duration_s
+
+    def counts(self) -> tuple[int, int, float]:
+        return self.done, self.failed, self.audio_s
+
+
+TallyActor = ray.remote(num_cpus=0)(Tally)
+
+
+class ProgressLog:
+    """Logs ``progress: done/planned recordings (failed), audio hours, elapsed, ETA`` from a tally
+    actor every ``every_s`` seconds on a driver thread, and once more when stopped."""
+
+    def __init__(self, tally: ray.actor.ActorHandle, planned: int, every_s: float = 30.0) -> None:
+        self.tally, self.planned, self.every_s = tally, planned, every_s
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+
+    def __enter__(self) -> ProgressLog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.log()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.log()
+
+    def log(self) -> None:
+        done, failed, audio_s = ray.get(self.tally.counts.remote())
+        done = min(done, self.planned)  # a batch Ray retried after a lost actor counts twice
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done * (self.planned - done) if done else float("nan")
+        log.info(
+            "progress: %d/%d recordings (%d failed), %.3f h of audio, %.0f s elapsed, ETA %.0f s",
+            done,
+            self.planned,
+            failed,
+            audio_s / 3600,
+            elapsed,
+            eta,
+        )
