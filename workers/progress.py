@@ -58,14 +58,18 @@ class ProgressLog:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.log()
+        if exc_type is None:  # a failed run reports its own error, not a last count
+            self.log()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.log()
+        try:
+            while not self._stop.wait(self.every_s):
+                self.log()
+        except Exception as err:  # progress is a report: it never fails the run
+            log.warning("progress lines stopped: %s", err)
 
     def log(self) -> None:
         done, failed, audio_s = ray.get(self.tally.counts.remote())
