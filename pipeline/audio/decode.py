@@ -105,7 +105,10 @@ def _open(source: str | os.PathLike | bytes, name: str) -> av.container.InputCon
     if missing:
         raise AudioDecodeError(f"{name}: truncated wav, {missing} bytes of audio data missing")
     if tail and _ogg_cut_short(tail):
-        raise AudioDecodeError(f"{name}: truncated ogg, no end-of-stream page at the end of the file")
+        raise AudioDecodeError(
+            f"{name}: truncated ogg, no end-of-stream page at the end of the file (cut short in a copy, "
+            "or its writer never finished it; a remux, e.g. ffmpeg -c copy, closes a finished one)"
+        )
     try:
         return av.open(file, mode="r")
     except av.FFmpegError as err:
