@@ -227,16 +227,21 @@ def _plan_shard(shard: Path, seen: SeenSources) -> list[PlannedRecording]:
     return planned + bad
 
 
+def check_input(path: str | Path) -> None:
+    """Raises PlanError when the input does not exist (cheap: runs before a job starts anything)."""
+    if not Path(path).exists():
+        raise PlanError(f"{path}: no such file or folder")
+
+
 def list_recordings(input_path: str | Path, seen: SeenSources | None = None) -> list[PlannedRecording]:
     """All recordings of an input, sorted by id, hashed unless ``seen`` knows them unchanged. Raises
     PlanError on a missing input, an unknown layout or duplicate ids."""
     path, seen = Path(input_path), seen or SeenSources()
+    check_input(path)
     if path.is_file() and path.suffix == ".jsonl":
         recordings = _plan_manifest(path, seen)
     elif path.is_file() and path.suffix == ".tar":
         recordings = _plan_shard(path, seen)
-    elif not path.exists():
-        raise PlanError(f"{path}: no such file or folder")
     elif path.is_dir():
         shards = sorted(path.rglob("*.tar"))
         if shards and any(p.is_file() and _is_audio(p) for p in path.rglob("*")):

@@ -31,19 +31,24 @@ def reference_apply(groups: torch.Tensor, weights: torch.Tensor, n_out: int, x: 
     return num / den[..., None]
 
 
+def draw_spans(draw, max_spans: int, max_len: int, most) -> tuple[list[tuple[int, int]], list[int], int]:
+    """1..max_spans audio spans of 1..max_len tokens between text, a count in [0, most(n)] for each,
+    and the sequence length."""
+    spans, ks, cursor = [], [], draw(st.integers(0, 3))
+    for _ in range(draw(st.integers(1, max_spans))):
+        n = draw(st.integers(1, max_len))
+        spans.append((cursor, cursor + n))
+        ks.append(draw(st.integers(0, most(n))))
+        cursor += n + draw(st.integers(0, 3))
+    return spans, ks, cursor
+
+
 @st.composite
 def problems(draw):
     """A batch, a sequence with 1-3 audio spans between text, a method and per-span counts."""
     method = draw(st.sampled_from(METHODS))
     batch = draw(st.integers(1, 3))
-    spans, ks, cursor = [], [], draw(st.integers(0, 3))
-    for _ in range(draw(st.integers(1, 3))):
-        n = draw(st.integers(1, 16))
-        most = n // 2 if method == "a-tome" else n - 1
-        spans.append((cursor, cursor + n))
-        ks.append(draw(st.integers(0, most)))
-        cursor += n + draw(st.integers(0, 3))
-    length = cursor
+    spans, ks, length = draw_spans(draw, 3, 16, lambda n: n // 2 if method == "a-tome" else n - 1)
     seed = draw(st.integers(0, 2**16))
     return method, batch, length, spans, ks, seed
 
@@ -143,13 +148,8 @@ def capped_problems(draw):
     """A chain method, a cap and 1-2 spans with counts the capped selection can always reach."""
     method = draw(st.sampled_from(CHAIN_METHODS))
     cap = draw(st.integers(2, 5))
-    spans, ks, cursor = [], [], draw(st.integers(0, 3))
-    for _ in range(draw(st.integers(1, 2))):
-        n = draw(st.integers(1, 24))
-        spans.append((cursor, cursor + n))
-        ks.append(draw(st.integers(0, capped_most(n, cap))))
-        cursor += n + draw(st.integers(0, 3))
-    return method, cap, cursor, spans, ks, draw(st.integers(0, 2**16))
+    spans, ks, length = draw_spans(draw, 2, 24, lambda n: capped_most(n, cap))
+    return method, cap, length, spans, ks, draw(st.integers(0, 2**16))
 
 
 @settings(max_examples=150, deadline=None)

@@ -21,9 +21,9 @@ import ray
 from pipeline.merging.config import ReductionConfig
 from pipeline.plan import (
     PIPELINE_VERSION,
-    PlanError,
     PlannedRecording,
     SeenSources,
+    check_input,
     done_keys,
     fingerprint,
     list_recordings,
@@ -186,8 +186,7 @@ def _with_sources(entries: list[RecordingEntry], todo: list[PlannedRecording]) -
 
 def check_paths(config: JobConfig) -> None:
     """Refuse an input that does not exist or an output that is a file, before anything starts."""
-    if not Path(config.input).exists():
-        raise PlanError(f"--input {config.input}: no such file or folder")
+    check_input(config.input)
     if Path(config.output).exists() and not Path(config.output).is_dir():
         raise JobConfigError(f"--output {config.output} is a file; give a folder")
 
