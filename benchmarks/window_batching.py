@@ -22,8 +22,8 @@ from pipeline.audio.decode import decode_audio
 from pipeline.audio.vad import find_speech
 from pipeline.audio.windows import cut, plan_windows
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import TaskRequest
 from pipeline.models.registry import load_model
+from pipeline.tasks import TaskRequest
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from pipeline import metrics
 from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
-from pipeline.models.base import TaskRequest
 from pipeline.models.registry import load_model
+from pipeline.tasks import TaskRequest
 
 LAST = -1
 # label: (method, schedule, first layer, max_chain)

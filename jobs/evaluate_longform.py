@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from pipeline import metrics
 from pipeline.audio.decode import decode_audio
-from pipeline.models.base import TaskRequest
 from pipeline.models.registry import load_model
 from pipeline.presets import resolve_reduction
 from pipeline.publish import read_committed
+from pipeline.tasks import TaskRequest
 from schemas.job_config import JobConfig
 from workers.archive_job import run_archive
 

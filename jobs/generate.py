@@ -14,7 +14,7 @@ from pipeline import tasks
 from pipeline.audio.decode import decode_audio
 from pipeline.cli import add_reduction_args, reduction_from_args
 from pipeline.models import qwen2_audio
-from pipeline.models.base import TaskRequest
+from pipeline.tasks import TaskRequest
 
 
 def main(argv: list[str] | None = None) -> None:

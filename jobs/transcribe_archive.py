@@ -21,7 +21,8 @@ from pipeline.merging.config import ReductionConfigError
 from pipeline.plan import PlanError
 from pipeline.presets import PresetError
 from pipeline.publish import OutputLockedError
-from schemas.job_config import TASKS, JobConfig, JobConfigError
+from pipeline.tasks import TASKS
+from schemas.job_config import JobConfig, JobConfigError
 from workers.archive_job import ModelTaskError, run_archive
 
 REFUSALS = (JobConfigError, ModelTaskError, PresetError, ReductionConfigError, PlanError, OutputLockedError)
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     )
     p.add_argument("--target-language", help="st: language to translate into")
     p.add_argument("--question", help="sqa: the question asked of every recording")
+    p.add_argument("--language", help="asr, st: the spoken language (default: detected per window)")
     p.add_argument("--model-actors", type=int, default=1, help="model actors (one per GPU on a GPU cluster)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="0: model actors run on CPU")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)

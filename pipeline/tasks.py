@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from pipeline.stitch import normalise, words
 
-if TYPE_CHECKING:  # importing the model contract at run time would pull in torch
-    from pipeline.models.base import TaskRequest
-
-TASKS = ("asr", "st", "er", "sqa")
+TASKS = ("asr", "st", "er", "sqa", "lid")
 DENSE_TASKS = frozenset({"asr", "st"})
 AUDIO_PROMPT = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
@@ -55,6 +52,19 @@ _SPECIAL_TOKEN = re.compile(r"<\|[^|>]*\|>")
 
 class TaskError(ValueError):
     """A task name or its arguments are invalid; the message says which and what is allowed."""
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """What to do with each window: task name (one of TASKS) and its arguments.
+
+    language: the spoken language when known (asr, st); None lets a multilingual model detect it.
+    """
+
+    task: str = "asr"
+    target_language: str | None = None  # st
+    question: str | None = None  # sqa
+    language: str | None = None
 
 
 def check_task(task: str) -> None:

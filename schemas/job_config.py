@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-TASKS = ("asr", "st", "er", "sqa")
+from pipeline.tasks import TASKS
 
 
 class JobConfigError(ValueError):
@@ -34,6 +34,7 @@ class JobConfig:
     reduction: str = "default"
     target_language: str | None = None
     question: str | None = None
+    language: str | None = None  # spoken language (asr, st); None: detected per window where the model can
     model_actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0

@@ -9,8 +9,8 @@ import torch
 
 from pipeline.engine.memory import Footprint, footprint, max_batch
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import TaskRequest
 from pipeline.models.qwen2_audio import build_tiny_random
+from pipeline.tasks import TaskRequest
 
 
 def test_max_batch_counts_caches_and_bounded_prefill():

@@ -11,11 +11,11 @@ import torch
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.models import whisper as whisper_adapter
-from pipeline.models.base import TaskRequest
 from pipeline.models.whisper import load_tiny_en
 from pipeline.models.whisper_decoding import greedy_decode
 from pipeline.models.whisper_encoder import encode, encoder_ratios, output_reduction
 from pipeline.stats import apportion, batch_times
+from pipeline.tasks import TaskRequest
 
 SR = 16000
 ASR = TaskRequest("asr")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.models.base import TaskRequest
 from pipeline.tasks import (
     EMOTIONS,
     TASKS,
     UNKNOWN,
     TaskError,
+    TaskRequest,
     aggregate_labels,
     emotion_label,
     is_dense,
@@ -45,7 +45,7 @@ def test_prompt_errors(request_: TaskRequest, message: str) -> None:
 
 
 def test_dense_and_sparse() -> None:
-    assert [is_dense(t) for t in TASKS] == [True, True, False, False]
+    assert [is_dense(t) for t in TASKS] == [True, True, False, False, False]
     with pytest.raises(TaskError):
         is_dense("asr2")
 

@@ -81,7 +81,9 @@ class RunSummary:
 
 
 def _request(config: JobConfig) -> dict:
-    return {"task": config.task, "target_language": config.target_language, "question": config.question}
+    request = {"task": config.task, "target_language": config.target_language, "question": config.question}
+    # Only when given: the request is part of the fingerprint, and older runs never set a language.
+    return request | ({"language": config.language} if config.language else {})
 
 
 def _versions() -> dict:

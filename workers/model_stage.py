@@ -18,9 +18,10 @@ import ray
 import torch
 
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import TaskRequest, WindowOutput
+from pipeline.models.base import WindowOutput
 from pipeline.models.registry import load_model
 from pipeline.stats import WindowStats
+from pipeline.tasks import TaskRequest
 from schemas.stages import WINDOW_TEXT_SCHEMA
 
 log = logging.getLogger(__name__)

@@ -15,20 +15,13 @@ import numpy as np
 
 from pipeline.merging.config import ReductionConfig
 from pipeline.stats import WindowStats
-
-
-@dataclass(frozen=True)
-class TaskRequest:
-    """What to do with each window: task name (asr/st/er/sqa) and its arguments."""
-
-    task: str = "asr"
-    target_language: str | None = None  # st
-    question: str | None = None  # sqa
+from pipeline.tasks import TaskRequest
 
 
 @dataclass
 class WindowOutput:
     text: str
+    language: str | None = None  # the spoken language, where the model tells it (ISO 639-1 code)
     stats: WindowStats = field(default_factory=WindowStats)
 
 

@@ -28,8 +28,9 @@ from pipeline.engine.generate import Generation, PromptGroup, generate
 from pipeline.engine.memory import footprint, free_device_bytes, max_batch
 from pipeline.kernels import attention_kernels_usable
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import TaskRequest, WindowOutput
+from pipeline.models.base import WindowOutput
 from pipeline.stats import WindowStats, batch_times
+from pipeline.tasks import TaskRequest
 
 AUDIO_TOKEN = "<|AUDIO|>"
 SPECIAL_TOKENS = (
@@ -117,7 +118,7 @@ class Qwen2AudioSpeechModel:
 
     sample_rate = SAMPLE_RATE
     max_window_s = 30.0
-    tasks = frozenset(tasks.TASKS)
+    tasks = frozenset({"asr", "st", "er", "sqa"})
 
     def __init__(
         self,

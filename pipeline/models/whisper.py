@@ -21,11 +21,12 @@ from transformers import (
 )
 
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import TaskRequest, WindowOutput
+from pipeline.models.base import WindowOutput
 from pipeline.models.ctranslate2 import load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
 from pipeline.models.whisper_encoder import encode, encoder_ratios, speech_tokens
 from pipeline.stats import WindowStats, batch_times
+from pipeline.tasks import TaskRequest
 
 TINY_EN = "whisper-tiny.en"
 SAMPLE_RATE = 16000
