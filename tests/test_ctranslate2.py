@@ -1,4 +1,5 @@
-"""CTranslate2 model.bin reading and Whisper conversion: synthetic files we write, plus the shipped model."""
+"""CTranslate2 model.bin reading and Whisper conversion: synthetic files we write (whole and split in
+two, as packages ship them), plus the shipped models."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from pipeline.models.ctranslate2 import (
     CTranslate2FormatError,
+    Part,
+    ShippedFile,
+    check_shipped,
+    file_sha256,
     load_converted_whisper,
     read_model_bin,
     whisper_config,
     whisper_state_dict,
 )
-from pipeline.models.whisper import tiny_en_dir
+from pipeline.models.whisper import BASE, PACKAGED, TINY_EN, PackagedWhisper, packaged_files
 
 DTYPE_IDS = {
     torch.float32: 0,
@@ -187,29 +192,106 @@ def test_trailing_bytes_wrong_version_and_bad_layout_raise(synthetic):
         whisper_state_dict(read_model_bin(path))
 
 
+def whole(path: Path, package: str = "pkg") -> ShippedFile:
+    size = path.stat().st_size
+    return ShippedFile((Part(package, path, size),), size, file_sha256(path))
+
+
+def split(path: Path, cut: int, folder: Path) -> ShippedFile:
+    """path's bytes as two part files (cut at byte ``cut``), as two packages would install them."""
+    data = path.read_bytes()
+    parts = []
+    for i, chunk in enumerate((data[:cut], data[cut:]), start=1):
+        (folder / f"model.bin.part{i}").write_bytes(chunk)
+        parts.append(Part(f"pkg-{i}", folder / f"model.bin.part{i}", len(chunk)))
+    return ShippedFile(tuple(parts), len(data), file_sha256(path))
+
+
 def test_cache_is_keyed_by_content_and_written_atomically(synthetic, tmp_path_factory):
     folder, _ = synthetic
     cache = tmp_path_factory.mktemp("cache")
-    state, config = load_converted_whisper(folder, cache)
+    source = whole(folder / "model.bin")
+    state, config = load_converted_whisper(source, folder, cache)
     files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1 and files[0].startswith("whisper-ct2-") and files[0].endswith(".safetensors")
-    cached_state, cached_config = load_converted_whisper(folder, cache)
+    assert files == [f"whisper-ct2-{source.sha256}.safetensors"]
+    cached_state, cached_config = load_converted_whisper(source, folder, cache)
     assert cached_config.to_dict() == config.to_dict()
     assert all(torch.equal(cached_state[k], v) for k, v in state.items()) and set(cached_state) == set(state)
     # A corrupt source is an error, never a half-written or stale cache entry.
     (folder / "model.bin").write_bytes((folder / "model.bin").read_bytes()[:-3])
-    with pytest.raises(CTranslate2FormatError):
-        load_converted_whisper(folder, cache)
+    with pytest.raises(CTranslate2FormatError, match="expected"):
+        load_converted_whisper(source, folder, cache)
     assert sorted(p.name for p in cache.iterdir()) == files
 
 
+@pytest.mark.parametrize("cut", [1, 333, -7])  # inside the header, inside a variable, inside the aliases
+def test_two_parts_convert_like_the_whole_file(synthetic, tmp_path_factory, cut):
+    folder, model = synthetic
+    size = (folder / "model.bin").stat().st_size
+    source = split(folder / "model.bin", cut % size, tmp_path_factory.mktemp("parts"))
+    state, config = load_converted_whisper(source, folder, tmp_path_factory.mktemp("cache"))
+    expected_state, expected_config = load_converted_whisper(
+        whole(folder / "model.bin"), folder, tmp_path_factory.mktemp("cache")
+    )
+    assert config.to_dict() == expected_config.to_dict() and set(state) == set(expected_state)
+    assert all(torch.equal(state[k], v) for k, v in expected_state.items())
+    assert torch.equal(state["model.decoder.embed_tokens.weight"], model.model.decoder.embed_tokens.weight)
+
+
+def test_partial_or_mismatched_parts_are_refused_before_anything_is_cached(synthetic, tmp_path_factory):
+    folder, _ = synthetic
+    parts_dir, cache = tmp_path_factory.mktemp("parts"), tmp_path_factory.mktemp("cache")
+    source = split(folder / "model.bin", 500, parts_dir)
+    second = source.parts[1].path
+    good = second.read_bytes()
+    second.write_bytes(good[:-10])  # an interrupted install
+    with pytest.raises(
+        CTranslate2FormatError, match=rf"package pkg-2\): expected {len(good)} bytes, found {len(good) - 10}"
+    ):
+        load_converted_whisper(source, folder, cache)
+    second.unlink()
+    with pytest.raises(CTranslate2FormatError, match=r"pkg-2.*found missing"):
+        check_shipped(source)
+    second.write_bytes(bytes(len(good)))  # right size, other content: parts of different releases
+    with pytest.raises(CTranslate2FormatError, match=f"expected {source.sha256}.*reinstall pkg-1, pkg-2"):
+        load_converted_whisper(source, folder, cache)
+    assert list(cache.iterdir()) == []
+    with pytest.raises(ValueError, match="add up"):
+        ShippedFile(source.parts, source.size + 1, source.sha256)
+
+
+def test_a_missing_package_names_the_install_command(monkeypatch):
+    spec = PackagedWhisper(
+        parts=(("no-such-dist", "no_such_module_for_fastadasp", "model.bin", 1),),
+        size=1,
+        sha256="0" * 64,
+        meta=("no_such_module_for_fastadasp", "."),
+        install='pip install -e ".[nothing]"',
+        encoder_layers=1,
+        multilingual=False,
+    )
+    monkeypatch.setitem(PACKAGED, "whisper-absent", spec)
+    with pytest.raises(ImportError, match=r"whisper-absent needs the package no-such-dist.*\.\[nothing\]"):
+        packaged_files("whisper-absent")
+    with pytest.raises(ValueError, match="not a packaged Whisper"):
+        packaged_files("whisper-huge")
+
+
+def test_whisper_base_parts_join_to_the_released_file():
+    source, meta = packaged_files(BASE)
+    assert [p.size for p in source.parts] == [94_371_840, 50_845_767] and source.size == 145_217_607
+    check_shipped(source)  # sizes and sha256 of the join
+    assert {"config.json", "tokenizer.json"} <= {p.name for p in meta.iterdir()}
+
+
 def test_shipped_tiny_en_converts():
-    parsed = read_model_bin(tiny_en_dir() / "model.bin")
+    source, meta = packaged_files(TINY_EN)
+    parsed = read_model_bin([p.path for p in source.parts])
     state = whisper_state_dict(parsed)
     config = whisper_config(
         parsed,
-        json.loads((tiny_en_dir() / "config.json").read_text()),
-        json.loads((tiny_en_dir() / "tokenizer.json").read_text(encoding="utf-8")),
+        json.loads((meta / "config.json").read_text()),
+        json.loads((meta / "tokenizer.json").read_text(encoding="utf-8")),
     )
     assert (config.d_model, config.encoder_layers, config.decoder_layers) == (384, 4, 4)
     assert (config.encoder_attention_heads, config.vocab_size, config.activation_function) == (

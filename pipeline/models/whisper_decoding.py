@@ -1,10 +1,14 @@
-"""Greedy decoding (no timestamps) of Whisper over encoder outputs of different lengths.
+"""Greedy decoding (no timestamps) of Whisper over encoder outputs of different lengths, with language
+detection for multilingual checkpoints.
 
 The decoder's own layer modules and transformers' EncoderDecoderCache do the work; this loop only adds
 what ``WhisperDecoder.forward`` lacks: a cross-attention key mask, so that windows whose encoder outputs
 were shortened by different amounts (merging) share one batch. When every window has the same encoder
 length no mask is passed, and the arithmetic is exactly that of ``WhisperForConditionalGeneration.generate``
-(same suppressions, same stopping rule, same pad after end-of-text).
+(same suppressions, same stopping rule, same pad after end-of-text). Language detection is the one
+``generate`` runs before it (``detect_language``): the logits after start-of-transcript alone, argmax over
+the language tokens; here that first step stays in the cache and the prompt continues from it, so the
+batch pays one extra decoder step, not a second pass over the encoder output.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 class DecodeOptions:
     """Token ids steering greedy decoding.
 
-    prompt: tokens fed first (Whisper English-only: start-of-transcript, no-timestamps).
+    prompt: tokens fed first (English-only: start-of-transcript, no-timestamps; multilingual:
+    start-of-transcript, language, task, no-timestamps).
+    detect: language token ids to choose among per window; when given, the prompt lacks the language,
+    which the first step (start-of-transcript alone) picks and which is inserted after prompt[0].
     suppress: ids never generated; begin_suppress: ids not generated as the first token.
     max_length: total decoder length including the prompt (the decoder's position table size).
     """
@@ -32,19 +39,22 @@ class DecodeOptions:
     suppress: tuple[int, ...]
     begin_suppress: tuple[int, ...]
     max_length: int
+    detect: tuple[int, ...] = ()
 
 
 @dataclass
 class DecodeResult:
     """tokens: per window, generated ids up to and including end-of-text (if reached).
 
-    first_step_s: the prompt step, which also projects the encoder outputs to cross-attention K/V.
-    rest_s: all later steps.
+    languages: per window, the detected language token (None when options.detect is empty).
+    first_step_s: the prompt step(s) up to the first generated token (language detection included), which
+    also project the encoder outputs to cross-attention K/V. rest_s: all later steps.
     """
 
     tokens: list[list[int]]
     first_step_s: float
     rest_s: float
+    languages: list[int] | None = None
 
 
 def _sync(device: torch.device) -> None:
@@ -64,8 +74,13 @@ def _step(
     past = cache.get_seq_length()
     positions = torch.arange(past, past + ids.shape[1], device=ids.device)
     hidden = decoder.embed_tokens(ids) + decoder.embed_positions.weight[positions]
+    mask = None
+    if past and ids.shape[1] > 1:  # several tokens after a cached one: SDPA's is_causal would align top-left
+        keys = torch.arange(past + ids.shape[1], device=ids.device)
+        mask = torch.zeros(len(positions), len(keys), dtype=hidden.dtype, device=ids.device)
+        mask = mask.masked_fill(keys[None, :] > positions[:, None], -float("inf"))[None, None]
     for layer in decoder.layers:
-        hidden = layer(hidden, None, encoder_states, encoder_attention_mask=cross_mask, past_key_values=cache)
+        hidden = layer(hidden, mask, encoder_states, encoder_attention_mask=cross_mask, past_key_values=cache)
     return model.proj_out(decoder.layer_norm(hidden[:, -1]))
 
 
@@ -75,11 +90,13 @@ def greedy_decode(
     encoder_states: torch.Tensor,
     lengths: torch.Tensor,
     options: DecodeOptions,
+    max_new_tokens: int | None = None,
 ) -> DecodeResult:
     """Greedy decode B windows.
 
     encoder_states: (B, S, D), window b valid in [0, lengths[b]) (the rest is padding never attended).
-    lengths: (B,) int.
+    lengths: (B,) int. max_new_tokens: at most this many generated tokens (default: up to max_length);
+    0 with options.detect runs language detection only.
     """
     batch, seq, _ = encoder_states.shape
     device = encoder_states.device
@@ -94,10 +111,18 @@ def greedy_decode(
     ids = torch.tensor([options.prompt] * batch, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = []
+    languages = None
     _sync(device)
     start = time.perf_counter()
     first_step_s = 0.0
-    for step in range(options.max_length - len(options.prompt)):
+    if options.detect:
+        logits = _step(model, ids[:, :1], encoder_states, cross_mask, cache)
+        candidates = torch.tensor(options.detect, dtype=torch.long, device=device)
+        languages = candidates[logits[:, candidates].argmax(dim=-1)]
+        ids = torch.cat([languages[:, None], ids[:, 1:]], dim=1)
+    prompt_length = len(options.prompt) + bool(options.detect)
+    steps = options.max_length - prompt_length
+    for step in range(steps if max_new_tokens is None else min(steps, max_new_tokens)):
         logits = _step(model, ids, encoder_states, cross_mask, cache)
         logits[:, suppress] = -float("inf")
         if step == 0:
@@ -112,9 +137,16 @@ def greedy_decode(
         if bool(finished.all()):
             break
     _sync(device)
+    if not generated:  # detection only: its step is the first
+        first_step_s = time.perf_counter() - start
     rest_s = time.perf_counter() - start - first_step_s
-    rows = torch.stack(generated, dim=1).tolist()
-    return DecodeResult([_until_eos(row, options.eos) for row in rows], first_step_s, rest_s)
+    rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
+    return DecodeResult(
+        [_until_eos(row, options.eos) for row in rows],
+        first_step_s,
+        rest_s,
+        None if languages is None else languages.tolist(),
+    )
 
 
 def _until_eos(row: list[int], eos: int) -> list[int]:
