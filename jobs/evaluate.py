@@ -16,6 +16,15 @@ with a ``padding`` option (Whisper) also get a run that only drops the padding a
 (label ``Drop padding only``). ``h2o`` is left out for Whisper: its encoder has no KV
 cache, and the decoder's cross-attention keys have been attended by only the prompt tokens when they are
 cached, so there are no heavy hitters to keep (see pipeline/models/whisper_encoder.py).
+
+Tasks and references (manifest fields): asr ``text`` (WER; with a ``language`` field per row, WER over
+languages written with spaces, CER over ja/ko/zh, plus a raw CER), st ``translation_en`` (BLEU and
+chrF, into English), lid ``language`` (accuracy), er ``text`` (accuracy). Rows without the task's
+reference are left out; ``--languages`` keeps only rows of those languages. Every metric gets its own
+table; the header counts the clips per language (a small set: one sentence moves BLEU a lot).
+
+    python jobs/evaluate.py --manifest ../shared/data/multilingual-dev/manifest.jsonl --model whisper-base \
+        --task st --out benchmarks/whisper-base-multilingual-dev/st
 """
 
 from __future__ import annotations
@@ -55,57 +64,79 @@ GRID = {
     "Random evict": ("random-evict", "single", LAST, None),
 }
 DROP_PADDING = "Drop padding only"
-METRIC = {
-    "asr": ("WER %", metrics.wer, 100.0),
-    "st": ("BLEU", metrics.bleu, 1.0),
-    "er": ("Acc %", metrics.accuracy, 100.0),
-}
+# task -> the manifest field holding its reference
+REFERENCE = {"asr": "text", "st": "translation_en", "lid": "language", "er": "text"}
 
 
-def select(manifest: Path, limit: int | None, seed: int) -> list[dict]:
+def scores(task: str, refs: list[str], texts: list[str], languages: list[str]) -> dict[str, float]:
+    """Every metric of ``task``, the headline one first."""
+    if task == "asr":
+        return metrics.asr_scores(refs, texts, languages)
+    if task == "st":
+        return {"BLEU": metrics.bleu(refs, texts), "chrF": metrics.chrf(refs, texts)}
+    return {"Acc %": 100.0 * metrics.accuracy(refs, texts)}
+
+
+def select(
+    manifest: Path, limit: int | None, seed: int, field: str = "text", languages: list[str] | None = None
+) -> list[dict]:
+    """Rows with a non-empty reference ``field`` (of ``languages`` if given), a seeded subset of ``limit``."""
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get(field) and (languages is None or r.get("language") in languages)]
     if limit is not None and limit < len(rows):
         chosen = set(random.Random(seed).sample(range(len(rows)), limit))
         rows = [row for i, row in enumerate(rows) if i in chosen]
     return rows
 
 
-def run_one(model, waves, refs, request, cfg, batch: int, score) -> dict:
-    texts, total = [], None
+def run_one(model, waves, refs, languages, request, cfg, batch: int, task: str) -> dict:
+    texts, detected, total = [], [], None
     for first in range(0, len(waves), batch):
         for out in model.run(waves[first : first + batch], request, cfg):
             texts.append(out.text)
+            detected.append(out.language)
             total = out.stats if total is None else total + out.stats
-    row = {"score": score(refs, texts), **total.to_dict()}
+    row_scores = scores(task, refs, texts, languages)
+    row = {"score": next(iter(row_scores.values())), "scores": row_scores, **total.to_dict()}
     row["tokens_kept_frac"] = total.audio_tokens_kept / total.audio_tokens_in
     row["kv_kept_frac"] = total.kv_bytes_kept / total.kv_bytes_full
-    return row | {"texts": texts}
+    return row | {"texts": texts, "languages": detected}
+
+
+def _scores(row: dict, metric_name: str) -> dict[str, float]:
+    return row.get("scores") or {metric_name: row["score"]}  # runs recorded before "scores" existed
 
 
 def markdown(results: list[dict], levels: list[float], metric_name: str, meta: dict) -> str:
     none = results[0]  # the no-reduction run always comes first
     levels = sorted(levels)
-    head = "| method | " + " | ".join(f"{round(lv * 100)}%" for lv in levels) + " |"
+    clips = meta.get("clips_by_language")
+    counted = f"{meta['utterances']} utterances"
+    if clips and set(clips) != {"en"}:
+        counted += " (" + ", ".join(f"{lang} {n}" for lang, n in clips.items()) + ")"
+    no_reduction = ", ".join(f"{name} {value:.2f}" for name, value in _scores(none, metric_name).items())
     lines = [
         f"# {meta['model']} on {meta['manifest_name']}: {metric_name} by target reduction",
         "",
-        f"{meta['utterances']} utterances (seed {meta['seed']}), {meta['device']}, greedy decoding. "
-        f"No reduction: {metric_name} {none['score']:.2f}. Dropping the padding after the encoder alone "
+        f"{counted} (seed {meta['seed']}), {meta['device']}, greedy decoding. "
+        f"No reduction: {no_reduction}. Dropping the padding after the encoder alone "
         "(no merging) is listed separately: it is a reduction of its own.",
-        "",
-        head,
-        "|---" * (len(levels) + 1) + "|",
     ]
     by_label: dict[str, dict[float, dict]] = {}
     for r in results:
         if r["target"] is not None:
             by_label.setdefault(r["label"], {})[r["target"]] = r
-    for label, cells in by_label.items():
-        lines.append(
-            f"| {label} | "
-            + " | ".join(f"{cells[lv]['score']:.2f}" if lv in cells else "" for lv in levels)
-            + " |"
-        )
+    for name in _scores(none, metric_name):
+        lines += [
+            "",
+            f"{name}:",
+            "",
+            "| method | " + " | ".join(f"{round(lv * 100)}%" for lv in levels) + " |",
+        ]
+        lines.append("|---" * (len(levels) + 1) + "|")
+        for label, cells in by_label.items():
+            values = [_scores(cells[lv], metric_name).get(name) if lv in cells else None for lv in levels]
+            lines.append(f"| {label} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
     lines += ["", "Measured (all runs): speech tokens kept averaged over encoder layers, decoder cross-attention "
               "KV kept, generated tokens, encoder / first decoder step / later steps seconds (CPU: ratios only).", "",
               "| run | target | score | tokens kept | KV kept | gen tokens | encode s | prefill s | decode s |",
@@ -146,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--manifest", type=Path, required=True, help="JSONL: id, audio (relative path), text")
-    parser.add_argument("--task", default="asr", choices=sorted(METRIC))
+    parser.add_argument("--task", default="asr", choices=sorted(REFERENCE))
     parser.add_argument("--model", default="whisper-tiny.en")
     parser.add_argument(
         "--methods",
@@ -155,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"labels of GRID (or {DROP_PADDING!r}) to run",
     )
     parser.add_argument("--levels", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--languages", nargs="*", help="only rows of these languages (manifest 'language')")
     parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset")
     parser.add_argument("--seed", type=int, default=0, help="subset choice and random methods")
     parser.add_argument("--batch", type=int, default=8)
@@ -169,19 +201,21 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown methods {sorted(unknown)}; known: {list(GRID)}")
 
     torch.manual_seed(args.seed)
-    rows = select(args.manifest, args.limit, args.seed)
+    rows = select(args.manifest, args.limit, args.seed, REFERENCE[args.task], args.languages)
+    if not rows:
+        parser.error(
+            f"no row of {args.manifest} has a {REFERENCE[args.task]!r} reference for --task {args.task}"
+        )
     waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in tqdm(rows, desc="decode")]
-    refs = [r["text"] for r in rows]
+    refs = [r[REFERENCE[args.task]] for r in rows]
+    languages = [r.get("language", "en") for r in rows]
     model = load_model(args.model, args.device)
     config = model.model.config
     layers = (
         config.encoder_layers if hasattr(config, "encoder_layers") else config.text_config.num_hidden_layers
     )
-    metric_name, score_fn, scale = METRIC[args.task]
-    request = TaskRequest(args.task)
-
-    def score(r, h):
-        return score_fn(r, h) * scale
+    metric_name = next(iter(scores(args.task, refs, refs, languages)))  # the headline metric's name
+    request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
 
     runs = [("No reduction", NO_REDUCTION, None, "keep")]
     if DROP_PADDING in args.methods and hasattr(model, "padding"):
@@ -203,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         "model": args.model,
         "manifest_name": args.manifest.parent.name,
         "utterances": len(rows),
+        "clips_by_language": {lang: languages.count(lang) for lang in sorted(set(languages))},
         "ids": [r["id"] for r in rows],
         "seed": args.seed,
         "device": args.device,
@@ -226,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                 model.padding = padding
             start = time.perf_counter()
             row = {"key": key, "label": label, "target": level, "padding": padding, "config": cfg.to_dict()}
-            row |= run_one(model, waves, refs, request, cfg, args.batch, score)
+            row |= run_one(model, waves, refs, languages, request, cfg, args.batch, args.task)
             row["wall_s"] = time.perf_counter() - start
             with done_path.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -234,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         results.append({k: v for k, v in row.items() if k != "key"})
         (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
         (args.out / "results.md").write_text(markdown(results, args.levels, metric_name, meta))
-        plot(results, metric_name, args.out / "wer.png")
+        plot(results, metric_name, args.out / ("wer.png" if args.task == "asr" else f"{args.task}.png"))
 
 
 if __name__ == "__main__":

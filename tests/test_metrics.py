@@ -1,10 +1,10 @@
-"""WER with Whisper's English normaliser, BLEU and accuracy."""
+"""WER with Whisper's English and basic normalisers, CER, BLEU, chrF and accuracy."""
 
 from __future__ import annotations
 
 import pytest
 
-from pipeline.metrics import accuracy, bleu, normalize_english, wer
+from pipeline.metrics import accuracy, asr_scores, bleu, cer, chrf, normalize, normalize_english, raw_cer, wer
 
 
 def test_normaliser_uses_the_spelling_map_and_whisper_rules():
@@ -39,3 +39,33 @@ def test_bleu_and_accuracy():
     assert accuracy(["Happy", "sad", "angry"], ["happy ", "sad", "neutral"]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="no references"):
         accuracy([], [])
+
+
+def test_other_languages_keep_their_letters_and_lose_punctuation():
+    assert (
+        normalize("Für die besten Aussichten, sagt er: «Ja»!", "de") == "für die besten aussichten sagt er ja"
+    )
+    assert wer(["¿ Qué tal a tres de cinco ?"], ["¿Qué tal a tres de cinco?"], ["es"]) == 0.0
+    assert wer(["für die"], ["fur die"], ["de"]) == pytest.approx(1 / 2)  # a lost umlaut is an error
+    with pytest.raises(ValueError, match="2 references but 1 languages"):
+        wer(["a", "b"], ["a", "b"], ["de"])
+
+
+def test_cer_counts_characters_without_spaces_or_punctuation():
+    assert cer(["性喜温暖润湿气候且耐寒。"], ["性喜温暖 润湿气候且耐寒"], ["zh"]) == 0.0
+    assert cer(["外套则以黑色为主"], ["外套以黑色为主"], ["zh"]) == pytest.approx(1 / 8)
+    assert raw_cer(["Ab, c"], ["ab c"]) == pytest.approx(1 / 5)  # only the comma: case is folded
+
+
+def test_asr_scores_split_by_writing_system():
+    refs, hyps = ["der hund bellt", "外套则以黑色为主"], ["der hund bellte", "外套以黑色为主"]
+    scores = asr_scores(refs, hyps, ["de", "zh"])
+    assert list(scores) == ["WER %", "CER % (ja/ko/zh)", "raw CER %"]
+    assert scores["WER %"] == pytest.approx(100 / 3) and scores["CER % (ja/ko/zh)"] == pytest.approx(100 / 8)
+    assert list(asr_scores(refs[1:], hyps[1:], ["zh"])) == ["CER % (ja/ko/zh)", "raw CER %"]
+
+
+def test_chrf_rewards_partial_words():
+    assert chrf(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    near, far = chrf(["translation"], ["translations"]), chrf(["translation"], ["dog"])
+    assert 50 < near < 100 and far < 10
