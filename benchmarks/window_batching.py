@@ -22,7 +22,7 @@ from pipeline.audio.decode import decode_audio
 from pipeline.audio.vad import find_speech
 from pipeline.audio.windows import cut, plan_windows
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.registry import load_model
+from pipeline.models.registry import DEFAULT_MODEL, load_model
 from pipeline.tasks import TaskRequest
 
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("audio", type=Path)
-    parser.add_argument("--model", default="whisper-tiny.en")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--windows", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=2)

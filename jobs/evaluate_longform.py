@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from pipeline import metrics
 from pipeline.audio.decode import decode_audio
-from pipeline.models.registry import load_model
+from pipeline.models.registry import DEFAULT_MODEL, load_model
 from pipeline.presets import resolve_reduction
 from pipeline.publish import read_committed
 from pipeline.tasks import TaskRequest
@@ -45,7 +45,7 @@ def references(root: Path) -> dict[str, tuple[Path, dict]]:
 
 def utterance_transcript(model, audio_path: Path, segments: list[dict], reduction, batch: int) -> str:
     """The model on every reference utterance cut at its boundaries, outputs joined in order."""
-    audio = decode_audio(audio_path, sample_rate=model.sample_rate)
+    audio = decode_audio(audio_path, sample_rate=model.description.sample_rate)
     rate = audio.sample_rate
     clips = [audio.samples[round(s["start_s"] * rate) : round(s["end_s"] * rate)] for s in segments]
     texts = []
@@ -68,7 +68,7 @@ def evaluate(args: argparse.Namespace) -> list[dict]:
         print(summary.line(), flush=True)
         results = {Path(r["source_path"]).stem: r for r in read_committed(out, "results").to_pylist()}
         stats = {r["recording_id"]: r for r in read_committed(out, "stats").to_pylist()}
-        reduction = resolve_reduction(args.model, "asr", name)
+        reduction = resolve_reduction(model.description, "asr", name)
         for stem, (audio_path, ref) in refs.items():
             stitched = results[stem]
             cut = utterance_transcript(model, audio_path, ref["segments"], reduction, args.batch_size)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--output", type=Path, required=True, help="pipeline output folders, one per reduction"
     )
-    parser.add_argument("--model", default="whisper-tiny.en")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--reductions", nargs="+", default=["none", "default"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--report", type=Path, help="folder for results.json and results.md")

@@ -5,7 +5,8 @@
 
 Run plainly it starts a local Ray cluster; under ``ray job submit`` it joins that cluster.
 Exit status: 0 done (failed recordings are rows of the errors table), 2 refused (bad options, model
-cannot do the task, output folder locked).
+cannot do the task, output folder locked or not writable), 1 failed (writing the output failed: the
+parts committed before it stay).
 """
 
 from __future__ import annotations
@@ -18,14 +19,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
 from pipeline.merging.config import ReductionConfigError
+from pipeline.models.base import ModelError
+from pipeline.models.registry import DEFAULT_MODEL
 from pipeline.plan import PlanError
 from pipeline.presets import PresetError
-from pipeline.publish import OutputLockedError
-from pipeline.tasks import TASKS
+from pipeline.publish import OutputLockedError, PublishError
+from pipeline.tasks import TASKS, TaskError
 from schemas.job_config import JobConfig, JobConfigError
 from workers.archive_job import ModelTaskError, run_archive
 
-REFUSALS = (JobConfigError, ModelTaskError, PresetError, ReductionConfigError, PlanError, OutputLockedError)
+REFUSALS = (
+    JobConfigError,
+    ModelError,
+    ModelTaskError,
+    TaskError,
+    PresetError,
+    ReductionConfigError,
+    PlanError,
+    OutputLockedError,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
@@ -35,7 +47,11 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     )
     p.add_argument("--output", required=True, help="output folder (runs/, staging/, _lock)")
     p.add_argument("--task", default="asr", choices=TASKS)
-    p.add_argument("--model", default="whisper-tiny.en")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a packaged model (whisper-tiny.en, whisper-base), a local checkpoint folder or a hub id",
+    )
     p.add_argument(
         "--reduction", default="default", help="default, a preset name of pipeline/presets.py, or none"
     )
@@ -60,6 +76,13 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         help="redo every recording whose committed result is an error (by default only I/O, model, "
         "duration-limit and listing errors are redone)",
     )
+    p.add_argument(
+        "--commit-every-s", type=float, default=300.0, help="commit finished recordings at least this often"
+    )
+    p.add_argument(
+        "--commit-every-n", type=int, default=1000, help="... and at least every this many recordings"
+    )
+    p.add_argument("--progress-every-s", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = p.parse_args(argv)
     return JobConfig(**{k: v for k, v in vars(args).items()})
@@ -72,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except REFUSALS as err:
         print(f"refused: {err}", file=sys.stderr)
         return 2
+    except PublishError as err:  # a full disk, say: the message names the folder and the cause
+        print(f"failed: {err}", file=sys.stderr)
+        return 1
     print(summary.line(), flush=True)
     return 0
 

@@ -1,18 +1,22 @@
-"""Reduction presets: per model and task, the ReductionConfig a run uses unless told otherwise.
+"""Reduction presets: per model family and checkpoint kind (and, where measured, per checkpoint) and
+task, the ReductionConfig a run uses unless told otherwise.
 
-Dense tasks (asr, st) reduce gradually (``constant`` or ``decay`` from a middle layer); sparse tasks
-(er, sqa) take one aggressive ``single`` merge. ``provisional`` marks presets not backed by our own
-measurements on that model; ``basis`` says what backs each one. Bump PRESETS_VERSION on any change:
-it is recorded in every manifest and the resolved config is part of the done-set fingerprint.
+Dense tasks (asr, st) reduce gradually (``constant`` or ``decay`` from a middle layer) or, on Whisper,
+once in the encoder; sparse tasks (er, sqa, lid) take one aggressive ``single`` merge. A preset's
+``first_layer`` is set for a model of ``layers`` reducing layers; on a model of another depth it is
+rescaled to the same relative depth. ``provisional`` marks presets not backed by our own measurements
+on that checkpoint; ``basis`` says what backs each one. Bump PRESETS_VERSION on any change: it is
+recorded in every manifest and the resolved config is part of the done-set fingerprint.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
+from pipeline.models.base import ModelDescription
 
-PRESETS_VERSION = "2026.11.2"
+PRESETS_VERSION = "2026.12.1"
 DEFAULT = "default"
 NONE = "none"
 
@@ -26,6 +30,14 @@ class Preset:
     config: ReductionConfig
     provisional: bool
     basis: str
+    layers: int  # the depth config.first_layer was chosen for
+
+    def for_depth(self, layers: int) -> ReductionConfig:
+        """The config for a model of ``layers`` reducing layers (first layer at the same relative depth)."""
+        if layers == self.layers:
+            return self.config
+        first = min(layers - 1, int(self.config.first_layer * layers / self.layers + 0.5))
+        return replace(self.config, first_layer=first)
 
 
 _PAPER = "FastAdaSP paper Tables 1-2 (WavLLM, 32 layers); not measured on this model"
@@ -33,62 +45,84 @@ _WHISPER_EVAL = (
     "benchmarks/whisper-tiny-en-librispeech-dev-120: 120 LibriSpeech dev utterances, WER 5.09 without "
     "reduction; at 30% single 5.21, constant with chains <= 2 5.52 (uncapped 5.86, A-ToMe 5.60)"
 )
+_WHISPER_OTHER = "measured on whisper-tiny.en only (" + _WHISPER_EVAL + ")"
 _TINY = "random-weight test model: exercises the code path, says nothing about quality"
+_SPARSE_GUESS = "not measured: one aggressive merge at the last reducing layer until a layer selection run"
 
 _QWEN_DENSE = {
-    DEFAULT: Preset(ReductionConfig("fastadasp", "constant", first_layer=9, target=0.3), True, _PAPER),
-    "decay": Preset(ReductionConfig("fastadasp", "decay", first_layer=9, target=0.3), True, _PAPER),
+    DEFAULT: Preset(ReductionConfig("fastadasp", "constant", first_layer=9, target=0.3), True, _PAPER, 32),
+    "decay": Preset(ReductionConfig("fastadasp", "decay", first_layer=9, target=0.3), True, _PAPER, 32),
 }
 _QWEN_SPARSE = {
-    DEFAULT: Preset(ReductionConfig("fastadasp", "single", first_layer=9, target=0.5), True, _PAPER),
-    "aggressive": Preset(ReductionConfig("fastadasp", "single", first_layer=9, target=0.7), True, _PAPER),
+    DEFAULT: Preset(ReductionConfig("fastadasp", "single", first_layer=9, target=0.5), True, _PAPER, 32),
+    "aggressive": Preset(ReductionConfig("fastadasp", "single", first_layer=9, target=0.7), True, _PAPER, 32),
 }
-_TINY_DENSE = {
-    DEFAULT: Preset(ReductionConfig("fastadasp", "constant", first_layer=0, ratio=0.2), True, _TINY)
-}
-_TINY_SPARSE = {
-    DEFAULT: Preset(ReductionConfig("fastadasp", "single", first_layer=0, ratio=0.5), True, _TINY)
+_QWEN = {"asr": _QWEN_DENSE, "st": _QWEN_DENSE, "er": _QWEN_SPARSE, "sqa": _QWEN_SPARSE}
+
+
+def _whisper_dense(measured: bool) -> dict[str, Preset]:
+    # Whisper merges in its encoder; all removal in the last layer did best at 30%. The gradual
+    # schedule caps merge chains at 2 tokens: uncapped, long chains over steady speech cost 0.3 WER
+    # points more at 30% and 1.2 at 50% (benchmarks/whisper-tiny-en-librispeech-dev).
+    basis = _WHISPER_EVAL if measured else _WHISPER_OTHER
+    return {
+        DEFAULT: Preset(
+            ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.3), not measured, basis, 4
+        ),
+        "constant": Preset(
+            ReductionConfig("fastadasp", "constant", first_layer=1, ratio=0.112, max_chain=2),
+            not measured,
+            basis,
+            4,
+        ),
+    }
+
+
+_WHISPER_SPARSE = {
+    DEFAULT: Preset(ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.5), True, _SPARSE_GUESS, 4)
 }
 
-PRESETS: dict[str, dict[str, dict[str, Preset]]] = {
-    "whisper-tiny.en": {
-        "asr": {
-            # Whisper merges in its 4-layer encoder; all removal in the last layer did best at 30%. The
-            # gradual schedule caps merge chains at 2 tokens: uncapped, long chains over steady speech
-            # cost 0.3 WER points more at 30% and 1.2 at 50% (benchmarks/whisper-tiny-en-librispeech-dev).
-            DEFAULT: Preset(
-                ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.3), False, _WHISPER_EVAL
-            ),
-            "constant": Preset(
-                ReductionConfig("fastadasp", "constant", first_layer=1, ratio=0.112, max_chain=2),
-                False,
-                _WHISPER_EVAL,
-            ),
-        }
-    },
-    "Qwen/Qwen2-Audio-7B-Instruct": {
-        "asr": _QWEN_DENSE,
-        "st": _QWEN_DENSE,
-        "er": _QWEN_SPARSE,
-        "sqa": _QWEN_SPARSE,
-    },
+# (family, kind) -> task -> preset name -> Preset
+BY_FAMILY: dict[tuple[str, str], dict[str, dict[str, Preset]]] = {
+    ("whisper", "base"): {"asr": _whisper_dense(False), "st": _whisper_dense(False), "lid": _WHISPER_SPARSE},
+    ("qwen2_audio", "base"): _QWEN,
+    ("qwen2_audio", "instruct"): _QWEN,
+    ("glm_asr", "instruct"): {"asr": _QWEN_DENSE},
+}
+# Checkpoints measured (or built) apart from their family: name -> task -> preset name -> Preset
+BY_CHECKPOINT: dict[str, dict[str, dict[str, Preset]]] = {
+    "whisper-tiny.en": {"asr": _whisper_dense(True)},
     "tiny-random-qwen2-audio": {
-        "asr": _TINY_DENSE,
-        "st": _TINY_DENSE,
-        "er": _TINY_SPARSE,
-        "sqa": _TINY_SPARSE,
+        task: {
+            DEFAULT: Preset(
+                ReductionConfig("fastadasp", schedule, first_layer=0, ratio=ratio), True, _TINY, 4
+            )
+        }
+        for task, schedule, ratio in (
+            ("asr", "constant", 0.2),
+            ("st", "constant", 0.2),
+            ("er", "single", 0.5),
+            ("sqa", "single", 0.5),
+        )
     },
 }
 
 
-def resolve_reduction(model: str, task: str, name: str = DEFAULT) -> ReductionConfig:
+def presets_for(model: ModelDescription, task: str) -> dict[str, Preset]:
+    """The named presets for a model and task: its checkpoint's own, else its family's and kind's."""
+    own = BY_CHECKPOINT.get(model.name, {}).get(task)
+    return own if own is not None else BY_FAMILY.get((model.family, model.kind), {}).get(task, {})
+
+
+def resolve_reduction(model: ModelDescription, task: str, name: str = DEFAULT) -> ReductionConfig:
     """The ReductionConfig for ``--reduction name``; ``none`` turns reduction off for any model."""
     if name == NONE:
         return NO_REDUCTION
-    presets = PRESETS.get(model, {}).get(task, {})
+    presets = presets_for(model, task)
     if name not in presets:
         known = ", ".join([NONE, *presets]) if presets else NONE
         raise PresetError(
-            f"no reduction preset {name!r} for model {model!r}, task {task!r}; choose one of: {known}"
+            f"no reduction preset {name!r} for model {model.name!r} ({model.family}, {model.kind}), "
+            f"task {task!r}; choose one of: {known}"
         )
-    return presets[name].config
+    return presets[name].for_depth(model.reducing_layers)

@@ -3,8 +3,8 @@
 Dense tasks (asr, st) need every window's words: window texts are stitched into one text
 (pipeline.stitch). Sparse tasks give one short output per window: er labels and sqa answers are
 normalised and the recording's result is the label (answer) with the most speech behind it
-(``aggregate_labels`` weighted by each window's speech duration). Prompts follow Qwen2-Audio's
-evaluation prompts: the audio placeholder, then the instruction.
+(``aggregate_labels`` weighted by each window's speech duration). ``instruction`` words each task for
+instruct (chat) models; a family's plain prompts for base checkpoints live in its own module.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pipeline.stitch import normalise, words
 
 TASKS = ("asr", "st", "er", "sqa", "lid")
 DENSE_TASKS = frozenset({"asr", "st"})
-AUDIO_PROMPT = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
 UNKNOWN = "unknown"
 
@@ -88,21 +87,37 @@ def language_name(language: str) -> str:
     raise TaskError(f"language {language!r} is not one of {', '.join(sorted(LANGUAGES))} (or their names)")
 
 
-def prompt(request: TaskRequest, source_language: str = "en") -> str:
-    """The Qwen2-Audio prompt text for one window (the processor expands the <|AUDIO|> placeholder)."""
+def language_code(language: str) -> str:
+    """ISO 639-1 code of a language given as a code or a name ('German' -> 'de')."""
+    name = language_name(language)
+    return next(code for code, known in LANGUAGES.items() if known == name)
+
+
+def instruction(request: TaskRequest) -> str:
+    """The task as an instruction to an instruct (chat) model; the audio comes before it in the turn."""
     check_task(request.task)
     if request.task == "asr":
-        code = next(code for code, name in LANGUAGES.items() if name == language_name(source_language))
-        return f"{AUDIO_PROMPT}Detect the language and recognize the speech: <|{code}|>"
+        spoken = f" {language_name(request.language)}" if request.language else ""
+        return f"Transcribe the{spoken} speech exactly as spoken. Output only the transcript."
     if request.task == "st":
-        if not request.target_language:
-            raise TaskError("task 'st' needs a target_language")
-        return f"{AUDIO_PROMPT}Translate the speech into {language_name(request.target_language)}:"
+        return f"Translate the speech into {language_name(target_language(request))}. Output only the translation."
     if request.task == "er":
-        return f"{AUDIO_PROMPT}Recognize the emotion with keywords in English:"
+        return "Recognize the emotion of the speaker. Answer with one word."
+    if request.task == "lid":
+        return "Which language is spoken? Answer with the language name only."
+    return question(request)
+
+
+def target_language(request: TaskRequest) -> str:
+    if not request.target_language:
+        raise TaskError("task 'st' needs a target_language")
+    return request.target_language
+
+
+def question(request: TaskRequest) -> str:
     if not request.question or not request.question.strip():
         raise TaskError("task 'sqa' needs a question")
-    return f"{AUDIO_PROMPT}{request.question.strip()}"
+    return request.question.strip()
 
 
 def emotion_label(text: str) -> str:

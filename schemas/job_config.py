@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from pipeline.models.registry import DEFAULT_MODEL
 from pipeline.tasks import TASKS
 
 
@@ -24,13 +25,15 @@ class JobConfig:
     batch_size: windows per model call (None: ``windows_per_call``'s default). max_duration_s: longer
     recordings become errors rows (guards memory; redone by a later run). retry_errors: redo every
     recording whose committed result is an error, not only those that failed in a way a later run may
-    not (``pipeline.plan.RETRIED_STAGES``).
+    not (``pipeline.plan.RETRIED_STAGES``). commit_every_s / commit_every_n: a run commits what it has
+    finished as one part every that many seconds or recordings, whichever comes first (a crash loses at
+    most the part in flight). progress_every_s: seconds between progress lines.
     """
 
     input: str
     output: str
     task: str = "asr"
-    model: str = "whisper-tiny.en"
+    model: str = DEFAULT_MODEL
     reduction: str = "default"
     target_language: str | None = None
     question: str | None = None
@@ -44,6 +47,9 @@ class JobConfig:
     overlap_s: float = 3.0
     max_duration_s: float = 4 * 3600.0
     retry_errors: bool = False
+    commit_every_s: float = 300.0
+    commit_every_n: int = 1000
+    progress_every_s: float = 30.0
     device: str = "auto"  # auto: cuda when the actor holds a GPU that torch can see, else cpu
 
     def __post_init__(self) -> None:
@@ -59,6 +65,8 @@ class JobConfig:
             raise JobConfigError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
         if self.overlap_s < 0 or self.max_duration_s <= 0:
             raise JobConfigError("--overlap-s must be >= 0 and --max-duration-s > 0")
+        if self.commit_every_s <= 0 or self.commit_every_n < 1 or self.progress_every_s <= 0:
+            raise JobConfigError("--commit-every-s, --progress-every-s must be > 0, --commit-every-n >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise JobConfigError(f"--device {self.device!r} is not one of auto, cpu, cuda")
 

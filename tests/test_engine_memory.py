@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.engine.batching import fit_batch
 from pipeline.engine.memory import Footprint, footprint, max_batch
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.qwen2_audio import build_tiny_random
@@ -39,8 +40,14 @@ def test_merging_shrinks_the_per_row_footprint():
 def _tower_batches(qwen) -> list[int]:
     """Batch sizes the audio tower sees: one forward per generate call."""
     seen: list[int] = []
-    qwen.audio_tower.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
+    qwen.model.model.audio_tower.register_forward_hook(lambda _m, args, _out: seen.append(args[0].shape[0]))
     return seen
+
+
+def batch_size(qwen, prompt: str, count: int, cfg: ReductionConfig) -> int:
+    """What the adapter asks the engine for a window of ``count`` audio tokens."""
+    ids, spans = qwen.prompt(prompt, [count])
+    return fit_batch(qwen.stack, len(ids), spans, cfg, qwen.max_new_tokens, qwen.max_batch)
 
 
 def test_adapter_batches_windows_of_any_length_up_to_its_size():
@@ -54,18 +61,18 @@ def test_adapter_batches_windows_of_any_length_up_to_its_size():
     assert len(outputs) == 10 and seen == [4, 4, 2]
     # Longest first: each output belongs to its own window.
     assert [o.stats.audio_seconds for o in outputs] == seconds
-    assert qwen.batch_size("<|audio_bos|><|AUDIO|><|audio_eos|>", 25, ReductionConfig()) == 4
+    assert batch_size(qwen, "<|audio_bos|><|AUDIO|><|audio_eos|>", 25, ReductionConfig()) == 4
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_adapter_batch_follows_free_memory_on_cuda():
     qwen = build_tiny_random().to("cuda")
     prompt, count = "<|audio_bos|><|AUDIO|><|audio_eos|>Transcribe:", 750
-    plain = qwen.batch_size(prompt, count, ReductionConfig())
-    merged = qwen.batch_size(prompt, count, ReductionConfig(method="fastadasp", target=0.5))
+    plain = batch_size(qwen, prompt, count, ReductionConfig())
+    merged = batch_size(qwen, prompt, count, ReductionConfig(method="fastadasp", target=0.5))
     assert 1 <= plain <= merged  # merged caches are shorter: at least as many windows fit
     qwen.max_batch = 3
-    assert qwen.batch_size(prompt, count, ReductionConfig()) == min(3, plain)
+    assert batch_size(qwen, prompt, count, ReductionConfig()) == min(3, plain)
 
 
 def test_token_counts_from_lengths_match_the_feature_mask():
@@ -73,5 +80,5 @@ def test_token_counts_from_lengths_match_the_feature_mask():
     qwen = build_tiny_random()
     waves = [np.zeros(n, np.float32) for n in (1, 159, 160, 161, 16000, 16001, 33333, 479_999, 480_000)]
     _, mask = qwen.features(waves)
-    _, from_mask = qwen.audio_tower._get_feat_extract_output_lengths(mask.sum(-1))
+    _, from_mask = qwen.model.model.audio_tower._get_feat_extract_output_lengths(mask.sum(-1))
     assert qwen.audio_token_counts(waves) == from_mask.tolist()

@@ -1,4 +1,5 @@
-"""The merge engine against transformers on tiny random-weight Qwen2-Audio models (fp32, CPU)."""
+"""The merge engine against transformers on tiny random-weight checkpoints of both decoder-only families
+(Qwen2-Audio and GLM-ASR), saved and loaded as real checkpoints are (fp32, CPU)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,38 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.engine.batching import embed
 from pipeline.engine.generate import PromptGroup, plan_layers, prefill
 from pipeline.kernels import forced_path, supported_head_dim
 from pipeline.merging.config import METHODS, NO_REDUCTION, ReductionConfig
-from pipeline.models.qwen2_audio import AUDIO_TOKEN, build_tiny_random
+from pipeline.models import glm_asr, qwen2_audio
+from pipeline.models.registry import load_model
+from pipeline.tasks import TaskRequest
 
-PROMPT = f"<|im_start|>user\nAudio 1: <|audio_bos|>{AUDIO_TOKEN}<|audio_eos|>\nTranscribe.<|im_end|>\n"
-TWO_CLIPS = f"<|audio_bos|>{AUDIO_TOKEN}<|audio_eos|> and <|audio_bos|>{AUDIO_TOKEN}<|audio_eos|> compare:"
 NEW_TOKENS = 12
+SAVERS = {
+    "qwen2_audio": lambda f: qwen2_audio.save_tiny_random(f, "instruct"),
+    "glm_asr": glm_asr.save_tiny_random,
+}
+# The keyword each family's transformers class takes for the feature frame mask.
+MASK_ARG = {"qwen2_audio": "feature_attention_mask", "glm_asr": "input_features_mask"}
 
 
 @pytest.fixture(scope="module")
-def qwen():
-    return build_tiny_random(seed=0)
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {family: load_model(str(save(root / family))) for family, save in SAVERS.items()}
+
+
+@pytest.fixture(params=list(SAVERS))
+def qwen(request, models):
+    """Each family's tiny instruct checkpoint in turn (named for the first family the tests covered)."""
+    return models[request.param]
+
+
+def prompts(model) -> tuple[str, str]:
+    """The checkpoint's own one-clip asr prompt, and a plain prompt with two clips."""
+    return model.prompt_text(TaskRequest("asr")), f"{model.audio_token} and {model.audio_token} compare:"
 
 
 def clip(seed: int, seconds: float = 3.0) -> np.ndarray:
@@ -30,18 +50,18 @@ def clip(seed: int, seconds: float = 3.0) -> np.ndarray:
     return (wave * (np.sin(2 * np.pi * 2 * t) > -0.3)).astype(np.float32)
 
 
-def hf_generate(qwen, prompt: str, rows: list[list[np.ndarray]], eos: list[int]) -> torch.Tensor:
+def hf_generate(qwen, prompt: str | int, rows: list[list[np.ndarray]], eos: list[int]) -> torch.Tensor:
     """transformers' own greedy generate on the same expanded prompt; returns the new tokens."""
     flat = [c for row in rows for c in row]
     features, mask = qwen.features(flat)
     counts = qwen.audio_token_counts(flat)
-    ids, _ = qwen.prompt(prompt, counts[: len(rows[0])])
+    ids, _ = qwen.prompt(_text(qwen, prompt), counts[: len(rows[0])])
     input_ids = torch.tensor([ids] * len(rows))
     out = qwen.model.generate(
         input_ids=input_ids,
         attention_mask=torch.ones_like(input_ids),
         input_features=features,
-        feature_attention_mask=mask,
+        **{MASK_ARG[qwen.description.family]: mask},
         max_new_tokens=NEW_TOKENS,
         do_sample=False,
         eos_token_id=eos,
@@ -50,10 +70,18 @@ def hf_generate(qwen, prompt: str, rows: list[list[np.ndarray]], eos: list[int])
     return out[:, input_ids.shape[1] :]
 
 
-def ours(qwen, prompt: str, rows: list[list[np.ndarray]], cfg: ReductionConfig = NO_REDUCTION):
+def ours(qwen, prompt: str | int, rows: list[list[np.ndarray]], cfg: ReductionConfig = NO_REDUCTION):
+    """Our engine on ``prompt`` (text, or ONE / TWO for the model's own prompts)."""
     qwen.max_new_tokens = NEW_TOKENS
-    gen, _ = qwen.generate_batch(prompt, rows, cfg)
+    gen, _ = qwen.generate_batch(_text(qwen, prompt), rows, cfg)
     return gen
+
+
+ONE, TWO = 0, 1
+
+
+def _text(qwen, prompt: str | int) -> str:
+    return prompt if isinstance(prompt, str) else prompts(qwen)[prompt]
 
 
 def assert_same_tokens(gen, reference: torch.Tensor, eos: list[int]) -> None:
@@ -68,9 +96,9 @@ def assert_same_tokens(gen, reference: torch.Tensor, eos: list[int]) -> None:
 @pytest.mark.parametrize(
     ("prompt", "rows"),
     [
-        (PROMPT, [[clip(1)]]),
-        (PROMPT, [[clip(1)], [clip(2)], [clip(3)]]),
-        (TWO_CLIPS, [[clip(4, 2.0), clip(5, 3.0)]]),
+        (ONE, [[clip(1)]]),
+        (ONE, [[clip(1)], [clip(2)], [clip(3)]]),
+        (TWO, [[clip(4, 2.0), clip(5, 3.0)]]),
     ],
     ids=["batch1", "batch3", "two-clips"],
 )
@@ -81,12 +109,12 @@ def test_no_reduction_equals_transformers_generate(qwen, prompt, rows):
 
 def test_eos_stops_like_transformers(qwen):
     rows = [[clip(1)], [clip(2)]]
-    free = ours(qwen, PROMPT, rows)
+    free = ours(qwen, ONE, rows)
     eos = [int(free.tokens[0, 3])]  # make the 4th token of row 0 an EOS
     qwen.eos_token_ids, saved = eos, qwen.eos_token_ids
     try:
-        gen = ours(qwen, PROMPT, rows)
-        reference = hf_generate(qwen, PROMPT, rows, eos)
+        gen = ours(qwen, ONE, rows)
+        reference = hf_generate(qwen, ONE, rows, eos)
     finally:
         qwen.eos_token_ids = saved
     assert int(gen.num_tokens[0]) <= 4
@@ -100,7 +128,7 @@ def test_reduction_at_last_layer_cannot_reach_the_logits(qwen, method):
     last = qwen.stack.num_layers - 1
     ratio = 0.4 if method == "a-tome" else 0.6
     cfg = ReductionConfig(method=method, schedule="single", first_layer=last, ratio=ratio)
-    plain, merged = ours(qwen, PROMPT, rows), ours(qwen, PROMPT, rows, cfg)
+    plain, merged = ours(qwen, ONE, rows), ours(qwen, ONE, rows, cfg)
     assert torch.equal(plain.first_logits, merged.first_logits)
     if method == "h2o":  # the last layer's own cache shrinks, so only decoding can see it
         assert merged.plans[0].cache_lengths[last] < plain.plans[0].cache_lengths[last]
@@ -125,7 +153,7 @@ def expected_audio_lengths(n: int, ratios: list[float], method: str) -> list[int
 def test_cache_lengths_follow_the_schedule(qwen, method, schedule):
     rows = [[clip(1)]]
     cfg = ReductionConfig(method=method, schedule=schedule, first_layer=1, ratio=0.3)
-    gen = ours(qwen, PROMPT, rows, cfg)
+    gen = ours(qwen, ONE, rows, cfg)
     n_audio = gen.plans[0].audio_lengths[0]
     layers = qwen.stack.num_layers
     ratios = {
@@ -143,13 +171,13 @@ def test_cache_lengths_follow_the_schedule(qwen, method, schedule):
 def test_deterministic_and_batch_equals_one_by_one(qwen, method):
     rows = [[clip(1)], [clip(2)], [clip(3)]]
     cfg = ReductionConfig(method=method, schedule="constant", first_layer=0, target=0.3, seed=7)
-    batch = ours(qwen, PROMPT, rows, cfg)
-    again = ours(qwen, PROMPT, rows, cfg)
+    batch = ours(qwen, ONE, rows, cfg)
+    again = ours(qwen, ONE, rows, cfg)
     assert torch.equal(batch.tokens, again.tokens)
     if method.startswith("random"):
         return  # one generator draws for the whole batch: rows differ from single runs by design
     for i, row in enumerate(rows):
-        single = ours(qwen, PROMPT, [row], cfg)
+        single = ours(qwen, ONE, [row], cfg)
         n = int(single.num_tokens[0])
         assert batch.tokens[i, :n].tolist() == single.tokens[0, :n].tolist()
 
@@ -157,11 +185,11 @@ def test_deterministic_and_batch_equals_one_by_one(qwen, method):
 def test_positions_policy_changes_outputs_only_through_positions(qwen):
     rows = [[clip(1)]]
     first = ours(
-        qwen, PROMPT, rows, ReductionConfig(method="fastadasp", schedule="single", first_layer=0, ratio=0.5)
+        qwen, ONE, rows, ReductionConfig(method="fastadasp", schedule="single", first_layer=0, ratio=0.5)
     )
     right = ours(
         qwen,
-        PROMPT,
+        ONE,
         rows,
         ReductionConfig(method="fastadasp", schedule="single", first_layer=0, ratio=0.5, position="right"),
     )
@@ -179,33 +207,37 @@ def test_plan_rejects_bad_spans():
 def test_chain_cap_reaches_the_engine(qwen):
     rows = [[clip(1)]]
     capped = ReductionConfig(method="fastadasp", schedule="single", first_layer=0, ratio=0.3, max_chain=2)
-    plain = ours(qwen, PROMPT, rows, capped.with_(max_chain=None))
-    merged = ours(qwen, PROMPT, rows, capped)
+    plain = ours(qwen, ONE, rows, capped.with_(max_chain=None))
+    merged = ours(qwen, ONE, rows, capped)
     assert merged.plans == plain.plans  # same counts per layer, different groups
     assert not torch.equal(merged.first_logits, plain.first_logits)
     with pytest.raises(ValueError, match="max_chain=2"):
-        ours(qwen, PROMPT, rows, capped.with_(ratio=0.6))  # pairs alone cannot remove 60%
+        ours(qwen, ONE, rows, capped.with_(ratio=0.6))  # pairs alone cannot remove 60%
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
     torch.cuda.is_available(), reason="interprets the kernels on CPU (no TRITON_INTERPRET here)"
 )
-@pytest.mark.parametrize("method", ["none", "fastadasp", "h2o"])
-def test_triton_path_gives_the_pytorch_tokens(qwen, method):
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [("qwen2_audio", "none"), ("qwen2_audio", "fastadasp"), ("qwen2_audio", "h2o"), ("glm_asr", "fastadasp")],
+)
+def test_triton_path_gives_the_pytorch_tokens(models, family, method):
     """The engine on its Triton path (interpreted on CPU tensors): attention mass from the attention's
     log-sum-exp, the merge-step kernels, and the fused decode step with split-K attention, against the
     PyTorch path of the same prompts, token for token."""
     pytest.importorskip("triton")
+    qwen = models[family]  # GLM-ASR's decoder has no q/k/v bias: the fused step's other branch
     assert supported_head_dim(qwen.stack.head_dim)  # else the dispatchers would quietly take PyTorch
     rows = [[clip(1)], [clip(2, seconds=2.0)], [clip(3)]]  # two lengths: per-row cache positions
     cfg = ReductionConfig(method=method, schedule="constant", first_layer=0, target=0.3)
     if method == "none":
         cfg = NO_REDUCTION
     with forced_path("pytorch"):
-        expected = ours(qwen, PROMPT, rows, cfg)
+        expected = ours(qwen, ONE, rows, cfg)
     with forced_path("triton"):
-        got = ours(qwen, PROMPT, rows, cfg)
+        got = ours(qwen, ONE, rows, cfg)
     torch.testing.assert_close(got.first_logits, expected.first_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.tokens, expected.tokens)
     assert got.plans == expected.plans
@@ -217,10 +249,10 @@ def test_windows_of_different_lengths_decode_together_as_alone(qwen, method):
     its own cache lengths: every row's tokens and plan are what it gets alone, in the input order."""
     rows = [[clip(1)], [clip(2, seconds=1.5)], [clip(3, seconds=2.2)], [clip(4)]]
     cfg = NO_REDUCTION if method == "none" else ReductionConfig(method, "constant", first_layer=0, target=0.3)
-    batch = ours(qwen, PROMPT, rows, cfg)
+    batch = ours(qwen, ONE, rows, cfg)
     assert len({p.prompt_length for p in batch.plans}) == 3 and batch.tokens.shape[0] == 4
     for i, row in enumerate(rows):
-        single = ours(qwen, PROMPT, [row], cfg)
+        single = ours(qwen, ONE, [row], cfg)
         n = int(single.num_tokens[0])
         assert batch.tokens[i, :n].tolist() == single.tokens[0, :n].tolist()
         assert batch.plans[i] == single.plans[0]
@@ -230,9 +262,9 @@ def test_windows_of_different_lengths_decode_together_as_alone(qwen, method):
 def test_two_clips_of_different_lengths_per_row(qwen):
     rows = [[clip(1), clip(2, seconds=1.0)], [clip(3, seconds=2.0), clip(4)]]
     cfg = ReductionConfig("fastadasp", "constant", first_layer=0, target=0.3)
-    batch = ours(qwen, TWO_CLIPS, rows, cfg)
+    batch = ours(qwen, TWO, rows, cfg)
     for i, row in enumerate(rows):
-        single = ours(qwen, TWO_CLIPS, [row], cfg)
+        single = ours(qwen, TWO, [row], cfg)
         n = int(single.num_tokens[0])
         assert batch.tokens[i, :n].tolist() == single.tokens[0, :n].tolist()
 
@@ -246,8 +278,10 @@ def test_prefill_in_one_row_chunks_equals_one_pass(qwen):
         clips = [clip(1, seconds), clip(2, seconds)]
         features, mask = qwen.features(clips)
         encoded = qwen.encode(features, mask)
-        ids, spans = qwen.prompt(PROMPT, [encoded[0].shape[0]])
-        groups.append(PromptGroup(qwen.embed(torch.tensor([ids] * 2), spans, [[e] for e in encoded]), spans))
+        ids, spans = qwen.prompt(_text(qwen, ONE), [encoded[0].shape[0]])
+        groups.append(
+            PromptGroup(embed(qwen.stack, torch.tensor([ids] * 2), spans, [[e] for e in encoded]), spans)
+        )
     whole, caches, plans = prefill(qwen.stack, groups, cfg, max_new_tokens=2)
     length = max(g.length for g in groups)
     chunked, chunked_caches, chunked_plans = prefill(qwen.stack, groups, cfg, 2, prefill_tokens=length)

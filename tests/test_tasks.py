@@ -1,4 +1,4 @@
-"""Task prompts, output normalisation and label aggregation."""
+"""Task instructions, output normalisation and label aggregation."""
 
 from __future__ import annotations
 
@@ -12,22 +12,23 @@ from pipeline.tasks import (
     TaskRequest,
     aggregate_labels,
     emotion_label,
+    instruction,
     is_dense,
+    language_code,
     normalise_output,
-    prompt,
 )
 
 
-def test_prompts() -> None:
-    audio = "<|audio_bos|><|AUDIO|><|audio_eos|>"
-    assert prompt(TaskRequest("asr")) == f"{audio}Detect the language and recognize the speech: <|en|>"
-    assert prompt(TaskRequest("asr"), source_language="German").endswith("<|de|>")
-    assert prompt(TaskRequest("st", target_language="zh")) == f"{audio}Translate the speech into Chinese:"
-    assert prompt(TaskRequest("st", target_language="german")).endswith("into German:")
-    assert prompt(TaskRequest("er")) == f"{audio}Recognize the emotion with keywords in English:"
-    assert (
-        prompt(TaskRequest("sqa", question=" Who chairs the meeting? ")) == f"{audio}Who chairs the meeting?"
+def test_instructions_for_chat_models() -> None:
+    assert instruction(TaskRequest("asr")).startswith("Transcribe the speech")
+    assert instruction(TaskRequest("asr", language="de")).startswith("Transcribe the German speech")
+    assert instruction(TaskRequest("st", target_language="zh")).startswith(
+        "Translate the speech into Chinese."
     )
+    assert "German" in instruction(TaskRequest("st", target_language="german"))
+    assert "emotion" in instruction(TaskRequest("er"))
+    assert instruction(TaskRequest("sqa", question=" Who chairs the meeting? ")) == "Who chairs the meeting?"
+    assert language_code("German") == language_code("de") == "de"
 
 
 @pytest.mark.parametrize(
@@ -39,9 +40,9 @@ def test_prompts() -> None:
         (TaskRequest("summarise"), "summarise"),
     ],
 )
-def test_prompt_errors(request_: TaskRequest, message: str) -> None:
+def test_instruction_errors(request_: TaskRequest, message: str) -> None:
     with pytest.raises(TaskError, match=message):
-        prompt(request_)
+        instruction(request_)
 
 
 def test_dense_and_sparse() -> None:

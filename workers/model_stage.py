@@ -10,7 +10,6 @@ becomes an error row.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -25,29 +24,6 @@ from pipeline.tasks import TaskRequest
 from schemas.stages import WINDOW_TEXT_SCHEMA
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the driver must know of a model before any work: its tasks and window format."""
-
-    name: str
-    tasks: frozenset[str]
-    sample_rate: int
-    max_window_s: float
-
-
-def _describe(model_name: str, device: str) -> ModelInfo:
-    model = load_model(model_name, device=pick_device(device))
-    return ModelInfo(model.name, frozenset(model.tasks), int(model.sample_rate), float(model.max_window_s))
-
-
-def model_info(model_name: str, device: str, resources: dict) -> ModelInfo:
-    """Load the model once where a model actor would run (same resources) and describe it.
-
-    Costs one model load before the run; the driver node may be too small to hold the model itself.
-    """
-    return ray.get(ray.remote(_describe).options(**resources).remote(model_name, device))
 
 
 def pick_device(requested: str) -> str:

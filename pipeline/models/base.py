@@ -1,14 +1,21 @@
-"""The contract between the pipeline and a model adapter.
+"""The contract between the pipeline and a model family.
 
-An adapter turns a batch of mono float32 waveforms at ``sample_rate`` (each at most ``max_window_s``
-long) plus a task into one ``WindowOutput`` per waveform. Everything model-specific (feature
-extraction, prompts, merging hooks, decoding) stays behind this interface so that workers/ and jobs/
-never import a model family directly.
+A family is one module in ``pipeline/models/`` that provides:
+
+- ``MODEL_TYPES``: the ``model_type`` values of ``config.json`` it serves;
+- ``describe(checkpoint) -> ModelDescription``: read from the checkpoint's config files alone, never its
+  weights (the driver, presets, evaluate and generate ask this before any model exists);
+- ``load(checkpoint, device, dtype) -> SpeechModel``: the loaded adapter.
+
+A ``SpeechModel`` turns a batch of mono float32 waveforms at ``sample_rate`` (each at most
+``max_window_s`` long) plus a task into one ``WindowOutput`` per waveform. Decoder-only SpeechLMs share
+``pipeline.models.speechlm.AudioLanguageModel`` and supply only their audio encoder call and prompt.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -16,6 +23,51 @@ import numpy as np
 from pipeline.merging.config import ReductionConfig
 from pipeline.stats import WindowStats
 from pipeline.tasks import TaskRequest
+
+KINDS = ("base", "instruct")
+
+
+class ModelError(ValueError):
+    """A model name, folder or checkpoint cannot be used; the message says why and what would work."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a model comes from: ``name`` as the user gave it, ``folder`` holding its config files
+    (and, once loaded, its weights; None for models built in code), ``packaged`` for models whose
+    weights come from a Python package (no folder), and the config's ``model_type``."""
+
+    name: str
+    model_type: str
+    folder: Path | None = None
+    packaged: bool = False
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What the pipeline must know of a model before any weights are read.
+
+    family: the family module's name; kind: ``base`` (plain prompts) or ``instruct`` (prompted with
+    the chat template it ships); reducing_layers: layers a reduction schedule counts over (decoder
+    layers of a SpeechLM, encoder layers of Whisper); translate_to: target languages of ``st``
+    (empty: any the prompt can name); drops_padding: the adapter has a ``padding`` option (``keep`` or
+    ``drop`` the encoder output of a window's padding, a reduction of its own).
+    """
+
+    name: str
+    family: str
+    kind: str
+    tasks: frozenset[str]
+    sample_rate: int
+    max_window_s: float
+    reducing_layers: int
+    translate_to: tuple[str, ...] = ()
+    multilingual: bool = False
+    drops_padding: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is not one of {', '.join(KINDS)}")
 
 
 @dataclass
@@ -26,10 +78,7 @@ class WindowOutput:
 
 
 class SpeechModel(Protocol):
-    name: str
-    sample_rate: int
-    max_window_s: float
-    tasks: frozenset[str]
+    description: ModelDescription
     device: str
 
     def run(

@@ -1,0 +1,140 @@
+"""GLM-ASR family (``zai-org/GLM-ASR-Nano-2512``): Whisper-style audio encoder -> frames stacked by 4 ->
+MLP projector -> ``<|pad|>`` placeholders -> a Llama decoder, prompted through its chat template.
+
+Why this family as the second one: its decoder is transformers' ``LlamaModel`` (RMSNorm, rotary,
+gated SiLU MLP, grouped KV, no q/k/v bias), which our ``DecoderStack`` already runs unchanged, and its
+processor is a plain tokenizer + Whisper feature extractor + chat template. Voxtral's decoder is Llama
+too, but its tokenizer needs ``mistral-common``; Granite-Speech's Granite decoder scales embeddings,
+residuals, attention and logits by multipliers the engine does not apply.
+
+``save_tiny_random`` writes a random-weight checkpoint of the real class for tests.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoProcessor,
+    GlmAsrConfig,
+    GlmAsrForConditionalGeneration,
+    GlmAsrProcessor,
+    WhisperFeatureExtractor,
+)
+
+from pipeline.models.base import Checkpoint, ModelDescription, ModelError
+from pipeline.models.speechlm import (
+    SAMPLE_RATE,
+    WINDOW_S,
+    AudioLanguageModel,
+    byte_level_tokenizer,
+    chat_template,
+    load_weights,
+)
+from pipeline.tasks import TaskRequest
+
+MODEL_TYPES = ("glmasr",)
+AUDIO_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "[gMASK]",
+    "<sop>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|begin_of_audio|>",
+    AUDIO_TOKEN,
+    "<|end_of_audio|>",
+)
+TRANSCRIBE = "Please transcribe this audio into text"  # the processor's default transcription request
+MERGE_FACTOR = 4  # encoder frames stacked into one audio embedding
+# A GLM-4 style chat template with the audio item framed as GLM-ASR frames it (tiny test checkpoints).
+TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'audio' %}"
+    "<|begin_of_audio|><|pad|><|end_of_audio|>\n{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class GlmAsrSpeechModel(AudioLanguageModel):
+    audio_token = AUDIO_TOKEN
+
+    def text_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    def instruction(self, request: TaskRequest) -> str:
+        return TRANSCRIBE
+
+    def audio_token_counts(self, waveforms: list[np.ndarray]) -> list[int]:
+        return _embeddings(self.frames(waveforms))
+
+    @torch.inference_mode()
+    def encode(self, features: Tensor, frame_mask: Tensor) -> list[Tensor]:
+        device, dtype = self.stack.device, self.stack.dtype
+        out = self.model.model.get_audio_features(features.to(device, dtype), frame_mask.to(device))
+        return list(out.pooler_output.split(_embeddings(frame_mask.sum(-1))))
+
+
+def _embeddings(frames: Tensor) -> list[int]:
+    """Valid frames -> conv (stride 1, then 2) -> stacks of MERGE_FACTOR, as the processor counts them."""
+    after_conv = (frames - 1) // 2 + 1
+    return ((after_conv - MERGE_FACTOR) // MERGE_FACTOR + 1).tolist()
+
+
+def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
+    if chat_template(ckpt.folder) is None:
+        raise ModelError(f"{ckpt.name}: a GLM-ASR checkpoint ships a chat template; this one has none")
+    text = config.get("text_config") or {}
+    return ModelDescription(
+        name=ckpt.name,
+        family=__name__.rsplit(".", 1)[-1],
+        kind="instruct",
+        tasks=frozenset({"asr"}),
+        sample_rate=SAMPLE_RATE,
+        max_window_s=WINDOW_S,
+        reducing_layers=int(text.get("num_hidden_layers", GlmAsrConfig().text_config.num_hidden_layers)),
+    )
+
+
+def load(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None) -> GlmAsrSpeechModel:
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = load_weights(GlmAsrForConditionalGeneration, ckpt, dtype)
+    processor = AutoProcessor.from_pretrained(ckpt.folder, local_files_only=True)
+    description = describe(ckpt, model.config.to_dict())
+    return GlmAsrSpeechModel(model, processor, description).to(device, dtype)
+
+
+def save_tiny_random(folder: Path, seed: int = 0, num_layers: int = 4) -> Path:
+    """Write a random-weight GLM-ASR checkpoint (model + processor with its chat template)."""
+    tokenizer = byte_level_tokenizer(SPECIAL_TOKENS, eos="<|endoftext|>")
+    processor = GlmAsrProcessor(WhisperFeatureExtractor(feature_size=128), tokenizer, chat_template=TEMPLATE)
+    ids = tokenizer.convert_tokens_to_ids
+    config = GlmAsrConfig(
+        audio_config={
+            "hidden_size": 32,
+            "intermediate_size": 32 * MERGE_FACTOR,  # stacked frames feed the projector
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_mel_bins": 128,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "eos_token_id": [ids("<|endoftext|>"), ids("<|user|>")],
+            "pad_token_id": ids("<|endoftext|>"),
+        },
+        audio_token_id=ids(AUDIO_TOKEN),
+    )
+    torch.manual_seed(seed)
+    GlmAsrForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

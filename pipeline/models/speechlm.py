@@ -1,0 +1,271 @@
+"""Decoder-only SpeechLMs (audio encoder -> projector -> placeholder tokens -> a llama-family decoder),
+run by our merge-aware engine. A family subclasses ``AudioLanguageModel`` and supplies its audio
+encoder call (``encode``, ``audio_token_counts``), its decoder module and, for base checkpoints, its
+plain prompts; prompts, batching (``pipeline.engine.batching``) and statistics are shared.
+
+Prompts per checkpoint: an instruct checkpoint ships a chat template in its processor; each task's
+prompt is that template applied to one user turn (the audio item, then the task's instruction) with
+the generation prompt added, as the model cards do. Base checkpoints take the family's plain prompt.
+Either way the text's audio placeholder expands to one placeholder token per audio embedding, so the
+engine sees exactly the ids the checkpoint's own processor produces.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerFast
+
+from pipeline import tasks
+from pipeline.engine.batching import AudioPrompt, fit_batch, generate_rows
+from pipeline.engine.decoder import DecoderStack
+from pipeline.engine.generate import Generation
+from pipeline.merging.config import ReductionConfig
+from pipeline.models.base import Checkpoint, ModelDescription, ModelError, WindowOutput
+from pipeline.stats import WindowStats, batch_times
+from pipeline.tasks import TaskRequest
+
+SAMPLE_RATE = 16000
+WINDOW_S = 30.0
+# The processor's own chat template files; a template only in tokenizer_config.json does not make a
+# checkpoint instruct (base LLM tokenizers often ship a generic one).
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+def chat_template(folder: Path | None) -> str | None:
+    """The processor chat template a checkpoint folder ships, or None (a base checkpoint)."""
+    if folder is None:
+        return None
+    jinja, as_json = (folder / name for name in CHAT_TEMPLATE_FILES)
+    if jinja.is_file():
+        return jinja.read_text()
+    if as_json.is_file():
+        return json.loads(as_json.read_text()).get("chat_template")
+    processor_config = folder / "processor_config.json"
+    if processor_config.is_file():
+        return json.loads(processor_config.read_text()).get("chat_template")
+    return None
+
+
+def kind_of(ckpt: Checkpoint) -> str:
+    return "instruct" if chat_template(ckpt.folder) is not None else "base"
+
+
+def load_weights(model_class: type[nn.Module], ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+    """``from_pretrained`` that refuses a partial load: weights missing from the checkpoint or of the
+    wrong shape would otherwise be left random (transformers only warns)."""
+    try:
+        model, info = model_class.from_pretrained(
+            ckpt.folder, dtype=dtype, output_loading_info=True, local_files_only=True
+        )
+    except Exception as err:  # a config transformers rejects, unreadable or mis-shaped weights: say which
+        raise ModelError(f"{ckpt.name}: the checkpoint does not load ({type(err).__name__}: {err})") from err
+    bad = {k: v for k, v in info.items() if k != "error_msgs" and v} | (
+        {"errors": info["error_msgs"]} if info.get("error_msgs") else {}
+    )
+    if bad:
+        raise ModelError(f"{ckpt.name}: the weights do not match the config: {bad}")
+    return model.eval()
+
+
+def byte_level_tokenizer(special_tokens: tuple[str, ...], eos: str) -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer with no merges: 256 byte symbols + a family's special tokens
+    (what the tiny random checkpoints ship; real checkpoints bring their own)."""
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for token in special_tokens:
+        vocab[token] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(special_tokens))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+
+
+class AudioLanguageModel(ABC):
+    """SpeechModel for decoder-only SpeechLMs. Windows of any lengths decode together (equal
+    audio-token counts share a prefill); batch sizes come from ``pipeline.engine.batching.fit_batch``
+    (free memory on CUDA), at most ``max_batch`` when given.
+
+    processor: the checkpoint's transformers processor (feature extractor + tokenizer + chat template).
+    """
+
+    audio_token: str  # the placeholder in prompt text that the processor expands per audio embedding
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor: object,
+        description: ModelDescription,
+        max_new_tokens: int = 256,
+        max_batch: int | None = None,
+    ) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.feature_extractor = processor.feature_extractor
+        self.description = description
+        self.max_new_tokens = max_new_tokens
+        self.max_batch = max_batch
+        self.stack = DecoderStack(self.text_model(), self.lm_head())
+        self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.audio_token)
+        self.eos_token_ids = self.stop_token_ids()
+
+    # --- what a family supplies --------------------------------------------------------------------
+    @abstractmethod
+    def text_model(self) -> nn.Module:
+        """The llama-family decoder (``LlamaModel``/``Qwen2Model``-shaped) the engine runs."""
+
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @abstractmethod
+    def encode(self, features: Tensor, frame_mask: Tensor) -> list[Tensor]:
+        """Audio embeddings in the language model's space, one [n_i, D] tensor per clip."""
+
+    @abstractmethod
+    def audio_token_counts(self, waveforms: list[np.ndarray]) -> list[int]:
+        """Audio embeddings each waveform becomes, from its length alone."""
+
+    def plain_prompt(self, request: TaskRequest) -> str:
+        """A base checkpoint's prompt text for one window (with one ``audio_token``)."""
+        raise ModelError(f"{self.description.name}: base checkpoints of this family have no plain prompts")
+
+    def instruction(self, request: TaskRequest) -> str:
+        """What the user turn asks of an instruct checkpoint."""
+        return tasks.instruction(request)
+
+    def stop_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos]
+        return sorted({i for i in ids if i is not None} | {self.tokenizer.eos_token_id})
+
+    # --- shared ------------------------------------------------------------------------------------
+    @property
+    def device(self) -> str:
+        return str(self.stack.device)
+
+    def to(self, device: str, dtype: torch.dtype | None = None) -> AudioLanguageModel:
+        self.model.to(device=device, dtype=dtype)
+        self.stack = DecoderStack(self.text_model(), self.lm_head())
+        return self
+
+    def features(self, waveforms: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Log-mel features [N, mels, 3000] and their frame mask [N, 3000] (30 s padding, as trained)."""
+        out = self.feature_extractor(
+            waveforms,
+            sampling_rate=SAMPLE_RATE,
+            return_attention_mask=True,
+            padding="max_length",
+            return_tensors="pt",
+        )
+        return out["input_features"], out["attention_mask"]
+
+    def frames(self, waveforms: list[np.ndarray]) -> Tensor:
+        """Valid feature frames of each waveform, as ``features`` marks them (one per started hop)."""
+        fe = self.feature_extractor
+        return torch.tensor([min(-(-len(w) // fe.hop_length), fe.nb_max_frames) for w in waveforms])
+
+    def prompt_text(self, request: TaskRequest) -> str:
+        """The task's prompt text with one audio placeholder: chat template or plain prompt."""
+        if request.task not in self.description.tasks:
+            raise tasks.TaskError(
+                f"{self.description.name} cannot do task {request.task!r} "
+                f"(it does: {', '.join(sorted(self.description.tasks))})"
+            )
+        if self.description.kind == "base":
+            return self.plain_prompt(request)
+        turn = [{"type": "audio", "audio": "window"}, {"type": "text", "text": self.instruction(request)}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": turn}], add_generation_prompt=True, tokenize=False
+        )
+
+    def prompt(self, text: str, counts: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of a prompt whose i-th audio placeholder expands to counts[i] tokens, and the spans."""
+        pieces = text.split(self.audio_token)
+        if len(pieces) - 1 != len(counts):
+            raise ValueError(
+                f"the prompt has {len(pieces) - 1} {self.audio_token} placeholders for {len(counts)} clips"
+            )
+        ids: list[int] = []
+        spans = []
+        for i, piece in enumerate(pieces):
+            ids += self.tokenizer.encode(piece, add_special_tokens=False)
+            if i < len(counts):
+                spans.append((len(ids), len(ids) + counts[i]))
+                ids += [self.audio_token_id] * counts[i]
+        return ids, spans
+
+    def generate_batch(
+        self, prompt_text: str, clips: list[list[np.ndarray]], reduction: ReductionConfig
+    ) -> tuple[Generation, float]:
+        """Rows of clips (the same number per row, any lengths) -> (Generation in row order, encode s)."""
+        t0 = time.perf_counter()
+        features, mask = self.features([clip for row in clips for clip in row])
+        encoded = self.encode(features, mask)
+        if self.stack.device.type == "cuda":
+            torch.cuda.synchronize()
+        encode_s = time.perf_counter() - t0
+        per_row = len(clips[0])
+        rows = []
+        for first in range(0, len(encoded), per_row):
+            audio = encoded[first : first + per_row]
+            ids, spans = self.prompt(prompt_text, [a.shape[0] for a in audio])
+            rows.append(AudioPrompt(tuple(ids), tuple(spans), tuple(audio)))
+        gen = generate_rows(
+            self.stack,
+            rows,
+            reduction,
+            max_new_tokens=self.max_new_tokens,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return gen, encode_s
+
+    def run(
+        self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
+    ) -> list[WindowOutput]:
+        """Windows of any lengths, longest first, in batches sized for the batch's longest window."""
+        prompt_text = self.prompt_text(request)
+        counts = self.audio_token_counts(waveforms)
+        order = sorted(range(len(waveforms)), key=lambda i: -counts[i])
+        outputs: list[WindowOutput | None] = [None] * len(waveforms)
+        start = 0
+        while start < len(order):
+            ids, spans = self.prompt(prompt_text, [counts[order[start]]])
+            size = fit_batch(self.stack, len(ids), spans, reduction, self.max_new_tokens, self.max_batch)
+            batch = order[start : start + size]
+            gen, encode_s = self.generate_batch(prompt_text, [[waveforms[i]] for i in batch], reduction)
+            times = batch_times(
+                encode_s,
+                gen.prefill_s,
+                gen.decode_s,
+                [plan.prompt_length for plan in gen.plans],  # groups prefill apart, each over its length
+                gen.num_tokens.tolist(),
+            )
+            for row, i in enumerate(batch):
+                outputs[i] = self._output(gen, row, times[row], len(waveforms[i]))
+            start += size
+        return outputs
+
+    def _output(self, gen: Generation, row: int, times: dict[str, float], samples: int) -> WindowOutput:
+        n = int(gen.num_tokens[row])
+        ids = [t for t in gen.tokens[row, :n].tolist() if t not in self.eos_token_ids]
+        plan = gen.plans[row]
+        per_token = self.stack.kv_bytes_per_token()
+        stats = WindowStats(
+            audio_seconds=samples / SAMPLE_RATE,
+            audio_tokens_in=plan.audio_lengths[0],
+            audio_tokens_kept=sum(plan.audio_lengths) / len(plan.audio_lengths),
+            kv_bytes_full=plan.prompt_length * len(plan.cache_lengths) * per_token,
+            kv_bytes_kept=sum(plan.cache_lengths) * per_token,
+            generated_tokens=n,
+            **times,
+        )
+        return WindowOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), stats=stats)
