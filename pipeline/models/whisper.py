@@ -34,7 +34,7 @@ from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import WindowOutput
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
-from pipeline.models.whisper_encoder import encode, encoder_ratios, speech_tokens
+from pipeline.models.whisper_encoder import EncoderOutput, encode, encoder_ratios, speech_tokens
 from pipeline.stats import WindowStats, batch_times
 from pipeline.tasks import TaskError, TaskRequest
 
@@ -282,6 +282,32 @@ class WhisperSpeechModel:
         cfg, dtype = self.model.config, self.model.dtype
         return cfg.decoder_layers * 2 * positions * cfg.d_model * dtype.itemsize
 
+    def _encode(
+        self, waveforms: list[np.ndarray], reduction: ReductionConfig, ratios: list[float]
+    ) -> tuple[EncoderOutput, list[int]]:
+        """The batch through the reducing encoder; also each window's speech tokens at the input."""
+        device, dtype = self.model.device, self.model.dtype
+        features = self.features(
+            [np.asarray(w, dtype=np.float32) for w in waveforms],
+            sampling_rate=SAMPLE_RATE,
+            return_tensors="pt",
+        ).input_features.to(device, dtype)
+        speech = [max(1, speech_tokens(len(w), self.model.config.max_source_positions)) for w in waveforms]
+        enc = encode(self.model.model.encoder, features, speech, reduction, ratios, self.padding == "drop")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return enc, speech
+
+    def audio_states(self, waveforms: list[np.ndarray], reduction: ReductionConfig) -> list[torch.Tensor]:
+        """The last encoder layer's speech-token states (S_b, D) of each window under ``reduction``
+        (what layer selection measures, pipeline.merging.layer_select)."""
+        ratios = encoder_ratios(reduction, self.model.config.encoder_layers)
+        states = []
+        for first in range(0, len(waveforms), self.batch_size):
+            enc, _ = self._encode(waveforms[first : first + self.batch_size], reduction, ratios)
+            states += [enc.states[b, :n].float().cpu() for b, n in enumerate(enc.speech)]
+        return states
+
     def _run_batch(
         self,
         waveforms: list[np.ndarray],
@@ -291,18 +317,9 @@ class WhisperSpeechModel:
         language: str | None,
         max_new_tokens: int | None,
     ) -> list[WindowOutput]:
-        device, dtype = self.model.device, self.model.dtype
         full = self.model.config.max_source_positions
         start = time.perf_counter()
-        features = self.features(
-            [np.asarray(w, dtype=np.float32) for w in waveforms],
-            sampling_rate=SAMPLE_RATE,
-            return_tensors="pt",
-        ).input_features.to(device, dtype)
-        speech = [max(1, speech_tokens(len(w), full)) for w in waveforms]
-        enc = encode(self.model.model.encoder, features, speech, reduction, ratios, self.padding == "drop")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        enc, speech = self._encode(waveforms, reduction, ratios)
         encode_s = time.perf_counter() - start
         dec = greedy_decode(self.model, enc.states, enc.lengths, options, max_new_tokens)
         generated = [len(tokens) for tokens in dec.tokens]

@@ -1,0 +1,150 @@
+"""Choose the layer of a sparse task's one aggressive merge (FastAdaSP layer selection, automatic).
+
+    python jobs/select_layer.py --manifest ../shared/data/multilingual-dev/manifest.jsonl --task lid \
+        --model whisper-base --ratio 0.5 --out benchmarks/whisper-base-multilingual-dev/select-layer-lid
+
+For every layer L the calibration clips (the manifest's rows with the task's reference) run with one
+merge at L (schedule ``single``, ``--ratio``); the entropy proxy of the last layer's audio states gives
+each layer's score against a merge at the last layer, and the rule in pipeline/merging/layer_select.py
+chooses. Writes selection.json, selection.md and selection.png. ``--check`` also runs the task at every
+layer and scores it (the truth the rule should agree with): slow, every clip is decoded once per layer.
+The model must offer ``audio_states(waveforms, reduction)`` (Whisper's encoder does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import matplotlib
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
+
+from jobs.evaluate import REFERENCE, scores, select
+from pipeline.audio.decode import decode_audio
+from pipeline.merging.config import NO_REDUCTION, ReductionConfig
+from pipeline.merging.layer_select import TOLERANCE, select_layer
+from pipeline.models.registry import DEFAULT_MODEL, load_model
+from pipeline.tasks import TaskRequest
+
+
+def single_merge(layer: int, ratio: float, method: str, seed: int) -> ReductionConfig:
+    return ReductionConfig(method=method, schedule="single", first_layer=layer, ratio=ratio, seed=seed)
+
+
+def markdown(result: dict) -> str:
+    sel, check = result["selection"], result.get("check")
+    lines = [
+        f"# Layer selection: {result['model']}, task {result['task']}, one {result['method']} merge at ratio "
+        f"{result['ratio']}",
+        "",
+        f"{result['clips']} clips of {result['manifest_name']}. Chosen layer: **{sel['layer']}** (the earliest "
+        f"from which every later layer's normalised score is <= {sel['tolerance']}).",
+        "",
+        "| layer | entropy proxy | score |" + (f" {check['metric']} |" if check else ""),
+        "|---|---|---|" + ("---|" if check else ""),
+    ]
+    for layer, (h, s) in enumerate(zip(sel["entropies"], sel["scores"], strict=True)):
+        row = f"| {layer}{' (chosen)' if layer == sel['layer'] else ''} | {h:.1f} | {s:.3f} |"
+        lines.append(row + (f" {check['per_layer'][layer]:.2f} |" if check else ""))
+    if check:
+        lines += ["", f"No reduction: {check['metric']} {check['none']:.2f}."]
+    lines += ["", f"Command: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = result["selection"]
+    layers = range(len(sel["scores"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(layers, sel["scores"], marker="o", label="normalised |H_ref - H_L|")
+    ax.axhline(sel["tolerance"], color="grey", linestyle=":", label="tolerance")
+    ax.axvline(sel["layer"], color="red", linestyle="--", label=f"chosen layer {sel['layer']}")
+    ax.set_xlabel("layer of the single merge")
+    ax.set_ylabel("score")
+    if check := result.get("check"):
+        twin = ax.twinx()
+        twin.plot(layers, check["per_layer"], marker="s", color="green", label=check["metric"])
+        twin.axhline(check["none"], color="green", linestyle=":")
+        twin.set_ylabel(check["metric"])
+        twin.legend(loc="lower right", fontsize=7)
+    ax.legend(loc="upper right", fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--task", required=True, choices=sorted(REFERENCE))
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--ratio", type=float, default=0.5, help="the one merge's ratio (default 0.5)")
+    parser.add_argument("--method", default="fastadasp")
+    parser.add_argument("--tolerance", type=float, default=TOLERANCE)
+    parser.add_argument("--limit", type=int, default=None, help="a seeded random subset of the clips")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--check", action="store_true", help="also score the task at every layer")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    rows = select(args.manifest, args.limit, args.seed, REFERENCE[args.task])
+    if not rows:
+        parser.error(f"no row of {args.manifest} has a {REFERENCE[args.task]!r} reference")
+    waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in rows]
+    model = load_model(args.model, args.device)
+    if not hasattr(model, "audio_states"):
+        parser.error(f"model {args.model!r} does not expose audio_states(); layer selection needs it")
+    layers = model.model.config.encoder_layers  # Whisper's encoder blocks: where audio_states merges
+    selection = select_layer(
+        lambda layer: model.audio_states(waves, single_merge(layer, args.ratio, args.method, args.seed)),
+        layers,
+        args.tolerance,
+    )
+    result = {
+        "command": shlex.join(["python", *sys.argv] if argv is None else ["select_layer", *argv]),
+        "model": args.model,
+        "task": args.task,
+        "method": args.method,
+        "ratio": args.ratio,
+        "manifest_name": args.manifest.parent.name,
+        "clips": len(rows),
+        "ids": [r["id"] for r in rows],
+        "selection": selection.to_dict(),
+    }
+    if args.check:
+        request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
+        refs = [r[REFERENCE[args.task]] for r in rows]
+        languages = [r.get("language", "en") for r in rows]
+
+        def score(cfg: ReductionConfig) -> float:
+            texts = [o.text for o in model.run(waves, request, cfg)]
+            return next(iter(scores(args.task, refs, texts, languages).values()))
+
+        per_layer = [
+            score(single_merge(layer, args.ratio, args.method, args.seed)) for layer in range(layers)
+        ]
+        metric = next(iter(scores(args.task, refs, refs, languages)))
+        result["check"] = {"metric": metric, "none": score(NO_REDUCTION), "per_layer": per_layer}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "selection.json").write_text(json.dumps(result, indent=1))
+    (args.out / "selection.md").write_text(markdown(result))
+    plot(result, args.out / "selection.png")
+    print(f"chosen layer {selection.layer}; scores {[round(s, 3) for s in selection.scores]}")
+
+
+if __name__ == "__main__":
+    main()
