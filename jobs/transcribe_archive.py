@@ -58,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--target-language", help="st: language to translate into")
     p.add_argument("--question", help="sqa: the question asked of every recording")
     p.add_argument("--language", help="asr, st: the spoken language (default: detected per window)")
+    p.add_argument(
+        "--prompt-format",
+        default="auto",
+        choices=("auto", "chat", "plain"),
+        help="auto: the checkpoint's chat template where it ships one, else its plain prompts",
+    )
     p.add_argument("--model-actors", type=int, default=1, help="model actors (one per GPU on a GPU cluster)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="0: model actors run on CPU")
     p.add_argument("--cpus-per-actor", type=float, default=1.0)

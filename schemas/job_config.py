@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass
 from pipeline.models.registry import DEFAULT_MODEL
 from pipeline.tasks import TASKS
 
+# --prompt-format -> checkpoint kind
+PROMPT_FORMATS = {"auto": None, "chat": "instruct", "plain": "base"}
+
 
 class JobConfigError(ValueError):
     """An invalid job setting; the message names the option."""
@@ -38,6 +41,7 @@ class JobConfig:
     target_language: str | None = None
     question: str | None = None
     language: str | None = None  # spoken language (asr, st); None: detected per window where the model can
+    prompt_format: str = "auto"  # auto: the checkpoint's chat template if it ships one; chat; plain
     model_actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float = 1.0
@@ -67,8 +71,17 @@ class JobConfig:
             raise JobConfigError("--overlap-s must be >= 0 and --max-duration-s > 0")
         if self.commit_every_s <= 0 or self.commit_every_n < 1 or self.progress_every_s <= 0:
             raise JobConfigError("--commit-every-s, --progress-every-s must be > 0, --commit-every-n >= 1")
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise JobConfigError(
+                f"--prompt-format {self.prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             raise JobConfigError(f"--device {self.device!r} is not one of auto, cpu, cuda")
+
+    @property
+    def model_kind(self) -> str | None:
+        """The checkpoint kind ``prompt_format`` asks for (None: what the checkpoint ships says)."""
+        return PROMPT_FORMATS[self.prompt_format]
 
     @property
     def windows_per_call(self) -> int:

@@ -223,3 +223,16 @@ def test_describing_reads_no_weights(folders, monkeypatch):
 
 def _no_modules(*args, **kwargs):
     raise AssertionError("describing a model constructed a torch module")
+
+
+def test_the_prompt_kind_can_be_forced_where_the_family_has_it(folders):
+    """A base checkpoint re-saved by transformers ships the processor's default template; the user
+    can say how to prompt it. A family without that kind refuses."""
+    assert describe_model(str(folders["qwen-instruct"]), kind="base").kind == "base"
+    model = load_model(str(folders["qwen-instruct"]), kind="base")
+    assert model.prompt_text(TaskRequest("er")).endswith("Recognize the emotion with keywords in English:")
+    assert describe_model(str(folders["qwen-base"]), kind="instruct").kind == "instruct"
+    with pytest.raises(ModelError, match="glm_asr checkpoints have no base prompts"):
+        describe_model(str(folders["glm"]), kind="base")
+    with pytest.raises(ModelError, match="kind 'chat' is not one of base, instruct"):
+        describe_model(str(folders["glm"]), kind="chat")

@@ -12,6 +12,11 @@ def test_windows_per_call_defaults_by_actor_kind_and_honours_the_option():
     assert JobConfig("in", "out", gpus_per_actor=1).windows_per_call == 64
     assert JobConfig("in", "out", gpus_per_actor=1, batch_size=5).windows_per_call == 5
     assert JobConfig.from_json(JobConfig("in", "out").to_json()) == JobConfig("in", "out")
+    assert [JobConfig("in", "out", prompt_format=f).model_kind for f in ("auto", "chat", "plain")] == [
+        None,
+        "instruct",
+        "base",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -22,6 +27,7 @@ def test_windows_per_call_defaults_by_actor_kind_and_honours_the_option():
         ({"task": "sqa"}, "--question"),
         ({"device": "tpu"}, "--device"),
         ({"overlap_s": -1}, "--overlap-s"),
+        ({"prompt_format": "jinja"}, "--prompt-format"),
     ],
 )
 def test_bad_options_name_the_flag(kwargs, message):

@@ -54,10 +54,11 @@ class WindowPredictor:
         reduction: dict,
         device: str = "auto",
         tally: ray.actor.ActorHandle | None = None,
+        kind: str | None = None,
     ) -> None:
         self.tally = tally  # workers.progress.TallyActor: hears of every window this stage finishes
         self.device = pick_device(device)
-        self.model = load_model(model_name, device=self.device)
+        self.model = load_model(model_name, device=self.device, kind=kind)
         self.request = TaskRequest(**request)
         self.reduction = ReductionConfig(**reduction)
         self.node = ray.get_runtime_context().get_node_id()

@@ -35,12 +35,14 @@ class ModelError(ValueError):
 class Checkpoint:
     """Where a model comes from: ``name`` as the user gave it, ``folder`` holding its config files
     (and, once loaded, its weights; None for models built in code), ``packaged`` for models whose
-    weights come from a Python package (no folder), and the config's ``model_type``."""
+    weights come from a Python package (no folder), the config's ``model_type``, and ``kind`` when the
+    user says how to prompt it (None: from what the checkpoint ships)."""
 
     name: str
     model_type: str
     folder: Path | None = None
     packaged: bool = False
+    kind: str | None = None
 
 
 @dataclass(frozen=True)

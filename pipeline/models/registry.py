@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from pipeline.models.base import Checkpoint, ModelDescription, ModelError, SpeechModel
+from pipeline.models.base import KINDS, Checkpoint, ModelDescription, ModelError, SpeechModel
 
 if TYPE_CHECKING:  # the driver describes models without importing torch's weights machinery
     import torch
@@ -61,11 +61,14 @@ def _hub_folder(repo_id: str, patterns: list[str] | None) -> Path:
         ) from err
 
 
-def checkpoint(name: str, weights: bool = False) -> Checkpoint:
+def checkpoint(name: str, weights: bool = False, kind: str | None = None) -> Checkpoint:
     """Where ``name`` comes from, its config read and its family known; with ``weights`` a hub model's
-    whole snapshot is fetched (or found in the cache), else only its config files."""
+    whole snapshot is fetched (or found in the cache), else only its config files. ``kind`` (base or
+    instruct) overrides what the checkpoint's files say."""
+    if kind is not None and kind not in KINDS:
+        raise ModelError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
     if name in PACKAGED:
-        return Checkpoint(name, PACKAGED[name], packaged=True)
+        return Checkpoint(name, PACKAGED[name], packaged=True, kind=kind)
     path = Path(name).expanduser()
     if path.exists():
         folder = path
@@ -77,7 +80,7 @@ def checkpoint(name: str, weights: bool = False) -> Checkpoint:
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise ModelError(f"{name}: model_type {model_type!r} is not supported; supported: {supported()}")
-    return Checkpoint(name, model_type, folder=folder)
+    return Checkpoint(name, model_type, folder=folder, kind=kind)
 
 
 def read_config(folder: Path, name: str) -> dict:
@@ -93,16 +96,20 @@ def read_config(folder: Path, name: str) -> dict:
     return config
 
 
-def describe_model(name: str = DEFAULT_MODEL) -> ModelDescription:
-    """What the model does and needs, from its config files alone (no weights read)."""
-    ckpt = checkpoint(name)
+def describe_model(name: str = DEFAULT_MODEL, kind: str | None = None) -> ModelDescription:
+    """What the model does and needs, from its config files alone (no weights read); ``kind``: prompt
+    it as a base or an instruct checkpoint whatever its files say (a family without that kind refuses)."""
+    ckpt = checkpoint(name, kind=kind)
     config = {} if ckpt.folder is None else read_config(ckpt.folder, name)
-    return family(ckpt.model_type).describe(ckpt, config)
+    description = family(ckpt.model_type).describe(ckpt, config)
+    if kind is not None and description.kind != kind:
+        raise ModelError(f"{name}: {description.family} checkpoints have no {kind} prompts")
+    return description
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None
+    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None, kind: str | None = None
 ) -> SpeechModel:
     """Load a model by name onto ``device``; dtype None = the family's default for the device."""
-    ckpt = checkpoint(name, weights=True)
+    ckpt = checkpoint(name, weights=True, kind=kind)
     return family(ckpt.model_type).load(ckpt, device, dtype)

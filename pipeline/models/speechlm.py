@@ -55,6 +55,9 @@ def chat_template(folder: Path | None) -> str | None:
 
 
 def kind_of(ckpt: Checkpoint) -> str:
+    """The kind the user asked for, else ``instruct`` when the checkpoint ships a chat template."""
+    if ckpt.kind is not None:
+        return ckpt.kind
     return "instruct" if chat_template(ckpt.folder) is not None else "base"
 
 
