@@ -35,3 +35,33 @@ def test_methods_side_by_side_and_resume(manifest, tmp_path):
     evaluate.main([*argv, "--out", str(out)])  # everything is found in runs.jsonl: nothing re-runs
     assert (out / "runs.jsonl").read_text() == runs
     assert json.loads((out / "results.json").read_text())["results"] == results
+
+
+def test_rows_are_those_with_the_tasks_reference(tmp_path):
+    rows = [
+        {"id": "a", "language": "de", "text": "hallo welt", "translation_en": "hello world"},
+        {"id": "b", "language": "en", "text": "good morning"},
+        {"id": "c", "language": "zh", "text": "", "translation_en": "outside"},
+        {"id": "d", "language": "ja", "text": "こんにちは"},
+    ]
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ids = {
+        task: [r["id"] for r in evaluate.select(path, None, 0, field)]
+        for task, field in evaluate.REFERENCE.items()
+    }
+    assert ids == {
+        "asr": ["a", "b", "d"],
+        "st": ["a", "c"],
+        "lid": ["a", "b", "c", "d"],
+        "er": ["a", "b", "d"],
+    }
+    assert [r["id"] for r in evaluate.select(path, None, 0, "text", ["de", "ja"])] == ["a", "d"]
+    assert len(evaluate.select(path, 2, 0, "language")) == 2
+
+
+def test_every_task_scores_its_headline_metric_first():
+    assert list(evaluate.scores("st", ["hello world"], ["hello world"], ["de"])) == ["BLEU", "chrF"]
+    assert evaluate.scores("lid", ["de", "fr"], ["de", "it"], ["de", "fr"]) == {"Acc %": 50.0}
+    asr = evaluate.scores("asr", ["hallo welt", "你好"], ["hallo welt", "你们好"], ["de", "zh"])
+    assert asr["WER %"] == 0.0 and asr["CER % (ja/ko/zh)"] == 50.0
