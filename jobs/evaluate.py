@@ -158,7 +158,7 @@ def plot(results: list[dict], metric_name: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     none = results[0]
     ax.axhline(none["score"], color="black", linestyle=":", label="No reduction")
-    for label in GRID:
+    for label in dict.fromkeys(r["label"] for r in results if r["target"] is not None):
         points = sorted((r["target"] * 100, r["score"]) for r in results if r["label"] == label)
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=label)
@@ -187,6 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--levels", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--languages", nargs="*", help="only rows of these languages (manifest 'language')")
+    parser.add_argument(
+        "--single-layer",
+        type=int,
+        help="layer of the rows GRID merges once at LAST (sparse tasks: the selected one)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset")
     parser.add_argument("--seed", type=int, default=0, help="subset choice and random methods")
     parser.add_argument("--batch", type=int, default=8)
@@ -224,7 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     for level in args.levels:
         for label in (m for m in args.methods if m in GRID):
             method, schedule, first, max_chain = GRID[label]
-            first = layers - 1 if first == LAST else first
+            if first == LAST:
+                first = layers - 1 if args.single_layer is None else args.single_layer
+                label = label.replace("(last layer)", f"(layer {first})")
             cfg = ReductionConfig(
                 method, schedule, first_layer=first, target=level, seed=args.seed, max_chain=max_chain
             )
