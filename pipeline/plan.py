@@ -3,9 +3,10 @@
 Inputs: a folder searched recursively for audio files (id = path relative to the folder), a JSONL
 manifest of ``{"id": ..., "audio": path, ...}`` lines (paths relative to the manifest), or WebDataset tar
 shards (a ``.tar`` file or a folder holding only shards; id = the sample key, members ``<key>.<audio ext>``
-and optional ``<key>.json``). A recording is done when a committed run with the same fingerprint (model,
-task, request, windowing, reduction, pipeline version) holds its (recording id, content sha256), unless
-it failed in a way a later run may not (``RETRIED_STAGES``).
+and optional ``<key>.json``). A recording is done when its latest committed entry (the one
+``pipeline.publish.read_committed`` shows) has the run's fingerprint (model, task, request, windowing,
+reduction, pipeline version) and the bytes now planned, unless it failed in a way a later run may not
+(``RETRIED_STAGES``): the done-set and the committed view agree by construction.
 
 Planning reads every byte only once: a source whose size and modification time equal what a committed
 run recorded keeps that run's content hash (``SeenSources``), so a nightly run over a large archive
@@ -13,8 +14,10 @@ hashes only new and changed files. (Touching a file rehashes it; rewriting it in
 size and mtime restored would go unnoticed, as with make or rsync.)
 
 One bad item never stops the plan: a manifest line that is no JSON object, a file name that is no
-UTF-8, a cut-short shard, a sample without audio become recordings carrying ``plan_error``, which the CPU
-stage reports as their errors row.
+UTF-8, a null or empty id, a cut-short shard, a sample without audio or with two audio members, a
+dangling symlink or a symlink loop, an id given by two sources (in the input, or in the input and the
+output's committed runs) become recordings carrying ``plan_error``, which the CPU stage reports as their
+errors row.
 """
 
 from __future__ import annotations
@@ -23,9 +26,8 @@ import hashlib
 import json
 import os
 import tarfile
-from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from schemas.manifest import RecordingEntry, RunManifest
@@ -144,8 +146,29 @@ def _plan_file(root: Path, path: Path, seen: SeenSources) -> PlannedRecording:
     return _plan_source(rec_id, path, seen)
 
 
+def _broken_link(path: Path) -> str:
+    """Why a symlink named like audio leads to no file ("" when it does, or is no link)."""
+    if not path.is_symlink():
+        return ""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return f"dangling symlink to {os.readlink(path)}"
+    except OSError as e:  # ELOOP
+        return f"symlink loop ({e.strerror})"
+    return ""
+
+
 def _plan_folder(root: Path, seen: SeenSources) -> list[PlannedRecording]:
-    return [_plan_file(root, p, seen) for p in sorted(root.rglob("*")) if p.is_file() and _is_audio(p)]
+    out = []
+    for p in sorted(root.rglob("*")):
+        if not _is_audio(p):
+            continue
+        if why := _broken_link(p):  # is_file() is False for these: they would vanish from the plan
+            out.append(_unplannable(p.relative_to(root).as_posix(), str(p), why))
+        elif p.is_file():
+            out.append(_plan_file(root, p, seen))
+    return out
 
 
 def _plan_manifest(path: Path, seen: SeenSources) -> list[PlannedRecording]:
@@ -155,13 +178,15 @@ def _plan_manifest(path: Path, seen: SeenSources) -> list[PlannedRecording]:
             continue
         try:
             entry = json.loads(line)
-            rec_id, audio = str(entry.pop("id")), Path(entry.pop("audio"))
+            rec_id, audio = entry.pop("id"), Path(entry.pop("audio"))
+            if isinstance(rec_id, bool) or not isinstance(rec_id, str | int) or str(rec_id) == "":
+                raise TypeError(f"id {rec_id!r} is no non-empty string")
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             why = f"line {number}: need a JSON object with 'id' and 'audio' ({type(e).__name__}: {e})"
             out.append(_unplannable(f"{path.name}:{number}", str(path), why))
             continue
         audio = audio if audio.is_absolute() else path.parent / audio
-        out.append(_plan_source(rec_id, audio, seen, json.dumps(entry, sort_keys=True)))
+        out.append(_plan_source(str(rec_id), audio, seen, json.dumps(entry, sort_keys=True)))
     return out
 
 
@@ -176,6 +201,7 @@ def _plan_shard(shard: Path, seen: SeenSources) -> list[PlannedRecording]:
     """The shard's samples; what cannot be read (where a cut-short or corrupt shard breaks off, a bad
     ``.json``, a sample without audio) is planned as an error, the rest as usual."""
     audio: dict[str, tuple[int, int, str]] = {}
+    two_audio: set[str] = set()  # samples with more than one audio member
     meta: dict[str, str] = {}
     members: dict[str, list[str]] = {}
     bad: list[PlannedRecording] = []
@@ -196,7 +222,9 @@ def _plan_shard(shard: Path, seen: SeenSources) -> list[PlannedRecording]:
                         bad.append(_unplannable(key, str(shard), why))
                 elif f".{ext}" in AUDIO_EXTENSIONS:
                     if key in audio:
-                        raise PlanError(f"{shard}: sample {key!r} has more than one audio member")
+                        two_audio.add(key)
+                        key = None
+                        continue
                     digest = seen.digest(str(shard), member.offset_data, stat)
                     if digest is None:
                         digest = sha256_hex(tar.extractfile(member).read())
@@ -205,6 +233,9 @@ def _plan_shard(shard: Path, seen: SeenSources) -> list[PlannedRecording]:
     except (tarfile.TarError, OSError) as e:  # keeps the samples read before the damage
         why = f"the shard breaks off here ({type(e).__name__}: {e}); no later sample can be read"
         bad.append(_unplannable(key or str(shard), str(shard), why))
+    for sample in sorted(two_audio - {r.recording_id for r in bad}):
+        names = [n for n in members[sample] if f".{_split_key(n)[1]}" in AUDIO_EXTENSIONS]
+        bad.append(_unplannable(sample, str(shard), f"more than one audio member: {names}"))
     failed = {r.recording_id for r in bad}
     for sample, names in members.items():
         if sample not in audio and sample not in failed:
@@ -233,10 +264,34 @@ def check_input(path: str | Path) -> None:
         raise PlanError(f"{path}: no such file or folder")
 
 
+def _source(r: PlannedRecording) -> str:
+    return r.source_path if r.member_offset < 0 else f"{r.source_path} (member at {r.member_offset})"
+
+
+def _unique_ids(recordings: list[PlannedRecording]) -> list[PlannedRecording]:
+    """An id given by several items becomes one plan error naming every source: which of them the
+    id means is not ours to guess, and the rest of the input runs."""
+    by_id: dict[str, list[PlannedRecording]] = {}
+    for r in recordings:
+        by_id.setdefault(r.recording_id, []).append(r)
+    return [
+        group[0]
+        if len(group) == 1
+        else _unplannable(
+            rec_id,
+            group[0].source_path,
+            f"recording id given by {len(group)} items ({', '.join(_source(r) for r in group)}); "
+            "ids must be unique",
+        )
+        for rec_id, group in by_id.items()
+    ]
+
+
 def list_recordings(input_path: str | Path, seen: SeenSources | None = None) -> list[PlannedRecording]:
-    """All recordings of an input, sorted by id, hashed unless ``seen`` knows them unchanged. Raises
-    PlanError on a missing input, an unknown layout or duplicate ids."""
-    path, seen = Path(input_path), seen or SeenSources()
+    """All recordings of an input, sorted by id, hashed unless ``seen`` knows them unchanged; source
+    paths are absolute (they tell sources apart across runs). Raises PlanError on a missing input or an
+    unknown layout."""
+    path, seen = Path(os.path.abspath(input_path)), seen or SeenSources()
     check_input(path)
     if path.is_file() and path.suffix == ".jsonl":
         recordings = _plan_manifest(path, seen)
@@ -251,10 +306,7 @@ def list_recordings(input_path: str | Path, seen: SeenSources | None = None) -> 
         )
     else:
         raise PlanError(f"{path}: not a folder, a .jsonl manifest or a .tar shard")
-    duplicates = sorted(i for i, n in Counter(r.recording_id for r in recordings).items() if n > 1)
-    if duplicates:
-        raise PlanError(f"{path}: duplicate recording ids {duplicates[:5]}")
-    return sorted(recordings, key=lambda r: r.recording_id)
+    return sorted(_unique_ids(recordings), key=lambda r: r.recording_id)
 
 
 def fingerprint(
@@ -272,25 +324,47 @@ def fingerprint(
     return sha256_hex(json.dumps(key, sort_keys=True).encode())[:16]
 
 
+def latest_entries(manifests: Iterable[RunManifest]) -> dict[str, tuple[RunManifest, RecordingEntry]]:
+    """Each recording id's latest committed entry and its manifest (``manifests`` oldest first): what
+    the committed view shows, and so what the done-set is made of."""
+    return {r.recording_id: (m, r) for m in manifests for r in m.recordings}
+
+
+def _is_plan_error(entry: RecordingEntry) -> bool:
+    return entry.status == "error" and entry.stage == "plan"
+
+
 def pending(
-    recordings: Iterable[PlannedRecording], done: set[tuple[str, str]]
+    recordings: Iterable[PlannedRecording],
+    manifests: list[RunManifest],
+    run_fingerprint: str,
+    retry_errors: bool = False,
 ) -> tuple[list[PlannedRecording], list[PlannedRecording]]:
-    """Split into (to do, already done) by (recording id, content sha256)."""
+    """Split into (to do, already done). Done: the id's latest committed entry has ``run_fingerprint``
+    and the planned bytes, and is no error of ``RETRIED_STAGES`` (no error at all with
+    ``retry_errors``). To do with a plan error instead: new bytes for an id whose committed result came
+    from another source (two inputs written into one output would silently replace each other)."""
+    latest = latest_entries(manifests)
+    owners = {
+        r.recording_id: r.source_path
+        for m in manifests
+        for r in m.recordings
+        if r.source_path and not _is_plan_error(r)
+    }
     todo, skipped = [], []
     for r in recordings:
-        (skipped if (r.recording_id, r.content_sha256) in done else todo).append(r)
+        m, entry = latest.get(r.recording_id, (None, None))
+        if (
+            entry is not None
+            and m.fingerprint == run_fingerprint
+            and entry.content_sha256 == r.content_sha256
+            and (entry.status != "error" or not (retry_errors or entry.stage in RETRIED_STAGES))
+        ):
+            skipped.append(r)
+            continue
+        owner = owners.get(r.recording_id, r.source_path)
+        if owner != r.source_path and not r.plan_error:
+            why = f"recording id already committed from {owner}, now given by {r.source_path}; use another output"
+            r = replace(r, plan_error=why)
+        todo.append(r)
     return todo, skipped
-
-
-def done_keys(
-    manifests: Iterable[RunManifest], run_fingerprint: str, retry_errors: bool = False
-) -> set[tuple[str, str]]:
-    """(recording id, content sha256) of every recording committed under ``run_fingerprint``, less the
-    errors of ``RETRIED_STAGES`` (all errors with ``retry_errors``)."""
-    return {
-        (r.recording_id, r.content_sha256)
-        for m in manifests
-        if m.fingerprint == run_fingerprint
-        for r in m.recordings
-        if r.status != "error" or not (retry_errors or r.stage in RETRIED_STAGES)
-    }

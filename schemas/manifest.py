@@ -1,6 +1,7 @@
 """The run manifest: what a committed run holds. Readers trust a run only through its manifest.
 
-Written as ``runs/run_id=<id>/_manifest.json`` after every data file of the run is in place.
+Written as ``runs/run_id=<id>/part=<n>/_manifest.json`` after every data file of the part is in place:
+a run commits its finished recordings in parts, each with its own manifest.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: a run commits in parts, one manifest each
 
 
 class ManifestError(ValueError):
@@ -41,8 +42,9 @@ class RecordingEntry:
 
 @dataclass(frozen=True)
 class RunManifest:
-    """run_id; fingerprint: hash of what makes outputs comparable (model, task, reduction, version);
-    config: the JobConfig as a dict; versions: library versions; counts: planned/ok/empty/error."""
+    """run_id and part: which part of which run; fingerprint: hash of what makes outputs comparable
+    (model, task, reduction, version); config: the JobConfig as a dict; versions: library versions;
+    counts (planned/ok/empty/error), files and recordings: this part's."""
 
     run_id: str
     fingerprint: str
@@ -55,6 +57,7 @@ class RunManifest:
     files: dict[str, FileEntry]
     counts: dict[str, int]
     recordings: list[RecordingEntry]
+    part: int = 0
     manifest_version: int = MANIFEST_VERSION
     extra: dict = field(default_factory=dict)
 

@@ -23,7 +23,6 @@ from pipeline.publish import committed_manifests, read_committed
 from pipeline.tasks import EMOTIONS, UNKNOWN
 from schemas.job_config import JobConfig, JobConfigError
 from tests.conftest import tone_bursts, write_wav
-from workers import archive_job
 from workers.archive_job import ModelTaskError, RunSummary, run_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -96,11 +95,10 @@ def test_rerun_adds_and_changes_nothing(archive: Path, reference: tuple[Path, Ru
 
 
 def test_errors_a_setting_caused_are_redone_and_retry_errors_redoes_the_rest(
-    archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    archive: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="workers.progress")
-    monkeypatch.setattr(archive_job, "PROGRESS_EVERY_S", 0.2)
-    limited = run_archive(JobConfig(str(archive), str(tmp_path), max_duration_s=20.0))
+    limited = run_archive(JobConfig(str(archive), str(tmp_path), max_duration_s=20.0, progress_every_s=0.2))
     assert (limited.ok, limited.failed) == (2, 3)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
     assert len(lines) >= 2 and "progress: 6/6 recordings (3 failed), 0.002 h of audio" in lines[-1]

@@ -77,22 +77,25 @@ def test_second_run_on_a_busy_folder_is_refused_and_killed_driver_resumes(
     assert first.returncode == 0, out
     assert "ok 2, empty 0, failed 1" in out.splitlines()[-1]
 
-    victim = _driver(archive, killed)
-    _wait_for(killed / "staging", victim)
-    time.sleep(3.0)  # mid-run: the dataset is executing
+    victim = _driver(archive, killed, "--commit-every-n", "1")
+    deadline = time.monotonic() + 180
+    while not committed_manifests(killed):  # the first part: the run is mid-way
+        assert victim.poll() is None and time.monotonic() < deadline, victim.stdout.read()
+        time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert not committed_manifests(killed)
+    kept = sum(len(m.recordings) for m in committed_manifests(killed))  # the killed run's parts stay
     resumed = _driver(archive, killed)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
+    assert f"skipped (done before) {kept}" in out.splitlines()[-1]
     for name in ("results", "errors", "stats"):
         mine, ref = _rows(killed, name), _rows(reference, name)
         if name == "stats":  # timings differ between runs; the counts must not
             keep = ("recording_id", "audio_seconds", "windows", "audio_tokens_in", "generated_tokens")
             mine, ref = ([{k: r[k] for k in keep} for r in t] for t in (mine, ref))
         assert mine == ref, name
-    assert not list((killed / "staging").iterdir())
+    assert not list((killed / "staging").glob("*"))
 
 
 def _free_port() -> int:

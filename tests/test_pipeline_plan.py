@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,6 @@ from pipeline.plan import (
     PlanError,
     PlannedRecording,
     SeenSources,
-    done_keys,
     fingerprint,
     list_recordings,
     pending,
@@ -128,11 +128,23 @@ def test_damaged_shards_keep_their_readable_samples_and_report_the_rest(tmp_path
     assert "keys contain no dots" in recs[0].plan_error
 
 
-def test_duplicate_ids_across_shards_and_mixed_folders_are_refused(tmp_path: Path) -> None:
-    _write_shard(tmp_path / "a.tar", {"k.wav": b"1"})
+def test_duplicate_ids_are_one_error_naming_each_source_and_mixed_folders_are_refused(tmp_path: Path) -> None:
+    _write_shard(tmp_path / "a.tar", {"k.wav": b"1", "two.wav": b"2", "two.flac": b"3", "ok.wav": b"4"})
     _write_shard(tmp_path / "b.tar", {"k.wav": b"2"})
-    with pytest.raises(PlanError, match="duplicate"):
-        list_recordings(tmp_path)
+    k, ok, two = list_recordings(tmp_path)
+    assert (k.recording_id, ok.recording_id, ok.plan_error, two.recording_id) == ("k", "ok", "", "two")
+    assert (
+        k.plan_error.startswith("recording id given by 2 items") and "b.tar (member at 512)" in k.plan_error
+    )
+    assert two.plan_error == "more than one audio member: ['two.wav', 'two.flac']"
+    manifest = tmp_path / "list.jsonl"
+    lines = [{"id": "m", "audio": "x.wav"}, {"id": "m", "audio": "y.wav"}, {"id": None, "audio": "z.wav"}]
+    lines += [{"id": "", "audio": "z.wav"}, {"id": 7, "audio": "z.wav"}]
+    manifest.write_text("\n".join(json.dumps(x) for x in lines))
+    recs = {r.recording_id: r.plan_error for r in list_recordings(manifest)}
+    assert sorted(recs) == ["7", "list.jsonl:3", "list.jsonl:4", "m"]
+    assert "x.wav, " in recs["m"] and "id None is no non-empty string" in recs["list.jsonl:3"]
+    assert "id '' is no" in recs["list.jsonl:4"] and recs["7"] == ""
     (tmp_path / "loose.wav").write_bytes(b"3")
     with pytest.raises(PlanError, match="both"):
         list_recordings(tmp_path)
@@ -153,21 +165,50 @@ def _manifest(
     )  # fmt: skip
 
 
+def _ids(recs: list[PlannedRecording]) -> list[str]:
+    return [r.recording_id for r in recs]
+
+
 def test_done_set_needs_same_fingerprint_id_and_content() -> None:
     win = {"overlap_s": 3.0, "max_window_s": 30.0}
     fp = fingerprint("m", "asr", {"task": "asr"}, win, {"method": "none"}, "1")
     assert fp != fingerprint("m", "asr", {"task": "asr"}, win, {"method": "fastadasp"}, "1")
     assert fp != fingerprint("m", "asr", {"task": "asr"}, win, {"method": "none"}, "2")
     assert fp != fingerprint("m", "asr", {"task": "asr"}, win | {"overlap_s": 5.0}, {"method": "none"}, "1")
-    done = done_keys([_manifest(fp, [("a", "h1"), ("b", "h2")]), _manifest("other", [("c", "h3")])], fp)
+    runs = [_manifest(fp, [("a", "h1"), ("b", "h2")]), _manifest("other", [("c", "h3")])]
     recs = [
         PlannedRecording("a", "p", "h1"),
         PlannedRecording("b", "p", "changed"),
         PlannedRecording("c", "p", "h3"),
     ]
-    todo, skipped = pending(recs, done)
-    assert [r.recording_id for r in todo] == ["b", "c"]
-    assert [r.recording_id for r in skipped] == ["a"]
+    todo, skipped = pending(recs, runs, fp)
+    assert (_ids(todo), _ids(skipped)) == (["b", "c"], ["a"])
+
+
+def test_done_is_what_the_committed_view_shows_its_latest_entry() -> None:
+    """A -> B -> A: B is the latest committed, so A is processed again (the view would show B for good
+    if the done-set remembered every (id, hash) ever processed). Likewise a setting switched back."""
+    runs = [_manifest("fp", [("a", "hA")]), _manifest("fp", [("a", "hB")])]
+    assert _ids(pending([PlannedRecording("a", "p", "hA")], runs, "fp")[0]) == ["a"]
+    assert _ids(pending([PlannedRecording("a", "p", "hB")], runs, "fp")[1]) == ["a"]
+    runs.append(_manifest("fp2", [("a", "hB")]))  # same bytes, another reduction: what the view shows now
+    assert _ids(pending([PlannedRecording("a", "p", "hB")], runs, "fp")[0]) == ["a"]
+
+
+def test_new_bytes_for_an_id_committed_from_another_source_are_a_plan_error() -> None:
+    """Two input folders with the same relative names written into one output: not a silent overwrite."""
+    (run,) = runs = [_manifest("fp", [("a.wav", "h1"), ("b.wav", "h2")])]
+    run.recordings[:] = [replace(r, source_path=f"/one/{r.recording_id}") for r in run.recordings]
+    other = [PlannedRecording("a.wav", "/two/a.wav", "h9"), PlannedRecording("b.wav", "/two/b.wav", "h2")]
+    todo, skipped = pending(other, runs, "fp")
+    assert _ids(skipped) == ["b.wav"]  # the same bytes: the committed row is right for it
+    (a,) = todo
+    assert "already committed from /one/a.wav, now given by /two/a.wav" in a.plan_error
+    # That error does not own the id: the first source, changed, is processed as usual.
+    runs.append(_manifest("fp", [("a.wav", "h9")], "error", "plan"))
+    runs[-1].recordings[:] = [replace(runs[-1].recordings[0], source_path="/two/a.wav")]
+    (again,) = pending([PlannedRecording("a.wav", "/one/a.wav", "h5")], runs, "fp")[0]
+    assert again.plan_error == ""
 
 
 def test_errors_a_later_run_may_not_repeat_are_redone() -> None:
@@ -178,8 +219,21 @@ def test_errors_a_later_run_may_not_repeat_are_redone() -> None:
         _manifest("fp", [("list.jsonl:4", "")], "error", "plan"),
         _manifest("fp", [("silent", "h4")], "empty"),
     ]
-    assert done_keys(runs, "fp") == {("decoded-badly", "h1"), ("silent", "h4")}
-    assert done_keys(runs, "fp", retry_errors=True) == {("silent", "h4")}
+    recs = [PlannedRecording(r.recording_id, "p", r.content_sha256) for m in runs for r in m.recordings]
+    assert _ids(pending(recs, runs, "fp")[1]) == ["decoded-badly", "silent"]
+    assert _ids(pending(recs, runs, "fp", retry_errors=True)[1]) == ["silent"]
+
+
+def test_broken_symlinks_are_planned_as_errors(tmp_path: Path) -> None:
+    (tmp_path / "real.wav").write_bytes(b"r")
+    (tmp_path / "link.wav").symlink_to(tmp_path / "real.wav")
+    (tmp_path / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    (tmp_path / "loop.wav").symlink_to(tmp_path / "loop.wav")
+    recs = {r.recording_id: r for r in list_recordings(tmp_path)}
+    assert sorted(recs) == ["dangling.wav", "link.wav", "loop.wav", "real.wav"]
+    assert recs["link.wav"].content_sha256 == _sha(b"r")
+    assert recs["dangling.wav"].plan_error == f"dangling symlink to {tmp_path / 'gone.wav'}"
+    assert recs["loop.wav"].plan_error.startswith("symlink loop")
 
 
 def _committed(recs: list[PlannedRecording]) -> SeenSources:

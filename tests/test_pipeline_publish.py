@@ -1,27 +1,34 @@
-"""Publishing: the output lock, staging, validation against the plan, atomic commit, committed reads."""
+"""Publishing: the output lock, staging, validation against the plan, atomic commit in parts, committed
+reads, a full disk."""
 
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import shutil
 import subprocess
 import sys
+import textwrap
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
+from pipeline.plan import PlannedRecording
 from pipeline.publish import (
     LOCK_NAME,
     OutputLock,
     OutputLockedError,
     PublishError,
+    RunWriter,
     StagingWriter,
     committed_manifests,
+    part_dir,
     publish,
     read_committed,
     remove_abandoned,
-    run_dir,
     staging_dir,
     validate,
 )
@@ -52,18 +59,26 @@ def _records(run_id: str, rows: list[tuple[str, str, str]]) -> pa.Table:
     return pa.Table.from_pylist(out, schema=RECORD_SCHEMA)
 
 
+def _template(run_id: str) -> RunManifest:
+    return RunManifest(
+        run_id=run_id, fingerprint="fp", pipeline_version="v", presets_version="p", created_at="t", config={},
+        reduction={}, versions={}, files={}, counts={}, recordings=[],
+    )  # fmt: skip
+
+
 def _stage_and_publish(output: Path, run_id: str, rows: list[tuple[str, str, str]]) -> RunManifest:
     writer = StagingWriter(output, run_id)
     writer.add(_records(run_id, rows[:1]))
     writer.add(_records(run_id, rows[1:]))
     files = writer.close()
     counts = validate([(r, f"h-{r}") for r, _, _ in rows], writer.recordings, files)
-    manifest = RunManifest(
-        run_id=run_id, fingerprint="fp", pipeline_version="v", presets_version="p", created_at="t", config={},
-        reduction={}, versions={}, files=files, counts=vars(counts), recordings=writer.recordings,
-    )  # fmt: skip
+    manifest = replace(_template(run_id), files=files, counts=vars(counts), recordings=writer.recordings)
     publish(output, manifest)
     return manifest
+
+
+def _plan(ids: str) -> list[PlannedRecording]:
+    return [PlannedRecording(i, f"/in/{i}", f"h-{i}") for i in ids]
 
 
 def test_publish_commits_three_tables_and_latest_run_wins(tmp_path: Path) -> None:
@@ -71,7 +86,7 @@ def test_publish_commits_three_tables_and_latest_run_wins(tmp_path: Path) -> Non
         tmp_path, "r1", [("a", "ok", "first"), ("b", "error", "bad header"), ("c", "empty", "")]
     )
     assert m1.counts == {"planned": 3, "ok": 1, "empty": 1, "error": 1}
-    assert not staging_dir(tmp_path, "r1").exists()
+    assert not staging_dir(tmp_path, "r1", 0).exists()
     assert read_committed(tmp_path, "results")["recording_id"].to_pylist() == ["a", "c"]
     assert read_committed(tmp_path, "errors").to_pylist()[0]["error"] == "bad header"
     assert read_committed(tmp_path, "stats").num_rows == 2
@@ -118,10 +133,14 @@ def test_uncommitted_runs_are_invisible_and_removed(tmp_path: Path) -> None:
     writer = StagingWriter(tmp_path, "dead")  # a run killed before publishing
     writer.add(_records("dead", [("b", "ok", "y")]))
     writer.close()
-    half = run_dir(tmp_path, "half")  # killed between the rename and the manifest
+    half = part_dir(tmp_path, "half", 0)  # killed between the rename and the manifest
     half.mkdir(parents=True)
     assert read_committed(tmp_path, "results")["recording_id"].to_pylist() == ["a"]
-    assert sorted(p.name for p in remove_abandoned(tmp_path)) == ["run_id=dead", "run_id=half"]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in remove_abandoned(tmp_path)) == [
+        "runs/run_id=half/part=00000",
+        "staging/run_id=dead",
+    ]
+    assert not (tmp_path / "runs" / "run_id=half").exists()  # a run folder left with no part goes too
     assert read_committed(tmp_path, "results")["recording_id"].to_pylist() == ["a"]
 
 
@@ -161,3 +180,77 @@ def test_concurrent_runs_get_exactly_one_lock(tmp_path: Path) -> None:
     for p in procs:
         p.join(30)
     assert sorted(wins.get() for _ in range(n)) == [False] * (n - 1) + [True]
+
+
+def test_parts_commit_as_they_fill_or_age_and_are_read_at_once(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path, _template("r1"), _plan("abcde"), every_n=2, every_s=3600.0)
+    writer.add(_records("r1", [("a", "ok", "A")]))
+    assert committed_manifests(tmp_path) == []  # one recording staged: below both limits
+    writer.add(_records("r1", [("b", "error", "bad"), ("c", "ok", "C")]))
+    (part,) = committed_manifests(str(tmp_path))
+    assert (part.part, part.counts) == (0, {"planned": 3, "ok": 2, "empty": 0, "error": 1})
+    assert sorted(read_committed(str(tmp_path), "results")["recording_id"].to_pylist()) == ["a", "c"]
+    assert part.recordings[0].source_path == "/in/a"  # where the bytes came from, for the next plan
+    writer.every_s = 0.05
+    writer.add(_records("r1", [("d", "ok", "D")]))
+    time.sleep(0.1)
+    writer.add(_records("r1", []))  # nothing new, but the part is old enough
+    assert [m.part for m in committed_manifests(tmp_path)] == [0, 1]
+    with pytest.raises(PublishError, match="1 planned recordings never arrived"):
+        writer.finish()
+    assert sorted(read_committed(tmp_path, "results")["recording_id"].to_pylist()) == ["a", "c", "d"]
+
+
+def test_a_part_that_contradicts_the_plan_is_removed_and_the_committed_ones_stay(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path, _template("r1"), _plan("ab"), every_n=1, every_s=3600.0)
+    writer.add(_records("r1", [("a", "ok", "A")]))
+    with pytest.raises(PublishError, match="1 unplanned"):
+        writer.add(_records("r1", [("x", "ok", "X")]))
+    assert not (tmp_path / "staging" / "run_id=r1").exists() and not part_dir(tmp_path, "r1", 1).exists()
+    assert read_committed(tmp_path, "results")["recording_id"].to_pylist() == ["a"]
+
+
+_FILL_DISK = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from pipeline.publish import LOCK_NAME, OutputLock, OutputWriteError, RunWriter, read_committed
+    from tests.test_pipeline_publish import _plan, _records, _template
+
+    out = Path(sys.argv[1])
+    ids = [f"r{i:04d}" for i in range(5000)]
+    writer = RunWriter(out, _template("r1"), [p for i in ids for p in _plan([i])], every_n=20, every_s=3600)
+    try:
+        for i in ids:
+            writer.add(_records("r1", [(i, "ok", "words " * 200)]))
+        sys.exit("the disk never filled")
+    except OutputWriteError as e:
+        print("ERROR", e)
+    print("COMMITTED", len(writer.committed), read_committed(out, "results").num_rows)
+    print("LEFT", sorted(p.name for p in out.rglob("*") if p.is_file() and "part=" not in str(p)))
+    try:
+        OutputLock(out, "next").acquire()
+    except OSError as e:
+        print("LOCK", type(e).__name__)
+    print("LOCK_TMP", [p.name for p in out.glob(LOCK_NAME + ".tmp-*")])
+    """
+)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare to mount a small tmpfs")
+def test_a_full_disk_fails_naming_folder_and_cause_and_keeps_the_committed_parts(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    script = f"mount -t tmpfs -o size=1m tmpfs {out} && {sys.executable} -c '{_FILL_DISK}' {out}"
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    if "mount" in run.stderr and run.returncode and "ERROR" not in run.stdout:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines())
+    assert run.returncode == 0, run.stderr
+    assert f"into {out} failed: No space left on device" in lines["ERROR"]
+    committed, rows = map(int, lines["COMMITTED"].split())
+    assert committed >= 1 and rows == 20 * committed  # the parts before the full disk stay readable
+    assert lines["LEFT"] == "[]"  # no staging files of the failed part
+    assert lines["LOCK_TMP"] == "[]"  # the lock's temp file is removed when writing it fails

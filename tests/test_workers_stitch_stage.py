@@ -6,7 +6,7 @@ import pyarrow as pa
 
 from pipeline.stats import WindowStats
 from schemas.tables import RECORD_SCHEMA, split_records
-from workers.stitch_stage import recording_record, stitch_group
+from workers.stitch_stage import RecordingAssembler, recording_record
 
 RUN = {"task": "asr", "model": "m", "reduction": "{}", "pipeline_version": "v", "run_id": "r"}
 
@@ -25,7 +25,7 @@ def _window(i: int, count: int, text: str, status: str = "ok", **extra: object) 
 
 def test_asr_windows_join_in_order_and_stats_sum() -> None:
     rows = [_window(1, 2, "world"), _window(0, 2, "hello")]
-    out = stitch_group(pa.Table.from_pylist(rows), "asr", RUN)
+    out = RecordingAssembler("asr", RUN).add(pa.Table.from_pylist(rows))
     assert out.schema == RECORD_SCHEMA
     tables = split_records(out)
     (result,) = tables["results"].to_pylist()
@@ -72,3 +72,27 @@ def test_no_speech_is_an_empty_result() -> None:
     record = recording_record([empty], "asr", RUN)
     assert (record["status"], record["text"], record["segments"], record["windows"]) == ("empty", "", [], 0)
     assert record["real_time_factor"] == 0.0  # 30 s of audio that cost no model time
+
+
+def test_each_recording_is_stitched_as_soon_as_its_last_window_arrives() -> None:
+    """Windows stream in any order, several recordings interleaved: no barrier over the run, and only
+    the windows of recordings in flight are held."""
+    assembler = RecordingAssembler("asr", RUN)
+
+    def rows(*windows: dict) -> pa.Table:
+        return pa.Table.from_pylist(list(windows))
+
+    a0, a1, a2 = (_window(i, 3, w, recording_id="a") for i, w in enumerate(("one", "two", "three")))
+    b0 = _window(0, 1, "solo", recording_id="b")
+    c0 = _window(0, 2, "x", recording_id="c")
+    c1 = _window(1, 2, None, "error", recording_id="c", stage="model", error="oom")
+    assert assembler.add(rows(a2, b0))["recording_id"].to_pylist() == ["b"]
+    assert sorted(assembler.windows) == ["a"]
+    (c,) = assembler.add(rows(c1, a0)).to_pylist()  # a failed window ends its recording at once
+    assert (c["recording_id"], c["status"], c["error"]) == ("c", "error", "oom")
+    (a,) = assembler.add(rows(a1, c0, a1)).to_pylist()  # c failed already; a's second copy is dropped
+    assert (a["recording_id"], a["text"]) == ("a", "one two three") and not assembler.windows
+    d0 = _window(0, 2, "half", recording_id="d")
+    assert assembler.add(rows(d0)).num_rows == 0
+    (d,) = assembler.flush().to_pylist()  # the stream ended without d's second window
+    assert (d["status"], d["stage"]) == ("error", "stitch") and "1 of 2 windows" in d["error"]

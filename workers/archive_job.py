@@ -1,4 +1,5 @@
-"""The archive run, end to end: plan, one Ray Data dataset (CPU -> model -> stitch), stage, publish.
+"""The archive run, end to end: plan, one Ray Data dataset (CPU -> model), stitch on the driver as
+recordings complete, commit in parts.
 
 jobs/transcribe_archive.py parses arguments into a JobConfig and calls ``run_archive``; everything
 with logic lives here and in pipeline/ so that it is tested without the command line.
@@ -6,12 +7,14 @@ with logic lives here and in pipeline/ so that it is tested without the command 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
+import secrets
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,32 +27,22 @@ from pipeline.plan import (
     PlannedRecording,
     SeenSources,
     check_input,
-    done_keys,
     fingerprint,
     list_recordings,
     pending,
 )
 from pipeline.presets import PRESETS_VERSION, resolve_reduction
-from pipeline.publish import (
-    OutputLock,
-    StagingWriter,
-    committed_manifests,
-    new_run_id,
-    publish,
-    remove_abandoned,
-    validate,
-)
+from pipeline.publish import OutputLock, RunWriter, committed_manifests, new_run_id, remove_abandoned
 from schemas.job_config import JobConfig, JobConfigError
-from schemas.manifest import RecordingEntry, RunManifest
+from schemas.manifest import RunManifest
 from schemas.stages import PLAN_SCHEMA
 from workers.cpu_stage import cut_windows
 from workers.model_stage import ModelInfo, WindowPredictor, model_info
 from workers.progress import ProgressLog, TallyActor
-from workers.stitch_stage import stitch_group
+from workers.stitch_stage import RecordingAssembler
 
 log = logging.getLogger(__name__)
 _MAX_PLAN_BLOCKS = 256
-PROGRESS_EVERY_S = 30.0  # seconds between progress lines
 
 
 class ModelTaskError(ValueError):
@@ -118,10 +111,10 @@ def build_dataset(
     config: JobConfig,
     info: ModelInfo,
     reduction: ReductionConfig,
-    run_fields: dict,
     tally: ray.actor.ActorHandle,
 ) -> ray.data.Dataset:
-    """The run's single dataset: plan rows -> windows -> window texts -> one record per recording."""
+    """The run's single dataset: plan rows -> windows -> window texts (WINDOW_TEXT_SCHEMA), streamed to
+    the driver, which stitches each recording as its last window arrives (workers/stitch_stage.py)."""
     windows = _plan_dataset(todo).map_batches(
         cut_windows,
         batch_size=1,
@@ -134,7 +127,7 @@ def build_dataset(
             "max_duration_s": config.max_duration_s,
         },
     )
-    texts = windows.map_batches(
+    return windows.map_batches(
         WindowPredictor,
         batch_size=config.windows_per_call,
         batch_format="pyarrow",
@@ -147,11 +140,6 @@ def build_dataset(
             "tally": tally,
         },
         **_actor_resources(config),
-    )
-    # Few shuffle partitions: each holds only text rows, and the default (200) costs seconds of overhead.
-    partitions = max(1, min(len(todo), int(ray.cluster_resources().get("CPU", 1))))
-    return texts.groupby("recording_id", num_partitions=partitions).map_groups(
-        stitch_group, batch_format="pyarrow", fn_kwargs={"task": config.task, "run_fields": run_fields}
     )
 
 
@@ -170,27 +158,36 @@ def check_model(config: JobConfig) -> ModelInfo:
     return info
 
 
-def _with_sources(entries: list[RecordingEntry], todo: list[PlannedRecording]) -> list[RecordingEntry]:
-    """The run's entries, sorted, with where each recording's bytes came from and their stat at hashing
-    (what lets the next run skip hashing them again)."""
-    planned = {r.recording_id: r for r in todo}
-    return [
-        replace(
-            e,
-            source_path=(p := planned[e.recording_id]).source_path,
-            member_offset=p.member_offset,
-            source_size=p.source_size,
-            source_mtime_ns=p.source_mtime_ns,
-        )
-        for e in sorted(entries, key=lambda e: e.recording_id)
-    ]
+def _check_writable(output: Path) -> None:
+    """Write and remove a small file in the output folder and in its ``runs``/``staging`` folders."""
+    for folder in (output, output / "runs", output / "staging"):
+        if folder != output and not folder.is_dir():
+            continue
+        probe = folder / f".probe-{secrets.token_hex(4)}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"\0" * 4096)
+        except OSError as e:
+            raise JobConfigError(f"--output {folder}: cannot write there ({e.strerror or e})") from e
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
 
 
 def check_paths(config: JobConfig) -> None:
-    """Refuse an input that does not exist or an output that is a file, before anything starts."""
+    """Refuse an input that does not exist, an output that is a file or that cannot be written, before
+    anything starts."""
     check_input(config.input)
     if Path(config.output).exists() and not Path(config.output).is_dir():
         raise JobConfigError(f"--output {config.output} is a file; give a folder")
+    _check_writable(Path(config.output))
+
+
+def _seconds(records: pa.Table) -> tuple[float, float]:
+    """Audio seconds and model seconds of the recordings that did not fail."""
+    ok = records.filter(pc.not_equal(records["status"], "error"))
+    model_s = sum((pc.sum(ok[c]).as_py() or 0.0) for c in ("encode_s", "prefill_s", "decode_s"))
+    return pc.sum(ok["audio_seconds"]).as_py() or 0.0, model_s
 
 
 def connect(config: JobConfig) -> None:
@@ -220,9 +217,7 @@ def run_archive(config: JobConfig) -> RunSummary:
             log.info("removed %s, left by an interrupted run", path)
         manifests = committed_manifests(output)
         seen = SeenSources(e for m in manifests for e in m.recordings)
-        todo, skipped = pending(
-            list_recordings(config.input, seen), done_keys(manifests, run_fp, config.retry_errors)
-        )
+        todo, skipped = pending(list_recordings(config.input, seen), manifests, run_fp, config.retry_errors)
         log.info("plan: %d recordings to process, %d done before", len(todo), len(skipped))
         if not todo:
             return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started)
@@ -233,32 +228,33 @@ def run_archive(config: JobConfig) -> RunSummary:
             "pipeline_version": PIPELINE_VERSION,
             "run_id": run_id,
         }
-        writer = StagingWriter(output, run_id)
-        audio_s = model_s = 0.0
-        tally = TallyActor.remote()
-        dataset = build_dataset(todo, config, info, reduction, run_fields, tally)
-        with ProgressLog(tally, len(todo), PROGRESS_EVERY_S):
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                writer.add(batch)
-                ok = batch.filter(pc.not_equal(batch["status"], "error"))
-                audio_s += pc.sum(ok["audio_seconds"]).as_py() or 0.0
-                model_s += sum((pc.sum(ok[c]).as_py() or 0.0) for c in ("encode_s", "prefill_s", "decode_s"))
-        files = writer.close()
-        counts = validate([(r.recording_id, r.content_sha256) for r in todo], writer.recordings, files)
-        manifest = RunManifest(
+        template = RunManifest(  # each part's manifest: this plus its part number, files and recordings
             run_id=run_id,
             fingerprint=run_fp,
             pipeline_version=PIPELINE_VERSION,
             presets_version=PRESETS_VERSION,
-            created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            created_at="",
             config=json.loads(config.to_json()),
             reduction=reduction.to_dict(),
             versions=_versions(),
-            files=files,
-            counts=asdict(counts),
-            recordings=_with_sources(writer.recordings, todo),
+            files={},
+            counts={},
+            recordings=[],
         )
-        publish(output, manifest)
+        assembler = RecordingAssembler(config.task, run_fields)
+        audio_s = model_s = 0.0
+        tally = TallyActor.remote()
+        windows = build_dataset(todo, config, info, reduction, tally)
+        writer = RunWriter(output, template, todo, config.commit_every_n, config.commit_every_s)
+        with writer, ProgressLog(tally, len(todo), config.progress_every_s):
+            for batch in windows.iter_batches(batch_size=None, batch_format="pyarrow"):
+                records = assembler.add(batch)
+                writer.add(records)
+                audio, model = _seconds(records)
+                audio_s, model_s = audio_s + audio, model_s + model
+            writer.add(assembler.flush())
+            counts = writer.finish()
+        log.info("committed %d parts of run %s", len(writer.committed), run_id)
     return RunSummary(
         run_id,
         counts.planned,

@@ -1,8 +1,9 @@
 """Run progress from where the work happens: the model stage reports every window it finishes to a
 tally actor, and the driver logs the tally's counts while the run goes on.
 
-The driver cannot count from its own output: stitching groups windows by recording, a barrier before
-which no recording reaches the driver, so counting there would report everything at the very end.
+Progress is advisory: the model stage reports fire-and-forget, and the driver's polls are bounded in
+time and never raise, so a tally actor that fails, hangs or is killed (by hand, or by Ray's memory
+monitor) costs progress lines, never the run.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class Tally:
 
 
 TallyActor = ray.remote(num_cpus=0)(Tally)
+_POLL_TIMEOUT_S = 10.0
 
 
 class ProgressLog:
@@ -52,6 +54,7 @@ class ProgressLog:
         self.tally, self.planned, self.every_s = tally, planned, every_s
         self.started = time.monotonic()
         self._stop = threading.Event()
+        self._readable = True  # False once a poll failed: no more lines
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
 
     def __enter__(self) -> ProgressLog:
@@ -61,18 +64,21 @@ class ProgressLog:
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        if exc_type is None:  # a failed run reports its own error, not a last count
+        if exc_type is None and self._readable:  # a failed run reports its own error, not a last count
             self.log()
 
     def _loop(self) -> None:
-        try:
-            while not self._stop.wait(self.every_s):
-                self.log()
-        except Exception as err:  # progress is a report: it never fails the run
-            log.warning("progress lines stopped: %s", err)
+        while not self._stop.wait(self.every_s) and self._readable:
+            self.log()
 
     def log(self) -> None:
-        done, failed, audio_s = ray.get(self.tally.counts.remote())
+        """Log one line; when the tally cannot be read, warn once and log no more."""
+        try:
+            done, failed, audio_s = ray.get(self.tally.counts.remote(), timeout=_POLL_TIMEOUT_S)
+        except Exception as err:  # progress is a report: it never fails the run
+            self._readable = False
+            log.warning("progress lines stopped: %s: %s", type(err).__name__, err)
+            return
         done = min(done, self.planned)  # a batch Ray retried after a lost actor counts twice
         elapsed = time.monotonic() - self.started
         eta = elapsed / done * (self.planned - done) if done else float("nan")

@@ -1,5 +1,10 @@
 """Stitch stage: all window rows of one recording -> one record row (schemas.tables.RECORD_SCHEMA).
 
+Runs on the driver as window rows stream out of the model stage (``RecordingAssembler``): a recording
+is stitched as soon as its last window is back, with no barrier over the run (a ``groupby`` would hold
+every recording until the last window of the run), and the driver holds only the windows of
+recordings still in flight. The rows are text and stats only (the model stage drops the PCM).
+
 asr/st: the window texts are stitched into one text with per-window segments; er: the window labels
 are aggregated into one, weighted by window duration; sqa: the window answers likewise. Window outputs
 are cleaned by pipeline.tasks.normalise_output first. Window stats are summed.
@@ -72,6 +77,33 @@ def recording_record(rows: list[dict], task: str, run_fields: dict) -> dict:
         return record | {"status": "error", "stage": "stitch", "error": f"{type(err).__name__}: {err}"}
 
 
-def stitch_group(group: pa.Table, task: str, run_fields: dict) -> pa.Table:
-    """Ray ``map_groups`` UDF: the WINDOW_TEXT_SCHEMA rows of one recording -> one RECORD_SCHEMA row."""
-    return pa.Table.from_pylist([recording_record(group.to_pylist(), task, run_fields)], schema=RECORD_SCHEMA)
+class RecordingAssembler:
+    """Collects WINDOW_TEXT_SCHEMA rows in any order and stitches each recording once its windows are
+    in: all ``window_count`` of them, or the first in error (the recording has failed whatever the
+    rest say). Rows of a recording already stitched are dropped (a batch Ray ran twice)."""
+
+    def __init__(self, task: str, run_fields: dict) -> None:
+        self.task, self.run_fields = task, run_fields
+        self.windows: dict[str, dict[int, dict]] = {}  # recordings in flight: their windows so far
+        self.finished: set[str] = set()
+
+    def add(self, batch: pa.Table) -> pa.Table:
+        """RECORD_SCHEMA rows of the recordings this batch of window rows completes."""
+        records = []
+        for row in batch.to_pylist():
+            rid = row["recording_id"]
+            if rid in self.finished:
+                continue
+            windows = self.windows.setdefault(rid, {})
+            windows[row["window_index"]] = row
+            if row["status"] in ("error", "empty") or len(windows) == row["window_count"]:
+                records.append(self._stitch(rid))
+        return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+    def flush(self) -> pa.Table:
+        """Records of the recordings still missing windows (each an error naming the gap)."""
+        return pa.Table.from_pylist([self._stitch(rid) for rid in list(self.windows)], schema=RECORD_SCHEMA)
+
+    def _stitch(self, rid: str) -> dict:
+        self.finished.add(rid)
+        return recording_record(list(self.windows.pop(rid).values()), self.task, self.run_fields)
