@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from pipeline import metrics
 from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
-from pipeline.models.registry import load_model
+from pipeline.models.registry import DEFAULT_MODEL, load_model
 from pipeline.tasks import TaskRequest
 
 LAST = -1
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--manifest", type=Path, required=True, help="JSONL: id, audio (relative path), text")
     parser.add_argument("--task", default="asr", choices=sorted(REFERENCE))
-    parser.add_argument("--model", default="whisper-tiny.en")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument(
         "--methods",
         nargs="*",
@@ -215,15 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     refs = [r[REFERENCE[args.task]] for r in rows]
     languages = [r.get("language", "en") for r in rows]
     model = load_model(args.model, args.device)
-    config = model.model.config
-    layers = (
-        config.encoder_layers if hasattr(config, "encoder_layers") else config.text_config.num_hidden_layers
-    )
+    layers = model.description.reducing_layers
     metric_name = next(iter(scores(args.task, refs, refs, languages)))  # the headline metric's name
     request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
 
     runs = [("No reduction", NO_REDUCTION, None, "keep")]
-    if DROP_PADDING in args.methods and hasattr(model, "padding"):
+    if DROP_PADDING in args.methods and model.description.drops_padding:
         runs.append((DROP_PADDING, NO_REDUCTION, None, "drop"))
     # Level by level, in the order given: a partial run still compares every method.
     for level in args.levels:
@@ -264,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         if row is None and args.report_only:
             continue
         if row is None:
-            if hasattr(model, "padding"):
+            if model.description.drops_padding:
                 model.padding = padding
             start = time.perf_counter()
             row = {"key": key, "label": label, "target": level, "padding": padding, "config": cfg.to_dict()}

@@ -31,7 +31,7 @@ from transformers import (
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import WindowOutput
+from pipeline.models.base import Checkpoint, ModelDescription, WindowOutput
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
 from pipeline.models.whisper_encoder import EncoderOutput, encode, encoder_ratios, speech_tokens
@@ -393,3 +393,36 @@ def load_pretrained(
     model = WhisperForConditionalGeneration.from_pretrained(name, dtype=dtype).to(device)
     tokenizer = WhisperTokenizerFast.from_pretrained(name)
     return WhisperSpeechModel(model, tokenizer, name=name, **kwargs)
+
+
+# --- the family contract (pipeline.models.base) ----------------------------------------------------
+MODEL_TYPES = ("whisper",)
+
+
+def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
+    """From the packaged spec or config.json alone (English-only checkpoints have 51864 tokens)."""
+    if ckpt.packaged:
+        layers, multilingual = PACKAGED[ckpt.name].encoder_layers, PACKAGED[ckpt.name].multilingual
+    else:
+        layers, multilingual = int(config["encoder_layers"]), config["vocab_size"] >= MULTILINGUAL_VOCAB
+    return ModelDescription(
+        name=ckpt.name,
+        family=__name__.rsplit(".", 1)[-1],
+        kind="base",
+        tasks=MULTILINGUAL_TASKS if multilingual else frozenset({"asr"}),
+        sample_rate=SAMPLE_RATE,
+        max_window_s=WINDOW_S,
+        reducing_layers=layers,
+        translate_to=("en",) if multilingual else (),
+        multilingual=multilingual,
+        drops_padding=True,
+    )
+
+
+def load(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None) -> WhisperSpeechModel:
+    if ckpt.packaged:
+        model = load_packaged(ckpt.name, device, dtype)
+    else:
+        model = load_pretrained(str(ckpt.folder), device, dtype)
+    model.description = describe(ckpt, model.model.config.to_dict())
+    return model
