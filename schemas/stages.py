@@ -54,6 +54,7 @@ WINDOW_TEXT_SCHEMA = pa.schema(
     [
         *_RECORDING_FIELDS,
         pa.field("text", pa.string()),
+        pa.field("language", pa.string()),  # the spoken language, where the model tells it
         pa.field("window_stats", WINDOW_STATS_TYPE),
         pa.field("peak_memory_bytes", pa.int64()),
         pa.field("nvml_memory_bytes", pa.int64()),

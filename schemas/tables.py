@@ -29,8 +29,10 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("task", pa.string(), nullable=False),
         pa.field("text", pa.string()),
         pa.field("segments", pa.list_(SEGMENT_TYPE)),
-        pa.field("label", pa.string()),  # er
+        pa.field("label", pa.string()),  # er (an emotion), lid (a language code)
         pa.field("answer", pa.string()),  # sqa
+        # the spoken language (ISO 639-1) with the most audio behind it; null where the model tells none
+        pa.field("language", pa.string()),
         pa.field("meta", pa.string(), nullable=False),  # manifest line / webdataset json extras, as JSON
         pa.field("model", pa.string(), nullable=False),
         pa.field("reduction", pa.string(), nullable=False),  # ReductionConfig as JSON

@@ -18,7 +18,7 @@ def _window(i: int, count: int, text: str, status: str = "ok", **extra: object) 
         "recording_id": "rec", "source_path": "/in/rec.wav", "content_sha256": "h", "meta": "{}",
         "duration_s": 30.0, "window_index": i, "window_count": count, "start_s": 10.0 * i,
         "end_s": 10.0 * i + 10.0, "overlap_before_s": 0.0, "overlap_after_s": 0.0, "status": status,
-        "stage": None, "error": None, "text": text, "window_stats": stats.to_dict(),
+        "stage": None, "error": None, "text": text, "language": None, "window_stats": stats.to_dict(),
         "peak_memory_bytes": None, "nvml_memory_bytes": None, "device_name": "cpu", "node": "n1",
     } | extra  # fmt: skip
 
@@ -96,3 +96,24 @@ def test_each_recording_is_stitched_as_soon_as_its_last_window_arrives() -> None
     assert assembler.add(rows(d0)).num_rows == 0
     (d,) = assembler.flush().to_pylist()  # the stream ended without d's second window
     assert (d["status"], d["stage"]) == ("error", "stitch") and "1 of 2 windows" in d["error"]
+
+
+def test_lid_label_and_every_tasks_language_follow_the_most_speech() -> None:
+    """Mixed-language recording: the language with the most audio wins, for lid's label and for the
+    language column of any task; a model that names no language leaves it null."""
+    rows = [
+        _window(0, 3, "de", language="de", end_s=5.0),
+        _window(1, 3, "fr", language="fr"),
+        _window(2, 3, "fr", language="fr"),
+    ]
+    lid = recording_record(rows, "lid", RUN | {"task": "lid"})
+    assert (lid["label"], lid["language"]) == ("fr", "fr")
+    asr = recording_record([r | {"text": "x"} for r in rows], "asr", RUN)
+    assert asr["language"] == "fr"
+    assert recording_record([_window(0, 1, "hello")], "asr", RUN)["language"] is None
+    (result,) = (
+        split_records(RecordingAssembler("lid", RUN).add(pa.Table.from_pylist(rows)))
+        .get("results")
+        .to_pylist()
+    )
+    assert (result["label"], result["language"]) == ("fr", "fr")

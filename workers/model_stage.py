@@ -104,6 +104,7 @@ class WindowPredictor:
             stats = result.stats if isinstance(result, WindowOutput) else WindowStats()
             row |= {
                 "text": result.text if isinstance(result, WindowOutput) else None,
+                "language": result.language if isinstance(result, WindowOutput) else None,
                 "window_stats": stats.to_dict(),
                 "peak_memory_bytes": peak,
                 "nvml_memory_bytes": nvml_used,

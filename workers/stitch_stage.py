@@ -5,8 +5,10 @@ is stitched as soon as its last window is back, with no barrier over the run (a 
 every recording until the last window of the run), and the driver holds only the windows of
 recordings still in flight. The rows are text and stats only (the model stage drops the PCM).
 
-asr/st: the window texts are stitched into one text with per-window segments; er: the window labels
-are aggregated into one, weighted by window duration; sqa: the window answers likewise. Window outputs
+asr/st: the window texts are stitched into one text with per-window segments; er and lid: the window
+labels (emotions, language codes) are aggregated into one, weighted by window duration; sqa: the window
+answers likewise. Every task's result carries the spoken language the model detected, aggregated the
+same way. Window outputs
 are cleaned by pipeline.tasks.normalise_output first. Window stats are summed.
 """
 
@@ -40,13 +42,25 @@ def _stats(rows: list[dict]) -> dict:
     }
 
 
+def _language(rows: list[dict]) -> str | None:
+    """The spoken language with the most audio behind it (archives mix languages); None when the
+    model names none."""
+    told = [r for r in rows if r.get("language")]
+    if not told:
+        return None
+    return aggregate_labels([r["language"] for r in told], [r["end_s"] - r["start_s"] for r in told])
+
+
 def _outputs(rows: list[dict], task: str) -> dict:
     if rows[0]["status"] == "empty":
         return {"text": "", "segments": []}
     texts = [normalise_output(task, r["text"]) for r in rows]
     if not is_dense(task):  # one answer per recording: the one given for the most audio
-        key = "label" if task == "er" else "answer"
-        return {key: aggregate_labels(texts, [r["end_s"] - r["start_s"] for r in rows])}
+        key = "answer" if task == "sqa" else "label"  # er: an emotion, lid: a language code
+        return {
+            key: aggregate_labels(texts, [r["end_s"] - r["start_s"] for r in rows]),
+            "language": _language(rows),
+        }
     windows = [
         WindowText(
             r["window_index"], r["start_s"], r["end_s"], r["overlap_before_s"], r["overlap_after_s"], text
@@ -54,7 +68,11 @@ def _outputs(rows: list[dict], task: str) -> dict:
         for r, text in zip(rows, texts, strict=True)
     ]
     stitched = stitch(windows)
-    return {"text": stitched.text, "segments": [asdict(s) for s in stitched.segments]}
+    return {
+        "text": stitched.text,
+        "segments": [asdict(s) for s in stitched.segments],
+        "language": _language(rows),
+    }
 
 
 def recording_record(rows: list[dict], task: str, run_fields: dict) -> dict:
