@@ -24,17 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from table import text_table  # sibling module: these run as scripts
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
@@ -42,6 +37,19 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
+from benchmarks.common import (
+    SHAPES,
+    build_model,
+    copy_bandwidth,
+    elapsed_ms,
+    environment,
+    floor_ms,
+    graphed,
+    require_device,
+    script_parser,
+    text_table,
+    weight_bytes,
+)
 from pipeline.engine.cache import LayerCaches
 from pipeline.engine.decode import GreedyDecoder
 from pipeline.engine.decoder import DecoderStack
@@ -73,12 +81,8 @@ class UnfusedDecoder(GreedyDecoder):
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny fp32 shape in the Triton interpreter")
-    parser.add_argument("--shape", default="qwen2-audio-7b", help="a shape of jobs/bench.py")
+    parser = script_parser(__doc__)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2-audio-7b")
     parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--cached", type=int, default=6040, help="cached tokens per row (240 s of audio)")
@@ -93,19 +97,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     if args.iters + 3 > args.new_tokens:  # two warm-up steps, then `iters` steps per round
         parser.error("--new-tokens must be at least --iters + 3")
     return args
-
-
-def build_stack(config: dict[str, int], device: torch.device, dtype: torch.dtype) -> tuple[Any, DecoderStack]:
-    """Random-weight Qwen2ForCausalLM of ``config`` (seed 0) on ``device`` and the engine's view of it."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    cfg = Qwen2Config(**config, tie_word_embeddings=False)
-    if cfg.hidden_act != "silu":
-        raise ValueError(f"silu_mul needs hidden_act silu, got {cfg.hidden_act}")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    return model, DecoderStack(model.model, model.lm_head)
 
 
 def cache_bytes(stack: DecoderStack, batch: int, tokens: int) -> int:
@@ -186,29 +177,10 @@ def _one_step(decoder: GreedyDecoder, cached: int, cuda: bool) -> Callable[[], N
     """After two warm-up steps: one step as a CUDA graph replay (CUDA) or an eager call (CPU)."""
     _rewind(decoder, cached)
     decoder._advance()  # compile kernels, warm cuBLAS and the allocator
-    decoder._advance()
-    if not cuda:
-        return decoder._advance
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        decoder._advance()
-    return graph.replay
-
-
-def _round_ms(step: Callable[[], None], iters: int, cuda: bool) -> float:
     if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / iters
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return (time.perf_counter() - t0) * 1e3 / iters
+        return graphed(decoder._advance)  # its eager call is the second warm-up step
+    decoder._advance()
+    return decoder._advance
 
 
 def step_ms(decoders: dict[str, GreedyDecoder], args: argparse.Namespace, cuda: bool) -> dict[str, float]:
@@ -218,7 +190,7 @@ def step_ms(decoders: dict[str, GreedyDecoder], args: argparse.Namespace, cuda: 
     for _ in range(args.rounds):
         for name, step in steps.items():
             _rewind(decoders[name], args.cached)
-            samples[name].append(_round_ms(step, args.iters, cuda))
+            samples[name].append(elapsed_ms(step, cuda, calls=args.iters) / args.iters)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
@@ -276,40 +248,26 @@ def bench_batch(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    if args.cpu_smoke and os.environ.get("TRITON_INTERPRET") != "1":
-        # triton picks compiled or interpreted when first imported, which this module's imports do
-        raise SystemExit("--cpu-smoke needs TRITON_INTERPRET=1 in the environment")
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run with --cpu-smoke")
-    import transformers
-    import triton
-
-    from jobs.bench import SHAPES, copy_bandwidth, weight_bytes
-
-    if args.shape not in SHAPES:
-        raise SystemExit(f"unknown shape {args.shape!r}: one of {sorted(SHAPES)}")
+    cuda = require_device(args.cpu_smoke)
     config = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
-    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    device = torch.device("cuda" if cuda else "cpu")
     result: dict[str, Any] = {
-        "device": (platform.processor() or "cpu") if args.cpu_smoke else torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "triton": triton.__version__,
-        "interpreted": args.cpu_smoke,
+        **environment(cuda),
         "shape": config,
         "dtype": args.dtype,
         "cached": args.cached,
         "rows": [],
     }
     with torch.inference_mode():
-        model, stack = build_stack(config, device, getattr(torch, args.dtype))
+        model = build_model(config, device, getattr(torch, args.dtype))
+        stack = DecoderStack(model.model, model.lm_head)
         weights = weight_bytes(model)
         bandwidth = copy_bandwidth(device, 1 << 24 if args.cpu_smoke else 1 << 31)
         result.update(weight_bytes=weights, copy_gb_per_s=bandwidth / 1e9)
         print(f"{result['device']}  torch {torch.__version__}  {config}  {args.dtype}", flush=True)
 
         def floor(batch: int) -> float:
-            return 1e3 * (weights + cache_bytes(stack, batch, args.cached)) / bandwidth
+            return floor_ms(weights, cache_bytes(stack, batch, args.cached), bandwidth)
 
         for batch in args.batches:
             try:

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared device run (H100/H200; torch, transformers, triton preinstalled; nothing installed):
 # engine correctness against transformers, the decode-step and merge-step A/B benchmarks, the 7B
-# bench matrix, then the CUDA halves of the kernel tests (they skip on CPU). Every stage has its own
-# timeout and writes into $OUT, so a slow stage loses only itself.
+# bench matrix, the CUDA halves of the kernel tests (they skip on CPU), then the kernel micro-benchmark
+# (last: the least needed). Every stage has its own timeout and writes into $OUT, so a slow stage loses
+# only itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
@@ -22,3 +23,4 @@ timeout 120 python jobs/bench.py --shape qwen2-audio-7b --device cuda --audio-se
 timeout 150 python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_attention_lse.py tests/test_kernels_attention_mass.py \
     tests/test_kernels_merge.py tests/test_kernels_decode_attention.py tests/test_kernels_fused.py \
     tests/test_merging_mass.py tests/test_engine_memory.py 2>&1 | tail -8 | tee "$OUT/pytest.txt"
+timeout 60 python benchmarks/kernel_bench.py --out "$OUT/kernels.json" 2>&1 | tail -12

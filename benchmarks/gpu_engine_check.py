@@ -13,11 +13,14 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import numpy as np
 import torch
 
-from jobs.bench import PREFIX, build_model, prompt_embeds
+from benchmarks.common import PREFIX, SHAPES, build_model, prompt_embeds
 from pipeline.engine.decoder import DecoderStack
 from pipeline.engine.generate import PromptGroup, generate
 from pipeline.merging.config import ReductionConfig
@@ -71,7 +74,7 @@ def _small(dtype: torch.dtype) -> dict:
     prefix teacher-forced): its top-2 gap and how far below its top our token lies (a near-tie when
     both are within the dtype's rounding of logits of this scale)."""
     name = str(dtype).removeprefix("torch.")
-    model = build_model("small", torch.device(DEVICE), dtype)
+    model = build_model(SHAPES["small"], DEVICE, dtype)
     embeds, spans = prompt_embeds(model, 4, 750)
     with torch.inference_mode():
         ref_logits = model(inputs_embeds=embeds, logits_to_keep=1).logits[:, -1].float()

@@ -1,7 +1,7 @@
 """Micro-benchmark of the Triton kernels against the PyTorch paths they replace.
 
-    python benchmarks/kernels.py --out kernels.json              # CUDA, Qwen2-Audio-7B shapes
-    python benchmarks/kernels.py --cpu-smoke --out smoke.json    # tiny shapes, Triton interpreter on CPU
+    python benchmarks/kernel_bench.py --out kernels.json                                # CUDA, 7B shapes
+    TRITON_INTERPRET=1 python benchmarks/kernel_bench.py --cpu-smoke --out smoke.json   # tiny, interpreted
 
 Attention mass (one merge layer's prefill, B=1): the Triton kernel (two passes, or one given the lse of
 attention_with_lse, also timed), the blockwise PyTorch mass,
@@ -16,23 +16,26 @@ GPU times come from torch.cuda.Event after warm-up; CPU smoke times from perf_co
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import platform
-import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from table import text_table, use_cuda  # sibling module: these run as scripts
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+import torch
+
+from benchmarks.common import environment, graphed, median_ms, require_device, script_parser, text_table
+from pipeline.kernels import attention_with_lse, decode_attention_torch
+from pipeline.kernels.attention_mass import attention_mass_triton
+from pipeline.kernels.decode_attention import decode_attention, decode_splits
+from pipeline.merging.mass import attention_mass
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter")
+    parser = script_parser(__doc__)
     parser.add_argument("--heads", type=int, default=32, help="query heads (7B: 32)")
     parser.add_argument("--kv-heads", type=int, default=32, help="KV heads (Qwen2-Audio-7B: 32)")
     parser.add_argument("--head-dim", type=int, default=128)
@@ -49,51 +52,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _timer(cuda: bool, warmup: int, iters: int) -> Callable[[Callable[[], Any]], float]:
-    """Returns time_ms(fn): median milliseconds of one fn() call."""
-    import torch
-
-    def time_ms(fn: Callable[[], Any]) -> float:
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(iters):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(samples)
-
-    return time_ms
-
-
-def _graphed(fn: Callable[[], Any], reps: int) -> Callable[[], None]:
-    """fn captured ``reps`` times in one CUDA graph; calling the result replays it."""
-    import torch
-
-    fn()  # compile and allocate before capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    return graph.replay
-
-
 def bench_mass(args: argparse.Namespace, device: str, time_ms: Callable) -> dict[str, Any]:
-    import torch
-
-    from pipeline.kernels import attention_with_lse
-    from pipeline.kernels.attention_mass import attention_mass_triton
-    from pipeline.merging.mass import attention_mass
-
     dtype = torch.bfloat16
     n, dim = args.length, args.head_dim
     gen = torch.Generator(device=device).manual_seed(0)
@@ -136,11 +95,6 @@ def bench_mass(args: argparse.Namespace, device: str, time_ms: Callable) -> dict
 
 
 def bench_decode(args: argparse.Namespace, device: str, time_ms: Callable) -> list[dict[str, Any]]:
-    import torch
-
-    from pipeline.kernels import decode_attention_torch
-    from pipeline.kernels.decode_attention import decode_attention, decode_splits
-
     cuda = device == "cuda"
     dtype = torch.bfloat16
     capacity = max(args.cached) + args.new_tokens
@@ -187,7 +141,7 @@ def bench_decode(args: argparse.Namespace, device: str, time_ms: Callable) -> li
                     ("sdpa_prefix", run_prefix),
                     ("sdpa_capacity", run_capacity),
                 ):
-                    row[f"{name}_ms"] = time_ms(_graphed(fn, reps)) / reps
+                    row[f"{name}_ms"] = time_ms(graphed(fn, reps)) / reps
                 row["triton_eager_ms"] = time_ms(run_triton)
                 row["triton_gb_per_s"] = row["kv_mb_read"] / row["triton_ms"]
             else:
@@ -201,20 +155,14 @@ def bench_decode(args: argparse.Namespace, device: str, time_ms: Callable) -> li
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    cuda = use_cuda(args.cpu_smoke)
-    import torch
-    import triton
-
+    cuda = require_device(args.cpu_smoke)
     device = "cuda" if cuda else "cpu"
-    time_ms = _timer(cuda, warmup=5 if cuda else 0, iters=20 if cuda else 1)
+    time_ms = functools.partial(median_ms, cuda=cuda, iters=20 if cuda else 1, warmup=5 if cuda else 0)
     with torch.inference_mode():
         mass = bench_mass(args, device, time_ms)
         decode = bench_decode(args, device, time_ms)
     result = {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "interpreted": args.cpu_smoke,
+        **environment(cuda),
         "mass": mass,
         "decode": decode,
     }

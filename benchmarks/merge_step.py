@@ -1,7 +1,7 @@
 """Cost of one merge step (plan_reduction + Reduction.apply) against one 7B decoder layer's prefill.
 
-    python benchmarks/merge_step.py --out merge_step.json              # CUDA, Qwen2-Audio-7B shapes
-    python benchmarks/merge_step.py --cpu-smoke --out smoke.json       # tiny shapes, Triton interpreter
+    python benchmarks/merge_step.py --out merge_step.json                              # CUDA, 7B shapes
+    TRITON_INTERPRET=1 python benchmarks/merge_step.py --cpu-smoke --out smoke.json   # tiny, interpreted
 
 One Qwen2 decoder layer (hidden 4096, 32 heads, MLP 11008, bf16, random weights) prefills L = 6,000
 tokens through the engine's own ops (rope, qkv, SDPA, o, MLP). Its keys, attention mass and hidden
@@ -22,22 +22,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from table import cell, text_table, use_cuda  # sibling module: these run as scripts
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+import torch
+
+from benchmarks.common import (
+    build_model,
+    cell,
+    elapsed_ms,
+    environment,
+    graphed,
+    median_ms,
+    require_device,
+    script_parser,
+    text_table,
+)
+from pipeline.engine.decoder import DecoderStack
+from pipeline.kernels import forced_path, span_attention_mass
+from pipeline.merging import ops
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
-    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes in the Triton interpreter")
+    parser = script_parser(__doc__)
     parser.add_argument("--length", type=int, default=6000, help="prompt tokens L")
     parser.add_argument("--span", type=int, nargs=2, default=[50, 5950], help="audio span [start, end)")
     parser.add_argument("--ks", type=int, nargs="+", default=[1500, 2900], help="tokens removed")
@@ -58,73 +69,37 @@ class Timer:
     """Median milliseconds of fn(): ``queued`` (GPU time, queue filled first) or ``eager``."""
 
     def __init__(self, cuda: bool, iters: int) -> None:
-        import torch
-
-        self.torch, self.cuda, self.iters = torch, cuda, iters
+        self.cuda, self.iters = cuda, iters
         self.spin_cycles = self._cycles_for_ms(2.0) if cuda else 0
 
     def _cycles_for_ms(self, ms: float) -> int:
         """Spin-kernel cycles that keep the GPU busy for about ``ms``."""
         probe = 10_000_000
-        self.torch.cuda._sleep(probe)  # warm the spin kernel up
-        start, end = self.torch.cuda.Event(enable_timing=True), self.torch.cuda.Event(enable_timing=True)
-        start.record()
-        self.torch.cuda._sleep(probe)
-        end.record()
-        end.synchronize()
-        return int(probe * ms / start.elapsed_time(end))
+        torch.cuda._sleep(probe)  # warm the spin kernel up
+        return int(probe * ms / elapsed_ms(lambda: torch.cuda._sleep(probe), cuda=True))
 
     def __call__(self, fn: Callable[[], Any], queued: bool = True) -> float:
-        torch = self.torch
-        for _ in range(3 if self.cuda else 0):
-            fn()
-        samples = []
-        for _ in range(self.iters):
-            if not self.cuda:
-                t0 = time.perf_counter()
-                fn()
-                samples.append((time.perf_counter() - t0) * 1e3)
-                continue
-            torch.cuda.synchronize()
-            if queued:
-                torch.cuda._sleep(self.spin_cycles)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        return statistics.median(samples)
+        spin = (lambda: torch.cuda._sleep(self.spin_cycles)) if queued and self.cuda else None
+        return median_ms(fn, self.cuda, self.iters, warmup=3 if self.cuda else 0, before=spin)
 
 
-def build_layer(args: argparse.Namespace, device: str, dtype: Any) -> Any:
+def build_layer(args: argparse.Namespace, device: str, dtype: torch.dtype) -> DecoderStack:
     """A one-layer Qwen2 model with random weights, viewed as the engine's DecoderStack."""
-    import torch
-    from transformers import Qwen2Config, Qwen2Model
-
-    from pipeline.engine.decoder import DecoderStack
-
-    config = Qwen2Config(
-        vocab_size=256,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=1,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(args.length, 32768),
-    )
-    with torch.device(device):
-        model = Qwen2Model(config).to(dtype).eval()
-        lm_head = torch.nn.Linear(args.hidden, config.vocab_size, bias=False, dtype=dtype)
-    return DecoderStack(model, lm_head)
+    config = {
+        "vocab_size": 256,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": 1,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+        "max_position_embeddings": max(args.length, 32768),
+    }
+    model = build_model(config, device, dtype)
+    return DecoderStack(model.model, model.lm_head)
 
 
 def layer_inputs(stack: Any, hidden: Any, span: tuple[int, int]) -> dict[str, Any]:
     """One prefill layer as the engine runs it, returning what its merge step reads."""
-    import torch
-
-    from pipeline.kernels import span_attention_mass
-
     b, length, _ = hidden.shape
     layer = stack.layers[0]
     positions = torch.arange(length, device=hidden.device).expand(b, length)
@@ -138,8 +113,6 @@ def layer_inputs(stack: Any, hidden: Any, span: tuple[int, int]) -> dict[str, An
 
 def layer_step(stack: Any, hidden: Any) -> Callable[[], Any]:
     """The layer's prefill without the merge: rope, qkv, SDPA, o, MLP (norms and residuals included)."""
-    import torch
-
     b, length, _ = hidden.shape
     layer = stack.layers[0]
     positions = torch.arange(length, device=hidden.device).expand(b, length)
@@ -153,19 +126,7 @@ def layer_step(stack: Any, hidden: Any) -> Callable[[], Any]:
     return run
 
 
-def _graphed(fn: Callable[[], Any]) -> Callable[[], None]:
-    """fn captured once in a CUDA graph; calling the result replays it."""
-    import torch
-
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def _sync_free(fn: Callable[[], Any]) -> bool | str:
-    import torch
-
     torch.cuda.set_sync_debug_mode("error")
     try:
         fn()
@@ -180,9 +141,6 @@ def bench_step(
     method: str, k: int, path: str, inputs: dict[str, Any], args: argparse.Namespace, timer: Timer
 ) -> dict[str, Any]:
     """Times one method, count and path; returns the row and (for checks) its reduction and output."""
-    from pipeline.kernels import forced_path
-    from pipeline.merging import ops
-
     span = tuple(args.span)
     x = inputs["hidden"]
 
@@ -211,7 +169,7 @@ def bench_step(
     if timer.cuda and path == "triton":
         row["host_sync_free"] = _sync_free(step)
         try:
-            row["graph_ms"] = timer(_graphed(step))
+            row["graph_ms"] = timer(graphed(step))
         except RuntimeError as error:  # a capture error is a result, not a crash
             row["graph_ms"] = f"capture failed: {error}"[:200]
     row["reduction"], row["out"] = red, apply()
@@ -220,8 +178,6 @@ def bench_step(
 
 def compare(triton_row: dict[str, Any], torch_row: dict[str, Any], x: Any) -> dict[str, Any]:
     """Same plan on both paths; copies (groups of one weighted member) bit-identical; merged rows close."""
-    import torch
-
     a, b = triton_row.pop("reduction"), torch_row.pop("reduction")
     out_a, out_b = triton_row.pop("out"), torch_row.pop("out")
     weighted = torch.zeros(a.groups.shape[0], a.n_out, dtype=torch.int64, device=a.groups.device)
@@ -237,12 +193,7 @@ def compare(triton_row: dict[str, Any], torch_row: dict[str, Any], x: Any) -> di
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    cuda = use_cuda(args.cpu_smoke)
-    import torch
-    import triton
-
-    from pipeline.kernels import span_attention_mass
-
+    cuda = require_device(args.cpu_smoke)
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
     timer = Timer(cuda, args.iters)
@@ -272,10 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         rows, checks = [], []
         result = {
-            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-            "torch": torch.__version__,
-            "triton": triton.__version__,
-            "interpreted": args.cpu_smoke,
+            **environment(cuda),
             "shape": {
                 "length": args.length,
                 "span": list(span),

@@ -3,33 +3,57 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
 
 from pipeline.merging.config import MASS_ESTIMATORS, METHODS, POSITIONS, SCHEDULES, ReductionConfig
 
 
-def add_reduction_args(parser: argparse.ArgumentParser) -> None:
+def add_reduction_args(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """The reduction flags. ``sweep``: --methods and --levels (audio-KV targets) in place of --method
+    and --ratio / --target, for a job that runs every method at every level (sweep_from_args)."""
     group = parser.add_argument_group("token reduction")
-    group.add_argument("--method", choices=METHODS, default="none")
+    if sweep:
+        group.add_argument("--methods", nargs="+", choices=METHODS, default=["none", "fastadasp"])
+        group.add_argument(
+            "--levels", type=float, nargs="+", default=[0.5], help="target audio-KV reductions"
+        )
+    else:
+        group.add_argument("--method", choices=METHODS, default="none")
+        amount = group.add_mutually_exclusive_group()
+        amount.add_argument("--ratio", type=float, help="fraction of audio tokens removed at the first layer")
+        amount.add_argument("--target", type=float, help="fraction of audio KV removed, averaged over layers")
     group.add_argument("--schedule", choices=SCHEDULES, default="constant")
     group.add_argument("--first-layer", type=int, default=0)
-    amount = group.add_mutually_exclusive_group()
-    amount.add_argument("--ratio", type=float, help="fraction of audio tokens removed at the first layer")
-    amount.add_argument("--target", type=float, help="fraction of audio KV removed, averaged over layers")
     group.add_argument("--position", choices=POSITIONS, default="first")
     group.add_argument("--mass", choices=MASS_ESTIMATORS, default="full")
     group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--max-chain", type=int, help="most tokens one merge chain may join (chain methods)")
 
 
 def reduction_from_args(args: argparse.Namespace) -> ReductionConfig:
-    if args.method == "none":
+    return _reduction(args, args.method, ratio=args.ratio, target=args.target)
+
+
+def sweep_from_args(args: argparse.Namespace) -> Iterator[tuple[str, float, ReductionConfig]]:
+    """(method, level, reduction) for each of --methods at each of --levels; ``none`` once, at 0."""
+    for method in args.methods:
+        for level in [0.0] if method == "none" else args.levels:
+            yield method, level, _reduction(args, method, target=level)
+
+
+def _reduction(
+    args: argparse.Namespace, method: str, ratio: float | None = None, target: float | None = None
+) -> ReductionConfig:
+    if method == "none":
         return ReductionConfig()
     return ReductionConfig(
-        method=args.method,
+        method=method,
         schedule=args.schedule,
         first_layer=args.first_layer,
-        ratio=args.ratio,
-        target=args.target,
+        ratio=ratio,
+        target=target,
         position=args.position,
         mass=args.mass,
         seed=args.seed,
+        max_chain=args.max_chain,
     )

@@ -1,0 +1,1 @@
+"""Measured numbers and the scripts that measure them; ``benchmarks.common`` is what they share."""
