@@ -16,6 +16,8 @@ import torch
 import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from pipeline.device import sync
+
 SHAPES = {
     # Qwen2-Audio-7B's language model (Qwen-7B shape).
     "qwen2-audio-7b": {
@@ -80,12 +82,6 @@ def environment(cuda: bool) -> dict[str, Any]:
         "triton": triton.__version__,
         "interpreted": not cuda,
     }
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work, so that a host clock times the work itself (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def elapsed_ms(fn: Callable[[], object], cuda: bool, calls: int = 1) -> float:

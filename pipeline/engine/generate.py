@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from pipeline.device import sync
 from pipeline.engine.cache import LayerCaches
 from pipeline.engine.decode import GreedyDecoder
 from pipeline.engine.decoder import DecoderStack
@@ -101,10 +102,6 @@ class Generation:
     steady_step_s: float = 0.0  # per decode step once warmed up (after CUDA-graph capture on GPU)
     first_logits: Tensor | None = field(default=None, repr=False)
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -270,11 +267,11 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     device = groups[0].embeds.device if groups else torch.device("cpu")
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     logits, caches, plans = prefill(stack, groups, cfg, max_new_tokens)
     tokens = logits.argmax(-1)
-    _sync(device)
+    sync(device)
     t1 = time.perf_counter()
     prompt_lengths = torch.tensor([g.length for g in groups for _ in range(g.rows)], device=device)
     decoder = GreedyDecoder(
@@ -287,7 +284,7 @@ def generate(
         pad_token_id=pad_token_id,
     )
     out, steps = decoder.run()
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     eos = decoder.eos
     stopped_at = torch.where(torch.isin(out[:, :steps], eos), torch.arange(steps, device=device), steps).amin(

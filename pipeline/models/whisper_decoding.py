@@ -20,6 +20,8 @@ import torch
 from transformers import WhisperForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
+from pipeline.device import sync
+
 
 @dataclass(frozen=True)
 class DecodeOptions:
@@ -56,10 +58,6 @@ class DecodeResult:
     rest_s: float
     languages: list[int] | None = None
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _step(
@@ -112,7 +110,7 @@ def greedy_decode(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = []
     languages = None
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     first_step_s = 0.0
     if options.detect:
@@ -132,11 +130,11 @@ def greedy_decode(
         generated.append(next_ids)
         ids = next_ids[:, None]
         if step == 0:
-            _sync(device)
+            sync(device)
             first_step_s = time.perf_counter() - start
         if bool(finished.all()):
             break
-    _sync(device)
+    sync(device)
     if not generated:  # detection only: its step is the first
         first_step_s = time.perf_counter() - start
     rest_s = time.perf_counter() - start - first_step_s
