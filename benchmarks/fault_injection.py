@@ -153,20 +153,22 @@ def _committed_by(output: Path, known: set[str]) -> int:
     return sum(len(m.recordings) for m in new)
 
 
-def job_command(archive: Path, output: Path, extra: list[str]) -> list[str]:
+def job_command(archive: Path, output: Path, extra: list[str], options: list[str] = JOB_ARGS) -> list[str]:
     script = str(ROOT / "jobs" / "transcribe_archive.py")
-    return [sys.executable, script, "--input", str(archive), "--output", str(output), *JOB_ARGS, *extra]
+    return [sys.executable, script, "--input", str(archive), "--output", str(output), *options, *extra]
 
 
 class Job:
     """One run of the job as a subprocess leading its own session."""
 
-    def __init__(self, archive: Path, output: Path, log: Path, extra: list[str]) -> None:
+    def __init__(
+        self, archive: Path, output: Path, log: Path, extra: list[str], options: list[str] = JOB_ARGS
+    ) -> None:
         self.log = log
         self.started = time.monotonic()
         with open(log, "w") as f:
             self.proc = subprocess.Popen(
-                job_command(archive, output, extra),
+                job_command(archive, output, extra, options),
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -188,13 +190,17 @@ class Job:
         return rc
 
     def watch(self, timeout: float) -> tuple[int, float]:
-        """Wait for the run to end; its exit status and when its model stage first finished a recording."""
-        first_done_s, deadline = 0.0, time.monotonic() + timeout
+        """Wait for the run to end; its exit status and how long its model stage was finishing
+        recordings (from the first to the last; Ray's start and shutdown are not part of it)."""
+        first_s = last_s = 0.0
+        deadline = time.monotonic() + timeout
         while self.proc.poll() is None and time.monotonic() < deadline:
-            if not first_done_s and self.model_done() >= 1:
-                first_done_s = time.monotonic() - self.started
+            planned, done = _parse(self.text())
+            now = time.monotonic() - self.started
+            first_s = first_s or (now if done >= 1 else 0.0)
+            last_s = last_s or (now if planned and done >= planned else 0.0)
             time.sleep(0.2)
-        return self.wait(max(1.0, deadline - time.monotonic())), first_done_s
+        return self.wait(max(1.0, deadline - time.monotonic())), last_s - first_s
 
     def kill_driver(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
@@ -242,27 +248,31 @@ def _wait_busy(job: Job, deadline: float) -> None:
         time.sleep(0.2)
 
 
-def case_driver(archive: Path, output: Path, logs: Path, extra: list[str], busy_s: float, count: int,
-                rng: random.Random, kills: int, timeout: float) -> CaseResult:  # fmt: skip
-    """Kill -9 the driver ``kills`` times, each at a seeded moment of the run's busy span (from its
-    first finished recording on; ``busy_s`` long in the clean run, scaled by the share of the
-    ``count`` recordings the run planned), then let a run finish."""
+def case_driver(archive: Path, output: Path, logs: Path, extra: list[str], rng: random.Random, kills: int,
+                kill_by: float, timeout: float) -> CaseResult:  # fmt: skip
+    """Kill -9 the driver ``kills`` times, each once its model stage has finished a seeded number of the
+    recordings the run planned, drawn from the first ``kill_by`` of them (so the kill lands mid-run
+    whatever the machine's speed), then let a run finish."""
     result, known = CaseResult("driver"), set()
     for i in range(kills):
         job = Job(archive, output, logs / f"driver-{i}.log", extra)
-        _wait_busy(job, time.monotonic() + timeout)
-        planned = _parse(job.text())[0] or count
-        delay = rng.uniform(0.0, busy_s * planned / count)
-        try:
-            job.proc.wait(delay)  # finished first: nothing left to kill
-            rc = job.wait(timeout)
-            result.runs.append(job.record(rc, output, known))
+        deadline = time.monotonic() + timeout
+        while job.proc.poll() is None and time.monotonic() < deadline and _parse(job.text())[0] is None:
+            time.sleep(0.1)
+        planned = _parse(job.text())[0] or 0
+        if planned < 2:  # nothing left to interrupt
+            break
+        target = rng.randrange(1, max(2, round(planned * kill_by)))
+        while job.proc.poll() is None and time.monotonic() < deadline and job.model_done() < target:
+            time.sleep(0.1)
+        if job.proc.poll() is not None:  # it finished first: nothing was killed
+            result.runs.append(job.record(job.wait(timeout), output, known))
             return result
-        except subprocess.TimeoutExpired:
-            job.kill_driver()
+        job.kill_driver()
         moment = time.monotonic() - job.started
         rc = job.wait(timeout)
-        result.runs.append(job.record(rc, output, known, fault=f"driver killed at {moment:.1f} s"))
+        fault = f"driver killed at {moment:.1f} s ({target} of {planned} finished)"
+        result.runs.append(job.record(rc, output, known, fault=fault))
     job, rc = _run_plain(archive, output, logs / "driver-final.log", extra, timeout)
     result.runs.append(job.record(rc, output, known))
     return result
@@ -345,7 +355,7 @@ def faults(args: argparse.Namespace) -> dict:
     extra = ["--commit-every-n", str(args.commit_every_n), "--commit-every-s", str(args.commit_every_s)]
     timeout = args.timeout_s
     clean_job = Job(archive, work / "clean", logs / "clean.log", extra)
-    rc, first_done_s = clean_job.watch(timeout)
+    rc, busy_s = clean_job.watch(timeout)
     if rc != 0:
         raise SystemExit(f"the clean run failed ({rc}):\n{clean_job.text()[-2000:]}")
     clean_s, reference = clean_job.wall_s, view(work / "clean")
@@ -355,8 +365,7 @@ def faults(args: argparse.Namespace) -> dict:
     for name in args.cases:
         output = work / name
         if name == "driver":
-            busy_s = clean_s - first_done_s - 3.0  # the run's last seconds: shutting down
-            case = case_driver(archive, output, logs, extra, busy_s, count, rng, args.kills, timeout)
+            case = case_driver(archive, output, logs, extra, rng, args.kills, args.kill_by, timeout)
         elif name == "disk":
             case = case_disk(archive, output, logs, extra, clean_bytes, timeout)
         else:
@@ -373,6 +382,7 @@ def faults(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "commit_every_n": args.commit_every_n,
         "clean_wall_s": round(clean_s, 1),
+        "clean_busy_s": round(busy_s, 1),
         "clean_output_bytes": clean_bytes,
         "reference_ok": sum(1 for v in reference["recordings"].values() if v[0] != "error"),
         "cases": [asdict(c) | {"redone": c.redone(), "extra_wall_s": c.extra_wall_s(clean_s)} for c in cases],
@@ -384,7 +394,8 @@ def _vm_hwm_kib(pid: int) -> int:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+    found = re.search(r"VmHWM:\s+(\d+)", status)
+    return int(found.group(1)) if found else 0  # an exited (zombie) process has no memory lines
 
 
 def scale(args: argparse.Namespace) -> dict:
@@ -394,7 +405,9 @@ def scale(args: argparse.Namespace) -> dict:
     count = make_archive(work / "archive", args.recordings, 0, args.seed, (1.0, 2.0))
     output = work / "out"
     extra = ["--commit-every-n", str(args.commit_every_n), "--commit-every-s", str(args.commit_every_s)]
-    job = Job(work / "archive", output, work / "logs" / "scale.log", extra)
+    # The job's defaults (CPU stage fused into the model actors), one model actor per core.
+    options = ["--num-cpus", "2", "--model-actors", "2"]
+    job = Job(work / "archive", output, work / "logs" / "scale.log", extra, options)
     peak_kib, first_part_s, parts_during = 0, None, 0
     while job.proc.poll() is None:
         peak_kib = max(peak_kib, _vm_hwm_kib(job.proc.pid))
@@ -416,6 +429,7 @@ def scale(args: argparse.Namespace) -> dict:
         "committed_recordings": sum(len(m.recordings) for m in manifests),
         "commit_every_n": args.commit_every_n,
         "commit_every_s": args.commit_every_s,
+        "job_options": options,
         "summary": job.text().strip().splitlines()[-1],
     }
 
@@ -428,6 +442,7 @@ def main(argv: list[str] | None = None) -> dict:
     f.add_argument("--long", type=int, default=2)
     f.add_argument("--cases", nargs="+", default=["driver", "model", "cpu", "progress", "disk"])
     f.add_argument("--kills", type=int, default=3, help="driver kills before the run left to finish")
+    f.add_argument("--kill-by", type=float, default=1.0, help="driver kills: after at most this share")
     f.add_argument("--commit-every-n", type=int, default=4)
     f.add_argument("--commit-every-s", type=float, default=300.0)
     f.add_argument("--timeout-s", type=float, default=900.0, help="per run")

@@ -26,6 +26,7 @@ from pipeline.presets import PresetError
 from pipeline.publish import OutputLockedError, PublishError
 from pipeline.tasks import TASKS, TaskError
 from schemas.job_config import JobConfig, JobConfigError
+from schemas.manifest import ManifestError
 from workers.archive_job import ModelTaskError, run_archive
 
 REFUSALS = (
@@ -37,6 +38,7 @@ REFUSALS = (
     ReductionConfigError,
     PlanError,
     OutputLockedError,
+    ManifestError,  # an output folder of the single-commit layout
 )
 
 

@@ -15,7 +15,19 @@ BATCH = 4  # windows per model call in the harness's runs (JOB_ARGS)
 
 
 def test_killed_driver_and_full_disk_lose_nothing_and_redo_at_most_a_part(tmp_path: Path) -> None:
-    argv = ["faults", "--work", str(tmp_path), "--short", "4", "--long", "1", "--kills", "1"]
+    argv = [
+        "faults",
+        "--work",
+        str(tmp_path),
+        "--short",
+        "6",
+        "--long",
+        "1",
+        "--kills",
+        "1",
+        "--kill-by",
+        "0.5",
+    ]
     out = main([*argv, "--commit-every-n", str(COMMIT_EVERY_N), "--cases", "driver", "disk"])
     driver, disk = out["cases"]
     assert driver["same_view"], driver

@@ -1,11 +1,14 @@
-"""Run progress: the tally of recordings whose windows all left the model stage (the progress lines
-themselves, logged from a real tally actor during a run, are checked in tests/test_job_archive.py)."""
+"""Run progress: the tally of recordings whose windows all left the model stage, and a dead tally
+actor costing only the lines (the lines themselves, logged from a real tally actor during a run, are
+checked in tests/test_job_archive.py)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from workers.progress import Tally
+from workers.progress import ProgressLog, Tally, TallyActor
 
 
 def test_a_recording_is_done_when_its_last_window_is_in_whatever_the_order() -> None:
@@ -17,3 +20,17 @@ def test_a_recording_is_done_when_its_last_window_is_in_whatever_the_order() -> 
     tally.add([("long", 3, "ok", 70.0)])
     assert tally.counts() == pytest.approx((4, 2, 84.0))
     assert not tally.pending
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_dead_tally_actor_costs_progress_lines_never_the_run(caplog: pytest.LogCaptureFixture) -> None:
+    import ray
+
+    tally = TallyActor.remote()
+    ray.get(tally.add.remote([("a", 1, "ok", 1.0)]))
+    ray.kill(tally)
+    with ProgressLog(tally, planned=2, every_s=0.05) as progress:
+        time.sleep(0.3)  # the loop's polls fail: one warning, then silence
+    assert not progress._thread.is_alive()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("progress lines stopped: ")
