@@ -59,7 +59,6 @@ class DecodeResult:
     languages: list[int] | None = None
 
 
-
 def _step(
     model: WhisperForConditionalGeneration,
     ids: torch.Tensor,
