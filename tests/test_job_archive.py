@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from benchmarks.fault_injection import descendants, find
+from pipeline.models.registry import describe_model
 from pipeline.plan import PlanError
 from pipeline.presets import resolve_reduction
 from pipeline.publish import committed_manifests, read_committed
@@ -170,7 +171,7 @@ def test_webdataset_shard_through_a_sparse_task(tmp_path: Path) -> None:
     (result,) = _table(tmp_path / "out", "results")
     assert (result["recording_id"], result["meta"], result["text"]) == ("rec1", '{"speaker": "a"}', None)
     assert result["label"] in (*EMOTIONS, UNKNOWN)
-    assert json.loads(result["reduction"]) == resolve_reduction(config.model, "er").to_dict()
+    assert json.loads(result["reduction"]) == resolve_reduction(describe_model(config.model), "er").to_dict()
     assert json.loads(result["reduction"])["schedule"] == "single"
     assert [e["recording_id"] for e in _table(tmp_path / "out", "errors")] == ["rec2"]
 

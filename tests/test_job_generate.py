@@ -28,7 +28,17 @@ def run_job(argv, monkeypatch):
 
 def test_prints_layer_lengths_and_savings(tone, monkeypatch, capsys):
     run_job(
-        [str(tone), "--model", "tiny-random-qwen2-audio", "--method", "fastadasp", "--target", "0.3", "--max-new-tokens", "4"],
+        [
+            str(tone),
+            "--model",
+            "tiny-random-qwen2-audio",
+            "--method",
+            "fastadasp",
+            "--target",
+            "0.3",
+            "--max-new-tokens",
+            "4",
+        ],
         monkeypatch,
     )
     out = capsys.readouterr().out
@@ -39,9 +49,22 @@ def test_prints_layer_lengths_and_savings(tone, monkeypatch, capsys):
 
 def test_bad_reduction_is_a_clear_error(tone, monkeypatch):
     with pytest.raises(ValueError, match=r"ratio=1\.5 is outside"):
-        run_job([str(tone), "--model", "tiny-random-qwen2-audio", "--method", "fastv", "--ratio", "1.5"], monkeypatch)
+        run_job(
+            [str(tone), "--model", "tiny-random-qwen2-audio", "--method", "fastv", "--ratio", "1.5"],
+            monkeypatch,
+        )
     with pytest.raises(ValueError, match=r"first_layer=9 is outside the model.s layers 0\.\.3"):
         run_job(
-            [str(tone), "--model", "tiny-random-qwen2-audio", "--method", "fastv", "--ratio", "0.2", "--first-layer", "9"],
+            [
+                str(tone),
+                "--model",
+                "tiny-random-qwen2-audio",
+                "--method",
+                "fastv",
+                "--ratio",
+                "0.2",
+                "--first-layer",
+                "9",
+            ],
             monkeypatch,
         )

@@ -22,6 +22,8 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline.merging.config import ReductionConfig
+from pipeline.models.base import ModelDescription
+from pipeline.models.registry import describe_model
 from pipeline.plan import (
     PIPELINE_VERSION,
     PlannedRecording,
@@ -33,11 +35,12 @@ from pipeline.plan import (
 )
 from pipeline.presets import PRESETS_VERSION, resolve_reduction
 from pipeline.publish import OutputLock, RunWriter, committed_manifests, new_run_id, remove_abandoned
+from pipeline.tasks import language_code
 from schemas.job_config import JobConfig, JobConfigError
 from schemas.manifest import RunManifest
 from schemas.stages import PLAN_SCHEMA
 from workers.cpu_stage import cut_windows
-from workers.model_stage import ModelInfo, WindowPredictor, model_info
+from workers.model_stage import WindowPredictor
 from workers.progress import ProgressLog, TallyActor
 from workers.stitch_stage import RecordingAssembler
 
@@ -109,7 +112,7 @@ def _actor_resources(config: JobConfig) -> dict:
 def build_dataset(
     todo: list[PlannedRecording],
     config: JobConfig,
-    info: ModelInfo,
+    info: ModelDescription,
     reduction: ReductionConfig,
     tally: ray.actor.ActorHandle,
 ) -> ray.data.Dataset:
@@ -138,18 +141,29 @@ def build_dataset(
             "reduction": reduction.to_dict(),
             "device": config.device,
             "tally": tally,
+            "kind": config.model_kind,
         },
         **_actor_resources(config),
     )
 
 
-def check_model(config: JobConfig) -> ModelInfo:
-    """Describe the model and refuse a task or window overlap it cannot do, before any input is read."""
-    info = model_info(config.model, config.device, _actor_resources(config))
+def check_model(config: JobConfig) -> ModelDescription:
+    """Describe the model from its config files (no weights) and refuse a task, language or window
+    overlap it cannot do, before any input is read."""
+    info = describe_model(config.model, config.model_kind)
     if config.task not in info.tasks:
         raise ModelTaskError(
             f"model {config.model!r} cannot do task {config.task!r} (it does: {', '.join(sorted(info.tasks))})"
         )
+    if config.task == "st" and info.translate_to:
+        target = language_code(config.target_language)
+        if target not in info.translate_to:
+            raise ModelTaskError(
+                f"model {config.model!r} translates only into {', '.join(info.translate_to)}, "
+                f"not {config.target_language!r}"
+            )
+    if config.language and not info.multilingual and language_code(config.language) != "en":
+        raise ModelTaskError(f"model {config.model!r} is English-only; --language {config.language!r}")
     if config.overlap_s >= info.max_window_s / 2:  # half a window: each window still adds new audio
         raise JobConfigError(
             f"--overlap-s {config.overlap_s} must be below half of {config.model!r}'s "
@@ -203,15 +217,22 @@ def connect(config: JobConfig) -> None:
 def run_archive(config: JobConfig) -> RunSummary:
     """Plan, process and publish one run into ``config.output``; see pipeline/publish.py for the layout."""
     started = time.monotonic()
-    reduction = resolve_reduction(config.model, config.task, config.reduction)
+    info = check_model(config)  # what the model cannot do is refused before any preset check
+    reduction = resolve_reduction(info, config.task, config.reduction)
     check_paths(config)
     output, run_id = Path(config.output), new_run_id()
     with OutputLock(output, run_id):
         connect(config)
-        info = check_model(config)
         windowing = {"overlap_s": config.overlap_s, "max_window_s": info.max_window_s}
+        # A forced prompt format changes every output; "auto" keeps older runs' fingerprints.
+        prompts = {"prompt_format": config.prompt_format} if config.model_kind else {}
         run_fp = fingerprint(
-            config.model, config.task, _request(config), windowing, reduction.to_dict(), PIPELINE_VERSION
+            config.model,
+            config.task,
+            _request(config) | prompts,
+            windowing,
+            reduction.to_dict(),
+            PIPELINE_VERSION,
         )
         for path in remove_abandoned(output):
             log.info("removed %s, left by an interrupted run", path)

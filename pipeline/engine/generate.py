@@ -103,7 +103,6 @@ class Generation:
     first_logits: Tensor | None = field(default=None, repr=False)
 
 
-
 @torch.inference_mode()
 def prefill(
     stack: DecoderStack,
