@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model, args.device)
     if not hasattr(model, "audio_states"):
         parser.error(f"model {args.model!r} does not expose audio_states(); layer selection needs it")
-    layers = model.model.config.encoder_layers  # Whisper's encoder blocks: where audio_states merges
+    layers = model.description.reducing_layers  # the blocks audio_states merges in (Whisper: encoder)
     selection = select_layer(
         lambda layer: model.audio_states(waves, single_merge(layer, args.ratio, args.method, args.seed)),
         layers,
