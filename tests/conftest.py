@@ -61,3 +61,29 @@ def make_wav() -> Callable[..., Path]:
         return write_wav(path, tone_bursts(seconds, sample_rate), sample_rate, channels)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random checkpoint folders of the decoder-only families, saved as real ones are."""
+    from pipeline.models import glm_asr, qwen2_audio
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {
+        "qwen-base": qwen2_audio.save_tiny_random(root / "qwen-base", "base"),
+        "qwen-instruct": qwen2_audio.save_tiny_random(root / "qwen-instruct", "instruct"),
+        "glm": glm_asr.save_tiny_random(root / "glm"),
+    }
+
+
+def hub_cache(root: Path, repo_id: str, snapshot: Path) -> Path:
+    """A Hugging Face hub cache holding ``snapshot`` as ``repo_id``'s main revision (the layout
+    ``huggingface_hub`` writes: files under snapshots/<commit>, refs/main naming the commit)."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(snapshot, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root

@@ -11,26 +11,22 @@ from pipeline.engine.batching import embed
 from pipeline.engine.generate import PromptGroup, plan_layers, prefill
 from pipeline.kernels import forced_path, supported_head_dim
 from pipeline.merging.config import METHODS, NO_REDUCTION, ReductionConfig
-from pipeline.models import glm_asr, qwen2_audio
 from pipeline.models.registry import load_model
 from pipeline.tasks import TaskRequest
 
 NEW_TOKENS = 12
-SAVERS = {
-    "qwen2_audio": lambda f: qwen2_audio.save_tiny_random(f, "instruct"),
-    "glm_asr": glm_asr.save_tiny_random,
-}
+# family -> its tiny instruct checkpoint (tests/conftest.py: checkpoints)
+INSTRUCT = {"qwen2_audio": "qwen-instruct", "glm_asr": "glm"}
 # The keyword each family's transformers class takes for the feature frame mask.
 MASK_ARG = {"qwen2_audio": "feature_attention_mask", "glm_asr": "input_features_mask"}
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {family: load_model(str(save(root / family))) for family, save in SAVERS.items()}
+def models(checkpoints):
+    return {family: load_model(str(checkpoints[key])) for family, key in INSTRUCT.items()}
 
 
-@pytest.fixture(params=list(SAVERS))
+@pytest.fixture(params=list(INSTRUCT))
 def qwen(request, models):
     """Each family's tiny instruct checkpoint in turn (named for the first family the tests covered)."""
     return models[request.param]

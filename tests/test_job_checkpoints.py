@@ -1,4 +1,4 @@
-"""The jobs on real checkpoint folders, as a user with downloaded weights runs them: tiny random
+"""The jobs on real checkpoint checkpoints, as a user with downloaded weights runs them: tiny random
 Qwen2-Audio (base and instruct) and GLM-ASR checkpoints saved with ``save_pretrained``, through
 jobs/transcribe_archive.py on a real local Ray cluster, through the offline hub cache, and through
 jobs/generate.py and jobs/evaluate.py. The driver never constructs the model."""
@@ -16,23 +16,11 @@ import pytest
 import torch
 
 from jobs import evaluate, transcribe_archive
-from pipeline.models import glm_asr, qwen2_audio
 from pipeline.publish import read_committed
-from tests.conftest import tone_bursts, write_wav
-from tests.test_models_registry import hub_cache
+from tests.conftest import hub_cache, tone_bursts, write_wav
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {
-        "qwen-base": qwen2_audio.save_tiny_random(root / "qwen-base", "base"),
-        "qwen-instruct": qwen2_audio.save_tiny_random(root / "qwen-instruct", "instruct"),
-        "glm": glm_asr.save_tiny_random(root / "glm"),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -48,25 +36,25 @@ def _refuse_modules(*args, **kwargs):
 
 
 @pytest.mark.parametrize(("key", "task"), [("qwen-base", "er"), ("qwen-instruct", "asr"), ("glm", "asr")])
-def test_archive_job_on_a_checkpoint_folder(ray_local, folders, audio, tmp_path, monkeypatch, key, task):
+def test_archive_job_on_a_checkpoint_folder(ray_local, checkpoints, audio, tmp_path, monkeypatch, key, task):
     """End to end with ``--model <folder>``; the driver process (planning, describing the model,
     stitching, writing) must never build a model: every torch module constructed there fails."""
     out = tmp_path / "out"
     monkeypatch.setattr(torch.nn.Module, "__init__", _refuse_modules)  # actors run in other processes
-    argv = ["--input", str(audio), "--output", str(out), "--model", str(folders[key]), "--task", task]
+    argv = ["--input", str(audio), "--output", str(out), "--model", str(checkpoints[key]), "--task", task]
     assert transcribe_archive.main([*argv, "--batch-size", "2"]) == 0
     monkeypatch.undo()
     results = read_committed(out, "results").to_pylist()
     assert sorted(r["recording_id"] for r in results) == ["a.wav", "b.wav"]
-    assert all(r["status"] == "ok" and r["model"] == str(folders[key]) for r in results)
+    assert all(r["status"] == "ok" and r["model"] == str(checkpoints[key]) for r in results)
     stats = read_committed(out, "stats").to_pylist()
     assert all(s["audio_tokens_kept"] < s["audio_tokens_in"] for s in stats)  # the default preset merged
 
 
-def test_refusals_before_any_work(folders, audio, tmp_path, capsys):
+def test_refusals_before_any_work(checkpoints, audio, tmp_path, capsys):
     out = str(tmp_path / "out")
     cases = [
-        (["--model", str(folders["glm"]), "--task", "er"], "cannot do task 'er' (it does: asr)"),
+        (["--model", str(checkpoints["glm"]), "--task", "er"], "cannot do task 'er' (it does: asr)"),
         (["--model", "whisper-huge"], "unknown model 'whisper-huge'"),
         (["--model", str(tmp_path)], "no config.json"),
         (["--task", "st", "--target-language", "de"], "cannot do task 'st' (it does: asr)"),
@@ -78,8 +66,8 @@ def test_refusals_before_any_work(folders, audio, tmp_path, capsys):
     assert not Path(out).exists()
 
 
-def test_archive_job_with_a_hub_id_from_the_offline_cache(folders, audio, tmp_path):
-    cache = hub_cache(tmp_path / "hub", "acme/tiny-qwen2-audio", folders["qwen-instruct"])
+def test_archive_job_with_a_hub_id_from_the_offline_cache(checkpoints, audio, tmp_path):
+    cache = hub_cache(tmp_path / "hub", "acme/tiny-qwen2-audio", checkpoints["qwen-instruct"])
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     env.pop("RAY_ADDRESS", None)
     cmd = [
@@ -97,10 +85,10 @@ def test_archive_job_with_a_hub_id_from_the_offline_cache(folders, audio, tmp_pa
     assert [r["status"] for r in results] == ["ok", "ok"]
 
 
-def test_generate_and_evaluate_take_a_checkpoint_folder(folders, audio, tmp_path, monkeypatch, capsys):
+def test_generate_and_evaluate_take_a_checkpoint_folder(checkpoints, audio, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
         "sys.argv",
-        ["generate.py", str(audio / "a.wav"), "--model", str(folders["glm"]), "--max-new-tokens", "4"],
+        ["generate.py", str(audio / "a.wav"), "--model", str(checkpoints["glm"]), "--max-new-tokens", "4"],
     )
     runpy.run_path("jobs/generate.py", run_name="__main__")
     assert "audio tokens per layer: 37 37 37 37" in capsys.readouterr().out
@@ -108,7 +96,7 @@ def test_generate_and_evaluate_take_a_checkpoint_folder(folders, audio, tmp_path
     rows = [{"id": name, "audio": str(audio / name), "text": "a"} for name in ("a.wav", "b.wav")]
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "eval"
-    argv = ["--manifest", str(manifest), "--model", str(folders["qwen-instruct"]), "--levels", "0.3"]
+    argv = ["--manifest", str(manifest), "--model", str(checkpoints["qwen-instruct"]), "--levels", "0.3"]
     evaluate.main([*argv, "--methods", "FastAdaSP decay", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["label"] for r in results] == ["No reduction", "FastAdaSP decay"]

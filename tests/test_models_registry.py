@@ -1,4 +1,4 @@
-"""The model registry and the family contract on real checkpoint folders (tiny random weights of the
+"""The model registry and the family contract on real checkpoint checkpoints (tiny random weights of the
 real transformers classes, saved with ``save_pretrained``): descriptions from config files alone,
 prompts equal to the checkpoint's own processor, a hub id served from an offline cache, and clear
 refusals for everything that cannot work."""
@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from pipeline.merging.config import NO_REDUCTION
-from pipeline.models import glm_asr, qwen2_audio
 from pipeline.models.base import ModelError
 from pipeline.models.registry import DEFAULT_MODEL, FAMILIES, PACKAGED, describe_model, load_model
 from pipeline.models.whisper import WhisperSpeechModel
 from pipeline.tasks import TaskError, TaskRequest
+from tests.conftest import hub_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS = [
@@ -31,16 +31,6 @@ REQUESTS = [
     TaskRequest("er"),
     TaskRequest("sqa", question="Who speaks first?"),
 ]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return {
-        "qwen-base": qwen2_audio.save_tiny_random(root / "qwen-base", "base"),
-        "qwen-instruct": qwen2_audio.save_tiny_random(root / "qwen-instruct", "instruct"),
-        "glm": glm_asr.save_tiny_random(root / "glm"),
-    }
 
 
 def waves() -> list[np.ndarray]:
@@ -71,19 +61,19 @@ def test_the_default_is_the_offline_whisper_and_its_description_needs_no_weights
         ("glm", "glm_asr", "instruct", {"asr"}),
     ],
 )
-def test_a_local_folder_dispatches_on_its_model_type(folders, key, family, kind, tasks):
-    described = describe_model(str(folders[key]))
+def test_a_local_folder_dispatches_on_its_model_type(checkpoints, key, family, kind, tasks):
+    described = describe_model(str(checkpoints[key]))
     assert (described.family, described.kind, described.tasks) == (family, kind, frozenset(tasks))
     assert described.reducing_layers == 4
-    model = load_model(str(folders[key]))
+    model = load_model(str(checkpoints[key]))
     assert model.description == described
 
 
 @pytest.mark.parametrize("key", ["qwen-base", "qwen-instruct", "glm"])
-def test_prompt_ids_are_what_the_checkpoints_processor_gives(folders, key):
+def test_prompt_ids_are_what_the_checkpoints_processor_gives(checkpoints, key):
     """Both kinds: the ids our engine gets equal the checkpoint's own processor's for the same text
     and audio (chat template applied for instruct checkpoints, plain prompts for base ones)."""
-    model = load_model(str(folders[key]))
+    model = load_model(str(checkpoints[key]))
     requests = [r for r in REQUESTS if r.task in model.description.tasks]
     for request in requests:
         text = model.prompt_text(request)
@@ -108,8 +98,8 @@ def test_prompt_ids_are_what_the_checkpoints_processor_gives(folders, key):
             assert spans == [(ids.index(model.audio_token_id), ids.index(model.audio_token_id) + count)]
 
 
-def test_qwen_base_prompts_are_its_evaluation_prompts(folders):
-    model = load_model(str(folders["qwen-base"]))
+def test_qwen_base_prompts_are_its_evaluation_prompts(checkpoints):
+    model = load_model(str(checkpoints["qwen-base"]))
     audio = "<|audio_bos|><|AUDIO|><|audio_eos|>"
     assert (
         model.prompt_text(TaskRequest("asr"))
@@ -124,8 +114,8 @@ def test_qwen_base_prompts_are_its_evaluation_prompts(folders):
     assert model.prompt_text(TaskRequest("sqa", question=" Who? ")) == f"{audio}Who?"
 
 
-def test_a_task_the_checkpoint_cannot_do_is_refused(folders):
-    model = load_model(str(folders["glm"]))
+def test_a_task_the_checkpoint_cannot_do_is_refused(checkpoints):
+    model = load_model(str(checkpoints["glm"]))
     with pytest.raises(TaskError, match=r"cannot do task 'er' \(it does: asr\)"):
         model.run(waves()[:1], TaskRequest("er"), NO_REDUCTION)
 
@@ -158,8 +148,8 @@ def test_broken_or_missing_configs_are_clear_errors(tmp_path):
         describe_model(str(tmp_path / "broken"))
 
 
-def test_glm_without_a_chat_template_is_refused(folders, tmp_path):
-    folder = shutil.copytree(folders["glm"], tmp_path / "glm")
+def test_glm_without_a_chat_template_is_refused(checkpoints, tmp_path):
+    folder = shutil.copytree(checkpoints["glm"], tmp_path / "glm")
     (folder / "chat_template.jinja").unlink()
     with pytest.raises(ModelError, match="ships a chat template; this one has none"):
         describe_model(str(folder))
@@ -173,8 +163,8 @@ def test_glm_without_a_chat_template_is_refused(folders, tmp_path):
         ({"intermediate_size": 96}, "does not load|do not match"),  # shapes differ
     ],
 )
-def test_weights_that_do_not_fit_the_config_are_refused_not_half_loaded(folders, tmp_path, edit, message):
-    folder = shutil.copytree(folders["qwen-base"], tmp_path / "qwen")
+def test_weights_that_do_not_fit_the_config_are_refused_not_half_loaded(checkpoints, tmp_path, edit, message):
+    folder = shutil.copytree(checkpoints["qwen-base"], tmp_path / "qwen")
     config = json.loads((folder / "config.json").read_text())
     config["text_config"] |= edit
     (folder / "config.json").write_text(json.dumps(config))
@@ -182,19 +172,8 @@ def test_weights_that_do_not_fit_the_config_are_refused_not_half_loaded(folders,
         load_model(str(folder))
 
 
-def hub_cache(root: Path, repo_id: str, snapshot: Path) -> Path:
-    """A Hugging Face hub cache holding ``snapshot`` as ``repo_id``'s main revision (the layout
-    ``huggingface_hub`` writes: blobs under snapshots/<commit>, refs/main naming the commit)."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(snapshot, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return root
-
-
-def test_a_hub_id_is_served_from_the_offline_cache(folders, tmp_path):
-    cache = hub_cache(tmp_path / "hub", "acme/tiny-qwen2-audio-instruct", folders["qwen-instruct"])
+def test_a_hub_id_is_served_from_the_offline_cache(checkpoints, tmp_path):
+    cache = hub_cache(tmp_path / "hub", "acme/tiny-qwen2-audio-instruct", checkpoints["qwen-instruct"])
     script = (
         "from pipeline.models.registry import describe_model, load_model\n"
         "d = describe_model('acme/tiny-qwen2-audio-instruct'); m = load_model(d.name)\n"
@@ -208,9 +187,9 @@ def test_a_hub_id_is_served_from_the_offline_cache(folders, tmp_path):
     assert "local Hugging Face cache" in out.stderr
 
 
-def test_describing_reads_no_weights(folders, monkeypatch):
+def test_describing_reads_no_weights(checkpoints, monkeypatch):
     """describe_model works with the weights gone: it reads config files only."""
-    for key, folder in folders.items():
+    for key, folder in checkpoints.items():
         weights = folder / "model.safetensors"
         hidden = weights.rename(folder / "weights.hidden")
         try:
@@ -225,14 +204,14 @@ def _no_modules(*args, **kwargs):
     raise AssertionError("describing a model constructed a torch module")
 
 
-def test_the_prompt_kind_can_be_forced_where_the_family_has_it(folders):
+def test_the_prompt_kind_can_be_forced_where_the_family_has_it(checkpoints):
     """A base checkpoint re-saved by transformers ships the processor's default template; the user
     can say how to prompt it. A family without that kind refuses."""
-    assert describe_model(str(folders["qwen-instruct"]), kind="base").kind == "base"
-    model = load_model(str(folders["qwen-instruct"]), kind="base")
+    assert describe_model(str(checkpoints["qwen-instruct"]), kind="base").kind == "base"
+    model = load_model(str(checkpoints["qwen-instruct"]), kind="base")
     assert model.prompt_text(TaskRequest("er")).endswith("Recognize the emotion with keywords in English:")
-    assert describe_model(str(folders["qwen-base"]), kind="instruct").kind == "instruct"
+    assert describe_model(str(checkpoints["qwen-base"]), kind="instruct").kind == "instruct"
     with pytest.raises(ModelError, match="glm_asr checkpoints have no base prompts"):
-        describe_model(str(folders["glm"]), kind="base")
+        describe_model(str(checkpoints["glm"]), kind="base")
     with pytest.raises(ModelError, match="kind 'chat' is not one of base, instruct"):
-        describe_model(str(folders["glm"]), kind="chat")
+        describe_model(str(checkpoints["glm"]), kind="chat")

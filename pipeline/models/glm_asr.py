@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import (
-    AutoProcessor,
     GlmAsrConfig,
     GlmAsrForConditionalGeneration,
     GlmAsrProcessor,
@@ -32,7 +31,7 @@ from pipeline.models.speechlm import (
     AudioLanguageModel,
     byte_level_tokenizer,
     chat_template,
-    load_weights,
+    tiny_text_config,
 )
 from pipeline.tasks import TaskRequest
 
@@ -62,9 +61,7 @@ TEMPLATE = (
 
 class GlmAsrSpeechModel(AudioLanguageModel):
     audio_token = AUDIO_TOKEN
-
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
+    model_class = GlmAsrForConditionalGeneration
 
     def instruction(self, request: TaskRequest) -> str:
         return TRANSCRIBE
@@ -101,11 +98,7 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
 
 
 def load(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None) -> GlmAsrSpeechModel:
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = load_weights(GlmAsrForConditionalGeneration, ckpt, dtype)
-    processor = AutoProcessor.from_pretrained(ckpt.folder, local_files_only=True)
-    description = describe(ckpt, model.config.to_dict())
-    return GlmAsrSpeechModel(model, processor, description).to(device, dtype)
+    return GlmAsrSpeechModel.from_checkpoint(ckpt, describe, device, dtype)
 
 
 def save_tiny_random(folder: Path, seed: int = 0, num_layers: int = 4) -> Path:
@@ -121,17 +114,8 @@ def save_tiny_random(folder: Path, seed: int = 0, num_layers: int = 4) -> Path:
             "num_attention_heads": 2,
             "num_mel_bins": 128,
         },
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-            "eos_token_id": [ids("<|endoftext|>"), ids("<|user|>")],
-            "pad_token_id": ids("<|endoftext|>"),
-        },
+        text_config=tiny_text_config(len(tokenizer), num_layers)
+        | {"eos_token_id": [ids("<|endoftext|>"), ids("<|user|>")], "pad_token_id": ids("<|endoftext|>")},
         audio_token_id=ids(AUDIO_TOKEN),
     )
     torch.manual_seed(seed)

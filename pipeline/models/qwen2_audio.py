@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import (
-    AutoProcessor,
     Qwen2AudioConfig,
     Qwen2AudioForConditionalGeneration,
     Qwen2AudioProcessor,
@@ -30,7 +29,7 @@ from pipeline.models.speechlm import (
     AudioLanguageModel,
     byte_level_tokenizer,
     kind_of,
-    load_weights,
+    tiny_text_config,
 )
 from pipeline.tasks import TaskRequest, language_code, language_name, question, target_language
 
@@ -62,9 +61,7 @@ INSTRUCT_TEMPLATE = (
 
 class Qwen2AudioSpeechModel(AudioLanguageModel):
     audio_token = AUDIO_TOKEN
-
-    def text_model(self) -> nn.Module:
-        return self.model.model.language_model
+    model_class = Qwen2AudioForConditionalGeneration
 
     def stop_token_ids(self) -> list[int]:
         return sorted({self.tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")})
@@ -117,10 +114,7 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
 def load(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None) -> Qwen2AudioSpeechModel:
     if ckpt.name == TINY_RANDOM and ckpt.folder is None:
         return build_tiny_random().to(device, dtype)
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = load_weights(Qwen2AudioForConditionalGeneration, ckpt, dtype)
-    processor = AutoProcessor.from_pretrained(ckpt.folder, local_files_only=True)
-    return Qwen2AudioSpeechModel(model, processor, describe(ckpt, model.config.to_dict())).to(device, dtype)
+    return Qwen2AudioSpeechModel.from_checkpoint(ckpt, describe, device, dtype)
 
 
 # --- the tiny random model -------------------------------------------------------------------------
@@ -134,15 +128,7 @@ def tiny_random_config(vocab_size: int, audio_token_id: int, num_layers: int = 4
             "num_mel_bins": 128,
             "max_source_positions": 1500,
         },
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 4096,
-        },
+        text_config=tiny_text_config(vocab_size, num_layers),
         audio_token_index=audio_token_id,
     )
 

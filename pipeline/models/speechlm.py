@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor, nn
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoProcessor, PreTrainedTokenizerFast
 
 from pipeline import tasks
 from pipeline.engine.batching import AudioPrompt, fit_batch, generate_rows
@@ -61,7 +62,7 @@ def kind_of(ckpt: Checkpoint) -> str:
     return "instruct" if chat_template(ckpt.folder) is not None else "base"
 
 
-def load_weights(model_class: type[nn.Module], ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
+def _load_weights(model_class: type[nn.Module], ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     """``from_pretrained`` that refuses a partial load: weights missing from the checkpoint or of the
     wrong shape would otherwise be left random (transformers only warns)."""
     try:
@@ -91,6 +92,20 @@ def byte_level_tokenizer(special_tokens: tuple[str, ...], eos: str) -> PreTraine
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
 
 
+def tiny_text_config(vocab_size: int, num_layers: int) -> dict:
+    """The decoder of the tiny random test checkpoints: grouped KV (4 query heads on 2), head size 16
+    (what the Triton kernels take), a SiLU MLP."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+    }
+
+
 class AudioLanguageModel(ABC):
     """SpeechModel for decoder-only SpeechLMs. Windows of any lengths decode together (equal
     audio-token counts share a prefill); batch sizes come from ``pipeline.engine.batching.fit_batch``
@@ -100,6 +115,7 @@ class AudioLanguageModel(ABC):
     """
 
     audio_token: str  # the placeholder in prompt text that the processor expands per audio embedding
+    model_class: type[nn.Module]  # the family's transformers class (``...ForConditionalGeneration``)
 
     def __init__(
         self,
@@ -120,10 +136,25 @@ class AudioLanguageModel(ABC):
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.audio_token)
         self.eos_token_ids = self.stop_token_ids()
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Checkpoint,
+        describe: Callable[[Checkpoint, dict], ModelDescription],
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> AudioLanguageModel:
+        """Weights (bf16 on CUDA, fp32 elsewhere unless ``dtype``) and processor from the checkpoint folder."""
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        model = _load_weights(cls.model_class, ckpt, dtype)
+        processor = AutoProcessor.from_pretrained(ckpt.folder, local_files_only=True)
+        return cls(model, processor, describe(ckpt, model.config.to_dict())).to(device, dtype)
+
     # --- what a family supplies --------------------------------------------------------------------
-    @abstractmethod
     def text_model(self) -> nn.Module:
-        """The llama-family decoder (``LlamaModel``/``Qwen2Model``-shaped) the engine runs."""
+        """The llama-family decoder (``LlamaModel``/``Qwen2Model``-shaped) the engine runs; where
+        transformers' audio-LM classes keep it unless a family says otherwise."""
+        return self.model.model.language_model
 
     def lm_head(self) -> nn.Module:
         return self.model.lm_head
