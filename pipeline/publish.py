@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.plan import PlannedRecording, latest_entries, sha256_file
-from schemas.manifest import FileEntry, ManifestError, RecordingEntry, RunManifest
+from schemas.manifest import LEGACY_PART, FileEntry, ManifestError, RecordingEntry, RunManifest
 from schemas.tables import TABLES, split_records
 
 MANIFEST_NAME = "_manifest.json"
@@ -65,7 +65,8 @@ def staging_dir(output: Path, run_id: str, part: int) -> Path:
 
 
 def part_dir(output: Path, run_id: str, part: int) -> Path:
-    return output / "runs" / f"run_id={run_id}" / f"part={part:05d}"
+    run = output / "runs" / f"run_id={run_id}"
+    return run if part == LEGACY_PART else run / f"part={part:05d}"
 
 
 def _process_start(pid: int) -> str | None:
@@ -413,10 +414,10 @@ def committed_manifests(output: str | Path) -> list[RunManifest]:
     """Manifests of committed parts, oldest first (by run, then part). A part folder without a manifest
     is not committed."""
     runs = Path(output) / "runs"
-    if legacy := sorted(runs.glob(f"run_id=*/{MANIFEST_NAME}")):
-        raise ManifestError(f"{legacy[0]}: a run of the single-commit layout; give a new output folder")
-    manifests = []
-    for path in sorted(runs.glob(f"run_id=*/part=*/{MANIFEST_NAME}")):
+    manifests = []  # runs of the single-commit layout (one manifest per run) read as one part each
+    for path in sorted(
+        [*runs.glob(f"run_id=*/{MANIFEST_NAME}"), *runs.glob(f"run_id=*/part=*/{MANIFEST_NAME}")]
+    ):
         try:
             manifests.append(RunManifest.from_json(path.read_text()))
         except ManifestError as e:

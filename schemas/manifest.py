@@ -10,6 +10,9 @@ import json
 from dataclasses import asdict, dataclass, field
 
 MANIFEST_VERSION = 2  # 2: a run commits in parts, one manifest each
+# A manifest of version 1 (runs/run_id=<id>/_manifest.json, the whole run committed at its end) is read
+# as this one part, so output folders written before parts keep their committed work.
+LEGACY_VERSION, LEGACY_PART = 1, -1
 
 
 class ManifestError(ValueError):
@@ -67,7 +70,9 @@ class RunManifest:
     @classmethod
     def from_json(cls, text: str) -> RunManifest:
         raw = json.loads(text)
-        if raw.get("manifest_version") != MANIFEST_VERSION:
+        if raw.get("manifest_version") == LEGACY_VERSION:
+            raw["part"] = LEGACY_PART
+        elif raw.get("manifest_version") != MANIFEST_VERSION:
             raise ManifestError(f"manifest_version {raw.get('manifest_version')!r} != {MANIFEST_VERSION}")
         try:
             raw["files"] = {k: FileEntry(**v) for k, v in raw["files"].items()}

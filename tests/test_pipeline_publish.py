@@ -254,3 +254,22 @@ def test_a_full_disk_fails_naming_folder_and_cause_and_keeps_the_committed_parts
     assert committed >= 1 and rows == 20 * committed  # the parts before the full disk stay readable
     assert lines["LEFT"] == "[]"  # no staging files of the failed part
     assert lines["LOCK_TMP"] == "[]"  # the lock's temp file is removed when writing it fails
+
+
+def test_runs_of_the_single_commit_layout_are_read_as_one_part(tmp_path: Path) -> None:
+    """An output folder written before runs committed in parts (manifest version 1 beside the tables in
+    runs/run_id=<id>/) keeps its committed work: read as one part, survives the abandoned-part sweep,
+    and a later run's parts override it recording by recording."""
+    _stage_and_publish(tmp_path, "r0", [("a", "ok", "old a"), ("b", "ok", "old b")])
+    part = part_dir(tmp_path, "r0", 0)
+    for f in part.iterdir():  # the layout and manifest the previous release wrote
+        f.rename(part.parent / f.name)
+    part.rmdir()
+    manifest = json.loads((part.parent / "_manifest.json").read_text())
+    del manifest["part"]
+    (part.parent / "_manifest.json").write_text(json.dumps(manifest | {"manifest_version": 1}))
+    assert remove_abandoned(tmp_path) == []
+    assert [(m.run_id, m.part) for m in committed_manifests(tmp_path)] == [("r0", -1)]
+    assert sorted(read_committed(tmp_path, "results")["text"].to_pylist()) == ["old a", "old b"]
+    _stage_and_publish(tmp_path, "r1", [("a", "ok", "new a")])
+    assert sorted(read_committed(tmp_path, "results")["text"].to_pylist()) == ["new a", "old b"]
