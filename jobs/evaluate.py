@@ -166,6 +166,13 @@ def plot(results: list[dict], metric_name: str, path: Path) -> None:
     ax.set_ylabel(metric_name)
     ax.set_yscale("log")
     ax.legend(fontsize=7)
+    save_figure(fig, ax, path)
+
+
+def save_figure(fig: object, ax: object, path: Path) -> None:
+    """Grid, tight layout, 120 dpi PNG, figure closed: how every job's plot is written."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

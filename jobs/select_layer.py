@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
-from jobs.evaluate import REFERENCE, scores, select
+from jobs.evaluate import REFERENCE, save_figure, scores, select
 from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.merging.layer_select import TOLERANCE, select_layer
@@ -76,10 +76,7 @@ def plot(result: dict, path: Path) -> None:
         twin.set_ylabel(check["metric"])
         twin.legend(loc="lower right", fontsize=7)
     ax.legend(loc="upper right", fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def main(argv: list[str] | None = None) -> None:
