@@ -33,24 +33,28 @@ SR = 16000
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> WhisperSpeechModel:
+def tiny_multilingual(folder: Path, max_target_positions: int) -> WhisperSpeechModel:
+    """A tiny random multilingual Whisper, saved and loaded the way a checkpoint is."""
     _, meta = packaged_files(BASE)
     tokenizer = WhisperTokenizerFast(tokenizer_file=str(meta / "tokenizer.json"))
     torch.manual_seed(0)
     config = WhisperConfig(
         vocab_size=51865, num_mel_bins=80, d_model=16, encoder_layers=2, decoder_layers=2,
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        max_source_positions=1500, max_target_positions=20, eos_token_id=50257, pad_token_id=50257,
-        bos_token_id=50257, decoder_start_token_id=50258, suppress_tokens=[1, 2, 50358, 50359],
-        begin_suppress_tokens=[220, 50257],
+        max_source_positions=1500, max_target_positions=max_target_positions, eos_token_id=50257,
+        pad_token_id=50257, bos_token_id=50257, decoder_start_token_id=50258,
+        suppress_tokens=[1, 2, 50358, 50359], begin_suppress_tokens=[220, 50257],
     )  # fmt: skip
-    folder = tmp_path_factory.mktemp("tiny-multilingual")
     WhisperForConditionalGeneration(config).save_pretrained(folder)
     model = WhisperForConditionalGeneration.from_pretrained(folder)
     lang_ids = json.loads((meta / "config.json").read_text())["lang_ids"]
     model.generation_config = generation_config(model.config, tokenizer, lang_ids)
     return WhisperSpeechModel(model, tokenizer, name="tiny-multilingual", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> WhisperSpeechModel:
+    return tiny_multilingual(tmp_path_factory.mktemp("tiny-multilingual"), max_target_positions=20)
 
 
 @pytest.fixture(scope="module")

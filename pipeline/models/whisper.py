@@ -156,6 +156,11 @@ def generation_config(
     )
 
 
+# The loop guard (pipeline.models.whisper_decoding): 48 tokens is ~15 s of speech, far more than any
+# phrase a speaker repeats verbatim three times.
+LOOP_TOKENS = 48
+
+
 def decode_options(
     gen: GenerationConfig, language: int | None = None, task: str = "transcribe"
 ) -> DecodeOptions:
@@ -180,6 +185,7 @@ def decode_options(
         begin_suppress=tuple(gen.begin_suppress_tokens or ()),
         max_length=gen.max_length,
         detect=detect,
+        loop_tokens=LOOP_TOKENS,
     )
 
 

@@ -1,0 +1,53 @@
+"""The loop guard of Whisper's greedy decoding: rows that repeat one phrase are cut after its first
+occurrence; rows that never loop, and every row with the guard off, decode as transformers' ``generate``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from pipeline.models.whisper import LOOP_TOKENS, decode_options
+from pipeline.models.whisper_decoding import MAX_LOOP_PERIOD, _loop_start
+from tests.test_models_whisper_multilingual import features, generated, ours, tiny_multilingual
+
+PHRASE = [11, 12, 13, 14, 15]
+
+
+@pytest.mark.parametrize(
+    "row,cut",
+    [
+        ([7] * 48, 1),  # one token over and over
+        ([1, 2, 3] + PHRASE * 10, 3 + len(PHRASE)),  # text, then a sentence looping: keep its first copy
+        ([1, 2, 3] + [7] * 47, None),  # one short of the guard's length
+        ([1, 2, 3] + PHRASE * 2 + list(range(20, 60)), None),  # said twice, then more speech
+        (list(range(100, 148)), None),  # no repetition at all
+        ([9] + list(range(200, 200 + MAX_LOOP_PERIOD)) * 3, 1 + MAX_LOOP_PERIOD),  # the longest phrase
+        ([9] + list(range(200, 201 + MAX_LOOP_PERIOD)) * 3, None),  # a phrase one token longer
+    ],
+)
+def test_loop_start(row, cut):
+    assert _loop_start(row, LOOP_TOKENS) == cut
+
+
+def test_looping_rows_are_cut_and_the_rest_decode_as_generate(tmp_path):
+    """Random weights loop on noise (one token repeated): with the guard off our rows equal generate's
+    full 156 tokens; with it on each looping row is generate's row up to the loop's first phrase."""
+    model = tiny_multilingual(tmp_path, max_target_positions=160)
+    rng = np.random.default_rng(0)
+    waves = [(0.2 * rng.standard_normal(2 * 16000)).astype(np.float32) for _ in range(3)]
+    gen = model.model.generation_config
+    options = decode_options(gen, None, "transcribe")
+    assert options.loop_tokens == LOOP_TOKENS  # the product's default
+    reference = generated(model.model.generate(features(model, waves), task="transcribe"), gen.eos_token_id)
+
+    off = ours(model, waves, replace(options, loop_tokens=0))
+    assert off.tokens == reference and len(reference[0]) == 156
+    assert off.loops == []
+
+    on = ours(model, waves, options)
+    assert on.loops == [0, 1, 2]
+    for cut, full in zip(on.tokens, off.tokens, strict=True):
+        assert len(cut) < len(full) and cut == full[: len(cut)]
+        assert _loop_start(full[: len(cut) + LOOP_TOKENS], LOOP_TOKENS) == len(cut)
