@@ -50,12 +50,10 @@ from pipeline.publish import committed_manifests, read_committed  # noqa: E402
 from tests.conftest import write_wav  # noqa: E402
 
 SAMPLE_RATE = 16000
-# Process titles Ray gives the workers (the CPU stage runs as tasks of its own only when its resources
-# differ from the model actor's; see JOB_ARGS).
+# Process titles Ray gives the workers (the CPU stage runs as tasks of its own because its CPU share
+# differs from the model actor's: workers.archive_job.CPU_STAGE_CPUS).
 TARGETS = {"model": "WindowPredictor", "cpu": "MapBatches(cut_windows)", "progress": "ray::Tally"}
-# --cpus-per-actor 0.5: the model actor and the CPU stage ask for different resources, so Ray Data does
-# not fuse them into one actor and the CPU stage has workers of its own to kill, as on a GPU cluster.
-JOB_ARGS = ["--num-cpus", "2", "--cpus-per-actor", "0.5", "--batch-size", "4", "--progress-every-s", "1"]
+JOB_ARGS = ["--num-cpus", "2", "--batch-size", "4", "--progress-every-s", "1"]
 _PROGRESS = re.compile(r"progress: (\d+)/(\d+) recordings")
 _PLANNED = re.compile(r"plan: (\d+) recordings to process")
 

@@ -68,7 +68,12 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     )
     p.add_argument("--model-actors", type=int, default=1, help="model actors (one per GPU on a GPU cluster)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="0: model actors run on CPU")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument(
+        "--cpus-per-actor",
+        type=float,
+        help="CPU model actors: CPUs (= torch threads) each (default: the cluster's CPUs less 0.5 per node "
+        "for decoding audio, split among the actors)",
+    )
     p.add_argument("--num-cpus", type=int, help="local cluster only: CPUs to give Ray")
     p.add_argument("--num-gpus", type=int, help="local cluster only: GPUs to give Ray")
     p.add_argument(

@@ -24,6 +24,8 @@ class JobConfig:
     output: the output folder (``staging/``, ``runs/``, the lock file live there).
     reduction: ``default`` (the model/task preset), a named preset, or ``none``.
     model_actors: model actors to run; with ``gpus_per_actor > 0`` each holds that many GPUs.
+    cpus_per_actor: CPUs (and torch threads) of each CPU model actor; None: the cluster's CPUs less the
+    CPU stage's share, split among the actors (``workers.archive_job.actor_cpus``).
     num_cpus / num_gpus: resources of the local cluster started when no cluster is running.
     batch_size: windows per model call (None: ``windows_per_call``'s default). max_duration_s: longer
     recordings become errors rows (guards memory; redone by a later run). retry_errors: redo every
@@ -44,7 +46,7 @@ class JobConfig:
     prompt_format: str = "auto"  # auto: the checkpoint's chat template if it ships one; chat; plain
     model_actors: int = 1
     gpus_per_actor: float = 0.0
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float | None = None
     num_cpus: int | None = None
     num_gpus: int | None = None
     batch_size: int | None = None
@@ -65,7 +67,7 @@ class JobConfig:
             raise JobConfigError("--task sqa needs --question")
         if self.model_actors < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise JobConfigError("--model-actors and --batch-size must be >= 1")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor <= 0:
+        if self.gpus_per_actor < 0 or (self.cpus_per_actor is not None and self.cpus_per_actor <= 0):
             raise JobConfigError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
         if self.overlap_s < 0 or self.max_duration_s <= 0:
             raise JobConfigError("--overlap-s must be >= 0 and --max-duration-s > 0")

@@ -79,6 +79,8 @@ def test_run_writes_one_row_per_recording(reference: tuple[Path, RunSummary]) ->
         "audio_seconds"
     ] == pytest.approx(35.0)
     assert stats["short.wav"]["generated_tokens"] > 0 and stats["short.wav"]["real_time_factor"] > 0
+    # the local cluster's 2 CPUs: 1.5 to the model actor, which runs as many torch threads
+    assert {s["device_name"] for s in stats.values()} == {"cpu (2 threads)"}
     (manifest,) = committed_manifests(output)
     assert manifest.counts == {"planned": 6, "ok": 3, "empty": 1, "error": 2}
     short = next(e for e in manifest.recordings if e.recording_id == "short.wav")

@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.audio.decode import decode_audio
 from schemas.stages import WINDOW_SCHEMA, WINDOW_TEXT_SCHEMA
+from workers.archive_job import actor_cpus
 from workers.model_stage import WindowPredictor
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "intro.wav"
@@ -41,3 +42,19 @@ def test_mixed_lengths_share_one_encoder_pass_and_match_single_runs():
     one_by_one = [predictor(pa.Table.from_pylist([_row(0, cut)], schema=WINDOW_SCHEMA)) for cut in cuts]
     assert [got[i]["text"] for i in (0, 2, 3)] == [t.column("text")[0].as_py() for t in one_by_one]
     assert all(got[i]["text"] for i in (0, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "actors,nodes,share",
+    [
+        (1, [2.0], 1.5),  # a 2-core machine: the model gets 1.5 CPUs (2 threads), decoding the rest
+        (2, [2.0], 0.75),
+        (1, [16.0], 15.5),
+        (4, [16.0, 16.0], 7.75),
+        (1, [16.0, 16.0], 15.5),  # one actor cannot span two nodes
+        (8, [1.0], 0.5),  # never less than a CPU-stage task
+        (1, [0.0, 4.0], 3.5),  # a head node without CPUs does not count
+    ],
+)
+def test_default_cpu_share_of_model_actors(actors, nodes, share):
+    assert actor_cpus(actors, nodes) == pytest.approx(share)

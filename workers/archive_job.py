@@ -46,6 +46,10 @@ from workers.stitch_stage import RecordingAssembler
 
 log = logging.getLogger(__name__)
 _MAX_PLAN_BLOCKS = 256
+# CPUs of one CPU-stage task (decoding, resampling, VAD, cutting: one thread, a small part of a window's
+# inference on CPU). Half a CPU leaves the rest of a node to the model actors, and differs from their
+# share, which keeps Ray Data from fusing the two stages into one actor where decoding waits on inference.
+CPU_STAGE_CPUS = 0.5
 
 
 class ModelTaskError(ValueError):
@@ -103,10 +107,21 @@ def _plan_dataset(todo: list[PlannedRecording]) -> ray.data.Dataset:
     return ray.data.from_arrow(blocks)
 
 
+def actor_cpus(model_actors: int, node_cpus: list[float]) -> float:
+    """The default CPU share of each CPU model actor: every node's CPUs less one CPU-stage task's,
+    split among the actors, and no more than the largest node can give one actor."""
+    nodes = [cpus for cpus in node_cpus if cpus > CPU_STAGE_CPUS] or [1.0]
+    usable = sum(nodes) - CPU_STAGE_CPUS * len(nodes)
+    return max(CPU_STAGE_CPUS, min(max(nodes) - CPU_STAGE_CPUS, usable / model_actors))
+
+
 def _actor_resources(config: JobConfig) -> dict:
-    return (
-        {"num_gpus": config.gpus_per_actor} if config.gpus_per_actor else {"num_cpus": config.cpus_per_actor}
-    )
+    if config.gpus_per_actor:
+        return {"num_gpus": config.gpus_per_actor}
+    if config.cpus_per_actor is not None:
+        return {"num_cpus": config.cpus_per_actor}
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+    return {"num_cpus": actor_cpus(config.model_actors, nodes)}
 
 
 def build_dataset(
@@ -122,7 +137,7 @@ def build_dataset(
         cut_windows,
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=1,
+        num_cpus=CPU_STAGE_CPUS,
         fn_kwargs={
             "sample_rate": info.sample_rate,
             "max_window_s": info.max_window_s,

@@ -10,6 +10,7 @@ becomes an error row.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -58,10 +59,14 @@ class WindowPredictor:
     ) -> None:
         self.tally = tally  # workers.progress.TallyActor: hears of every window this stage finishes
         self.device = pick_device(device)
+        context = ray.get_runtime_context()
+        if self.device == "cpu" and context.get_actor_id():  # an actor: as many torch threads as CPUs
+            share = context.get_assigned_resources().get("CPU", 1.0)  # Ray gave it (a share rounds up)
+            torch.set_num_threads(max(1, math.ceil(share)))
         self.model = load_model(model_name, device=self.device, kind=kind)
         self.request = TaskRequest(**request)
         self.reduction = ReductionConfig(**reduction)
-        self.node = ray.get_runtime_context().get_node_id()
+        self.node = context.get_node_id()
         cuda = self.device.startswith("cuda")
         self.device_name = (
             torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
