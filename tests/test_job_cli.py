@@ -109,8 +109,11 @@ _NOT_UP_YET = ("Failed to connect", "Connection refused", "No available agent")
 
 def test_ray_job_submit_with_token_auth(archive: Path, tmp_path: Path) -> None:
     bin_dir = Path(sys.executable).parent
-    env = os.environ | {"RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
+    # docs/pipeline.md's recipe as typed without an activated venv: the venv's ray, the entrypoint's
+    # interpreter by absolute path, PATH without the venv
+    path = ":".join(p for p in os.environ["PATH"].split(":") if Path(p).resolve() != bin_dir.resolve())
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "VIRTUAL_ENV")}
+    env |= {"RAY_AUTH_MODE": "token", "PATH": path}
     dashboard = _free_port()
     ports = {"--port": _free_port(), "--dashboard-port": dashboard}
     for name in (
@@ -130,7 +133,7 @@ def test_ray_job_submit_with_token_auth(archive: Path, tmp_path: Path) -> None:
         address = f"http://127.0.0.1:{dashboard}"
         submit = [bin_dir / "ray", "job", "submit", "--address", address, "--working-dir", ".",
                   "--runtime-env-json", '{"excludes": [".git", "examples", "*.parquet"]}', "--",
-                  "python", *JOB, "--input", str(archive), "--output", str(tmp_path / "out")]  # fmt: skip
+                  str(bin_dir / "python"), *JOB, "--input", str(archive), "--output", str(tmp_path / "out")]  # fmt: skip
         deadline = time.monotonic() + 120  # the dashboard and its job agent take a while to come up
         while True:
             done = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
