@@ -8,8 +8,9 @@ Both variants decode from one random-weight Qwen2 stack and one set of caches (`
 tokens per row) with GreedyDecoder's bookkeeping (argmax, EOS mask, output and step update):
 (a) engine: ``GreedyDecoder`` as the engine runs it, per layer [add + RMSNorm] -> qkv GEMM (+ bias) ->
 [rope + cache write] -> decode attention -> o GEMM -> [add + RMSNorm] -> gate_up GEMM -> [silu * up]
--> down GEMM (``pipeline.kernels.fused``); (b) unfused: the step before those kernels (RMSNorm
-modules, rope in PyTorch, index_copy cache writes, chunk + silu + mul), the same decode attention.
+-> down GEMM (``pipeline.kernels.fused.FUSED``); (b) unfused: the same step with the bracketed ops as
+their PyTorch twins (``fused.TWINS``: RMSNorm, rope and cache write, chunk + silu + mul as PyTorch
+ops), the same decode attention.
 Per batch: logits of both on one state (max abs and relative error, same argmax), device kernels of
 one eager step (torch.profiler: count, device time, the 8 costliest kernels), ms per step from
 replays of a one-step CUDA graph (CUDA events, rounds alternating, median), ms per step as
@@ -34,8 +35,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import torch
-from torch import Tensor
-from torch.nn import functional
 
 from benchmarks.common import (
     SHAPES,
@@ -52,32 +51,11 @@ from benchmarks.common import (
 )
 from pipeline.engine.cache import LayerCaches
 from pipeline.engine.decode import GreedyDecoder
-from pipeline.engine.decoder import DecoderStack
-from pipeline.kernels import cached_decode_attention, forced_path
+from pipeline.engine.stack import DecoderStack
+from pipeline.kernels.fused import TWINS
+from pipeline.kernels.paths import forced_path
 
 _MARGIN = 4 << 30  # free bytes kept beyond the caches: graph pools, logits, attention partials, cuBLAS
-
-
-class UnfusedDecoder(GreedyDecoder):
-    """The decode step before the fused kernels, over the same stack, caches and state: the reference
-    the engine's step is measured against."""
-
-    def _forward(self) -> Tensor:
-        stack, caches = self.stack, self.caches
-        hidden = stack.embed_tokens(self.tokens)[:, None]
-        cos, sin = stack.rope(self.position)
-        batch = hidden.shape[0]
-        for i, layer in enumerate(stack.layers):
-            q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
-            index = caches.prefill_lengths[i, :1] + self.step  # every row has the same length here
-            caches.k[i].index_copy_(2, index, k)
-            caches.v[i].index_copy_(2, index, v)
-            length = caches.prefill_lengths[i] + self.step + 1
-            attn = cached_decode_attention(q[:, :, 0], caches.k[i], caches.v[i], length, stack.scale)
-            hidden = hidden + layer.o(attn.reshape(batch, 1, -1))
-            gate, up = functional.linear(layer.mlp_norm(hidden), layer.gate_up_weight).chunk(2, dim=-1)
-            hidden = hidden + layer.down(functional.silu(gate) * up)
-        return stack.logits(hidden[:, -1])
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -122,8 +100,9 @@ def fill_caches(stack: DecoderStack, batch: int, cached: int, new_tokens: int) -
 
 def make_decoders(
     stack: DecoderStack, caches: LayerCaches, cached: int, new_tokens: int
-) -> tuple[GreedyDecoder, UnfusedDecoder]:
-    """The engine's decoder and the unfused one at the same state: same first tokens, step 0, shared caches."""
+) -> tuple[GreedyDecoder, GreedyDecoder]:
+    """The engine's decoder and the unfused one (the same step on the fused ops' PyTorch twins) at the
+    same state: same first tokens, step 0, shared caches."""
     gen = torch.Generator().manual_seed(caches.k[0].shape[0])
     first = torch.randint(0, stack.embed_tokens.num_embeddings, (caches.k[0].shape[0],), generator=gen)
     kwargs = {"max_new_tokens": new_tokens, "eos_token_ids": [], "pad_token_id": 0}
@@ -131,11 +110,11 @@ def make_decoders(
     prompt = torch.full_like(first, cached)
     return (
         GreedyDecoder(stack, caches, prompt, first, **kwargs),
-        UnfusedDecoder(stack, caches, prompt, first, **kwargs),
+        GreedyDecoder(stack, caches, prompt, first, ops=TWINS, **kwargs),
     )
 
 
-def compare_logits(engine: GreedyDecoder, unfused: UnfusedDecoder) -> dict[str, Any]:
+def compare_logits(engine: GreedyDecoder, unfused: GreedyDecoder) -> dict[str, Any]:
     """Logits of one step from the same state (each writes its own k, v at the same position first)."""
     expected, got = unfused._forward(), engine._forward()
     err = (got - expected).abs().max().item()

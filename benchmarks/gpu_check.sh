@@ -22,5 +22,5 @@ timeout 120 python jobs/bench.py --shape qwen2-audio-7b --device cuda --audio-se
     --out "$OUT/bench-ragged" 2>&1 | tail -8
 timeout 150 python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_attention_lse.py tests/test_kernels_attention_mass.py \
     tests/test_kernels_merge.py tests/test_kernels_decode_attention.py tests/test_kernels_fused.py \
-    tests/test_merging_mass.py tests/test_engine_memory.py 2>&1 | tail -8 | tee "$OUT/pytest.txt"
+    tests/test_kernels_attention_mass_torch.py tests/test_engine_memory.py 2>&1 | tail -8 | tee "$OUT/pytest.txt"
 timeout 60 python benchmarks/kernel_bench.py --out "$OUT/kernels.json" 2>&1 | tail -12

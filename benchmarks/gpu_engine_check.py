@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import PREFIX, SHAPES, build_model, prompt_embeds
-from pipeline.engine.decoder import DecoderStack
-from pipeline.engine.generate import PromptGroup, generate
+from pipeline.engine.generate import generate
+from pipeline.engine.prefill import PromptGroup
+from pipeline.engine.stack import DecoderStack
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.qwen2_audio import AUDIO_TOKEN, build_tiny_random
 

@@ -28,10 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import torch
 
 from benchmarks.common import environment, graphed, median_ms, require_device, script_parser, text_table
-from pipeline.kernels import attention_with_lse, decode_attention_torch
-from pipeline.kernels.attention_mass import attention_mass_triton
-from pipeline.kernels.decode_attention import decode_attention, decode_splits
-from pipeline.merging.mass import attention_mass
+from pipeline.kernels.attention_mass import attention_mass_torch, attention_mass_triton, attention_with_lse
+from pipeline.kernels.decode_attention import decode_attention_torch, decode_attention_triton, decode_splits
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -64,7 +62,7 @@ def bench_mass(args: argparse.Namespace, device: str, time_ms: Callable) -> dict
     kw = {"scale": scale, "causal": True, "span": span}
     _, lse = attention_with_lse(q, k, v, scale=scale, causal=True)
     triton_mass = attention_mass_triton(q, k, **kw)
-    reference = attention_mass(q, k, **kw)
+    reference = attention_mass_torch(q, k, **kw)
     row: dict[str, Any] = {
         "length": n,
         "heads": args.heads,
@@ -74,7 +72,7 @@ def bench_mass(args: argparse.Namespace, device: str, time_ms: Callable) -> dict
         "dtype": str(dtype),
         "max_rel_err_vs_pytorch": float((triton_mass - reference).abs().max() / reference.abs().max()),
         "triton_ms": time_ms(lambda: attention_mass_triton(q, k, **kw)),
-        "pytorch_blockwise_ms": time_ms(lambda: attention_mass(q, k, **kw)),
+        "pytorch_blockwise_ms": time_ms(lambda: attention_mass_torch(q, k, **kw)),
         "sdpa_forward_ms": time_ms(
             lambda: torch.nn.functional.scaled_dot_product_attention(
                 q, k, v, is_causal=True, scale=scale, enable_gqa=args.heads != args.kv_heads
@@ -86,7 +84,7 @@ def bench_mass(args: argparse.Namespace, device: str, time_ms: Callable) -> dict
         # Merge layers run attention_with_lse in place of SDPA and hand its lse to the mass: one pass.
         "attention_with_lse_ms": time_ms(lambda: attention_with_lse(q, k, v, scale=scale, causal=True)),
         "triton_given_lse_ms": time_ms(lambda: attention_mass_triton(q, k, lse=lse, **kw)),
-        "pytorch_given_lse_ms": time_ms(lambda: attention_mass(q, k, lse=lse, **kw)),
+        "pytorch_given_lse_ms": time_ms(lambda: attention_mass_torch(q, k, lse=lse, **kw)),
     }
     row["triton_vs_sdpa"] = row["triton_ms"] / row["sdpa_forward_ms"]
     row["triton_given_lse_vs_sdpa"] = row["triton_given_lse_ms"] / row["sdpa_forward_ms"]
@@ -112,7 +110,7 @@ def bench_decode(args: argparse.Namespace, device: str, time_ms: Callable) -> li
             valid = (torch.arange(capacity, device=device) < cached)[None, None, None]
 
             def run_triton(lengths=lengths, k=k, v=v, q=q):
-                return decode_attention(q, k, v, lengths, scale)
+                return decode_attention_triton(q, k, v, lengths, scale)
 
             def run_prefix(cached=cached, k=k, v=v, q=q):
                 return torch.nn.functional.scaled_dot_product_attention(

@@ -42,8 +42,9 @@ from benchmarks.common import (
     script_parser,
     text_table,
 )
-from pipeline.engine.decoder import DecoderStack
-from pipeline.kernels import forced_path, span_attention_mass
+from pipeline.engine.stack import DecoderStack
+from pipeline.kernels.attention_mass import attention_mass
+from pipeline.kernels.paths import forced_path
 from pipeline.merging import ops
 
 
@@ -107,7 +108,7 @@ def layer_inputs(stack: Any, hidden: Any, span: tuple[int, int]) -> dict[str, An
     q, k, v = stack.qkv(layer, layer.attn_norm(hidden), cos, sin)
     attended, lse = stack.attend_with_lse(q, k, v)
     mass = torch.zeros(b, length, dtype=torch.float32, device=hidden.device)
-    mass[:, span[0] : span[1]] = span_attention_mass(q, k, scale=stack.scale, causal=True, span=span, lse=lse)
+    mass[:, span[0] : span[1]] = attention_mass(q, k, scale=stack.scale, causal=True, span=span, lse=lse)
     return {"q": q, "k": k, "v": v, "lse": lse, "mass": mass, "hidden": hidden + layer.o(attended)}
 
 
@@ -211,9 +212,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             # Merge layers run attention_with_lse instead of SDPA; the mass then reuses its lse.
             "sdpa_ms": timer(lambda: stack.attend(q, keys, values, causal=True)),
             "attention_with_lse_ms": timer(lambda: stack.attend_with_lse(q, keys, values)),
-            "attention_mass_ms": timer(lambda: span_attention_mass(q, keys, **mass_args)),
+            "attention_mass_ms": timer(lambda: attention_mass(q, keys, **mass_args)),
             "attention_mass_given_lse_ms": timer(
-                lambda: span_attention_mass(q, keys, lse=inputs["lse"], **mass_args)
+                lambda: attention_mass(q, keys, lse=inputs["lse"], **mass_args)
             ),
         }
         context["mass_pct_of_layer"] = (

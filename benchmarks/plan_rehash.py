@@ -1,4 +1,4 @@
-"""What reusing committed content hashes saves a nightly run's planning (pipeline.plan.SeenSources).
+"""What reusing committed content hashes saves a nightly run's planning (pipeline.inputs.SeenSources).
 
     python benchmarks/plan_rehash.py --files 40 --mb 50
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from pipeline.plan import SeenSources, list_recordings
+from pipeline.inputs import SeenSources, list_recordings
 from schemas.manifest import RecordingEntry
 
 

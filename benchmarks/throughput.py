@@ -25,10 +25,11 @@ from benchmarks.common import (
     weight_bytes,
 )
 from pipeline.cli import sweep_from_args
-from pipeline.engine.decoder import DecoderStack
-from pipeline.engine.generate import PromptGroup, generate
+from pipeline.engine.generate import generate
 from pipeline.engine.memory import footprint, free_device_bytes, max_batch
-from pipeline.kernels import attention_kernels_usable
+from pipeline.engine.prefill import PromptGroup
+from pipeline.engine.stack import DecoderStack
+from pipeline.kernels.paths import attention_kernels_usable
 from pipeline.merging.config import ReductionConfig
 
 TOKENS_PER_SECOND = 25

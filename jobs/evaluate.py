@@ -179,7 +179,7 @@ def save_figure(fig: object, ax: object, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -207,6 +207,63 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="write the tables from runs.jsonl, measure nothing"
     )
+    return parser
+
+
+Run = tuple[str, ReductionConfig, float | None, str]  # label, reduction, target level, padding
+
+
+def grid_runs(args: argparse.Namespace, layers: int, drops_padding: bool) -> list[Run]:
+    """No reduction, padding dropped alone (models that can), then every GRID label at every level."""
+    runs: list[Run] = [("No reduction", NO_REDUCTION, None, "keep")]
+    if DROP_PADDING in args.methods and drops_padding:
+        runs.append((DROP_PADDING, NO_REDUCTION, None, "drop"))
+    # Level by level, in the order given: a partial run still compares every method.
+    for level in args.levels:
+        for label in (m for m in args.methods if m in GRID):
+            method, schedule, first, max_chain = GRID[label]
+            if first == LAST:
+                first = layers - 1 if args.single_layer is None else args.single_layer
+                label = label.replace("(last layer)", f"(layer {first})")
+            cfg = ReductionConfig(
+                method, schedule, first_layer=first, target=level, seed=args.seed, max_chain=max_chain
+            )
+            runs.append((label, cfg, level, "keep"))
+    return runs
+
+
+def run_meta(
+    args: argparse.Namespace, argv: list[str] | None, rows: list[dict], languages: list[str]
+) -> dict:
+    """What every result of the evaluation shares: the command, model, clips, seed and software."""
+    return {
+        # The command that measures these runs (--report-only only rewrites the tables).
+        "command": shlex.join(["python", *sys.argv] if argv is None else ["evaluate", *argv]).replace(
+            " --report-only", ""
+        ),
+        "model": args.model,
+        "manifest_name": args.manifest.parent.name,
+        "utterances": len(rows),
+        "clips_by_language": {lang: languages.count(lang) for lang in sorted(set(languages))},
+        "ids": [r["id"] for r in rows],
+        "seed": args.seed,
+        "device": args.device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def finished_runs(path: Path) -> list[dict]:
+    """The runs appended to runs.jsonl so far, their configs through ReductionConfig: fields added since
+    (at their defaults) still match."""
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    for d in done:
+        d["key"]["config"] = ReductionConfig(**d["key"]["config"]).to_dict()
+    return done
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     unknown = set(args.methods) - {DROP_PADDING, *GRID}
     if unknown:
@@ -222,45 +279,14 @@ def main(argv: list[str] | None = None) -> None:
     refs = [r[REFERENCE[args.task]] for r in rows]
     languages = [r.get("language", "en") for r in rows]
     model = load_model(args.model, args.device)
-    layers = model.description.reducing_layers
     metric_name = next(iter(scores(args.task, refs, refs, languages)))  # the headline metric's name
     request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
-
-    runs = [("No reduction", NO_REDUCTION, None, "keep")]
-    if DROP_PADDING in args.methods and model.description.drops_padding:
-        runs.append((DROP_PADDING, NO_REDUCTION, None, "drop"))
-    # Level by level, in the order given: a partial run still compares every method.
-    for level in args.levels:
-        for label in (m for m in args.methods if m in GRID):
-            method, schedule, first, max_chain = GRID[label]
-            if first == LAST:
-                first = layers - 1 if args.single_layer is None else args.single_layer
-                label = label.replace("(last layer)", f"(layer {first})")
-            cfg = ReductionConfig(
-                method, schedule, first_layer=first, target=level, seed=args.seed, max_chain=max_chain
-            )
-            runs.append((label, cfg, level, "keep"))
-    meta = {
-        # The command that measures these runs (--report-only only rewrites the tables).
-        "command": shlex.join(["python", *sys.argv] if argv is None else ["evaluate", *argv]).replace(
-            " --report-only", ""
-        ),
-        "model": args.model,
-        "manifest_name": args.manifest.parent.name,
-        "utterances": len(rows),
-        "clips_by_language": {lang: languages.count(lang) for lang in sorted(set(languages))},
-        "ids": [r["id"] for r in rows],
-        "seed": args.seed,
-        "device": args.device,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
+    runs = grid_runs(args, model.description.reducing_layers, model.description.drops_padding)
+    meta = run_meta(args, argv, rows, languages)
     args.out.mkdir(parents=True, exist_ok=True)
     # Finished runs are appended to runs.jsonl, so an interrupted evaluation resumes where it stopped.
     done_path = args.out / "runs.jsonl"
-    done = [json.loads(line) for line in done_path.read_text().splitlines()] if done_path.exists() else []
-    for d in done:  # through ReductionConfig: fields added since (at their defaults) still match
-        d["key"]["config"] = ReductionConfig(**d["key"]["config"]).to_dict()
+    done = finished_runs(done_path)
     results = []
     for label, cfg, level, padding in tqdm(runs, desc="runs"):
         key = {"model": args.model, "ids": meta["ids"], "config": cfg.to_dict(), "padding": padding}

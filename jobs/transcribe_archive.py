@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from pipeline.merging.config import ReductionConfigError
 from pipeline.models.base import ModelError
 from pipeline.models.registry import DEFAULT_MODEL
-from pipeline.plan import PlanError
+from pipeline.inputs import PlanError
 from pipeline.presets import PresetError
 from pipeline.publish import OutputLockedError, PublishError
 from pipeline.tasks import TASKS, TaskError

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.plan import PlannedRecording, latest_entries, sha256_file
+from pipeline.inputs import PlannedRecording, latest_entries, sha256_file
 from schemas.manifest import LEGACY_PART, FileEntry, ManifestError, RecordingEntry, RunManifest
 from schemas.tables import TABLES, split_records
 
@@ -427,7 +427,7 @@ def committed_manifests(output: str | Path) -> list[RunManifest]:
 
 def read_committed(output: str | Path, table: str) -> pa.Table:
     """One table over all committed parts. A recording's rows come from its latest committed entry
-    (``pipeline.plan.latest_entries``, what the done-set is made of), in every table alike: a recording
+    (``pipeline.inputs.latest_entries``, what the done-set is made of), in every table alike: a recording
     that failed and then succeeded has results and no errors."""
     output = Path(output)
     manifests = committed_manifests(output)

@@ -34,8 +34,8 @@ class RecordingEntry:
     recording_id: str
     content_sha256: str
     status: str  # ok | empty | error
-    stage: str | None = None  # where an error happened (pipeline.plan.RETRIED_STAGES are redone)
-    # Where the bytes came from and the source's stat when hashed (pipeline.plan.SeenSources reuses the
+    stage: str | None = None  # where an error happened (pipeline.inputs.RETRIED_STAGES are redone)
+    # Where the bytes came from and the source's stat when hashed (pipeline.inputs.SeenSources reuses the
     # hash while it holds); -1: unknown.
     source_path: str = ""
     member_offset: int = -1

@@ -7,11 +7,7 @@ with ``status="error"`` (or ``"empty"`` when there is no speech) and no PCM.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pyarrow as pa
-
-from pipeline.stats import WindowStats
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -45,9 +41,20 @@ _RECORDING_FIELDS = [
 WINDOW_SCHEMA = pa.schema([*_RECORDING_FIELDS, pa.field("pcm", pa.large_binary())])
 """``pcm``: float32 mono samples at the model rate, little-endian bytes (4 x samples); null if no window."""
 
-_ARROW_TYPES = {"float": pa.float64(), "int": pa.int64()}
+# The fields of pipeline.stats.WindowStats (float -> float64, int -> int64), spelled out so that schemas
+# import nothing of the pipeline, which imports them (tests/test_schemas_stages.py keeps the two equal).
 WINDOW_STATS_TYPE = pa.struct(
-    [pa.field(f.name, _ARROW_TYPES[f.type], nullable=False) for f in dataclasses.fields(WindowStats)]
+    [
+        pa.field("audio_seconds", pa.float64(), nullable=False),
+        pa.field("audio_tokens_in", pa.int64(), nullable=False),
+        pa.field("audio_tokens_kept", pa.float64(), nullable=False),
+        pa.field("kv_bytes_full", pa.int64(), nullable=False),
+        pa.field("kv_bytes_kept", pa.int64(), nullable=False),
+        pa.field("encode_s", pa.float64(), nullable=False),
+        pa.field("prefill_s", pa.float64(), nullable=False),
+        pa.field("decode_s", pa.float64(), nullable=False),
+        pa.field("generated_tokens", pa.int64(), nullable=False),
+    ]
 )
 
 WINDOW_TEXT_SCHEMA = pa.schema(

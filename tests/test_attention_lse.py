@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.kernels import attention_with_lse, span_attention_mass
-from pipeline.merging.mass import attention_mass
-from tests.test_merging_mass import explicit_mass
+from pipeline.kernels.attention_mass import attention_mass, attention_mass_torch, attention_with_lse
+from tests.test_kernels_attention_mass_torch import explicit_mass
 
 CUDA = torch.cuda.is_available()
 
@@ -64,7 +63,7 @@ def test_blockwise_mass_with_lse_matches_explicit_softmax(block, causal, query_s
     _, lse = attention_with_lse(q, k, v, scale=0.35, causal=causal)
     q, lse = q[:, :, query_start:], lse[:, :, query_start:]
     span = (5, 30)
-    got = attention_mass(
+    got = attention_mass_torch(
         q,
         k,
         scale=0.35,
@@ -84,12 +83,12 @@ def test_mass_reads_the_given_lse():
     q, k, v = _qkv(0, 4, 4, 50, 16)
     _, lse = attention_with_lse(q, k, v, scale=0.25, causal=True)
     args = {"scale": 0.25, "causal": True, "span": (10, 40)}
-    exact = span_attention_mass(q, k, **args)
-    torch.testing.assert_close(span_attention_mass(q, k, lse=lse, **args), exact, rtol=1e-5, atol=1e-5)
-    halved = span_attention_mass(q, k, lse=lse + math.log(2), **args)
+    exact = attention_mass(q, k, **args)
+    torch.testing.assert_close(attention_mass(q, k, lse=lse, **args), exact, rtol=1e-5, atol=1e-5)
+    halved = attention_mass(q, k, lse=lse + math.log(2), **args)
     torch.testing.assert_close(halved, exact / 2, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="lse"):
-        attention_mass(q, k, lse=lse[:, :, 1:], **args)
+        attention_mass_torch(q, k, lse=lse[:, :, 1:], **args)
 
 
 def test_triton_mass_with_lse_skips_pass_one():

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.engine.batching import embed
-from pipeline.engine.generate import PromptGroup, plan_layers, prefill
-from pipeline.kernels import forced_path, supported_head_dim
+from pipeline.engine.plan import plan_layers
+from pipeline.engine.prefill import PromptGroup, prefill
+from pipeline.kernels.paths import forced_path, supported_head_dim
 from pipeline.merging.config import METHODS, NO_REDUCTION, ReductionConfig
 from pipeline.models.registry import load_model
 from pipeline.tasks import TaskRequest
@@ -203,12 +206,12 @@ def test_plan_rejects_bad_spans():
 def test_chain_cap_reaches_the_engine(qwen):
     rows = [[clip(1)]]
     capped = ReductionConfig(method="fastadasp", schedule="single", first_layer=0, ratio=0.3, max_chain=2)
-    plain = ours(qwen, ONE, rows, capped.with_(max_chain=None))
+    plain = ours(qwen, ONE, rows, replace(capped, max_chain=None))
     merged = ours(qwen, ONE, rows, capped)
     assert merged.plans == plain.plans  # same counts per layer, different groups
     assert not torch.equal(merged.first_logits, plain.first_logits)
     with pytest.raises(ValueError, match="max_chain=2"):
-        ours(qwen, ONE, rows, capped.with_(ratio=0.6))  # pairs alone cannot remove 60%
+        ours(qwen, ONE, rows, replace(capped, ratio=0.6))  # pairs alone cannot remove 60%
 
 
 @pytest.mark.slow

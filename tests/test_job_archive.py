@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from benchmarks.fault_injection import descendants, find
+from pipeline.inputs import PlanError
 from pipeline.models.registry import describe_model
-from pipeline.plan import PlanError
 from pipeline.presets import resolve_reduction
 from pipeline.publish import committed_manifests, read_committed
 from pipeline.tasks import EMOTIONS, UNKNOWN

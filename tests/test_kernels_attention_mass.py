@@ -10,9 +10,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from pipeline.kernels.attention_mass import attention_mass_triton
-from pipeline.merging.mass import attention_mass
-from tests.test_merging_mass import explicit_mass
+from pipeline.kernels.attention_mass import attention_mass_torch, attention_mass_triton
+from tests.test_kernels_attention_mass_torch import explicit_mass
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 5e-4  # fp32 sums in another order; on GPU also the hardware's exp2/log2
@@ -40,7 +39,7 @@ def test_matches_blockwise_and_explicit_softmax(causal, query_start, span, dim, 
     kwargs = {"scale": dim**-0.5, "causal": causal, "span": span, "query_start": query_start}
     got = attention_mass_triton(q, k, per_head=True, **kwargs)
     assert got.shape == (2, 2, span[1] - span[0]) and got.dtype == torch.float32
-    blockwise = attention_mass(q, k, per_head=True, block=64, **kwargs)
+    blockwise = attention_mass_torch(q, k, per_head=True, block=64, **kwargs)
     torch.testing.assert_close(got, blockwise, rtol=TOL, atol=TOL)
     explicit = explicit_mass(q.cpu(), k.cpu(), dim**-0.5, causal, span, query_start)
     torch.testing.assert_close(got.double().cpu(), explicit, rtol=TOL, atol=TOL)
@@ -53,7 +52,7 @@ def test_summed_heads_and_conservation_over_all_keys():
     # Every query spreads probability 1 over the keys it sees: 4 heads x 130 queries per row.
     torch.testing.assert_close(got.sum(-1), torch.full((2,), 4.0 * 130, device=DEVICE), rtol=1e-5, atol=0)
     torch.testing.assert_close(
-        got, attention_mass(q, k, scale=0.3, causal=True, span=(0, 130)), rtol=1e-4, atol=1e-5
+        got, attention_mass_torch(q, k, scale=0.3, causal=True, span=(0, 130)), rtol=1e-4, atol=1e-5
     )
 
 

@@ -7,25 +7,22 @@ import sys
 
 import torch
 
-from pipeline.kernels import (
-    attention_kernels_usable,
-    cached_decode_attention,
-    forced_path,
-    span_attention_mass,
-    triton_usable,
-)
-from pipeline.merging.mass import attention_mass
+from pipeline.kernels.attention_mass import attention_mass, attention_mass_torch
+from pipeline.kernels.decode_attention import decode_attention
+from pipeline.kernels.paths import attention_kernels_usable, forced_path, triton_usable
 
 
 def test_cpu_tensors_take_the_pytorch_paths():
     assert not triton_usable(torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 30, 8, generator=gen), torch.randn(1, 2, 50, 8, generator=gen)
-    got = span_attention_mass(q, k, scale=0.3, causal=True, span=(10, 40), query_start=20, per_head=True)
-    expected = attention_mass(q, k, scale=0.3, causal=True, span=(10, 40), query_start=20, per_head=True)
+    got = attention_mass(q, k, scale=0.3, causal=True, span=(10, 40), query_start=20, per_head=True)
+    expected = attention_mass_torch(
+        q, k, scale=0.3, causal=True, span=(10, 40), query_start=20, per_head=True
+    )
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     v = torch.randn(1, 2, 50, 8, generator=gen)
-    out = cached_decode_attention(q[:, :, 0], k, v, torch.tensor(9), 0.3)
+    out = decode_attention(q[:, :, 0], k, v, torch.tensor(9), 0.3)
     expected = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, :1], k[:, :, :9], v[:, :, :9], scale=0.3, enable_gqa=True
     )[:, :, 0]
@@ -36,9 +33,9 @@ def test_imports_and_runs_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # makes `import triton` fail as if absent
         "import torch\n"
-        "import pipeline, pipeline.kernels as kn\n"
+        "import pipeline, pipeline.kernels.attention_mass as kn\n"
         "q, k = torch.ones(1, 2, 4, 8), torch.ones(1, 2, 6, 8)\n"
-        "mass = kn.span_attention_mass(q, k, scale=1.0, causal=False, span=(0, 6))\n"
+        "mass = kn.attention_mass(q, k, scale=1.0, causal=False, span=(0, 6))\n"
         "assert torch.allclose(mass, torch.full((1, 6), 2 * 4 / 6)), mass\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -18,7 +18,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from pipeline.kernels import PATHS, forced_path, merge
+from pipeline.kernels import merge
+from pipeline.kernels.paths import PATHS, forced_path
 from pipeline.merging import ops
 from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS
 
@@ -68,7 +69,7 @@ def test_similarity_matches_pytorch(dtype, width):
     expected, got = _both_paths(lambda: ops.adjacent_similarity(keys))
     assert got.shape == (2, 36) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-    assert merge.adjacent_similarity(keys[:, None, :1]).shape == (2, 0)
+    assert merge.adjacent_similarity_triton(keys[:, None, :1]).shape == (2, 0)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -105,7 +106,7 @@ def test_similarity_reads_the_attention_layout_in_place(path):
 def test_mark_top_k_matches_topk(size, k, largest, step):
     scores = torch.randn(3, size * step, generator=_gen(size + k)).to(DEVICE)[:, ::step]
     out = torch.zeros(3, size * step + 1, dtype=torch.bool, device=DEVICE)[:, 1::step]
-    merge.mark_top_k(scores, k, out, largest=largest)
+    merge.mark_top_k_triton(scores, k, out, largest=largest)
     expected = torch.zeros(3, size, dtype=torch.bool, device=DEVICE)
     expected.scatter_(1, scores.topk(k, dim=1, largest=largest).indices, True)
     assert torch.equal(out, expected)
@@ -117,19 +118,19 @@ def test_mark_top_k_long_rows_and_ties():
     for size in (9000, merge._MAX_SELECT_BLOCK + 16):
         scores = torch.randn(1, size, generator=_gen(size)).to(DEVICE)
         out = torch.zeros_like(scores, dtype=torch.bool)
-        merge.mark_top_k(scores, 4321, out)
+        merge.mark_top_k_triton(scores, 4321, out)
         assert torch.equal(out[0].nonzero()[:, 0], scores[0].topk(4321).indices.sort().values)
     # Ties at the k-th value go to the lowest indices, signed zeros included.
     ties = torch.tensor([[3.0, 1.0, 3.0, 0.0, 3.0, 3.0, -0.0, -2.0]], device=DEVICE)
     out = torch.zeros_like(ties, dtype=torch.bool)
-    merge.mark_top_k(ties, 3, out)
+    merge.mark_top_k_triton(ties, 3, out)
     assert out[0].nonzero()[:, 0].tolist() == [0, 2, 4]
-    merge.mark_top_k(ties, 2, out, largest=False)
+    merge.mark_top_k_triton(ties, 2, out, largest=False)
     assert out[0].nonzero()[:, 0].tolist() == [3, 7]
-    merge.mark_top_k(ties[:, [6, 3]], 1, out[:, :2])
+    merge.mark_top_k_triton(ties[:, [6, 3]], 1, out[:, :2])
     assert out[0, :2].tolist() == [True, False]
     with pytest.raises(ValueError, match="k=9"):
-        merge.mark_top_k(ties, 9, out)
+        merge.mark_top_k_triton(ties, 9, out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

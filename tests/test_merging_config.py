@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig, ReductionConfigError
@@ -49,10 +51,10 @@ def test_valid_configs():
     assert cfg.enabled and cfg.to_dict()["target"] == 0.3
     assert not NO_REDUCTION.enabled
     assert not ReductionConfig(method="fastv", ratio=0.0).enabled
-    assert cfg.with_(method="h2o").method == "h2o"
-    assert cfg.max_chain is None and cfg.with_(max_chain=2).to_dict()["max_chain"] == 2
+    assert replace(cfg, method="h2o").method == "h2o"
+    assert cfg.max_chain is None and replace(cfg, max_chain=2).to_dict()["max_chain"] == 2
     with pytest.raises(ReductionConfigError, match="method='x'"):
-        cfg.with_(method="x")
+        replace(cfg, method="x")
 
 
 def test_first_layer_checked_against_the_model():

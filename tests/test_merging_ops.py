@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.kernels import forced_path
+from pipeline.kernels.paths import forced_path
 from pipeline.merging.config import CHAIN_METHODS, EVICT_METHODS, MERGE_METHODS
 from pipeline.merging.ops import (
     adjacent_similarity,

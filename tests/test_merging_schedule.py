@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -172,7 +173,7 @@ def test_resolve_ratios():
     cfg = ReductionConfig(method="fastv", schedule="constant", first_layer=1, ratio=0.2)
     assert resolve_ratios(cfg, 3) == [0.0, 0.2, 0.2]
     with pytest.raises(ValueError, match="first_layer=9"):
-        resolve_ratios(cfg.with_(first_layer=9), 4)
+        resolve_ratios(replace(cfg, first_layer=9), 4)
 
 
 def test_a_span_always_keeps_a_token_even_at_the_most_reachable_target():

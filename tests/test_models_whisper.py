@@ -4,16 +4,18 @@ the encoder, statistics, and the errors a caller can hit. Audio is synthesised h
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
+from pipeline.merging.schedule import output_reduction
 from pipeline.models import whisper as whisper_adapter
 from pipeline.models.whisper import load_tiny_en
 from pipeline.models.whisper_decoding import greedy_decode
-from pipeline.models.whisper_encoder import encode, encoder_ratios, output_reduction
+from pipeline.models.whisper_encoder import encode, encoder_ratios
 from pipeline.stats import apportion, batch_times
 from pipeline.tasks import TaskRequest
 
@@ -181,7 +183,7 @@ def test_dropping_padding_is_its_own_reduction(whisper, clips):
 def test_target_is_the_output_reduction(schedule, first):
     cfg = ReductionConfig(method="fastadasp", schedule=schedule, first_layer=first, target=0.4)
     assert output_reduction(encoder_ratios(cfg, 4), "fastadasp") == pytest.approx(0.4, abs=1e-8)
-    assert encoder_ratios(cfg.with_(target=None, ratio=0.25), 4)[first] == 0.25
+    assert encoder_ratios(replace(cfg, target=None, ratio=0.25), 4)[first] == 0.25
 
 
 def test_caller_errors(whisper, clips):

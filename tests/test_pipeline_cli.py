@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from pipeline.cli import add_reduction_args, reduction_from_args, sweep_from_args
 from pipeline.merging.config import ReductionConfig
@@ -29,5 +30,5 @@ def test_sweep_runs_none_once_and_each_method_at_each_level():
     assert list(sweep_from_args(args)) == [
         ("none", 0.0, ReductionConfig()),
         ("average", 0.2, capped),
-        ("average", 0.4, capped.with_(target=0.4)),
+        ("average", 0.4, replace(capped, target=0.4)),
     ]

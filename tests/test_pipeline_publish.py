@@ -16,7 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.plan import PlannedRecording
+from pipeline.inputs import PlannedRecording
 from pipeline.publish import (
     LOCK_NAME,
     OutputLock,

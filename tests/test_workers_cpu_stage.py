@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.plan import list_recordings
+from pipeline.inputs import list_recordings
 from schemas.stages import PLAN_SCHEMA, WINDOW_SCHEMA
 from tests.conftest import write_wav
 from workers.cpu_stage import cut_windows

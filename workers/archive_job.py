@@ -24,7 +24,7 @@ import ray
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import ModelDescription
 from pipeline.models.registry import describe_model
-from pipeline.plan import (
+from pipeline.inputs import (
     PIPELINE_VERSION,
     PlannedRecording,
     SeenSources,

@@ -12,7 +12,7 @@ import pyarrow as pa
 from pipeline.audio.decode import DurationLimitError, decode_audio
 from pipeline.audio.vad import find_speech
 from pipeline.audio.windows import cut, plan_windows
-from pipeline.plan import read_bytes, sha256_hex
+from pipeline.inputs import read_bytes, sha256_hex
 from schemas.stages import WINDOW_SCHEMA
 
 

@@ -15,11 +15,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from pipeline.engine.decoder import DecoderStack
-from pipeline.engine.generate import Generation, PromptGroup, Span, generate
+from pipeline.engine.generate import Generation, generate
 from pipeline.engine.memory import footprint, free_device_bytes, max_batch
-from pipeline.kernels import attention_kernels_usable
+from pipeline.engine.prefill import PromptGroup
+from pipeline.engine.stack import DecoderStack
+from pipeline.kernels.paths import attention_kernels_usable
 from pipeline.merging.config import ReductionConfig
+from pipeline.merging.step import Span
 
 CPU_BATCH = 8  # rows per generate call off CUDA (no memory reading there; past this, little gain)
 

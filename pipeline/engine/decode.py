@@ -15,8 +15,10 @@ from torch import Tensor
 from torch.nn import functional
 
 from pipeline.engine.cache import LayerCaches
-from pipeline.engine.decoder import DecoderStack
-from pipeline.kernels import attention_kernels_usable, cached_decode_attention, fused
+from pipeline.engine.stack import DecoderStack
+from pipeline.kernels.decode_attention import decode_attention
+from pipeline.kernels.fused import FUSED, StepOps
+from pipeline.kernels.paths import attention_kernels_usable
 
 
 class GreedyDecoder:
@@ -24,6 +26,7 @@ class GreedyDecoder:
 
     prompt_lengths [B]: each row's prompt length (its next position); first_tokens [B]: the tokens
     prefill chose. Every row writes and attends at its own cache lengths (``caches.prefill_lengths``).
+    ops: the step's elementwise ops (``fused.FUSED``; ``fused.TWINS`` to measure the kernels against).
     """
 
     def __init__(
@@ -37,6 +40,7 @@ class GreedyDecoder:
         eos_token_ids: list[int],
         pad_token_id: int,
         use_graph: bool | None = None,
+        ops: StepOps = FUSED,
     ) -> None:
         device = first_tokens.device
         batch = first_tokens.shape[0]
@@ -47,7 +51,7 @@ class GreedyDecoder:
                 "CUDA-graph decoding needs a CUDA device, triton and a head_dim the kernels take "
                 f"(a power of two >= 16, got {stack.head_dim})"
             )
-        self.stack, self.caches = stack, caches
+        self.stack, self.caches, self.ops = stack, caches, ops
         self.use_graph = graph_ready if use_graph is None else use_graph
         self.max_new_tokens = max_new_tokens
         self.pad = pad_token_id
@@ -69,7 +73,7 @@ class GreedyDecoder:
         the bracketed steps are single Triton kernels on CUDA (``pipeline.kernels.fused``; their PyTorch
         twins elsewhere), so a captured step launches about ten kernels per layer, not thirty.
         """
-        stack, caches = self.stack, self.caches
+        stack, caches, ops = self.stack, self.caches, self.ops
         batch = self.tokens.shape[0]
         cos, sin = stack.rope(self.position)  # [B, 1, 1, hd]: once per step, shared by all layers
         positions = caches.prefill_lengths + self.step  # [layers, B]: where each layer and row writes
@@ -77,17 +81,17 @@ class GreedyDecoder:
         x, residual = stack.embed_tokens(self.tokens), None  # [B, D]
         for i, layer in enumerate(stack.layers):
             norm = layer.attn_norm
-            normed, residual = fused.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
+            normed, residual = ops.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
             # The bias inside the GEMM (its epilogue), as in prefill: bf16 rounds once, not twice.
             qkv = functional.linear(normed, layer.qkv_weight, layer.qkv_bias)
-            q = fused.rope_and_cache(qkv, cos, sin, caches.k[i], caches.v[i], positions[i])
-            attn = cached_decode_attention(q, caches.k[i], caches.v[i], lengths[i], stack.scale)
+            q = ops.rope_and_cache(qkv, cos, sin, caches.k[i], caches.v[i], positions[i])
+            attn = decode_attention(q, caches.k[i], caches.v[i], lengths[i], stack.scale)
             x = layer.o(attn.view(batch, -1))
             norm = layer.mlp_norm
-            normed, residual = fused.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
-            x = stack.mlp(layer, normed)
+            normed, residual = ops.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
+            x = layer.down(ops.silu_mul(functional.linear(normed, layer.gate_up_weight)))
         norm = stack.final_norm
-        normed, _ = fused.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
+        normed, _ = ops.add_rmsnorm(x, residual, norm.weight, norm.variance_epsilon)
         return stack.lm_head(normed).float()
 
     def _advance(self) -> None:

@@ -10,11 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.engine.decoder import DecoderStack
-from pipeline.engine.generate import MASS_USERS, PREFILL_TOKENS, Span, plan_layers
+from pipeline.engine.plan import plan_layers
+from pipeline.engine.prefill import PREFILL_TOKENS
+from pipeline.engine.stack import DecoderStack
 from pipeline.merging.config import ReductionConfig
+from pipeline.merging.step import MASS_USERS, Span
 
-# Query block of the PyTorch attention-mass path (pipeline.merging.mass): its fp32 scores are
+# Query block of the PyTorch attention-mass path (pipeline.kernels.attention_mass.attention_mass_torch): its fp32 scores are
 # B x Hq x block x L. The Triton kernel keeps scores on chip and needs no such buffer.
 MASS_BLOCK = 512
 

@@ -9,24 +9,19 @@ twin (``*_torch``) elsewhere; ``*_triton`` always run the kernel (on CPU tensors
 Every value is rounded to the input dtype where PyTorch rounds it (fp32 arithmetic in between), so in
 bf16 the kernels differ from the twins only where the hardware's exp, rsqrt or summation order does.
 
-Importing triton fixes its mode (compiled or interpreted) for the whole process, so this module imports
-it only where a kernel can run: with a CUDA device, or when TRITON_INTERPRET=1 was set before. Elsewhere
-(a CPU process, or no triton installed) only the twins exist.
+The kernels exist where triton can run (``paths.HAS_TRITON``: a CUDA device, or TRITON_INTERPRET=1 set
+before triton loads); elsewhere (a CPU process, or no triton installed) only the twins do.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from pipeline.kernels import triton_usable
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None and (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-)
+from pipeline.kernels.paths import HAS_TRITON, triton_usable
 
 if HAS_TRITON:
     import triton
@@ -146,10 +141,6 @@ if HAS_TRITON:
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _use_triton(t: Tensor) -> bool:
-    return HAS_TRITON and triton_usable(t.device)
-
-
 def _rows(x: Tensor) -> Tensor:
     """[..., D] -> [N, D] with a unit stride along D (a view where possible)."""
     rows = x.reshape(-1, x.shape[-1])
@@ -220,7 +211,7 @@ def add_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) 
     Engine use (hidden [B, D]): ``normed, residual = add_rmsnorm(h, residual, norm.weight,
     norm.variance_epsilon)`` with ``residual=None`` at the first norm.
     """
-    if _use_triton(x):
+    if triton_usable(x.device):
         return add_rmsnorm_triton(x, residual, weight, eps)
     return add_rmsnorm_torch(x, residual, weight, eps)
 
@@ -342,7 +333,7 @@ def rope_and_cache(
     sin, caches.k[i], caches.v[i], positions[i])`` with ``positions = caches.prefill_lengths +
     step`` computed once per step; attention then reads ``positions[i] + 1`` keys.
     """
-    if _use_triton(qkv):
+    if triton_usable(qkv.device):
         return rope_and_cache_triton(qkv, cos, sin, k_cache, v_cache, index)
     return rope_and_cache_torch(qkv, cos, sin, k_cache, v_cache, index)
 
@@ -378,6 +369,20 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
     Engine use: ``layer.down(silu_mul(linear(normed, layer.gate_up_weight)))``.
     """
-    if _use_triton(gate_up):
+    if triton_usable(gate_up.device):
         return silu_mul_triton(gate_up)
     return silu_mul_torch(gate_up)
+
+
+@dataclass(frozen=True)
+class StepOps:
+    """The elementwise ops a decode step calls: ``FUSED`` (the dispatchers, as the engine runs) or
+    ``TWINS`` (the PyTorch twins everywhere, what benchmarks/decode_step.py measures the kernels against)."""
+
+    add_rmsnorm: Callable[[Tensor, Tensor | None, Tensor, float], tuple[Tensor, Tensor]]
+    rope_and_cache: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+    silu_mul: Callable[[Tensor], Tensor]
+
+
+FUSED = StepOps(add_rmsnorm, rope_and_cache, silu_mul)
+TWINS = StepOps(add_rmsnorm_torch, rope_and_cache_torch, silu_mul_torch)

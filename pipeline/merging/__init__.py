@@ -1,8 +1,8 @@
 """FastAdaSP token reduction, model-agnostic: planning and applying merges/evictions, schedules and
-calibration, attention mass. See ``ops``, ``schedule``, ``mass`` and ``config``."""
+calibration (the attention mass is a kernel: ``pipeline.kernels.attention_mass``). See ``ops``,
+``schedule`` and ``config``."""
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig, ReductionConfigError
-from pipeline.merging.mass import attention_mass
 from pipeline.merging.ops import (
     Reduction,
     adjacent_similarity,
@@ -25,7 +25,6 @@ __all__ = [
     "ReductionConfig",
     "ReductionConfigError",
     "adjacent_similarity",
-    "attention_mass",
     "calibrate",
     "h2o_keep_indices",
     "kv_reduction",

@@ -4,13 +4,13 @@ Method names follow the paper's tables. Schedules (P = first layer, r = ratio, N
 - ``single``: one reduction at layer P (the paper's "none" schedule, used for sparse tasks);
 - ``constant``: ratio r at P and every later layer (lengths compound);
 - ``decay``: r_i = r * (N-1-i) / (N-1-P) for i >= P, reaching 0 at the last layer.
-Either ``ratio`` or ``target`` (fraction of audio KV removed, averaged over all layers) is given;
-a target is turned into the ratio by ``pipeline.merging.schedule.calibrate``.
+Either ``ratio`` or ``target`` is given; a target is turned into the ratio by
+``pipeline.merging.schedule.calibrate`` under the measure of what the model reduces (``target`` below).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 MERGE_METHODS = ("fastadasp", "average", "random-merge", "a-tome")
 CHAIN_METHODS = ("fastadasp", "average", "random-merge")  # selected edges form chains of any length
@@ -20,6 +20,7 @@ METHODS = ("none", *MERGE_METHODS, *EVICT_METHODS, *KV_METHODS)
 SCHEDULES = ("single", "constant", "decay")
 POSITIONS = ("first", "right")
 MASS_ESTIMATORS = ("full", "tail")
+PAIR_CAP = 0.5  # the most of its tokens pairwise merging (a-tome) removes: one of each pair
 
 
 class ReductionConfigError(ValueError):
@@ -43,7 +44,10 @@ class ReductionConfig:
     schedule: ``single`` | ``constant`` | ``decay`` (module docstring).
     first_layer: P, the first layer that reduces (0-based).
     ratio: fraction of the current audio tokens removed at layer P, in [0, 1).
-    target: fraction of audio KV removed averaged over layers, in [0, 1); used when ratio is None.
+    target: fraction of the audio removed, in [0, 1); used when ratio is None. What is measured is what
+        the model reduces: a decoder's audio KV averaged over its layers (``schedule.kv_reduction``, the
+        engine) or an encoder's audio tokens at its output, which the decoder cross-attends to
+        (``schedule.output_reduction``, Whisper).
     position: position id of a merged token: ``first`` = its group's first original position;
         ``right`` = the reference's right alignment (a layer holding M of N tokens uses N-M..N-1).
     mass: attention-mass estimator for weights and eviction scores: ``full`` = every query (the
@@ -94,8 +98,10 @@ class ReductionConfig:
                 raise ReductionConfigError(f"{field}={value} is outside [0, 1)")
         if self.first_layer < 0:
             raise ReductionConfigError(f"first_layer={self.first_layer} must be >= 0")
-        if self.method == "a-tome" and self.ratio is not None and self.ratio > 0.5:
-            raise ReductionConfigError(f"ratio={self.ratio} is above 0.5, the most pairwise merging removes")
+        if self.method == "a-tome" and self.ratio is not None and self.ratio > PAIR_CAP:
+            raise ReductionConfigError(
+                f"ratio={self.ratio} is above {PAIR_CAP}, the most pairwise merging removes"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -107,9 +113,6 @@ class ReductionConfig:
             raise ReductionConfigError(
                 f"first_layer={self.first_layer} is outside the model's layers 0..{num_layers - 1}"
             )
-
-    def with_(self, **changes: object) -> ReductionConfig:
-        return replace(self, **changes)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,18 +6,18 @@ Pure tensor functions, model-agnostic. A layer's reduction is planned once (``pl
 
 Two paths give the same plans and results: CUDA tensors take the Triton kernels of
 ``pipeline.kernels.merge`` when triton is installed (a few launches, no host sync, one pass over the
-hidden states); everything else takes PyTorch. ``pipeline.kernels.forced_path`` picks one explicitly.
+hidden states); everything else takes PyTorch. ``pipeline.kernels.paths.forced_path`` picks one explicitly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from pipeline.kernels import merge
 from pipeline.kernels.paths import triton_usable
 from pipeline.merging.config import CHAIN_METHODS, EVICT_METHODS, MERGE_METHODS
 
@@ -27,12 +27,6 @@ WEIGHTED_METHODS = ("fastadasp", "random-merge")
 # Attention mass can underflow to 0; a group whose weights are all 0 would divide 0 by 0. Masses are
 # sums of probabilities (order 1 and above), so this floor never changes a real weight.
 _MIN_MASS = 1e-20
-
-
-def _kernels() -> ModuleType:
-    from pipeline.kernels import merge  # imports triton: only on the Triton path
-
-    return merge
 
 
 def _per_head(keys: Tensor) -> Tensor:
@@ -45,7 +39,7 @@ def adjacent_similarity(keys: Tensor) -> Tensor:
     dims together (as if concatenated)."""
     keys = _per_head(keys)
     if triton_usable(keys.device):
-        return _kernels().adjacent_similarity(keys)
+        return merge.adjacent_similarity_triton(keys)
     unit = torch.nn.functional.normalize(keys.transpose(1, 2).flatten(2).float(), dim=-1)
     return (unit[:, :-1] * unit[:, 1:]).sum(-1)
 
@@ -134,7 +128,7 @@ class Reduction:
 
     def __post_init__(self) -> None:
         if triton_usable(self.groups.device):
-            self._lead, self._bounds = _kernels().group_index(self.groups, self.weights, self.n_out)
+            self._lead, self._bounds = merge.group_index_triton(self.groups, self.weights, self.n_out)
         else:
             self._lead, self._bounds = self._gather.lead, None
 
@@ -152,8 +146,10 @@ class Reduction:
         batch, length = self.groups.shape
         if x.shape[:2] != (batch, length):
             raise ValueError(f"x has shape {tuple(x.shape)}, expected [{batch}, {length}, ...]")
-        if self._bounds is not None and triton_usable(x.device) and x.dtype in _kernels().MERGE_DTYPES:
-            out = _kernels().merge_rows(x.reshape(batch, length, -1), self.weights, self._lead, self._bounds)
+        if self._bounds is not None and triton_usable(x.device) and x.dtype in merge.MERGE_DTYPES:
+            out = merge.merge_rows_triton(
+                x.reshape(batch, length, -1), self.weights, self._lead, self._bounds
+            )
         else:
             out = self._gather.apply(x.reshape(batch * length, -1))
         return out.reshape(batch, self.n_out, *x.shape[2:])
@@ -184,18 +180,26 @@ def capped_most(n: int, cap: int) -> int:
     return n - min(runs, n)
 
 
-def _check_spans(
+def check_spans(length: int, spans: list[tuple[int, int]]) -> None:
+    """Raise unless every span (start, end) is non-empty, after the previous one and inside the
+    ``length`` tokens."""
+    previous_end = 0
+    for start, end in spans:
+        if not previous_end <= start < end <= length:
+            raise ValueError(
+                f"audio span ({start}, {end}) is empty, overlaps the previous one or lies outside the "
+                f"prompt of {length} tokens"
+            )
+        previous_end = end
+
+
+def _check_counts(
     length: int, spans: list[tuple[int, int]], ks: list[int], method: str, max_chain: int | None
 ) -> None:
     if len(ks) != len(spans):
         raise ValueError(f"got {len(ks)} counts ks for {len(spans)} spans")
-    previous_end = 0
+    check_spans(length, spans)
     for (start, end), k in zip(spans, ks, strict=True):
-        if not previous_end <= start < end <= length:
-            raise ValueError(
-                f"span ({start}, {end}) is empty, overlaps the previous one or lies outside 0..{length}"
-            )
-        previous_end = end
         n = end - start
         most = n // 2 if method == "a-tome" else n - 1
         if max_chain is not None:
@@ -233,7 +237,7 @@ def _mark_top(scores: Tensor, k: int, out: Tensor, *, largest: bool = True) -> N
     """Sets out[b, i] (a bool view [B, M] of the plan's marks) for the k largest (or smallest) of
     scores [B, M]."""
     if triton_usable(scores.device):
-        _kernels().mark_top_k(scores, k, out, largest=largest)
+        merge.mark_top_k_triton(scores, k, out, largest=largest)
     else:
         out.scatter_(1, scores.float().topk(k, dim=1, largest=largest, sorted=False).indices, True)
 
@@ -264,7 +268,7 @@ def _group(marked: Tensor, mass: Tensor | None, evict: bool) -> tuple[Tensor, Te
     """marked [B, L] (joins the previous token, or dropped when evict), mass [B, L] or None ->
     groups [B, L] int64, weights [B, L] fp32 (mass floored, or 1; 0 where dropped)."""
     if triton_usable(marked.device):
-        return _kernels().group_rows(marked, mass, evict=evict, floor=_MIN_MASS)
+        return merge.group_rows_triton(marked, mass, evict=evict, floor=_MIN_MASS)
     # Tokens before a row's first unmarked token (evictions at position 0) join group 0.
     groups = ((~marked).long().cumsum(1) - 1).clamp_min(0)
     if mass is not None:
@@ -308,7 +312,7 @@ def plan_reduction(
         raise ValueError(
             f"max_chain={max_chain!r} needs an integer >= 2 and one of {', '.join(CHAIN_METHODS)}"
         )
-    _check_spans(length, spans, ks, method, max_chain)
+    _check_counts(length, spans, ks, method, max_chain)
     batch, device = _batch_of(length, keys, mass)
 
     # Evictions mark dropped tokens; merges mark each token that joins its left neighbour.

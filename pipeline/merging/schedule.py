@@ -4,17 +4,27 @@ A ratio list ``ratios[i]`` (one entry per layer, 0 = no reduction) is the common
 - hidden-shortening methods (merges and evictions) remove ``k_i = floor(r_i * L_i)`` audio tokens after
   layer i's attention, so layer i caches ``L_i`` audio keys and layer i+1 sees ``L_i - k_i``;
 - ``h2o`` shrinks each layer's cache on its own: layer i caches ``L - floor(r_i * L)`` audio keys.
+
+A ``target`` is met by ``calibrate`` under a measure of what is reduced: ``kv_reduction`` (a decoder's
+audio KV, averaged over its layers) or ``output_reduction`` (an encoder's tokens at its output, what
+the cross-attention caches).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
-from pipeline.merging.config import EVICT_METHODS, KV_METHODS, MERGE_METHODS, SCHEDULES, ReductionConfig
+from pipeline.merging.config import (
+    EVICT_METHODS,
+    KV_METHODS,
+    MERGE_METHODS,
+    PAIR_CAP,
+    SCHEDULES,
+    ReductionConfig,
+)
 
 REDUCING_METHODS = (*MERGE_METHODS, *EVICT_METHODS, *KV_METHODS)
-# Pairwise merging removes at most one token per pair.
-_PAIR_CAP = 0.5
 # r * L is meant to be exact for ratios such as 0.29 * 100; binary floats land just below the integer.
 _FLOOR_SLACK = 1e-9
 
@@ -95,23 +105,40 @@ def kv_reduction(ratios: list[float], method: str) -> float:
     kept, keep = 0.0, 1.0
     for r in ratios:
         kept += keep
-        keep *= 1.0 - (min(r, _PAIR_CAP) if method == "a-tome" else r)
+        keep *= 1.0 - (min(r, PAIR_CAP) if method == "a-tome" else r)
     return 1.0 - kept / len(ratios)
 
 
+def output_reduction(ratios: list[float], method: str) -> float:
+    """Fraction of audio tokens removed at the output of the layers, in continuous terms:
+    1 - prod(1 - r_i) (an encoder's measure: its output is what the decoder's cross-attention caches)."""
+    kept = 1.0
+    for r in ratios:
+        kept *= 1.0 - (min(r, PAIR_CAP) if method == "a-tome" else r)
+    return 1.0 - kept
+
+
+Measure = Callable[[list[float], str], float]
+
+
 def calibrate(
-    target: float, schedule: str, first_layer: int, num_layers: int, method: str = "fastadasp"
+    target: float,
+    schedule: str,
+    first_layer: int,
+    num_layers: int,
+    method: str = "fastadasp",
+    measure: Measure = kv_reduction,
 ) -> float:
-    """The ratio r whose ``kv_reduction(layer_ratios(schedule, r, ...))`` equals ``target``
-    (bisection to 1e-9; m grows monotonically with r). Raises if the target is unreachable."""
+    """The ratio r whose ``measure(layer_ratios(schedule, r, ...), method)`` equals ``target``
+    (bisection to 1e-9; every measure grows monotonically with r). Raises if the target is unreachable."""
     _check_method(method)
     if not 0.0 <= target < 1.0:
         raise ValueError(f"target={target} is outside [0, 1)")
 
     def reduction(r: float) -> float:
-        return kv_reduction(layer_ratios(schedule, r, first_layer, num_layers), method)
+        return measure(layer_ratios(schedule, r, first_layer, num_layers), method)
 
-    lo, hi = 0.0, _PAIR_CAP if method == "a-tome" else math.nextafter(1.0, 0.0)
+    lo, hi = 0.0, PAIR_CAP if method == "a-tome" else math.nextafter(1.0, 0.0)
     if reduction(lo) >= target:
         return lo
     if reduction(hi) < target:
@@ -128,12 +155,13 @@ def calibrate(
     return hi
 
 
-def resolve_ratios(cfg: ReductionConfig, num_layers: int) -> list[float]:
-    """Per-layer ratios of a run: the config's ratio, or the one calibrated to its target."""
+def resolve_ratios(cfg: ReductionConfig, num_layers: int, measure: Measure = kv_reduction) -> list[float]:
+    """Per-layer ratios of a run: the config's ratio, or the one calibrated to its target under
+    ``measure`` (the model's meaning of the target)."""
     cfg.check_layers(num_layers)
     if not cfg.enabled:
         return [0.0] * num_layers
     ratio = cfg.ratio
     if ratio is None:
-        ratio = calibrate(cfg.target, cfg.schedule, cfg.first_layer, num_layers, cfg.method)
+        ratio = calibrate(cfg.target, cfg.schedule, cfg.first_layer, num_layers, cfg.method, measure)
     return layer_ratios(cfg.schedule, ratio, cfg.first_layer, num_layers)

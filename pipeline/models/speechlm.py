@@ -26,8 +26,8 @@ from transformers import AutoProcessor, PreTrainedTokenizerFast
 
 from pipeline import tasks
 from pipeline.engine.batching import AudioPrompt, fit_batch, generate_rows
-from pipeline.engine.decoder import DecoderStack
 from pipeline.engine.generate import Generation
+from pipeline.engine.stack import DecoderStack
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import Checkpoint, ModelDescription, ModelError, WindowOutput
 from pipeline.stats import WindowStats, batch_times

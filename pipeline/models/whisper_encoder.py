@@ -27,13 +27,11 @@ from torch import Tensor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
 from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS, ReductionConfig
-from pipeline.merging.mass import attention_mass
-from pipeline.merging.ops import MASS_METHODS, plan_reduction
-from pipeline.merging.schedule import layer_ratios, removed_counts
+from pipeline.merging.schedule import output_reduction, removed_counts, resolve_ratios
+from pipeline.merging.step import LayerAttention, reduce_layer
 
 SAMPLES_PER_TOKEN = 320  # 160-sample mel hop x conv2 stride 2
 ENCODER_METHODS = (*MERGE_METHODS, *EVICT_METHODS)
-_PAIR_CAP = 0.5  # pairwise merging removes at most one token in two
 
 
 def speech_tokens(num_samples: int, max_tokens: int) -> int:
@@ -41,16 +39,8 @@ def speech_tokens(num_samples: int, max_tokens: int) -> int:
     return min(max_tokens, math.ceil(num_samples / SAMPLES_PER_TOKEN))
 
 
-def output_reduction(ratios: list[float], method: str) -> float:
-    """Fraction of speech tokens removed at the encoder output, in continuous terms: 1 - prod(1 - r_i)."""
-    kept = 1.0
-    for r in ratios:
-        kept *= 1.0 - (min(r, _PAIR_CAP) if method == "a-tome" else r)
-    return 1.0 - kept
-
-
 def encoder_ratios(cfg: ReductionConfig, num_layers: int) -> list[float]:
-    """Per-layer ratios: the config's ratio, or the one whose output_reduction meets its target."""
+    """Per-layer ratios: the config's ratio, or the one whose ``output_reduction`` meets its target."""
     if cfg.enabled and cfg.method not in ENCODER_METHODS:
         raise ValueError(
             f"method={cfg.method!r} has no Whisper encoder form (it evicts from a KV cache the encoder does "
@@ -58,22 +48,7 @@ def encoder_ratios(cfg: ReductionConfig, num_layers: int) -> list[float]:
         )
     if cfg.enabled and cfg.mass != "full":
         raise ValueError(f"mass={cfg.mass!r}: the encoder has no queries after the audio; use 'full'")
-    cfg.check_layers(num_layers)
-    if not cfg.enabled:
-        return [0.0] * num_layers
-    if cfg.ratio is not None:
-        return layer_ratios(cfg.schedule, cfg.ratio, cfg.first_layer, num_layers)
-
-    def reached(r: float) -> float:
-        return output_reduction(layer_ratios(cfg.schedule, r, cfg.first_layer, num_layers), cfg.method)
-
-    lo, hi = 0.0, _PAIR_CAP if cfg.method == "a-tome" else math.nextafter(1.0, 0.0)
-    if reached(hi) < cfg.target:
-        raise ValueError(f"target={cfg.target} is unreachable: at most {reached(hi):.4f} with {cfg}")
-    while hi - lo > 1e-10:  # output_reduction grows monotonically with r
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if reached(mid) < cfg.target else (lo, mid)
-    return layer_ratios(cfg.schedule, hi, cfg.first_layer, num_layers)
+    return resolve_ratios(cfg, num_layers, output_reduction)
 
 
 @dataclass
@@ -120,23 +95,13 @@ def _pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
 def _reduce_row(
     x: Tensor, q: Tensor, keys: Tensor, speech: int, k: int, cfg: ReductionConfig, generator: torch.Generator
 ) -> Tensor:
-    """One window: x (L, D), q (H, L, hd), keys (L, D) -> (L - k, D) with ``k`` speech tokens removed."""
-    length = x.shape[0]
-    mass = None
-    if cfg.method in MASS_METHODS:
-        k_heads = _heads(keys[None], q.shape[0])
-        mass = attention_mass(q[None], k_heads, scale=1.0, causal=False, span=(0, length))
-    plan = plan_reduction(
-        cfg.method,
-        length,
-        [(0, speech)],
-        [k],
-        keys=keys[None],
-        mass=mass,
-        generator=generator,
-        max_chain=cfg.max_chain,
+    """One window: x (L, D), q (H, L, hd) pre-scaled, keys (L, D) -> (L - k, D) with ``k`` speech tokens
+    removed by the merge step (similarity over the keys, heads concatenated; mass from every query)."""
+    attn = LayerAttention(
+        q[None], _heads(keys[None], q.shape[0]), None, scale=1.0, causal=False, keys=keys[None]
     )
-    return plan.apply(x[None])[0]
+    reduced, _, _, _ = reduce_layer(x[None], attn, [(0, speech)], [k], cfg, generator)
+    return reduced[0]
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""Plan a run: list the input recordings, give each a stable id and a content hash, drop those done.
+"""The inputs of a run: list the recordings, give each a stable id and a content hash, drop those done.
 
 Inputs: a folder searched recursively for audio files (id = path relative to the folder), a JSONL
 manifest of ``{"id": ..., "audio": path, ...}`` lines (paths relative to the manifest), or WebDataset tar

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from pipeline.kernels import attention_with_lse
+from pipeline.kernels.attention_mass import attention_with_lse
 from pipeline.kernels.fused import silu_mul
 
 
@@ -135,7 +135,7 @@ class DecoderStack:
 
     def attend_with_lse(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Causal attention as ``attend`` plus each query's log-sum-exp [B, H, Lq] fp32, which merge
-        layers reuse for the attention mass (``pipeline.kernels.attention_with_lse``)."""
+        layers reuse for the attention mass (``pipeline.kernels.attention_mass.attention_with_lse``)."""
         out, lse = attention_with_lse(q, k, v, scale=self.scale, causal=True)
         return self._join_heads(out), lse
 

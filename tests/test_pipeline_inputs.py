@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.plan import (
+from pipeline.inputs import (
     PlanError,
     PlannedRecording,
     SeenSources,
