@@ -30,7 +30,7 @@ class JobConfig:
     batch_size: windows per model call (None: ``windows_per_call``'s default). max_duration_s: longer
     recordings become errors rows (guards memory; redone by a later run). retry_errors: redo every
     recording whose committed result is an error, not only those that failed in a way a later run may
-    not (``pipeline.plan.RETRIED_STAGES``). commit_every_s / commit_every_n: a run commits what it has
+    not (``pipeline.inputs.RETRIED_STAGES``). commit_every_s / commit_every_n: a run commits what it has
     finished as one part every that many seconds or recordings, whichever comes first (a crash loses at
     most the part in flight). progress_every_s: seconds between progress lines.
     """
