@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from pipeline import metrics
 from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
+from pipeline.models.base import INT8
 from pipeline.models.registry import DEFAULT_MODEL, load_model
 from pipeline.tasks import TaskRequest
 
@@ -203,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="subset choice and random methods")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--int8", action="store_true", help="Whisper on CPU: int8 decoder (dynamic quantization)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--report-only", action="store_true", help="write the tables from runs.jsonl, measure nothing"
@@ -248,6 +252,7 @@ def run_meta(
         "ids": [r["id"] for r in rows],
         "seed": args.seed,
         "device": args.device,
+        "int8": args.int8,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in tqdm(rows, desc="decode")]
     refs = [r[REFERENCE[args.task]] for r in rows]
     languages = [r.get("language", "en") for r in rows]
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, INT8 if args.int8 else None)
     metric_name = next(iter(scores(args.task, refs, refs, languages)))  # the headline metric's name
     request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
     runs = grid_runs(args, model.description.reducing_layers, model.description.drops_padding)
@@ -290,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for label, cfg, level, padding in tqdm(runs, desc="runs"):
         key = {"model": args.model, "ids": meta["ids"], "config": cfg.to_dict(), "padding": padding}
+        if args.int8:  # only then: keys of float runs stay as they were
+            key["int8"] = True
         row = next((d for d in done if d["key"] == key), None)
         if row is None and args.report_only:
             continue

@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
+from pipeline.inputs import PlanError
 from pipeline.merging.config import ReductionConfigError
 from pipeline.models.base import ModelError
 from pipeline.models.registry import DEFAULT_MODEL
-from pipeline.inputs import PlanError
 from pipeline.presets import PresetError
 from pipeline.publish import OutputLockedError, PublishError
 from pipeline.tasks import TASKS, TaskError
@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     )
     p.add_argument("--progress-every-s", type=float, default=30.0, help="seconds between progress lines")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="CPU actors, Whisper: int8 decoder (dynamic quantization; see docs/pipeline.md for its accuracy)",
+    )
     args = p.parse_args(argv)
     return JobConfig(**{k: v for k, v in vars(args).items()})
 

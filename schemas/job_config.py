@@ -57,6 +57,7 @@ class JobConfig:
     commit_every_n: int = 1000
     progress_every_s: float = 30.0
     device: str = "auto"  # auto: cuda when the actor holds a GPU that torch can see, else cpu
+    int8: bool = False  # CPU actors: the model's int8 variant (dynamic quantization), where it has one
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -77,6 +78,8 @@ class JobConfig:
             raise JobConfigError(
                 f"--prompt-format {self.prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}"
             )
+        if self.int8 and (self.gpus_per_actor > 0 or self.device == "cuda"):
+            raise JobConfigError("--int8 is for CPU model actors (no --gpus-per-actor, no --device cuda)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise JobConfigError(f"--device {self.device!r} is not one of auto, cpu, cuda")
 

@@ -215,3 +215,16 @@ def test_the_prompt_kind_can_be_forced_where_the_family_has_it(checkpoints):
         describe_model(str(checkpoints["glm"]), kind="base")
     with pytest.raises(ModelError, match="kind 'chat' is not one of base, instruct"):
         describe_model(str(checkpoints["glm"]), kind="chat")
+
+
+def test_int8_is_refused_where_the_family_has_none(checkpoints):
+    """The description says so before any weights are read; loading anyway is refused, not half done."""
+    from pipeline.models.base import INT8
+    from schemas.job_config import JobConfig
+    from workers.archive_job import ModelTaskError, check_model
+
+    assert describe_model("whisper-tiny.en").int8 and not describe_model(str(checkpoints["glm"])).int8
+    with pytest.raises(ModelTaskError, match="no int8 variant"):
+        check_model(JobConfig("in", "out", model=str(checkpoints["qwen-instruct"]), int8=True))
+    with pytest.raises(ModelError, match="int8 is not supported"):
+        load_model(str(checkpoints["glm"]), dtype=INT8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from pipeline.tasks import TaskRequest
 
 SR = 16000
 ASR = TaskRequest("asr")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def chirp(seconds: float, start_hz: float, sweep: float) -> np.ndarray:
@@ -201,3 +203,22 @@ def test_caller_errors(whisper, clips):
         whisper.run(clips, TaskRequest("asr", language="de"), NO_REDUCTION)
     with pytest.raises(ValueError, match="at most 30"):
         whisper.run([np.zeros(31 * SR, dtype=np.float32)], ASR, NO_REDUCTION)
+
+
+def test_int8_quantizes_the_decoder_and_keeps_the_transcript_close(whisper, tmp_path, monkeypatch):
+    """Dynamic int8 on the decoder's linear layers and the output projection; the encoder stays float."""
+    from pipeline.audio.decode import decode_audio
+    from pipeline.metrics import wer
+    from pipeline.models.base import INT8, ModelError
+
+    monkeypatch.setenv("FASTADASP_CACHE", str(tmp_path))
+    int8 = load_tiny_en(dtype=INT8)
+    quantized = [type(m).__module__ for m in int8.model.model.decoder.modules()]
+    assert any("quantized" in q for q in quantized) and "quantized" in type(int8.model.proj_out).__module__
+    assert int8.model.model.encoder.layers[0].self_attn.k_proj.weight.dtype == torch.float32
+    speech = [decode_audio(EXAMPLES / f).samples for f in ("intro.wav", "standup.flac")]
+    float_texts = [o.text for o in whisper.run(speech, ASR, NO_REDUCTION)]
+    int8_texts = [o.text for o in int8.run(speech, ASR, NO_REDUCTION)]
+    assert wer(float_texts, int8_texts) < 0.2, (float_texts, int8_texts)
+    with pytest.raises(ModelError, match="CPU only"):
+        load_tiny_en(device="cuda", dtype=INT8)

@@ -28,6 +28,8 @@ def test_windows_per_call_defaults_by_actor_kind_and_honours_the_option():
         ({"device": "tpu"}, "--device"),
         ({"overlap_s": -1}, "--overlap-s"),
         ({"prompt_format": "jinja"}, "--prompt-format"),
+        ({"int8": True, "gpus_per_actor": 1}, "--int8"),
+        ({"int8": True, "device": "cuda"}, "--int8"),
     ],
 )
 def test_bad_options_name_the_flag(kwargs, message):

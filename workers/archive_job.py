@@ -21,9 +21,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import ModelDescription
-from pipeline.models.registry import describe_model
 from pipeline.inputs import (
     PIPELINE_VERSION,
     PlannedRecording,
@@ -33,6 +30,9 @@ from pipeline.inputs import (
     list_recordings,
     pending,
 )
+from pipeline.merging.config import ReductionConfig
+from pipeline.models.base import ModelDescription
+from pipeline.models.registry import describe_model
 from pipeline.presets import PRESETS_VERSION, resolve_reduction
 from pipeline.publish import OutputLock, RunWriter, committed_manifests, new_run_id, remove_abandoned
 from pipeline.tasks import language_code
@@ -157,6 +157,7 @@ def build_dataset(
             "device": config.device,
             "tally": tally,
             "kind": config.model_kind,
+            "int8": config.int8,
         },
         **_actor_resources(config),
     )
@@ -179,6 +180,8 @@ def check_model(config: JobConfig) -> ModelDescription:
             )
     if config.language and not info.multilingual and language_code(config.language) != "en":
         raise ModelTaskError(f"model {config.model!r} is English-only; --language {config.language!r}")
+    if config.int8 and not info.int8:
+        raise ModelTaskError(f"model {config.model!r} has no int8 variant (--int8 is for Whisper models)")
     if config.overlap_s >= info.max_window_s / 2:  # half a window: each window still adds new audio
         raise JobConfigError(
             f"--overlap-s {config.overlap_s} must be below half of {config.model!r}'s "
@@ -241,6 +244,7 @@ def run_archive(config: JobConfig) -> RunSummary:
         windowing = {"overlap_s": config.overlap_s, "max_window_s": info.max_window_s}
         # A forced prompt format changes every output; "auto" keeps older runs' fingerprints.
         prompts = {"prompt_format": config.prompt_format} if config.model_kind else {}
+        prompts |= {"int8": True} if config.int8 else {}  # changes outputs; absent keeps old fingerprints
         run_fp = fingerprint(
             config.model,
             config.task,

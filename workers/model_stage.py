@@ -18,7 +18,7 @@ import ray
 import torch
 
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import WindowOutput
+from pipeline.models.base import INT8, WindowOutput
 from pipeline.models.registry import load_model
 from pipeline.stats import WindowStats
 from pipeline.tasks import TaskRequest
@@ -56,6 +56,7 @@ class WindowPredictor:
         device: str = "auto",
         tally: ray.actor.ActorHandle | None = None,
         kind: str | None = None,
+        int8: bool = False,
     ) -> None:
         self.tally = tally  # workers.progress.TallyActor: hears of every window this stage finishes
         self.device = pick_device(device)
@@ -63,7 +64,7 @@ class WindowPredictor:
         if self.device == "cpu" and context.get_actor_id():  # an actor: as many torch threads as CPUs
             share = context.get_assigned_resources().get("CPU", 1.0)  # Ray gave it (a share rounds up)
             torch.set_num_threads(max(1, math.ceil(share)))
-        self.model = load_model(model_name, device=self.device, kind=kind)
+        self.model = load_model(model_name, device=self.device, dtype=INT8 if int8 else None, kind=kind)
         self.request = TaskRequest(**request)
         self.reduction = ReductionConfig(**reduction)
         self.node = context.get_node_id()

@@ -5,7 +5,8 @@ A family is one module in ``pipeline/models/`` that provides:
 - ``MODEL_TYPES``: the ``model_type`` values of ``config.json`` it serves;
 - ``describe(checkpoint) -> ModelDescription``: read from the checkpoint's config files alone, never its
   weights (the driver, presets, evaluate and generate ask this before any model exists);
-- ``load(checkpoint, device, dtype) -> SpeechModel``: the loaded adapter.
+- ``load(checkpoint, device, dtype) -> SpeechModel``: the loaded adapter; ``dtype=INT8`` asks for dynamic
+  int8 quantization, which only families whose description says ``int8`` accept.
 
 A ``SpeechModel`` turns a batch of mono float32 waveforms at ``sample_rate`` (each at most
 ``max_window_s`` long) plus a task into one ``WindowOutput`` per waveform. Decoder-only SpeechLMs share
@@ -19,12 +20,15 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 
 from pipeline.merging.config import ReductionConfig
 from pipeline.stats import WindowStats
 from pipeline.tasks import TaskRequest
 
 KINDS = ("base", "instruct")
+# The dtype that asks for dynamic int8 quantization (int8 weights, activations quantized per call; CPU).
+INT8 = torch.qint8
 
 
 class ModelError(ValueError):
@@ -53,7 +57,8 @@ class ModelDescription:
     the chat template it ships); reducing_layers: layers a reduction schedule counts over (decoder
     layers of a SpeechLM, encoder layers of Whisper); translate_to: target languages of ``st``
     (empty: any the prompt can name); drops_padding: the adapter has a ``padding`` option (``keep`` or
-    ``drop`` the encoder output of a window's padding, a reduction of its own).
+    ``drop`` the encoder output of a window's padding, a reduction of its own); int8: loads with
+    ``dtype=INT8`` on CPU.
     """
 
     name: str
@@ -66,6 +71,7 @@ class ModelDescription:
     translate_to: tuple[str, ...] = ()
     multilingual: bool = False
     drops_padding: bool = False
+    int8: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -29,7 +29,7 @@ from pipeline.engine.batching import AudioPrompt, fit_batch, generate_rows
 from pipeline.engine.generate import Generation
 from pipeline.engine.stack import DecoderStack
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import Checkpoint, ModelDescription, ModelError, WindowOutput
+from pipeline.models.base import INT8, Checkpoint, ModelDescription, ModelError, WindowOutput
 from pipeline.stats import WindowStats, batch_times
 from pipeline.tasks import TaskRequest
 
@@ -145,6 +145,8 @@ class AudioLanguageModel(ABC):
         dtype: torch.dtype | None = None,
     ) -> AudioLanguageModel:
         """Weights (bf16 on CUDA, fp32 elsewhere unless ``dtype``) and processor from the checkpoint folder."""
+        if dtype == INT8:  # the engine reads the decoder's weights itself: no quantized modules
+            raise ModelError(f"{ckpt.name}: int8 is not supported for {cls.__name__} (Whisper models only)")
         dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         model = _load_weights(cls.model_class, ckpt, dtype)
         processor = AutoProcessor.from_pretrained(ckpt.folder, local_files_only=True)

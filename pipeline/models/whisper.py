@@ -16,11 +16,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from transformers import (
     GenerationConfig,
     WhisperConfig,
@@ -31,7 +33,7 @@ from transformers import (
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import Checkpoint, ModelDescription, WindowOutput
+from pipeline.models.base import INT8, Checkpoint, ModelDescription, ModelError, WindowOutput
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
 from pipeline.models.whisper_encoder import EncoderOutput, encode, encoder_ratios, speech_tokens
@@ -351,9 +353,27 @@ class WhisperSpeechModel:
 
 
 def _default_dtype(device: str, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype the weights load in (INT8: float32, quantized afterwards by ``_quantize``)."""
+    if dtype == INT8:
+        if torch.device(device).type != "cpu":
+            raise ModelError(f"int8 runs on CPU only, not on {device}")
+        return torch.float32
     if dtype is not None:
         return dtype
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _quantize(model: WhisperForConditionalGeneration, dtype: torch.dtype | None) -> None:
+    """INT8: dynamic quantization of the decoder's linear layers and the output projection, where CPU
+    decoding spends its time. The encoder stays float32: its merges read keys from its projections."""
+    if dtype != INT8:
+        return
+    from torch.ao.quantization import quantize_dynamic  # only int8 runs pay for (and warn about) it
+
+    with warnings.catch_warnings():  # torch announces the API's move to torchao on every call
+        warnings.simplefilter("ignore")
+        model.model.decoder = quantize_dynamic(model.model.decoder, {nn.Linear}, dtype=INT8)
+        model.proj_out = quantize_dynamic(nn.Sequential(model.proj_out), {nn.Linear}, dtype=INT8)[0]
 
 
 def load_packaged(
@@ -363,7 +383,6 @@ def load_packaged(
     per-user cache. kwargs go to WhisperSpeechModel (batch_size, padding)."""
     source, meta = packaged_files(name)
     state, config = load_converted_whisper(source, meta)
-    dtype = _default_dtype(device, dtype)
     model = WhisperForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) != {"proj_out.weight"}:
@@ -371,7 +390,8 @@ def load_packaged(
             f"converted Whisper weights do not fit: missing {missing}, unexpected {unexpected}"
         )
     model.tie_weights()
-    model.to(device=device, dtype=dtype)
+    model.to(device=device, dtype=_default_dtype(device, dtype))
+    _quantize(model, dtype)
     tokenizer = WhisperTokenizerFast(tokenizer_file=str(meta / "tokenizer.json"))
     lang_ids = json.loads((meta / "config.json").read_text()).get("lang_ids", [])
     model.generation_config = generation_config(config, tokenizer, lang_ids)
@@ -395,8 +415,9 @@ def load_pretrained(
     name: str, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
 ) -> WhisperSpeechModel:
     """A transformers Whisper checkpoint by hub id or local folder (``openai/whisper-*``)."""
-    dtype = _default_dtype(device, dtype)
-    model = WhisperForConditionalGeneration.from_pretrained(name, dtype=dtype).to(device)
+    model = WhisperForConditionalGeneration.from_pretrained(name, dtype=_default_dtype(device, dtype))
+    model.to(device)
+    _quantize(model, dtype)
     tokenizer = WhisperTokenizerFast.from_pretrained(name)
     return WhisperSpeechModel(model, tokenizer, name=name, **kwargs)
 
@@ -422,6 +443,7 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
         translate_to=("en",) if multilingual else (),
         multilingual=multilingual,
         drops_padding=True,
+        int8=True,
     )
 
 
