@@ -25,6 +25,7 @@ from pipeline.publish import committed_manifests, read_committed
 from pipeline.tasks import EMOTIONS, UNKNOWN
 from schemas.job_config import JobConfig, JobConfigError
 from tests.conftest import tone_bursts, write_wav
+from workers import archive_job
 from workers.archive_job import ModelTaskError, RunSummary, run_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -89,9 +90,16 @@ def test_run_writes_one_row_per_recording(reference: tuple[Path, RunSummary]) ->
     assert "ok 3, empty 1, failed 2" in summary.line()
 
 
-def test_rerun_adds_and_changes_nothing(archive: Path, reference: tuple[Path, RunSummary]) -> None:
+def test_rerun_adds_and_changes_nothing(
+    archive: Path, reference: tuple[Path, RunSummary], monkeypatch: pytest.MonkeyPatch
+) -> None:
     output, _ = reference
     before = {name: _table(output, name) for name in ("results", "stats", "errors")}
+
+    def no_ray(config: JobConfig) -> None:
+        raise AssertionError("a run with nothing to do started Ray")
+
+    monkeypatch.setattr(archive_job, "connect", no_ray)
     again = run_archive(JobConfig(str(archive), str(output)))
     assert (again.run_id, again.skipped) == (None, 6)
     assert {name: _table(output, name) for name in before} == before

@@ -15,6 +15,7 @@ import platform
 import secrets
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import pyarrow as pa
@@ -87,15 +88,13 @@ def _request(config: JobConfig) -> dict:
 
 
 def _versions() -> dict:
-    import torch
-    import transformers
-
+    """Package versions from their metadata: the driver need not import transformers to name it."""
     return {
         "python": platform.python_version(),
         "ray": ray.__version__,
         "pyarrow": pa.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "torch": metadata.version("torch"),
+        "transformers": metadata.version("transformers"),
     }
 
 
@@ -240,7 +239,6 @@ def run_archive(config: JobConfig) -> RunSummary:
     check_paths(config)
     output, run_id = Path(config.output), new_run_id()
     with OutputLock(output, run_id):
-        connect(config)
         windowing = {"overlap_s": config.overlap_s, "max_window_s": info.max_window_s}
         # A forced prompt format changes every output; "auto" keeps older runs' fingerprints.
         prompts = {"prompt_format": config.prompt_format} if config.model_kind else {}
@@ -259,8 +257,10 @@ def run_archive(config: JobConfig) -> RunSummary:
         seen = SeenSources(e for m in manifests for e in m.recordings)
         todo, skipped = pending(list_recordings(config.input, seen), manifests, run_fp, config.retry_errors)
         log.info("plan: %d recordings to process, %d done before", len(todo), len(skipped))
-        if not todo:
+        if not todo:  # a rerun with nothing new never starts Ray
             return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started)
+        connect(config)
+        log.info("start-up: plan and Ray ready after %.1f s", time.monotonic() - started)
         run_fields = {
             "task": config.task,
             "model": config.model,

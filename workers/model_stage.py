@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -58,6 +59,7 @@ class WindowPredictor:
         kind: str | None = None,
         int8: bool = False,
     ) -> None:
+        started = time.monotonic()
         self.tally = tally  # workers.progress.TallyActor: hears of every window this stage finishes
         self.device = pick_device(device)
         context = ray.get_runtime_context()
@@ -73,6 +75,7 @@ class WindowPredictor:
             torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
         )
         self.nvml = _nvml_handle() if cuda else None
+        log.info("%s loaded on %s in %.1f s", model_name, self.device_name, time.monotonic() - started)
 
     def _run(self, waveforms: list[np.ndarray]) -> list[WindowOutput | Exception]:
         try:
