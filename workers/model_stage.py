@@ -60,6 +60,8 @@ class WindowPredictor:
         int8: bool = False,
     ) -> None:
         started = time.monotonic()
+        if not logging.getLogger().handlers:  # a fresh Ray worker: let INFO lines reach the driver's log
+            logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.tally = tally  # workers.progress.TallyActor: hears of every window this stage finishes
         self.device = pick_device(device)
         context = ray.get_runtime_context()
