@@ -41,8 +41,12 @@ PEER = {
     "faster-whisper sequential (VAD), int8": ("int8", False, True),
     "faster-whisper sequential (VAD), float32": ("float32", False, True),
 }
-# label -> --reduction of jobs/transcribe_archive.py
-OURS = {"archive job, no reduction": "none", "archive job, default preset": "default"}
+# label -> options of jobs/transcribe_archive.py
+OURS = {
+    "archive job, no reduction": ["--reduction", "none"],
+    "archive job, default preset": ["--reduction", "default"],
+    "archive job, int8, no reduction": ["--reduction", "none", "--int8"],
+}
 
 PEER_SCRIPT = """
 import json, sys, time
@@ -92,7 +96,7 @@ def run_ours(label: str, files: list[Path], threads: int) -> tuple[float, dict[P
         for f in files:
             (inputs / f.name).symlink_to(f.resolve())
         cmd = [sys.executable, "jobs/transcribe_archive.py", "--input", str(inputs), "--output", f"{tmp}/out"]
-        cmd += ["--reduction", OURS[label], "--num-cpus", str(threads)]
+        cmd += [*OURS[label], "--num-cpus", str(threads)]
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a local cluster of its own
         start = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from schemas.stages import WINDOW_STATS_TYPE
+
 SEGMENT_TYPE = pa.struct(
     [
         pa.field("index", pa.int32(), nullable=False),
@@ -48,16 +50,9 @@ STATS_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("audio_seconds", pa.float64(), nullable=False),  # decoded duration, silence included
         pa.field("windows", pa.int32(), nullable=False),
-        pa.field("audio_tokens_in", pa.int64(), nullable=False),
-        pa.field("audio_tokens_kept", pa.float64(), nullable=False),
-        pa.field("kv_bytes_full", pa.int64(), nullable=False),
-        pa.field("kv_bytes_kept", pa.int64(), nullable=False),
-        # encode_s, prefill_s, decode_s: the windows' shares of their batches' times, by the work each
-        # caused (pipeline.stats.batch_times: encode equally, prefill by prompt, decode by generated tokens)
-        pa.field("encode_s", pa.float64(), nullable=False),
-        pa.field("prefill_s", pa.float64(), nullable=False),
-        pa.field("decode_s", pa.float64(), nullable=False),
-        pa.field("generated_tokens", pa.int64(), nullable=False),
+        # audio tokens, KV bytes, encode_s / prefill_s / decode_s (the windows' shares of their batches'
+        # times, by the work each caused: pipeline.stats.batch_times), generated tokens: summed windows
+        *list(WINDOW_STATS_TYPE)[1:],
         # generated_tokens / decode_s: the decode throughput of the batches (all their rows) that generated
         # this recording's tokens, weighted by its tokens in each
         pa.field("decode_tokens_per_s", pa.float64()),
