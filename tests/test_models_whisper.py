@@ -215,7 +215,7 @@ def test_int8_quantizes_the_decoder_and_keeps_the_transcript_close(whisper):
     quantized = [type(m).__module__ for m in int8.model.model.decoder.modules()]
     assert any("quantized" in q for q in quantized) and "quantized" in type(int8.model.proj_out).__module__
     assert int8.model.model.encoder.layers[0].self_attn.k_proj.weight.dtype == torch.float32
-    speech = [decode_audio(EXAMPLES / f).samples for f in ("intro.wav", "standup.flac")]
+    speech = [decode_audio(EXAMPLES / "intro.wav").samples]
     float_texts = [o.text for o in whisper.run(speech, ASR, NO_REDUCTION)]
     int8_texts = [o.text for o in int8.run(speech, ASR, NO_REDUCTION)]
     assert wer(float_texts, int8_texts) < 0.2, (float_texts, int8_texts)
