@@ -72,3 +72,14 @@ def test_none_default_named_and_unknown() -> None:
         resolve_reduction(TINY_EN, "asr", "bogus")
     with pytest.raises(PresetError, match=r"\(whisper, base\), task 'er'; choose one of: none$"):
         resolve_reduction(TINY_EN, "er")
+
+
+def test_whisper_base_presets_are_its_own_measurements() -> None:
+    base = replace(TINY_EN, name="whisper-base", reducing_layers=6)
+    for task in ("asr", "st", "lid"):
+        preset = BY_CHECKPOINT["whisper-base"][task][DEFAULT]
+        assert not preset.provisional and "whisper-base-multilingual-dev" in preset.basis, task
+        assert resolve_reduction(base, task) == preset.config
+    family = resolve_reduction(replace(base, name="x"), "asr")
+    assert resolve_reduction(base, "asr") != family
+    assert resolve_reduction(base, "lid").first_layer == 3  # select-layer-lid's choice
