@@ -91,17 +91,18 @@ def select(
 
 
 def run_one(model, waves, refs, languages, request, cfg, batch: int, task: str) -> dict:
-    texts, detected, total = [], [], None
+    texts, detected, total, loops = [], [], None, []
     for first in range(0, len(waves), batch):
         for out in model.run(waves[first : first + batch], request, cfg):
             texts.append(out.text)
             detected.append(out.language)
+            loops += [len(texts) - 1] if out.loop_cut else []
             total = out.stats if total is None else total + out.stats
     row_scores = scores(task, refs, texts, languages)
     row = {"score": next(iter(row_scores.values())), "scores": row_scores, **total.to_dict()}
     row["tokens_kept_frac"] = total.audio_tokens_kept / total.audio_tokens_in
     row["kv_kept_frac"] = total.kv_bytes_kept / total.kv_bytes_full
-    return row | {"texts": texts, "languages": detected}
+    return row | {"texts": texts, "languages": detected, "loops_cut": loops}  # utterances cut by the guard
 
 
 def _scores(row: dict, metric_name: str) -> dict[str, float]:
@@ -139,14 +140,16 @@ def markdown(results: list[dict], levels: list[float], metric_name: str, meta: d
             values = [_scores(cells[lv], metric_name).get(name) if lv in cells else None for lv in levels]
             lines.append(f"| {label} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
     lines += ["", "Measured (all runs): speech tokens kept averaged over encoder layers, decoder cross-attention "
-              "KV kept, generated tokens, encoder / first decoder step / later steps seconds (CPU: ratios only).", "",
-              "| run | target | score | tokens kept | KV kept | gen tokens | encode s | prefill s | decode s |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "KV kept, generated tokens, utterances the loop guard cut (- : not recorded), encoder / first decoder "
+              "step / later steps seconds (CPU: ratios only).", "",
+              "| run | target | score | tokens kept | KV kept | gen tokens | loops cut | encode s | prefill s | decode s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in results:
         target = "" if r["target"] is None else f"{r['target']:.0%}"
+        loops = len(r["loops_cut"]) if "loops_cut" in r else "-"  # runs recorded before the count existed
         lines.append(
             f"| {r['label']} | {target} | {r['score']:.2f} | {r['tokens_kept_frac']:.3f} | {r['kv_kept_frac']:.3f} "
-            f"| {r['generated_tokens']} | {r['encode_s']:.1f} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} |"
+            f"| {r['generated_tokens']} | {loops} | {r['encode_s']:.1f} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} |"
         )
     lines += ["", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)

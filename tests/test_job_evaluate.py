@@ -28,7 +28,7 @@ def test_methods_side_by_side_and_resume(manifest, tmp_path):
     evaluate.main([*argv, "--out", str(out)])
     results = json.loads((out / "results.json").read_text())["results"]
     assert [r["label"] for r in results] == ["No reduction", "FastAdaSP constant", "A-ToMe"]
-    assert all(0 <= r["score"] < 100 for r in results)
+    assert all(0 <= r["score"] < 100 and r["loops_cut"] == [] for r in results)
     assert results[0]["kv_kept_frac"] == 1.0 and all(r["kv_kept_frac"] < 1.0 for r in results[1:])
     assert "| FastAdaSP constant |" in (out / "results.md").read_text() and (out / "wer.png").stat().st_size
     runs = (out / "runs.jsonl").read_text()

@@ -8,8 +8,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from pipeline.merging.config import NO_REDUCTION
 from pipeline.models.whisper import LOOP_TOKENS, decode_options
 from pipeline.models.whisper_decoding import MAX_LOOP_PERIOD, _loop_start
+from pipeline.tasks import TaskRequest
 from tests.test_models_whisper_multilingual import features, generated, ours, tiny_multilingual
 
 PHRASE = [11, 12, 13, 14, 15]
@@ -51,3 +53,5 @@ def test_looping_rows_are_cut_and_the_rest_decode_as_generate(tmp_path):
     for cut, full in zip(on.tokens, off.tokens, strict=True):
         assert len(cut) < len(full) and cut == full[: len(cut)]
         assert _loop_start(full[: len(cut) + LOOP_TOKENS], LOOP_TOKENS) == len(cut)
+    # the adapter says which windows were cut (evaluate counts them)
+    assert [out.loop_cut for out in model.run(waves, TaskRequest("asr"), NO_REDUCTION)] == [True] * 3

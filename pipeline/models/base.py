@@ -83,6 +83,7 @@ class WindowOutput:
     text: str
     language: str | None = None  # the spoken language, where the model tells it (ISO 639-1 code)
     stats: WindowStats = field(default_factory=WindowStats)
+    loop_cut: bool = False  # decoding fell into a loop and was cut (pipeline.models.whisper_decoding)
 
 
 class SpeechModel(Protocol):

@@ -350,7 +350,7 @@ class WhisperSpeechModel:
                 text = code
             else:
                 text = self.tokenizer.decode([t for t in dec.tokens[b] if t < options.eos]).strip()
-            outputs.append(WindowOutput(text=text, language=code, stats=stats))
+            outputs.append(WindowOutput(text=text, language=code, stats=stats, loop_cut=b in dec.loops))
         return outputs
 
 
