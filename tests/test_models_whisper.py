@@ -69,9 +69,15 @@ def features(whisper, waves):
 def test_no_reduction_reproduces_transformers_generate(whisper, clips):
     with torch.inference_mode():
         reference = whisper.model.generate(features(whisper, clips)).tolist()
+    rows = []  # windows in the decoder's batch at each step
+    hook = whisper.model.proj_out.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[0]))
     outputs = whisper.run(clips, ASR, NO_REDUCTION)
+    hook.remove()
     texts = [whisper.tokenizer.decode([t for t in row if t < 50256]).strip() for row in reference]
     assert [o.text for o in outputs] == texts
+    lengths = [o.stats.generated_tokens for o in outputs]
+    assert len(set(lengths)) > 1  # windows finish at different steps ...
+    assert rows == [sum(n > step for n in lengths) for step in range(max(lengths))]  # ... and leave
     assert [o.language for o in outputs] == ["en"] * 3  # English-only: what it hears is English
     assert whisper.run(clips[:1], TaskRequest("asr", language="English"), NO_REDUCTION)[0].text == texts[0]
     assert whisper.tasks == {"asr"} and whisper.translate_to == () and whisper.languages == {}

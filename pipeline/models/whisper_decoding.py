@@ -1,14 +1,22 @@
 """Greedy decoding (no timestamps) of Whisper over encoder outputs of different lengths, with language
 detection for multilingual checkpoints.
 
-The decoder's own layer modules and transformers' EncoderDecoderCache do the work; this loop only adds
-what ``WhisperDecoder.forward`` lacks: a cross-attention key mask, so that windows whose encoder outputs
-were shortened by different amounts (merging) share one batch. When every window has the same encoder
-length no mask is passed, and the arithmetic is exactly that of ``WhisperForConditionalGeneration.generate``
-(same suppressions, same stopping rule, same pad after end-of-text). Language detection is the one
-``generate`` runs before it (``detect_language``): the logits after start-of-transcript alone, argmax over
-the language tokens; here that first step stays in the cache and the prompt continues from it, so the
-batch pays one extra decoder step, not a second pass over the encoder output.
+Our own loop over the weights of transformers' ``WhisperDecoderLayer`` modules (as whisper_encoder.py
+does for the encoder), with the same arithmetic, and what ``WhisperDecoder.forward`` lacks: a
+cross-attention key mask, so that windows whose encoder outputs were shortened by different amounts
+(merging) share one batch. Without reduction it decodes what ``WhisperForConditionalGeneration.generate``
+decodes (same suppressions, same stopping rule, same pad after end-of-text). Language detection is the
+one ``generate`` runs before it (``detect_language``): the logits after start-of-transcript alone, argmax
+over the language tokens; here that first step stays in the cache and the prompt continues from it, so
+the batch pays one extra decoder step, not a second pass over the encoder output.
+
+Where the time goes on a CPU, and so the layout: a step reads every window's cross-attention keys and
+values (1,500 positions per layer for a 30 s window), which outweighs the rest of the step at batch 16.
+They are kept transposed, (hd, S) per head, so both products of a step read contiguous rows (2x the
+throughput of SDPA's kernel for one query on this layout, benchmarks/cpu-peer-longform-dev); the
+self-attention cache is preallocated and written in place. Windows that have finished leave the batch
+(``generate`` keeps computing their padding): rows are independent, so the rows kept compute what they
+would have, and a batch whose windows finish at different lengths stops paying for the finished ones.
 
 One deliberate departure, ``DecodeOptions.loop_tokens``: greedy Whisper without timestamps falls into
 loops (the same phrase again and again up to the 448-token limit), which both insert garbage and hold
@@ -23,8 +31,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from transformers import WhisperForConditionalGeneration
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer
 
 from pipeline.device import sync
 
@@ -57,6 +67,10 @@ class DecodeOptions:
 MAX_LOOP_PERIOD = 64
 # How often (decoder steps) the guard looks: a loop found late is cut back to its first phrase anyway.
 _LOOP_CHECK_EVERY = 8
+# Finished windows leave the batch once they are at least 1/_COMPACT_WHEN of it: a step's cost is per row
+# (the cross-attention reads each row's encoder K/V, the output projection each row's logits), and
+# dropping rows copies the cache of the rows kept, about one step's cross-attention reads.
+_COMPACT_WHEN = 8
 
 
 @dataclass
@@ -95,25 +109,83 @@ def _loop_start(row: list[int], loop_tokens: int) -> int | None:
     return None
 
 
-def _step(
-    model: WhisperForConditionalGeneration,
-    ids: torch.Tensor,
-    encoder_states: torch.Tensor,
-    cross_mask: torch.Tensor | None,
-    cache: EncoderDecoderCache,
-) -> torch.Tensor:
+class _Cache:
+    """Per decoder layer: self-attention keys/values (B, H, max_length, hd), written in place; the
+    encoder outputs' cross-attention keys and values, transposed (B, H, hd, S); ``bias`` (B, 1, 1, S)
+    additive, -inf on padding keys (None when no window is shorter than the batch's encoder output)."""
+
+    def __init__(self, layers: int, batch: int, heads: int, head_dim: int, length: int, like: Tensor) -> None:
+        shape = (batch, heads, length, head_dim)
+        self.keys = [like.new_empty(shape) for _ in range(layers)]
+        self.values = [like.new_empty(shape) for _ in range(layers)]
+        self.cross_keys: list[Tensor] = []
+        self.cross_values: list[Tensor] = []
+        self.bias: Tensor | None = None
+        self.length = 0
+
+    def keep(self, rows: Tensor) -> None:
+        """Only these batch rows from now on."""
+        for tensors in (self.keys, self.values, self.cross_keys, self.cross_values):
+            tensors[:] = [t[rows] for t in tensors]
+        self.bias = None if self.bias is None else self.bias[rows]
+
+
+def _heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, L, D) -> (B, H, L, D/H)"""
+    return x.view(*x.shape[:2], num_heads, -1).transpose(1, 2)
+
+
+def _self_attention(layer: WhisperDecoderLayer, x: Tensor, cache: _Cache, i: int) -> Tensor:
+    attn = layer.self_attn
+    past, new = cache.length, x.shape[1]
+    h = layer.self_attn_layer_norm(x)
+    q = _heads(attn.q_proj(h) * attn.scaling, attn.num_heads)
+    cache.keys[i][:, :, past : past + new] = _heads(attn.k_proj(h), attn.num_heads)
+    cache.values[i][:, :, past : past + new] = _heads(attn.v_proj(h), attn.num_heads)
+    k, v = cache.keys[i][:, :, : past + new], cache.values[i][:, :, : past + new]
+    mask = None
+    if past and new > 1:  # several tokens after cached ones: SDPA's is_causal would align top-left
+        keys, queries = (
+            torch.arange(past + new, device=x.device),
+            torch.arange(past, past + new, device=x.device),
+        )
+        mask = keys[None, :] <= queries[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=not past and new > 1, scale=1.0)
+    return x + attn.out_proj(out.transpose(1, 2).reshape(x.shape))
+
+
+def _cross_attention(layer: WhisperDecoderLayer, x: Tensor, cache: _Cache, i: int) -> Tensor:
+    attn = layer.encoder_attn
+    h = layer.encoder_attn_layer_norm(x)
+    q = _heads(attn.q_proj(h) * attn.scaling, attn.num_heads)
+    scores = q @ cache.cross_keys[i]  # (B, H, T, S)
+    if cache.bias is not None:
+        scores = scores + cache.bias
+    weights = scores.float().softmax(dim=-1).to(q.dtype)  # fp32 softmax, as SDPA's kernels
+    out = cache.cross_values[i] @ weights.transpose(-1, -2)  # (B, H, hd, T)
+    return x + attn.out_proj(out.permute(0, 3, 1, 2).reshape(x.shape))
+
+
+def _project_encoder(model: WhisperForConditionalGeneration, states: Tensor, cache: _Cache) -> None:
+    """Every layer's cross-attention keys and values of the encoder outputs, transposed, into the cache."""
+    for layer in model.model.decoder.layers:
+        attn = layer.encoder_attn
+        for proj, out in ((attn.k_proj, cache.cross_keys), (attn.v_proj, cache.cross_values)):
+            out.append(
+                proj(states).view(*states.shape[:2], attn.num_heads, -1).permute(0, 2, 3, 1).contiguous()
+            )
+
+
+def _step(model: WhisperForConditionalGeneration, ids: Tensor, cache: _Cache) -> Tensor:
     """One decoder call. ids (B, T) -> next-token logits (B, vocab) of the last position."""
     decoder = model.model.decoder
-    past = cache.get_seq_length()
-    positions = torch.arange(past, past + ids.shape[1], device=ids.device)
+    positions = torch.arange(cache.length, cache.length + ids.shape[1], device=ids.device)
     hidden = decoder.embed_tokens(ids) + decoder.embed_positions.weight[positions]
-    mask = None
-    if past and ids.shape[1] > 1:  # several tokens after a cached one: SDPA's is_causal would align top-left
-        keys = torch.arange(past + ids.shape[1], device=ids.device)
-        mask = torch.zeros(len(positions), len(keys), dtype=hidden.dtype, device=ids.device)
-        mask = mask.masked_fill(keys[None, :] > positions[:, None], -float("inf"))[None, None]
-    for layer in decoder.layers:
-        hidden = layer(hidden, mask, encoder_states, encoder_attention_mask=cross_mask, past_key_values=cache)
+    for i, layer in enumerate(decoder.layers):
+        hidden = _self_attention(layer, hidden, cache, i)
+        hidden = _cross_attention(layer, hidden, cache, i)
+        hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
+    cache.length += ids.shape[1]
     return model.proj_out(decoder.layer_norm(hidden[:, -1]))
 
 
@@ -133,38 +205,49 @@ def greedy_decode(
     """
     batch, seq, _ = encoder_states.shape
     device = encoder_states.device
-    cross_mask = None
-    if bool((lengths != seq).any()):
-        cross_mask = (torch.arange(seq, device=device)[None, :] < lengths.to(device)[:, None])[
-            :, None, None, :
-        ]
     suppress = torch.tensor(options.suppress, dtype=torch.long, device=device)
     begin_suppress = torch.tensor(options.begin_suppress, dtype=torch.long, device=device)
-    cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+    prompt_length = len(options.prompt) + bool(options.detect)
+    steps = options.max_length - prompt_length
+    steps = steps if max_new_tokens is None else min(steps, max_new_tokens)
+    config = model.config
+    cache = _Cache(
+        config.decoder_layers,
+        batch,
+        config.decoder_attention_heads,
+        config.d_model // config.decoder_attention_heads,
+        prompt_length + steps,
+        encoder_states,
+    )
+    if bool((lengths != seq).any()):
+        padding = torch.arange(seq, device=device)[None, :] >= lengths.to(device)[:, None]
+        cache.bias = encoder_states.new_zeros(padding.shape).masked_fill(padding, -float("inf"))[
+            :, None, None
+        ]
     ids = torch.tensor([options.prompt] * batch, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = []
     languages = None
     sync(device)
     start = time.perf_counter()
+    _project_encoder(model, encoder_states, cache)
     first_step_s = 0.0
     if options.detect:
-        logits = _step(model, ids[:, :1], encoder_states, cross_mask, cache)
+        logits = _step(model, ids[:, :1], cache)
         candidates = torch.tensor(options.detect, dtype=torch.long, device=device)
         languages = candidates[logits[:, candidates].argmax(dim=-1)]
         ids = torch.cat([languages[:, None], ids[:, 1:]], dim=1)
-    prompt_length = len(options.prompt) + bool(options.detect)
-    steps = options.max_length - prompt_length
     cuts: dict[int, int] = {}  # row -> generated length kept, for rows the loop guard stopped
-    for step in range(steps if max_new_tokens is None else min(steps, max_new_tokens)):
-        logits = _step(model, ids, encoder_states, cross_mask, cache)
+    rows = torch.arange(batch, device=device)  # the windows still in the decoder's batch
+    for step in range(steps):
+        logits = _step(model, ids, cache)
         logits[:, suppress] = -float("inf")
         if step == 0:
             logits[:, begin_suppress] = -float("inf")
-        next_ids = torch.where(finished, options.pad, logits.argmax(dim=-1))
+        next_ids = torch.full((batch,), options.pad, dtype=torch.long, device=device)
+        next_ids[rows] = torch.where(finished[rows], options.pad, logits.argmax(dim=-1))
         finished |= next_ids == options.eos
         generated.append(next_ids)
-        ids = next_ids[:, None]
         if step == 0:
             sync(device)
             first_step_s = time.perf_counter() - start
@@ -172,6 +255,12 @@ def greedy_decode(
             finished |= _cut_loops(generated, finished, options.loop_tokens, cuts)
         if bool(finished.all()):
             break
+        live = ~finished[rows]
+        if int((~live).sum()) * _COMPACT_WHEN >= len(rows):
+            keep = live.nonzero().flatten()
+            rows = rows[keep]
+            cache.keep(keep)
+        ids = next_ids[rows][:, None]
     sync(device)
     if not generated:  # detection only: its step is the first
         first_step_s = time.perf_counter() - start
