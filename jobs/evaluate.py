@@ -65,17 +65,6 @@ GRID = {
     "Random evict": ("random-evict", "single", LAST, None),
 }
 DROP_PADDING = "Drop padding only"
-# task -> the manifest field holding its reference
-REFERENCE = {"asr": "text", "st": "translation_en", "lid": "language", "er": "text"}
-
-
-def scores(task: str, refs: list[str], texts: list[str], languages: list[str]) -> dict[str, float]:
-    """Every metric of ``task``, the headline one first."""
-    if task == "asr":
-        return metrics.asr_scores(refs, texts, languages)
-    if task == "st":
-        return {"BLEU": metrics.bleu(refs, texts), "chrF": metrics.chrf(refs, texts)}
-    return {"Acc %": 100.0 * metrics.accuracy(refs, texts)}
 
 
 def select(
@@ -98,7 +87,7 @@ def run_one(model, waves, refs, languages, request, cfg, batch: int, task: str) 
             detected.append(out.language)
             loops += [len(texts) - 1] if out.loop_cut else []
             total = out.stats if total is None else total + out.stats
-    row_scores = scores(task, refs, texts, languages)
+    row_scores = metrics.task_scores(task, refs, texts, languages)
     row = {"score": next(iter(row_scores.values())), "scores": row_scores, **total.to_dict()}
     row["tokens_kept_frac"] = total.audio_tokens_kept / total.audio_tokens_in
     row["kv_kept_frac"] = total.kv_bytes_kept / total.kv_bytes_full
@@ -188,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--manifest", type=Path, required=True, help="JSONL: id, audio (relative path), text")
-    parser.add_argument("--task", default="asr", choices=sorted(REFERENCE))
+    parser.add_argument("--task", default="asr", choices=sorted(metrics.REFERENCE_FIELDS))
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument(
         "--methods",
@@ -278,16 +267,18 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown methods {sorted(unknown)}; known: {list(GRID)}")
 
     torch.manual_seed(args.seed)
-    rows = select(args.manifest, args.limit, args.seed, REFERENCE[args.task], args.languages)
+    rows = select(args.manifest, args.limit, args.seed, metrics.REFERENCE_FIELDS[args.task], args.languages)
     if not rows:
         parser.error(
-            f"no row of {args.manifest} has a {REFERENCE[args.task]!r} reference for --task {args.task}"
+            f"no row of {args.manifest} has a {metrics.REFERENCE_FIELDS[args.task]!r} reference for --task {args.task}"
         )
     waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in tqdm(rows, desc="decode")]
-    refs = [r[REFERENCE[args.task]] for r in rows]
+    refs = [r[metrics.REFERENCE_FIELDS[args.task]] for r in rows]
     languages = [r.get("language", "en") for r in rows]
     model = load_model(args.model, args.device, INT8 if args.int8 else None)
-    metric_name = next(iter(scores(args.task, refs, refs, languages)))  # the headline metric's name
+    metric_name = next(
+        iter(metrics.task_scores(args.task, refs, refs, languages))
+    )  # the headline metric's name
     request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
     runs = grid_runs(args, model.description.reducing_layers, model.description.drops_padding)
     meta = run_meta(args, argv, rows, languages)

@@ -24,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
-from jobs.evaluate import REFERENCE, save_figure, scores, select
+from jobs.evaluate import save_figure, select
 from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.merging.layer_select import TOLERANCE, select_layer
+from pipeline.metrics import REFERENCE_FIELDS, task_scores
 from pipeline.models.registry import DEFAULT_MODEL, load_model
 from pipeline.tasks import TaskRequest
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--task", required=True, choices=sorted(REFERENCE))
+    parser.add_argument("--task", required=True, choices=sorted(REFERENCE_FIELDS))
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--ratio", type=float, default=0.5, help="the one merge's ratio (default 0.5)")
     parser.add_argument("--method", default="fastadasp")
@@ -98,9 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    rows = select(args.manifest, args.limit, args.seed, REFERENCE[args.task])
+    rows = select(args.manifest, args.limit, args.seed, REFERENCE_FIELDS[args.task])
     if not rows:
-        parser.error(f"no row of {args.manifest} has a {REFERENCE[args.task]!r} reference")
+        parser.error(f"no row of {args.manifest} has a {REFERENCE_FIELDS[args.task]!r} reference")
     waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in rows]
     model = load_model(args.model, args.device)
     if not hasattr(model, "audio_states"):
@@ -124,17 +125,17 @@ def main(argv: list[str] | None = None) -> None:
     }
     if args.check:
         request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
-        refs = [r[REFERENCE[args.task]] for r in rows]
+        refs = [r[REFERENCE_FIELDS[args.task]] for r in rows]
         languages = [r.get("language", "en") for r in rows]
 
         def score(cfg: ReductionConfig) -> float:
             texts = [o.text for o in model.run(waves, request, cfg)]
-            return next(iter(scores(args.task, refs, texts, languages).values()))
+            return next(iter(task_scores(args.task, refs, texts, languages).values()))
 
         per_layer = [
             score(single_merge(layer, args.ratio, args.method, args.seed)) for layer in range(layers)
         ]
-        metric = next(iter(scores(args.task, refs, refs, languages)))
+        metric = next(iter(task_scores(args.task, refs, refs, languages)))
         result["check"] = {"metric": metric, "none": score(NO_REDUCTION), "per_layer": per_layer}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "selection.json").write_text(json.dumps(result, indent=1))

@@ -114,3 +114,18 @@ def accuracy(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """Fraction of exact matches after trimming and lower-casing (labels such as emotions or answers)."""
     _check_pairs(refs, hyps)
     return sum(r.strip().lower() == h.strip().lower() for r, h in zip(refs, hyps, strict=True)) / len(refs)
+
+
+# task -> the manifest field holding its reference (jobs/evaluate.py, benchmarks/score_run.py)
+REFERENCE_FIELDS = {"asr": "text", "st": "translation_en", "lid": "language", "er": "text"}
+
+
+def task_scores(
+    task: str, refs: Sequence[str], hyps: Sequence[str], languages: Sequence[str]
+) -> dict[str, float]:
+    """Every metric of ``task``, the headline one first."""
+    if task == "asr":
+        return asr_scores(refs, hyps, languages)
+    if task == "st":
+        return {"BLEU": bleu(refs, hyps), "chrF": chrf(refs, hyps)}
+    return {"Acc %": 100.0 * accuracy(refs, hyps)}

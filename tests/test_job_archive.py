@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import score_run
 from benchmarks.fault_injection import descendants, find
 from pipeline.inputs import PlanError
 from pipeline.models.registry import describe_model
@@ -104,6 +105,27 @@ def test_rerun_adds_and_changes_nothing(
     assert (again.run_id, again.skipped) == (None, 6)
     assert {name: _table(output, name) for name in before} == before
     assert len(committed_manifests(output)) == 1
+
+
+def test_score_run_matches_manifest_rows_to_committed_recordings(
+    reference: tuple[Path, RunSummary], tmp_path: Path
+) -> None:
+    output, _ = reference
+    said = {name: text for name, text in _texts(output).items() if text and text.strip()}
+    assert said  # the model says something about the tone bursts
+    rows = [
+        {"id": name, "audio": f"clips/{name}", "language": "en", "text": text} for name, text in said.items()
+    ]
+    rows += [
+        {"id": "quiet", "audio": "silence.wav", "language": "en", "text": "nothing"},  # committed as empty
+        {"id": "gone", "audio": "gone.wav", "language": "en", "text": "never processed"},
+        {"id": "other", "audio": "short.wav", "language": "fr", "text": "bonjour"},  # another language
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = score_run.score(output, manifest, "asr", ["en"])
+    assert (result["scored"], result["not_ok"], result["missing"]) == (len(said), ["silence.wav"], ["gone"])
+    assert result["scores"]["WER %"] == 0.0
 
 
 def test_errors_a_setting_caused_are_redone_and_retry_errors_redoes_the_rest(

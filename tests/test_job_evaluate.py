@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from jobs import evaluate
+from pipeline import metrics
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -48,7 +49,7 @@ def test_rows_are_those_with_the_tasks_reference(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ids = {
         task: [r["id"] for r in evaluate.select(path, None, 0, field)]
-        for task, field in evaluate.REFERENCE.items()
+        for task, field in metrics.REFERENCE_FIELDS.items()
     }
     assert ids == {
         "asr": ["a", "b", "d"],
@@ -61,7 +62,7 @@ def test_rows_are_those_with_the_tasks_reference(tmp_path):
 
 
 def test_every_task_scores_its_headline_metric_first():
-    assert list(evaluate.scores("st", ["hello world"], ["hello world"], ["de"])) == ["BLEU", "chrF"]
-    assert evaluate.scores("lid", ["de", "fr"], ["de", "it"], ["de", "fr"]) == {"Acc %": 50.0}
-    asr = evaluate.scores("asr", ["hallo welt", "你好"], ["hallo welt", "你们好"], ["de", "zh"])
+    assert list(metrics.task_scores("st", ["hello world"], ["hello world"], ["de"])) == ["BLEU", "chrF"]
+    assert metrics.task_scores("lid", ["de", "fr"], ["de", "it"], ["de", "fr"]) == {"Acc %": 50.0}
+    asr = metrics.task_scores("asr", ["hallo welt", "你好"], ["hallo welt", "你们好"], ["de", "zh"])
     assert asr["WER %"] == 0.0 and asr["CER % (ja/ko/zh)"] == 50.0
