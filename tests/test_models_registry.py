@@ -228,3 +228,16 @@ def test_int8_is_refused_where_the_family_has_none(checkpoints):
         check_model(JobConfig("in", "out", model=str(checkpoints["qwen-instruct"]), int8=True))
     with pytest.raises(ModelError, match="int8 is not supported"):
         load_model(str(checkpoints["glm"]), dtype=INT8)
+
+
+def test_languages_the_pipelines_table_does_not_name_get_the_models_own_refusal():
+    """Swahili is not in the prompt table (pipeline.tasks.LANGUAGES): what the model cannot do is still
+    what the refusal says, and a multilingual Whisper that knows it is not refused."""
+    from schemas.job_config import JobConfig
+    from workers.archive_job import ModelTaskError, check_model
+
+    with pytest.raises(ModelTaskError, match="is English-only; --language 'sw'"):
+        check_model(JobConfig("in", "out", language="sw"))
+    with pytest.raises(ModelTaskError, match="translates only into en, not 'Swahili'"):
+        check_model(JobConfig("in", "out", model="whisper-base", task="st", target_language="Swahili"))
+    assert check_model(JobConfig("in", "out", model="whisper-base", language="sw")).multilingual

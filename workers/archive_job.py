@@ -36,7 +36,7 @@ from pipeline.models.base import ModelDescription
 from pipeline.models.registry import describe_model
 from pipeline.presets import PRESETS_VERSION, resolve_reduction
 from pipeline.publish import OutputLock, RunWriter, committed_manifests, new_run_id, remove_abandoned
-from pipeline.tasks import language_code
+from pipeline.tasks import TaskError, language_code
 from schemas.job_config import JobConfig, JobConfigError
 from schemas.manifest import RunManifest
 from schemas.stages import PLAN_SCHEMA
@@ -162,6 +162,15 @@ def build_dataset(
     )
 
 
+def _code(language: str) -> str:
+    """ISO code of a language the pipeline's table names; any other as given, lower-cased (a multilingual
+    model's own check, per window, names the languages it knows)."""
+    try:
+        return language_code(language)
+    except TaskError:
+        return language.lower()
+
+
 def check_model(config: JobConfig) -> ModelDescription:
     """Describe the model from its config files (no weights) and refuse a task, language or window
     overlap it cannot do, before any input is read."""
@@ -170,14 +179,12 @@ def check_model(config: JobConfig) -> ModelDescription:
         raise ModelTaskError(
             f"model {config.model!r} cannot do task {config.task!r} (it does: {', '.join(sorted(info.tasks))})"
         )
-    if config.task == "st" and info.translate_to:
-        target = language_code(config.target_language)
-        if target not in info.translate_to:
-            raise ModelTaskError(
-                f"model {config.model!r} translates only into {', '.join(info.translate_to)}, "
-                f"not {config.target_language!r}"
-            )
-    if config.language and not info.multilingual and language_code(config.language) != "en":
+    if config.task == "st" and info.translate_to and _code(config.target_language) not in info.translate_to:
+        raise ModelTaskError(
+            f"model {config.model!r} translates only into {', '.join(info.translate_to)}, "
+            f"not {config.target_language!r}"
+        )
+    if config.language and not info.multilingual and _code(config.language) != "en":
         raise ModelTaskError(f"model {config.model!r} is English-only; --language {config.language!r}")
     if config.int8 and not info.int8:
         raise ModelTaskError(f"model {config.model!r} has no int8 variant (--int8 is for Whisper models)")
