@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from pipeline.metrics import REFERENCE_FIELDS, task_scores
 from pipeline.publish import read_committed
+from pipeline.tasks import is_dense
 
 
 def score(output: Path, manifest: Path, task: str, languages: list[str] | None = None) -> dict:
@@ -31,7 +32,7 @@ def score(output: Path, manifest: Path, task: str, languages: list[str] | None =
     results = {Path(r["source_path"]).name: r for r in read_committed(output, "results").to_pylist()}
     scored = [(r, results[Path(r["audio"]).name]) for r in rows if Path(r["audio"]).name in results]
     ok = [(r, out) for r, out in scored if out["status"] == "ok"]
-    hyps = [(out["label"] if task in ("lid", "er") else out["text"]) or "" for _, out in ok]
+    hyps = [(out["text"] if is_dense(task) else out["label"]) or "" for _, out in ok]
     scores = task_scores(task, [r[field] for r, _ in ok], hyps, [r["language"] for r, _ in ok])
     return {
         "task": task,

@@ -267,18 +267,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown methods {sorted(unknown)}; known: {list(GRID)}")
 
     torch.manual_seed(args.seed)
-    rows = select(args.manifest, args.limit, args.seed, metrics.REFERENCE_FIELDS[args.task], args.languages)
+    field = metrics.REFERENCE_FIELDS[args.task]
+    rows = select(args.manifest, args.limit, args.seed, field, args.languages)
     if not rows:
-        parser.error(
-            f"no row of {args.manifest} has a {metrics.REFERENCE_FIELDS[args.task]!r} reference for --task {args.task}"
-        )
+        parser.error(f"no row of {args.manifest} has a {field!r} reference for --task {args.task}")
     waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in tqdm(rows, desc="decode")]
-    refs = [r[metrics.REFERENCE_FIELDS[args.task]] for r in rows]
+    refs = [r[field] for r in rows]
     languages = [r.get("language", "en") for r in rows]
     model = load_model(args.model, args.device, INT8 if args.int8 else None)
-    metric_name = next(
-        iter(metrics.task_scores(args.task, refs, refs, languages))
-    )  # the headline metric's name
+    metric_name = next(iter(metrics.task_scores(args.task, refs, refs, languages)))  # the headline metric
     request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
     runs = grid_runs(args, model.description.reducing_layers, model.description.drops_padding)
     meta = run_meta(args, argv, rows, languages)

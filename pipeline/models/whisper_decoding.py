@@ -38,6 +38,7 @@ from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer
 
 from pipeline.device import sync
+from pipeline.models.whisper_encoder import split_heads
 
 
 @dataclass(frozen=True)
@@ -131,18 +132,13 @@ class _Cache:
         self.bias = None if self.bias is None else self.bias[rows]
 
 
-def _heads(x: Tensor, num_heads: int) -> Tensor:
-    """(B, L, D) -> (B, H, L, D/H)"""
-    return x.view(*x.shape[:2], num_heads, -1).transpose(1, 2)
-
-
 def _self_attention(layer: WhisperDecoderLayer, x: Tensor, cache: _Cache, i: int) -> Tensor:
     attn = layer.self_attn
     past, new = cache.length, x.shape[1]
     h = layer.self_attn_layer_norm(x)
-    q = _heads(attn.q_proj(h) * attn.scaling, attn.num_heads)
-    cache.keys[i][:, :, past : past + new] = _heads(attn.k_proj(h), attn.num_heads)
-    cache.values[i][:, :, past : past + new] = _heads(attn.v_proj(h), attn.num_heads)
+    q = split_heads(attn.q_proj(h) * attn.scaling, attn.num_heads)
+    cache.keys[i][:, :, past : past + new] = split_heads(attn.k_proj(h), attn.num_heads)
+    cache.values[i][:, :, past : past + new] = split_heads(attn.v_proj(h), attn.num_heads)
     k, v = cache.keys[i][:, :, : past + new], cache.values[i][:, :, : past + new]
     mask = None
     if past and new > 1:  # several tokens after cached ones: SDPA's is_causal would align top-left
@@ -158,7 +154,7 @@ def _self_attention(layer: WhisperDecoderLayer, x: Tensor, cache: _Cache, i: int
 def _cross_attention(layer: WhisperDecoderLayer, x: Tensor, cache: _Cache, i: int) -> Tensor:
     attn = layer.encoder_attn
     h = layer.encoder_attn_layer_norm(x)
-    q = _heads(attn.q_proj(h) * attn.scaling, attn.num_heads)
+    q = split_heads(attn.q_proj(h) * attn.scaling, attn.num_heads)
     scores = q @ cache.cross_keys[i]  # (B, H, T, S)
     if cache.bias is not None:
         scores = scores + cache.bias

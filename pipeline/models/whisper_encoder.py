@@ -62,8 +62,8 @@ class EncoderOutput:
     layer_speech: list[list[int]]
 
 
-def _heads(x: Tensor, num_heads: int) -> Tensor:
-    """(B, L, D) -> (B, H, L, D/H)"""
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, L, D) -> (B, H, L, D/H), contiguous (the encoder's and the decoder's attention)"""
     return x.view(*x.shape[:2], num_heads, -1).transpose(1, 2).contiguous()
 
 
@@ -71,9 +71,9 @@ def _attention(layer: WhisperEncoderLayer, x: Tensor, mask: Tensor | None) -> tu
     """x (B, L, D) -> (x + attention, q (B, H, L, hd) pre-scaled, keys (B, L, D) heads concatenated)."""
     attn = layer.self_attn
     h = layer.self_attn_layer_norm(x)
-    q = _heads(attn.q_proj(h) * attn.scaling, attn.num_heads)
+    q = split_heads(attn.q_proj(h) * attn.scaling, attn.num_heads)
     keys = attn.k_proj(h)
-    k, v = _heads(keys, attn.num_heads), _heads(attn.v_proj(h), attn.num_heads)
+    k, v = split_heads(keys, attn.num_heads), split_heads(attn.v_proj(h), attn.num_heads)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
     return x + attn.out_proj(out.transpose(1, 2).reshape(x.shape)), q, keys
 
@@ -98,7 +98,7 @@ def _reduce_row(
     """One window: x (L, D), q (H, L, hd) pre-scaled, keys (L, D) -> (L - k, D) with ``k`` speech tokens
     removed by the merge step (similarity over the keys, heads concatenated; mass from every query)."""
     attn = LayerAttention(
-        q[None], _heads(keys[None], q.shape[0]), None, scale=1.0, causal=False, keys=keys[None]
+        q[None], split_heads(keys[None], q.shape[0]), None, scale=1.0, causal=False, keys=keys[None]
     )
     reduced, _, _, _ = reduce_layer(x[None], attn, [(0, speech)], [k], cfg, generator)
     return reduced[0]
