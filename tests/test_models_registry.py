@@ -241,3 +241,15 @@ def test_languages_the_pipelines_table_does_not_name_get_the_models_own_refusal(
     with pytest.raises(ModelTaskError, match="translates only into en, not 'Swahili'"):
         check_model(JobConfig("in", "out", model="whisper-base", task="st", target_language="Swahili"))
     assert check_model(JobConfig("in", "out", model="whisper-base", language="sw")).multilingual
+
+
+def test_describing_whisper_imports_no_modeling_code():
+    """The driver describes the model before anything starts: transformers' modeling module (seconds to
+    import) is for the actors that load it."""
+    script = (
+        "import sys; from pipeline.models.registry import describe_model\n"
+        "for name in ('whisper-tiny.en', 'whisper-base'): describe_model(name)\n"
+        "print([m for m in sys.modules if m.startswith('transformers.models.whisper.modeling')])"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

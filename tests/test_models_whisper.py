@@ -70,7 +70,9 @@ def test_no_reduction_reproduces_transformers_generate(whisper, clips):
     with torch.inference_mode():
         reference = whisper.model.generate(features(whisper, clips)).tolist()
     rows = []  # windows in the decoder's batch at each step
-    hook = whisper.model.proj_out.register_forward_hook(lambda _m, _i, out: rows.append(out.shape[0]))
+    hook = whisper.model.model.decoder.layer_norm.register_forward_hook(
+        lambda _m, _i, out: rows.append(out.shape[0])
+    )
     outputs = whisper.run(clips, ASR, NO_REDUCTION)
     hook.remove()
     texts = [whisper.tokenizer.decode([t for t in row if t < 50256]).strip() for row in reference]

@@ -19,17 +19,12 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
-from transformers import (
-    GenerationConfig,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-    WhisperTokenizerFast,
-)
+from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizerFast
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
 from pipeline.merging.config import ReductionConfig
@@ -39,6 +34,9 @@ from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
 from pipeline.models.whisper_encoder import EncoderOutput, encode, encoder_ratios, speech_tokens
 from pipeline.stats import WindowStats, batch_times
 from pipeline.tasks import TaskError, TaskRequest
+
+if TYPE_CHECKING:  # the modeling module takes seconds to import: only loading imports it, not describing
+    from transformers import WhisperForConditionalGeneration
 
 TINY_EN = "whisper-tiny.en"
 BASE = "whisper-base"
@@ -383,6 +381,8 @@ def load_packaged(
 ) -> WhisperSpeechModel:
     """A packaged model (one of PACKAGED_NAMES), offline: weights converted once, then read from the
     per-user cache. kwargs go to WhisperSpeechModel (batch_size, padding)."""
+    from transformers import WhisperForConditionalGeneration
+
     source, meta = packaged_files(name)
     state, config = load_converted_whisper(source, meta)
     model = WhisperForConditionalGeneration(config)
@@ -417,6 +417,8 @@ def load_pretrained(
     name: str, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
 ) -> WhisperSpeechModel:
     """A transformers Whisper checkpoint by hub id or local folder (``openai/whisper-*``)."""
+    from transformers import WhisperForConditionalGeneration
+
     model = WhisperForConditionalGeneration.from_pretrained(name, dtype=_default_dtype(device, dtype))
     model.to(device)
     _quantize(model, dtype)

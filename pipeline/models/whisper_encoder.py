@@ -20,15 +20,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
 from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS, ReductionConfig
 from pipeline.merging.schedule import output_reduction, removed_counts, resolve_ratios
 from pipeline.merging.step import LayerAttention, reduce_layer
+
+if TYPE_CHECKING:  # see whisper_decoding.py
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
 SAMPLES_PER_TOKEN = 320  # 160-sample mel hop x conv2 stride 2
 ENCODER_METHODS = (*MERGE_METHODS, *EVICT_METHODS)
