@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument("--num-cpus", type=int, help="local cluster only: CPUs to give Ray")
     p.add_argument("--num-gpus", type=int, help="local cluster only: GPUs to give Ray")
     p.add_argument(
-        "--batch-size", type=int, help="windows per model call (default: 64 on GPU actors, 32 on CPU actors)"
+        "--batch-size", type=int, help="windows per model call (default: 64 on GPU actors, 16 on CPU actors)"
     )
     p.add_argument("--overlap-s", type=float, default=3.0)
     p.add_argument(

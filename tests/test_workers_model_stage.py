@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import ray
 
 from pipeline.audio.decode import decode_audio
-from schemas.job_config import JobConfig
 from schemas.stages import WINDOW_SCHEMA, WINDOW_TEXT_SCHEMA
-from workers.archive_job import CPU_ACTOR_ENV, actor_cpus, actor_options
+from workers.archive_job import actor_cpus
 from workers.model_stage import WindowPredictor
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "intro.wav"
@@ -61,14 +58,3 @@ def test_mixed_lengths_share_one_encoder_pass_and_match_single_runs():
 )
 def test_default_cpu_share_of_model_actors(actors, nodes, share):
     assert actor_cpus(actors, nodes) == pytest.approx(share)
-
-
-@pytest.mark.usefixtures("ray_local")
-def test_cpu_model_actors_run_with_the_malloc_settings_and_gpu_actors_without():
-    def read_env() -> dict:
-        return {name: os.environ.get(name) for name in CPU_ACTOR_ENV}
-
-    options = actor_options(JobConfig("in", "out", cpus_per_actor=1.0))
-    assert options["num_cpus"] == 1.0
-    assert ray.get(ray.remote(read_env).options(**options).remote()) == CPU_ACTOR_ENV
-    assert actor_options(JobConfig("in", "out", gpus_per_actor=1)) == {"num_gpus": 1}

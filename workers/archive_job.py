@@ -51,12 +51,6 @@ _MAX_PLAN_BLOCKS = 256
 # inference on CPU). Half a CPU leaves the rest of a node to the model actors, and differs from their
 # share, which keeps Ray Data from fusing the two stages into one actor where decoding waits on inference.
 CPU_STAGE_CPUS = 0.5
-# glibc malloc in CPU model actors: reuse freed memory instead of handing it back. Inference frees and
-# reallocates tensors of tens of MB in every layer and decoder step; by default each one is a fresh mmap
-# whose pages fault in again (2.9 million faults and 15% of the CPU time for 32 long-form windows).
-# With mmap off and no trimming the heap is reused: 36.3 -> 29.9 s for those windows on 2 threads. The
-# cost: the actor's resident memory stays at its peak. Other allocators ignore these variables.
-CPU_ACTOR_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
 
 
 class ModelTaskError(ValueError):
@@ -120,16 +114,13 @@ def actor_cpus(model_actors: int, node_cpus: list[float]) -> float:
     return max(CPU_STAGE_CPUS, min(max(nodes) - CPU_STAGE_CPUS, usable / model_actors))
 
 
-def actor_options(config: JobConfig) -> dict:
-    """Ray options of the model actors: their GPUs, or their CPUs and CPU_ACTOR_ENV."""
+def _actor_resources(config: JobConfig) -> dict:
     if config.gpus_per_actor:
         return {"num_gpus": config.gpus_per_actor}
-    cpus = config.cpus_per_actor
-    if cpus is None:
-        cpus = actor_cpus(
-            config.model_actors, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
-        )
-    return {"num_cpus": cpus, "runtime_env": {"env_vars": CPU_ACTOR_ENV}}
+    if config.cpus_per_actor is not None:
+        return {"num_cpus": config.cpus_per_actor}
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+    return {"num_cpus": actor_cpus(config.model_actors, nodes)}
 
 
 def build_dataset(
@@ -167,7 +158,7 @@ def build_dataset(
             "kind": config.model_kind,
             "int8": config.int8,
         },
-        **actor_options(config),
+        **_actor_resources(config),
     )
 
 
