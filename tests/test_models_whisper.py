@@ -101,6 +101,25 @@ def test_encoder_loop_matches_whisper_encoder(whisper, clips):
 
 
 @pytest.mark.parametrize(
+    "cfg,drop_padding",
+    [
+        (NO_REDUCTION, False),
+        (ReductionConfig(method="fastadasp", schedule="constant", first_layer=1, ratio=0.2), True),
+    ],
+)
+def test_encoder_passes_of_two_windows_give_the_whole_batch_outputs(whisper, clips, cfg, drop_padding):
+    ratios = encoder_ratios(cfg, 4)
+    feats = features(whisper, clips)
+    speech = [math.ceil(len(w) / 320) for w in clips]
+    whole = encode(whisper.model.model.encoder, feats, speech, cfg, ratios, drop_padding)
+    passes = encode(whisper.model.model.encoder, feats, speech, cfg, ratios, drop_padding, windows_per_pass=2)
+    assert passes.speech == whole.speech and passes.layer_speech == whole.layer_speech
+    assert torch.equal(passes.lengths, whole.lengths) and passes.states.shape == whole.states.shape
+    for b, n in enumerate(whole.lengths.tolist()):
+        torch.testing.assert_close(passes.states[b, :n], whole.states[b, :n], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
     "cfg",
     [
         ReductionConfig(method="fastadasp", schedule="single", first_layer=3, target=0.5),

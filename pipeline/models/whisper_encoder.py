@@ -115,10 +115,36 @@ def encode(
     cfg: ReductionConfig,
     ratios: list[float],
     drop_padding: bool = False,
+    windows_per_pass: int | None = None,
 ) -> EncoderOutput:
     """features (B, mels, 2 x positions) log-mel; speech[b]: speech tokens of window b; ratios from
     ``encoder_ratios``. Random methods draw from a generator seeded with cfg.seed per window, so a
-    window's plan does not depend on its batch."""
+    window's plan does not depend on its batch. windows_per_pass: windows that go through the layers
+    together (None: all B); the outputs are the same, their rows zero-padded to the longest."""
+    step = windows_per_pass or len(speech)
+    parts = [
+        _encode_pass(encoder, features[i : i + step], speech[i : i + step], cfg, ratios, drop_padding)
+        for i in range(0, len(speech), step)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.states.shape[1] for p in parts)
+    return EncoderOutput(
+        states=torch.cat([F.pad(p.states, (0, 0, 0, width - p.states.shape[1])) for p in parts]),
+        lengths=torch.cat([p.lengths for p in parts]),
+        speech=[s for p in parts for s in p.speech],
+        layer_speech=[s for p in parts for s in p.layer_speech],
+    )
+
+
+def _encode_pass(
+    encoder: WhisperEncoder,
+    features: Tensor,
+    speech: list[int],
+    cfg: ReductionConfig,
+    ratios: list[float],
+    drop_padding: bool,
+) -> EncoderOutput:
     x = F.gelu(encoder.conv1(features))
     x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
     x = x + encoder.embed_positions.weight
