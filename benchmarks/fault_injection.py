@@ -51,7 +51,7 @@ from tests.conftest import write_wav  # noqa: E402
 
 SAMPLE_RATE = 16000
 # Process titles Ray gives the workers (the CPU stage runs as tasks of its own because its CPU share
-# differs from the model actor's: workers.archive_job.CPU_STAGE_CPUS).
+# differs from the model actor's: workers.ray_run.CPU_STAGE_CPUS).
 TARGETS = {"model": "WindowPredictor", "cpu": "MapBatches(cut_windows)", "progress": "ray::Tally"}
 JOB_ARGS = ["--num-cpus", "2", "--batch-size", "4", "--progress-every-s", "1"]
 _PROGRESS = re.compile(r"progress: (\d+)/(\d+) recordings")

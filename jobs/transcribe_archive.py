@@ -3,7 +3,8 @@
     python jobs/transcribe_archive.py --input PATH --output DIR [--task asr|st|er|sqa] [--model NAME]
         [--reduction default|PRESET|none] [--target-language de] [--model-actors N] [--gpus-per-actor 1]
 
-Run plainly it starts a local Ray cluster; under ``ray job submit`` it joins that cluster.
+Run plainly with one model actor it runs in-process (no Ray cluster to start); with more actors it
+starts a local Ray cluster; under ``ray job submit`` it joins that cluster.
 Exit status: 0 done (failed recordings are rows of the errors table), 2 refused (bad options, model
 cannot do the task, output folder locked or not writable), 1 failed (writing the output failed: the
 parts committed before it stay).
@@ -25,7 +26,7 @@ from pipeline.models.registry import DEFAULT_MODEL
 from pipeline.presets import PresetError
 from pipeline.publish import OutputLockedError, PublishError
 from pipeline.tasks import TASKS, TaskError
-from schemas.job_config import JobConfig, JobConfigError
+from schemas.job_config import EXECUTORS, JobConfig, JobConfigError
 from schemas.manifest import ManifestError
 from workers.archive_job import ModelTaskError, run_archive
 
@@ -74,7 +75,17 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         help="CPU model actors: CPUs (= torch threads) each (default: the cluster's CPUs less 0.5 per node "
         "for decoding audio, split among the actors)",
     )
-    p.add_argument("--num-cpus", type=int, help="local cluster only: CPUs to give Ray")
+    p.add_argument(
+        "--executor",
+        default="auto",
+        choices=EXECUTORS,
+        help="ray: a Ray Data dataset on a cluster (a local one if none runs); in-process: one machine, "
+        "one model, nothing to start; auto: in-process unless RAY_ADDRESS names a cluster or "
+        "--model-actors > 1",
+    )
+    p.add_argument(
+        "--num-cpus", type=int, help="local cluster: CPUs to give Ray; in-process: the model's threads"
+    )
     p.add_argument("--num-gpus", type=int, help="local cluster only: GPUs to give Ray")
     p.add_argument(
         "--batch-size", type=int, help="windows per model call (default: 64 on GPU actors, 16 on CPU actors)"

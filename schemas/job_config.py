@@ -10,6 +10,7 @@ from pipeline.tasks import TASKS
 
 # --prompt-format -> checkpoint kind
 PROMPT_FORMATS = {"auto": None, "chat": "instruct", "plain": "base"}
+EXECUTORS = ("auto", "ray", "in-process")
 
 
 class JobConfigError(ValueError):
@@ -26,7 +27,11 @@ class JobConfig:
     model_actors: model actors to run; with ``gpus_per_actor > 0`` each holds that many GPUs.
     cpus_per_actor: CPUs (and torch threads) of each CPU model actor; None: the cluster's CPUs less the
     CPU stage's share, split among the actors (``workers.archive_job.actor_cpus``).
-    num_cpus / num_gpus: resources of the local cluster started when no cluster is running.
+    num_cpus / num_gpus: resources of the local cluster started when no cluster is running (an
+    in-process run: ``num_cpus`` caps the model's threads). executor: ``ray`` (a Ray Data dataset on a
+    cluster, a local one started when none runs), ``in-process`` (both stages in the driver's process:
+    one machine, one model, nothing to start; workers/in_process.py) or ``auto`` (in-process unless a
+    cluster is there to join or more than one model actor is asked for).
     batch_size: windows per model call (None: ``windows_per_call``'s default). max_duration_s: longer
     recordings become errors rows (guards memory; redone by a later run). retry_errors: redo every
     recording whose committed result is an error, not only those that failed in a way a later run may
@@ -58,6 +63,7 @@ class JobConfig:
     progress_every_s: float = 30.0
     device: str = "auto"  # auto: cuda when the actor holds a GPU that torch can see, else cpu
     int8: bool = False  # CPU actors: the model's int8 variant (dynamic quantization), where it has one
+    executor: str = "auto"
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -82,6 +88,10 @@ class JobConfig:
             raise JobConfigError("--int8 is for CPU model actors (no --gpus-per-actor, no --device cuda)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise JobConfigError(f"--device {self.device!r} is not one of auto, cpu, cuda")
+        if self.executor not in EXECUTORS:
+            raise JobConfigError(f"--executor {self.executor!r} is not one of {', '.join(EXECUTORS)}")
+        if self.executor == "in-process" and self.model_actors > 1:
+            raise JobConfigError("--executor in-process runs one model; --model-actors > 1 needs Ray")
 
     @property
     def model_kind(self) -> str | None:

@@ -26,7 +26,7 @@ from pipeline.publish import committed_manifests, read_committed
 from pipeline.tasks import EMOTIONS, UNKNOWN
 from schemas.job_config import JobConfig, JobConfigError
 from tests.conftest import tone_bursts, write_wav
-from workers import archive_job
+from workers import in_process, ray_run
 from workers.archive_job import ModelTaskError, RunSummary, run_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -97,10 +97,11 @@ def test_rerun_adds_and_changes_nothing(
     output, _ = reference
     before = {name: _table(output, name) for name in ("results", "stats", "errors")}
 
-    def no_ray(config: JobConfig) -> None:
-        raise AssertionError("a run with nothing to do started Ray")
+    def no_work(*args: object) -> None:
+        raise AssertionError("a run with nothing to do started an executor")
 
-    monkeypatch.setattr(archive_job, "connect", no_ray)
+    for executor in (ray_run, in_process):
+        monkeypatch.setattr(executor, "window_texts", no_work)
     again = run_archive(JobConfig(str(archive), str(output)))
     assert (again.run_id, again.skipped) == (None, 6)
     assert {name: _table(output, name) for name in before} == before

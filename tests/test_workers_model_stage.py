@@ -12,8 +12,8 @@ import pytest
 from pipeline.audio.decode import decode_audio
 from pipeline.models.whisper import CPU_ENCODER_WINDOWS
 from schemas.stages import WINDOW_SCHEMA, WINDOW_TEXT_SCHEMA
-from workers.archive_job import actor_cpus
 from workers.model_stage import WindowPredictor
+from workers.ray_run import actor_cpus
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "intro.wav"
 

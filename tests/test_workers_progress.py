@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from workers.progress import ProgressLog, Tally, TallyActor
+from workers.progress import ProgressLog, Tally
+from workers.ray_run import TallyActor, actor_counts
 
 
 def test_a_recording_is_done_when_its_last_window_is_in_whatever_the_order() -> None:
@@ -29,7 +30,7 @@ def test_a_dead_tally_actor_costs_progress_lines_never_the_run(caplog: pytest.Lo
     tally = TallyActor.remote()
     ray.get(tally.add.remote([("a", 1, "ok", 1.0)]))
     ray.kill(tally)
-    with ProgressLog(tally, planned=2, every_s=0.05) as progress:
+    with ProgressLog(actor_counts(tally), planned=2, every_s=0.05) as progress:
         time.sleep(0.3)  # the loop's polls fail: one warning, then silence
     assert not progress._thread.is_alive()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

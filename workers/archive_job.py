@@ -1,5 +1,6 @@
-"""The archive run, end to end: plan, one Ray Data dataset (CPU -> model), stitch on the driver as
-recordings complete, commit in parts.
+"""The archive run, end to end: plan, cut windows and run the model (one Ray Data dataset, or both
+stages in this process: workers/in_process.py), stitch on the driver as recordings complete, commit
+in parts.
 
 jobs/transcribe_archive.py parses arguments into a JobConfig and calls ``run_archive``; everything
 with logic lives here and in pipeline/ so that it is tested without the command line.
@@ -13,6 +14,7 @@ import logging
 import os
 import platform
 import secrets
+import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -20,11 +22,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from pipeline.inputs import (
     PIPELINE_VERSION,
-    PlannedRecording,
     SeenSources,
     check_input,
     fingerprint,
@@ -39,18 +39,11 @@ from pipeline.publish import OutputLock, RunWriter, committed_manifests, new_run
 from pipeline.tasks import TaskError, language_code
 from schemas.job_config import JobConfig, JobConfigError
 from schemas.manifest import RunManifest
-from schemas.stages import PLAN_SCHEMA
-from workers.cpu_stage import cut_windows
-from workers.model_stage import WindowPredictor
-from workers.progress import ProgressLog, TallyActor
+from workers import in_process
+from workers.progress import ProgressLog
 from workers.stitch_stage import RecordingAssembler
 
 log = logging.getLogger(__name__)
-_MAX_PLAN_BLOCKS = 256
-# CPUs of one CPU-stage task (decoding, resampling, VAD, cutting: one thread, a small part of a window's
-# inference on CPU). Half a CPU leaves the rest of a node to the model actors, and differs from their
-# share, which keeps Ray Data from fusing the two stages into one actor where decoding waits on inference.
-CPU_STAGE_CPUS = 0.5
 
 
 class ModelTaskError(ValueError):
@@ -87,79 +80,47 @@ def _request(config: JobConfig) -> dict:
     return request | ({"language": config.language} if config.language else {})
 
 
-def _versions() -> dict:
+def _versions(use_ray: bool) -> dict:
     """Package versions from their metadata: the driver need not import transformers to name it."""
     return {
         "python": platform.python_version(),
-        "ray": ray.__version__,
+        **({"ray": metadata.version("ray")} if use_ray else {}),
         "pyarrow": pa.__version__,
         "torch": metadata.version("torch"),
         "transformers": metadata.version("transformers"),
     }
 
 
-def _plan_dataset(todo: list[PlannedRecording]) -> ray.data.Dataset:
-    """Plan rows split into blocks so the CPU stage can spread over the cluster."""
-    rows = [r.to_row() for r in todo]
-    size = max(1, -(-len(rows) // _MAX_PLAN_BLOCKS))
-    blocks = [pa.Table.from_pylist(rows[i : i + size], schema=PLAN_SCHEMA) for i in range(0, len(rows), size)]
-    return ray.data.from_arrow(blocks)
+def _window_kwargs(config: JobConfig, info: ModelDescription) -> dict:
+    """The CPU stage's settings (``workers.cpu_stage.recording_windows``)."""
+    return {
+        "sample_rate": info.sample_rate,
+        "max_window_s": info.max_window_s,
+        "overlap_s": config.overlap_s,
+        "max_duration_s": config.max_duration_s,
+    }
 
 
-def actor_cpus(model_actors: int, node_cpus: list[float]) -> float:
-    """The default CPU share of each CPU model actor: every node's CPUs less one CPU-stage task's,
-    split among the actors, and no more than the largest node can give one actor."""
-    nodes = [cpus for cpus in node_cpus if cpus > CPU_STAGE_CPUS] or [1.0]
-    usable = sum(nodes) - CPU_STAGE_CPUS * len(nodes)
-    return max(CPU_STAGE_CPUS, min(max(nodes) - CPU_STAGE_CPUS, usable / model_actors))
+def _predictor_kwargs(config: JobConfig, reduction: ReductionConfig) -> dict:
+    """The model stage's settings (``WindowPredictor``) common to both executors."""
+    return {
+        "model_name": config.model,
+        "request": _request(config),
+        "reduction": reduction.to_dict(),
+        "device": config.device,
+        "kind": config.model_kind,
+        "int8": config.int8,
+    }
 
 
-def _actor_resources(config: JobConfig) -> dict:
-    if config.gpus_per_actor:
-        return {"num_gpus": config.gpus_per_actor}
-    if config.cpus_per_actor is not None:
-        return {"num_cpus": config.cpus_per_actor}
-    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
-    return {"num_cpus": actor_cpus(config.model_actors, nodes)}
-
-
-def build_dataset(
-    todo: list[PlannedRecording],
-    config: JobConfig,
-    info: ModelDescription,
-    reduction: ReductionConfig,
-    tally: ray.actor.ActorHandle,
-) -> ray.data.Dataset:
-    """The run's single dataset: plan rows -> windows -> window texts (WINDOW_TEXT_SCHEMA), streamed to
-    the driver, which stitches each recording as its last window arrives (workers/stitch_stage.py)."""
-    windows = _plan_dataset(todo).map_batches(
-        cut_windows,
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=CPU_STAGE_CPUS,
-        fn_kwargs={
-            "sample_rate": info.sample_rate,
-            "max_window_s": info.max_window_s,
-            "overlap_s": config.overlap_s,
-            "max_duration_s": config.max_duration_s,
-        },
-    )
-    return windows.map_batches(
-        WindowPredictor,
-        batch_size=config.windows_per_call,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=config.model_actors, max_tasks_in_flight_per_actor=2),
-        fn_constructor_kwargs={
-            "model_name": config.model,
-            "request": _request(config),
-            "reduction": reduction.to_dict(),
-            "device": config.device,
-            "tally": tally,
-            "kind": config.model_kind,
-            "int8": config.int8,
-        },
-        **_actor_resources(config),
-    )
+def uses_ray(config: JobConfig) -> bool:
+    """``--executor auto``: Ray when there is a cluster to join (a submitted job, a program already
+    connected) or more than one model actor to run; else in-process, where nothing has to start."""
+    if config.executor != "auto":
+        return config.executor == "ray"
+    ray = sys.modules.get("ray")  # connected implies imported; never imported here for the check
+    connected = ray is not None and ray.is_initialized()
+    return bool(os.environ.get("RAY_ADDRESS")) or connected or config.model_actors > 1
 
 
 def _code(language: str) -> str:
@@ -228,16 +189,6 @@ def _seconds(records: pa.Table) -> tuple[float, float]:
     return pc.sum(ok["audio_seconds"]).as_py() or 0.0, model_s
 
 
-def connect(config: JobConfig) -> None:
-    """Join the cluster of a submitted job (RAY_ADDRESS) or start a local one; no-op if connected."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(address="local", num_cpus=config.num_cpus, num_gpus=config.num_gpus)
-
-
 def run_archive(config: JobConfig) -> RunSummary:
     """Plan, process and publish one run into ``config.output``; see pipeline/publish.py for the layout."""
     started = time.monotonic()
@@ -266,8 +217,21 @@ def run_archive(config: JobConfig) -> RunSummary:
         log.info("plan: %d recordings to process, %d done before", len(todo), len(skipped))
         if not todo:  # a rerun with nothing new never starts Ray
             return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started)
-        connect(config)
-        log.info("start-up: plan and Ray ready after %.1f s", time.monotonic() - started)
+        use_ray = uses_ray(config)
+        if use_ray:
+            from workers import ray_run  # imported for Ray runs only: in-process runs need no Ray
+
+            executor = ray_run.window_texts
+        else:
+            executor = in_process.window_texts
+        windows, progress = executor(
+            todo, config, _window_kwargs(config, info), _predictor_kwargs(config, reduction)
+        )
+        log.info(
+            "start-up: plan and %s ready after %.1f s",
+            "Ray" if use_ray else "the in-process run",
+            time.monotonic() - started,
+        )
         run_fields = {
             "task": config.task,
             "model": config.model,
@@ -283,18 +247,16 @@ def run_archive(config: JobConfig) -> RunSummary:
             created_at="",
             config=json.loads(config.to_json()),
             reduction=reduction.to_dict(),
-            versions=_versions(),
+            versions=_versions(use_ray),
             files={},
             counts={},
             recordings=[],
         )
         assembler = RecordingAssembler(config.task, run_fields)
         audio_s = model_s = 0.0
-        tally = TallyActor.remote()
-        windows = build_dataset(todo, config, info, reduction, tally)
         writer = RunWriter(output, template, todo, config.commit_every_n, config.commit_every_s)
-        with writer, ProgressLog(tally, len(todo), config.progress_every_s):
-            for batch in windows.iter_batches(batch_size=None, batch_format="pyarrow"):
+        with writer, ProgressLog(progress, len(todo), config.progress_every_s), contextlib.closing(windows):
+            for batch in windows:
                 records = assembler.add(batch)
                 writer.add(records)
                 audio, model = _seconds(records)

@@ -1,4 +1,5 @@
-"""Model stage: a Ray actor that loads the model once and turns window PCM into window text + stats.
+"""Model stage: loads the model once (in a Ray actor, or in the driver of an in-process run) and turns
+window PCM into window text + stats.
 
 Rows that are not ``ok`` (errors and empty recordings from the CPU stage) pass through untouched.
 All ``ok`` windows of a Ray batch go to one ``model.run`` call, whatever their lengths: the adapter
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import math
+import platform
+import sys
 import time
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
 from pipeline.merging.config import ReductionConfig
@@ -24,15 +26,26 @@ from pipeline.models.registry import load_model
 from pipeline.stats import WindowStats
 from pipeline.tasks import TaskRequest
 from schemas.stages import WINDOW_TEXT_SCHEMA
+from workers.progress import windows_done
 
 log = logging.getLogger(__name__)
 
 
+def _ray() -> object | None:
+    """The Ray module when this process is connected to Ray (a worker, or a connected driver), else
+    None; never imports Ray (an in-process run may have none installed)."""
+    ray = sys.modules.get("ray")
+    return ray if ray is not None and ray.is_initialized() else None
+
+
 def pick_device(requested: str) -> str:
-    """``auto``: cuda when Ray gave this actor a GPU that torch can see, else cpu."""
+    """``auto``: cuda when torch can see a GPU this process holds (connected to Ray: one Ray gave it;
+    outside Ray: any), else cpu."""
     if requested != "auto":
         return requested
-    return "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    ray = _ray()
+    held = ray is None or bool(ray.get_gpu_ids())
+    return "cuda" if held and torch.cuda.is_available() else "cpu"
 
 
 def _nvml_handle() -> object | None:
@@ -47,7 +60,12 @@ def _nvml_handle() -> object | None:
 
 
 class WindowPredictor:
-    """Ray ``map_batches`` callable class: WINDOW_SCHEMA rows -> WINDOW_TEXT_SCHEMA rows."""
+    """WINDOW_SCHEMA rows -> WINDOW_TEXT_SCHEMA rows: a Ray ``map_batches`` callable class, or called by
+    an in-process run (workers/in_process.py).
+
+    threads: torch threads on CPU; None: in a Ray actor the CPUs Ray gave it (a share rounds up),
+    elsewhere torch's default. tally: a ``workers.ray_run.TallyActor`` told of every window (Ray runs).
+    """
 
     def __init__(
         self,
@@ -55,23 +73,26 @@ class WindowPredictor:
         request: dict,
         reduction: dict,
         device: str = "auto",
-        tally: ray.actor.ActorHandle | None = None,
+        tally: object | None = None,  # a Ray actor handle
         kind: str | None = None,
         int8: bool = False,
+        threads: int | None = None,
     ) -> None:
         started = time.monotonic()
         if not logging.getLogger().handlers:  # a fresh Ray worker: let INFO lines reach the driver's log
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        self.tally = tally  # workers.progress.TallyActor: hears of every window this stage finishes
+        self.tally = tally
         self.device = pick_device(device)
-        context = ray.get_runtime_context()
-        if self.device == "cpu" and context.get_actor_id():  # an actor: as many torch threads as CPUs
-            share = context.get_assigned_resources().get("CPU", 1.0)  # Ray gave it (a share rounds up)
-            torch.set_num_threads(max(1, math.ceil(share)))
+        ray = _ray()
+        context = ray.get_runtime_context() if ray is not None else None
+        if threads is None and context is not None and context.get_actor_id():
+            threads = math.ceil(context.get_assigned_resources().get("CPU", 1.0))
+        if self.device == "cpu" and threads is not None:
+            torch.set_num_threads(max(1, threads))
         self.model = load_model(model_name, device=self.device, dtype=INT8 if int8 else None, kind=kind)
         self.request = TaskRequest(**request)
         self.reduction = ReductionConfig(**reduction)
-        self.node = context.get_node_id()
+        self.node = context.get_node_id() if context is not None else platform.node()
         cuda = self.device.startswith("cuda")
         self.device_name = (
             torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
@@ -123,7 +144,7 @@ class WindowPredictor:
                 "node": self.node,
             }
             out_rows.append(row)
+        table = pa.Table.from_pylist(out_rows, schema=WINDOW_TEXT_SCHEMA)
         if self.tally is not None:  # fire and forget: progress never waits on, or fails, the work
-            done = [(r["recording_id"], r["window_count"], r["status"], r["duration_s"]) for r in out_rows]
-            self.tally.add.remote(done)
-        return pa.Table.from_pylist(out_rows, schema=WINDOW_TEXT_SCHEMA)
+            self.tally.add.remote(windows_done(table))
+        return table

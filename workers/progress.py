@@ -1,5 +1,6 @@
-"""Run progress from where the work happens: the model stage reports every window it finishes to a
-tally actor, and the driver logs the tally's counts while the run goes on.
+"""Run progress from where the work happens: every window the model stage finishes is counted in a
+tally (an actor in a Ray run, the driver's own object in an in-process run), and the driver logs the
+tally's counts while the run goes on.
 
 Progress is advisory: the model stage reports fire-and-forget, and the driver's polls are bounded in
 time and never raise, so a tally actor that fails, hangs or is killed (by hand, or by Ray's memory
@@ -11,8 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
-import ray
+import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
@@ -26,32 +28,40 @@ class Tally:
         self.pending: dict[str, tuple[int, bool]] = {}  # windows seen, any failed
         self.done = self.failed = 0
         self.audio_s = 0.0
+        self._lock = threading.Lock()  # in-process runs add on one thread and read on the progress one
 
     def add(self, windows: list[tuple[str, int, str, float]]) -> None:
-        for recording_id, count, status, duration_s in windows:
-            seen, failed = self.pending.pop(recording_id, (0, False))
-            seen, failed = seen + 1, failed or status == "error"
-            if seen < count:
-                self.pending[recording_id] = (seen, failed)
-                continue
-            self.done += 1
-            self.failed += failed
-            self.audio_s += duration_s
+        with self._lock:
+            for recording_id, count, status, duration_s in windows:
+                seen, failed = self.pending.pop(recording_id, (0, False))
+                seen, failed = seen + 1, failed or status == "error"
+                if seen < count:
+                    self.pending[recording_id] = (seen, failed)
+                    continue
+                self.done += 1
+                self.failed += failed
+                self.audio_s += duration_s
 
     def counts(self) -> tuple[int, int, float]:
-        return self.done, self.failed, self.audio_s
+        with self._lock:
+            return self.done, self.failed, self.audio_s
 
 
-TallyActor = ray.remote(num_cpus=0)(Tally)
-_POLL_TIMEOUT_S = 10.0
+def windows_done(windows: pa.Table) -> list[tuple[str, int, str, float]]:
+    """``Tally.add``'s argument for the model stage's output rows (WINDOW_TEXT_SCHEMA)."""
+    columns = ("recording_id", "window_count", "status", "duration_s")
+    return list(zip(*(windows.column(c).to_pylist() for c in columns), strict=True))
 
 
 class ProgressLog:
-    """Logs ``progress: done/planned recordings (failed), audio hours, elapsed, ETA`` from a tally
-    actor every ``every_s`` seconds on a driver thread, and once more when stopped."""
+    """Logs ``progress: done/planned recordings (failed), audio hours, elapsed, ETA`` every ``every_s``
+    seconds on a driver thread, and once more when stopped; ``counts`` reads a tally (``Tally.counts``
+    in-process, ``workers.ray_run.actor_counts`` of a tally actor)."""
 
-    def __init__(self, tally: ray.actor.ActorHandle, planned: int, every_s: float = 30.0) -> None:
-        self.tally, self.planned, self.every_s = tally, planned, every_s
+    def __init__(
+        self, counts: Callable[[], tuple[int, int, float]], planned: int, every_s: float = 30.0
+    ) -> None:
+        self.counts, self.planned, self.every_s = counts, planned, every_s
         self.started = time.monotonic()
         self._stop = threading.Event()
         self._readable = True  # False once a poll failed: no more lines
@@ -74,7 +84,7 @@ class ProgressLog:
     def log(self) -> None:
         """Log one line; when the tally cannot be read, warn once and log no more."""
         try:
-            done, failed, audio_s = ray.get(self.tally.counts.remote(), timeout=_POLL_TIMEOUT_S)
+            done, failed, audio_s = self.counts()
         except Exception as err:  # progress is a report: it never fails the run
             self._readable = False
             log.warning("progress lines stopped: %s: %s", type(err).__name__, err)

@@ -1,0 +1,99 @@
+"""The run's two stages in the driver's own process, for a single machine with one model: no Ray
+cluster to start, no actor to wait for, no streaming executor sharing the cores with the model.
+
+A thread cuts windows (read, decode, VAD, cut: workers/cpu_stage.py) while the model, loaded once in
+the calling thread, works on the previous batch; at most two batches of windows wait between them, so
+memory holds a few minutes of PCM whatever the archive's size. Window texts come out in the same
+batches, rows and schema as from the Ray dataset (workers/archive_job.py), and the same stitching and
+commits follow.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import pyarrow as pa
+
+from pipeline.inputs import PlannedRecording
+from schemas.job_config import JobConfig
+from schemas.stages import WINDOW_SCHEMA
+from workers.cpu_stage import recording_windows
+from workers.model_stage import WindowPredictor
+from workers.progress import Tally, windows_done
+
+_END = object()
+
+
+class _Cutter(threading.Thread):
+    """Puts the window rows of each planned recording on ``rows``, then ``_END`` (or the exception
+    that stopped it); gives up as soon as ``stop`` is set, so a failed run never leaves it blocked."""
+
+    def __init__(self, todo: list[PlannedRecording], window_kwargs: dict, rows: queue.Queue) -> None:
+        super().__init__(name="cut-windows", daemon=True)
+        self.todo, self.window_kwargs, self.rows = todo, window_kwargs, rows
+        self.stop = threading.Event()
+
+    def _put(self, item: object) -> None:
+        while not self.stop.is_set():
+            try:
+                self.rows.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            for planned in self.todo:
+                for row in recording_windows(planned.to_row(), **self.window_kwargs):
+                    self._put(row)
+                    if self.stop.is_set():
+                        return
+            self._put(_END)
+        except BaseException as err:  # recording_windows reports a bad input as a row; this is a bug
+            self._put(err)
+
+
+def _batches(
+    todo: list[PlannedRecording], window_kwargs: dict, predictor_kwargs: dict, batch_size: int, tally: Tally
+) -> Iterator[pa.Table]:
+    rows: queue.Queue = queue.Queue(maxsize=2 * batch_size)
+    cutter = _Cutter(todo, window_kwargs, rows)
+    cutter.start()  # decoding the first recordings overlaps the model's load
+    try:
+        predictor = WindowPredictor(**predictor_kwargs)
+        batch: list[dict] = []
+        while True:
+            item = rows.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item is not _END:
+                batch.append(item)
+            if batch and (item is _END or len(batch) == batch_size):
+                texts = predictor(pa.Table.from_pylist(batch, schema=WINDOW_SCHEMA))
+                tally.add(windows_done(texts))
+                batch = []
+                yield texts
+            if item is _END:
+                return
+    finally:
+        cutter.stop.set()
+        cutter.join()
+
+
+def window_texts(
+    todo: list[PlannedRecording], config: JobConfig, window_kwargs: dict, predictor_kwargs: dict
+) -> tuple[Iterator[pa.Table], Callable[[], tuple[int, int, float]]]:
+    """The run's window-text batches (WINDOW_TEXT_SCHEMA, ``config.windows_per_call`` window rows
+    each, in plan order) and a reader of its progress tally. window_kwargs: ``recording_windows``'s
+    settings; predictor_kwargs: ``WindowPredictor``'s."""
+    tally = Tally()
+    predictor_kwargs = predictor_kwargs | {
+        # As in a Ray run, only a model given GPUs looks for one; threads: its CPUs, where capped.
+        "device": "cpu" if config.device == "auto" and not config.gpus_per_actor else config.device,
+        "threads": math.ceil(config.cpus_per_actor) if config.cpus_per_actor else config.num_cpus,
+    }
+    batches = _batches(todo, window_kwargs, predictor_kwargs, config.windows_per_call, tally)
+    return batches, tally.counts
