@@ -1,7 +1,7 @@
 """Fault injection and scale smoke for the archive job (jobs/transcribe_archive.py), with real kill -9.
 
     python benchmarks/fault_injection.py faults --work /tmp/fi [--short 30] [--long 2] [--seed 0]
-        [--cases driver model cpu progress disk] [--results benchmarks/fault-injection]
+        [--cases driver model cpu progress disk] [--executor ray|in-process] [--results benchmarks/fault-injection]
     python benchmarks/fault_injection.py scale --work /tmp/scale [--recordings 2000] [--results ...]
 
 Recordings are cut (seeded) from the speech of examples/ and written as wav. Every run is the job as a
@@ -351,6 +351,9 @@ def faults(args: argparse.Namespace) -> dict:
     archive = work / "archive"
     count = make_archive(archive, args.short, args.long, args.seed, (1.0, 3.0))
     extra = ["--commit-every-n", str(args.commit_every_n), "--commit-every-s", str(args.commit_every_s)]
+    extra += ["--executor", args.executor]
+    if args.executor != "ray" and set(args.cases) & set(TARGETS):
+        raise SystemExit(f"cases {', '.join(TARGETS)} kill Ray workers: they need --executor ray")
     timeout = args.timeout_s
     clean_job = Job(archive, work / "clean", logs / "clean.log", extra)
     rc, busy_s = clean_job.watch(timeout)
@@ -444,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     f.add_argument("--commit-every-n", type=int, default=4)
     f.add_argument("--commit-every-s", type=float, default=300.0)
     f.add_argument("--timeout-s", type=float, default=900.0, help="per run")
+    f.add_argument("--executor", default="ray", choices=("ray", "in-process"), help="the job's --executor")
     s = sub.add_parser("scale")
     s.add_argument("--recordings", type=int, default=2000)
     s.add_argument("--commit-every-n", type=int, default=1000)

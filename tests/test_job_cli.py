@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from pipeline.publish import committed_manifests, read_committed
-from tests.conftest import tone_bursts, write_wav
+from tests.conftest import ROOT, committed_rows, killed_and_resumed, start_job, tone_bursts, write_wav
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
 JOB = ["jobs/transcribe_archive.py"]
 
 
@@ -34,25 +32,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _driver(archive: Path, output: Path, *extra: str) -> subprocess.Popen:
     """A driver process joining this module's cluster (as ``ray job submit`` drivers do)."""
     env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    cmd = [
-        sys.executable,
-        *JOB,
-        "--input",
-        str(archive),
-        "--output",
-        str(output),
-        "--batch-size",
-        "1",
-        *extra,
-    ]
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def _rows(output: Path, name: str) -> list[dict]:
-    rows = [{k: v for k, v in r.items() if k != "run_id"} for r in read_committed(output, name).to_pylist()]
-    return sorted(rows, key=lambda r: r["recording_id"])
+    return start_job([sys.executable, *JOB], archive, output, env, *extra)
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout_s: float = 180) -> None:
@@ -77,25 +57,9 @@ def test_second_run_on_a_busy_folder_is_refused_and_killed_driver_resumes(
     assert first.returncode == 0, out
     assert "ok 2, empty 0, failed 1" in out.splitlines()[-1]
 
-    victim = _driver(archive, killed, "--commit-every-n", "1")
-    deadline = time.monotonic() + 180
-    while not committed_manifests(killed):  # the first part: the run is mid-way
-        assert victim.poll() is None and time.monotonic() < deadline, victim.stdout.read()
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    kept = sum(len(m.recordings) for m in committed_manifests(killed))  # the killed run's parts stay
-    resumed = _driver(archive, killed)
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out
-    assert f"skipped (done before) {kept}" in out.splitlines()[-1]
+    killed_and_resumed(lambda *extra: _driver(archive, killed, *extra))
     for name in ("results", "errors", "stats"):
-        mine, ref = _rows(killed, name), _rows(reference, name)
-        if name == "stats":  # timings differ between runs; the counts must not
-            keep = ("recording_id", "audio_seconds", "windows", "audio_tokens_in", "generated_tokens")
-            mine, ref = ([{k: r[k] for k in keep} for r in t] for t in (mine, ref))
-        assert mine == ref, name
-    assert not list((killed / "staging").glob("*"))
+        assert committed_rows(killed, name) == committed_rows(reference, name), name
 
 
 def _free_port() -> int:
@@ -142,7 +106,7 @@ def test_ray_job_submit_with_token_auth(archive: Path, tmp_path: Path) -> None:
             time.sleep(2)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "ok 2, empty 0, failed 1" in done.stdout
-        assert len(_rows(tmp_path / "out", "results")) == 2
+        assert len(committed_rows(tmp_path / "out", "results")) == 2
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops the processes it started
         head.wait(60)

@@ -5,24 +5,21 @@ thread when the run stops early; ``--executor auto`` picks it only where no clus
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline.inputs import list_recordings
-from pipeline.publish import committed_manifests, read_committed
+from pipeline.publish import committed_manifests
 from schemas.job_config import JobConfig, JobConfigError
-from tests.conftest import tone_bursts, write_wav
+from tests.conftest import ROOT, committed_rows, killed_and_resumed, start_job, tone_bursts, write_wav
 from workers import in_process
 from workers.archive_job import run_archive, uses_ray
 
-ROOT = Path(__file__).resolve().parent.parent
 # The job as a user runs it, on a machine where Ray cannot be imported (the GPU machines have none).
 NO_RAY = "import runpy, sys; sys.modules['ray'] = None; sys.argv[0] = {job!r}; runpy.run_path({job!r}, run_name='__main__')"
 
@@ -41,30 +38,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _job(archive: Path, output: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     script = NO_RAY.format(job=str(ROOT / "jobs" / "transcribe_archive.py"))
-    cmd = [
-        sys.executable,
-        "-c",
-        script,
-        "--input",
-        str(archive),
-        "--output",
-        str(output),
-        "--batch-size",
-        "1",
-    ]
-    return subprocess.Popen(
-        [*cmd, *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def _rows(output: Path, name: str) -> list[dict]:
-    keep = ("recording_id", "audio_seconds", "windows", "audio_tokens_in", "generated_tokens")
-    rows = []
-    for row in read_committed(output, name).to_pylist():
-        if name == "stats":  # timings, devices and nodes differ between runs; the counts must not
-            row = {k: row[k] for k in keep}
-        rows.append({k: v for k, v in row.items() if k != "run_id"})
-    return sorted(rows, key=lambda r: r["recording_id"])
+    return start_job([sys.executable, "-c", script], archive, output, env, *extra)
 
 
 def test_auto_runs_in_process_only_without_a_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,23 +74,11 @@ def test_killed_in_process_run_resumes_without_ray_to_the_ray_runs_tables(
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     run_archive(JobConfig(str(archive), str(reference), batch_size=1, executor="ray"))
 
-    victim = _job(archive, killed, "--commit-every-n", "1")
-    deadline = time.monotonic() + 180
-    while not committed_manifests(killed):  # the first part: the run is mid-way
-        assert victim.poll() is None and time.monotonic() < deadline, victim.stdout.read()
-        time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    kept = sum(len(m.recordings) for m in committed_manifests(killed))
+    kept, out = killed_and_resumed(lambda *extra: _job(archive, killed, *extra), "--progress-every-s", "0.5")
     assert 0 < kept < 6
-
-    resumed = _job(archive, killed, "--progress-every-s", "0.5")
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out
     assert "plan and the in-process run ready" in out
     assert f"progress: {6 - kept}/{6 - kept} recordings" in out
-    assert f"skipped (done before) {kept}" in out.splitlines()[-1]
     for name in ("results", "errors", "stats"):
-        assert _rows(killed, name) == _rows(reference, name), name
+        assert committed_rows(killed, name) == committed_rows(reference, name), name
     manifest = committed_manifests(killed)[-1]
     assert manifest.config["executor"] == "auto" and "ray" not in manifest.versions

@@ -215,7 +215,7 @@ def run_archive(config: JobConfig) -> RunSummary:
         seen = SeenSources(e for m in manifests for e in m.recordings)
         todo, skipped = pending(list_recordings(config.input, seen), manifests, run_fp, config.retry_errors)
         log.info("plan: %d recordings to process, %d done before", len(todo), len(skipped))
-        if not todo:  # a rerun with nothing new never starts Ray
+        if not todo:  # a rerun with nothing new starts nothing: no Ray, no model load
             return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started)
         use_ray = uses_ray(config)
         if use_ray:

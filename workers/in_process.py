@@ -3,9 +3,9 @@ cluster to start, no actor to wait for, no streaming executor sharing the cores 
 
 A thread cuts windows (read, decode, VAD, cut: workers/cpu_stage.py) while the model, loaded once in
 the calling thread, works on the previous batch; at most two batches of windows wait between them, so
-memory holds a few minutes of PCM whatever the archive's size. Window texts come out in the same
-batches, rows and schema as from the Ray dataset (workers/archive_job.py), and the same stitching and
-commits follow.
+memory holds the recording being cut and those windows whatever the archive's size. Window texts
+come out in the same batches, rows and schema as from the Ray dataset (workers/ray_run.py), and the
+same stitching and commits follow (workers/archive_job.py).
 """
 
 from __future__ import annotations
