@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.inputs import list_recordings
 from pipeline.publish import committed_manifests
@@ -56,14 +57,19 @@ def test_auto_runs_in_process_only_without_a_cluster(monkeypatch: pytest.MonkeyP
         JobConfig("in", "out", executor="dask")
 
 
-def test_a_run_that_stops_early_leaves_no_cutting_thread(archive: Path) -> None:
-    config = JobConfig(str(archive), "unused", batch_size=1)
+def test_a_run_that_stops_early_leaves_no_cutting_thread_and_num_cpus_caps_threads(archive: Path) -> None:
+    config = JobConfig(str(archive), "unused", batch_size=1, num_cpus=1)
     window_kwargs = {"sample_rate": 16000, "max_window_s": 30.0, "overlap_s": 3.0, "max_duration_s": 60.0}
     predictor = {"model_name": "whisper-tiny.en", "request": {"task": "asr"}, "reduction": {"method": "none"}}
-    batches, counts = in_process.window_texts(list_recordings(archive), config, window_kwargs, predictor)
-    first = next(batches)
-    assert first.num_rows == 1 and counts()[0] == 1  # broken.wav's error row: a whole recording
-    batches.close()  # the run stopped (a failed commit, say) with the cutter mid-way
+    threads = torch.get_num_threads()
+    try:
+        batches, counts = in_process.window_texts(list_recordings(archive), config, window_kwargs, predictor)
+        first, second = next(batches), next(batches)
+        assert first.num_rows == 1 and counts()[0] == 1  # broken.wav's error row: a whole recording
+        assert second["device_name"].to_pylist() == ["cpu (1 threads)"]  # long.wav's first window
+        batches.close()  # the run stopped (a failed commit, say) with the cutter mid-way
+    finally:
+        torch.set_num_threads(threads)
     assert not [t for t in threading.enumerate() if t.name == "cut-windows"]
 
 
