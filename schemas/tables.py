@@ -60,7 +60,7 @@ STATS_SCHEMA = pa.schema(
         pa.field("nvml_memory_bytes", pa.int64()),  # device memory in use per NVML; null without a GPU
         pa.field("real_time_factor", pa.float64()),  # (encode_s + prefill_s + decode_s) / audio_seconds
         pa.field("device_name", pa.string(), nullable=False),
-        pa.field("node", pa.string(), nullable=False),  # Ray node id of the model actor; in-process: host name
+        pa.field("node", pa.string(), nullable=False),  # Ray node id of the model actor, or the host name
     ]
 )
 
