@@ -14,7 +14,6 @@ import logging
 import os
 import platform
 import secrets
-import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -40,6 +39,7 @@ from pipeline.tasks import TaskError, language_code
 from schemas.job_config import JobConfig, JobConfigError
 from schemas.manifest import RunManifest
 from workers import in_process
+from workers.model_stage import connected_ray
 from workers.progress import ProgressLog
 from workers.stitch_stage import RecordingAssembler
 
@@ -118,8 +118,7 @@ def uses_ray(config: JobConfig) -> bool:
     connected) or more than one model actor to run; else in-process, where nothing has to start."""
     if config.executor != "auto":
         return config.executor == "ray"
-    ray = sys.modules.get("ray")  # connected implies imported; never imported here for the check
-    connected = ray is not None and ray.is_initialized()
+    connected = connected_ray() is not None
     return bool(os.environ.get("RAY_ADDRESS")) or connected or config.model_actors > 1
 
 

@@ -31,7 +31,7 @@ from workers.progress import windows_done
 log = logging.getLogger(__name__)
 
 
-def _ray() -> object | None:
+def connected_ray() -> object | None:
     """The Ray module when this process is connected to Ray (a worker, or a connected driver), else
     None; never imports Ray (an in-process run may have none installed)."""
     ray = sys.modules.get("ray")
@@ -43,7 +43,7 @@ def pick_device(requested: str) -> str:
     outside Ray: any), else cpu."""
     if requested != "auto":
         return requested
-    ray = _ray()
+    ray = connected_ray()
     held = ray is None or bool(ray.get_gpu_ids())
     return "cuda" if held and torch.cuda.is_available() else "cpu"
 
@@ -83,7 +83,7 @@ class WindowPredictor:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         self.tally = tally
         self.device = pick_device(device)
-        ray = _ray()
+        ray = connected_ray()
         context = ray.get_runtime_context() if ray is not None else None
         if threads is None and context is not None and context.get_actor_id():
             threads = math.ceil(context.get_assigned_resources().get("CPU", 1.0))
