@@ -144,7 +144,7 @@ def _parse(log: str) -> tuple[int | None, int]:
 
 def _committed_by(output: Path, known: set[str]) -> int:
     """Recordings committed by runs not in ``known`` (the run just ended); adds them to ``known``."""
-    if not (output / "runs").exists():
+    if not (output / "_tables").exists():
         return 0
     new = [m for m in committed_manifests(output) if m.run_id not in known]
     known.update(m.run_id for m in new)
@@ -412,7 +412,7 @@ def scale(args: argparse.Namespace) -> dict:
     peak_kib, first_part_s, parts_during = 0, None, 0
     while job.proc.poll() is None:
         peak_kib = max(peak_kib, _vm_hwm_kib(job.proc.pid))
-        parts = list((output / "runs").glob("run_id=*/part=*/_manifest.json"))
+        parts = committed_manifests(output)
         if parts and first_part_s is None:
             first_part_s = time.monotonic() - job.started
         parts_during = len(parts)

@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument(
         "--input", required=True, help="audio folder, JSONL manifest, .tar shard or folder of shards"
     )
-    p.add_argument("--output", required=True, help="output folder (runs/, staging/, _lock)")
+    p.add_argument("--output", required=True, help="output folder (results/, stats/, errors/ tables)")
     p.add_argument("--task", default="asr", choices=TASKS)
     p.add_argument(
         "--model",

@@ -1,19 +1,33 @@
 """Stage, validate and atomically publish a run's tables in parts; the output folder's lock; committed
 reads.
 
-Layout of an output folder ``DIR``::
+Layout of an output folder ``DIR`` (what plain Parquet readers see is one folder per table)::
 
-    DIR/_lock                                          held by the one run writing to DIR (stale if its pid died)
-    DIR/staging/run_id=<id>/part=<n>/<table>.parquet   a part in progress (never read)
-    DIR/runs/run_id=<id>/part=<n>/<table>.parquet      a published part ...
-    DIR/runs/run_id=<id>/part=<n>/_manifest.json       ... committed once this file exists (written last)
+    DIR/results/ DIR/stats/ DIR/errors/     links to the current generation's table folders: every
+                                            committed row, each recording once (its latest entry)
+    DIR/_tables/current                     link to the current generation, g<N>: the commit point
+    DIR/_tables/g<N>/<table>/*.parquet      generation N's files (unchanged files hard-linked across
+                                            generations; at most MAX_FILES per table)
+    DIR/_parts/<run_id>/<part>.json         each part's manifest (what it committed, its generation)
+    DIR/_staging/<run_id>-<part>/           a part in progress (never read)
+    DIR/_lock                               held by the one run writing to DIR (stale if its pid died)
 
-A run commits its finished recordings in parts as it goes (``RunWriter``), each part atomically, so a
-crash loses at most the part in flight. Concurrency: a run holds ``_lock`` (created by an atomic hard
-link, so never half-written) from planning to its last part, so two runs on one folder never plan the
-same recordings; the second is refused with the holder's pid/host. A lock left by a dead process on this
-host is taken over. Ray's own ``write_parquet`` is not used for the final tables: it is not atomic and
-cannot split one stream into three tables, so the driver streams the stitched rows into staging itself.
+A run commits its finished recordings in parts as it goes (``RunWriter``). Committing a part builds
+the next generation beside the current one: the part's new files, the files that held rows its
+recordings supersede rewritten without them, every other file hard-linked, small files merged so the
+count stays bounded; then the part's manifest naming that generation, then one ``rename`` of the
+``current`` link. Readers of ``DIR/results`` therefore see either the generation before or after, never
+a part in flight, a superseded row or another table's rows; a crash at any step loses at most the part
+in flight (``remove_abandoned`` clears what it left). The generation before the current one stays on
+disk so that a reader who listed it can still open its files.
+
+Concurrency: a run holds ``_lock`` (created by an atomic hard link, so never half-written) from
+planning to its last part, so two runs on one folder never plan the same recordings; the second is
+refused with the holder's pid/host. A lock left by a dead process on this host is taken over. Ray's own
+``write_parquet`` is not used: it is not atomic and cannot split one stream into three tables.
+
+Folders of the layout before table folders (``DIR/runs/run_id=<id>/part=<n>/``) are read as they are
+and upgraded in place by the next run (``upgrade_layout``).
 """
 
 from __future__ import annotations
@@ -21,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -34,12 +49,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.inputs import PlannedRecording, latest_entries, sha256_file
-from schemas.manifest import LEGACY_PART, FileEntry, ManifestError, RecordingEntry, RunManifest
+from schemas.manifest import (
+    LEGACY_PART,
+    MANIFEST_VERSION,
+    FileEntry,
+    ManifestError,
+    RecordingEntry,
+    RunManifest,
+)
 from schemas.tables import TABLES, split_records
 
-MANIFEST_NAME = "_manifest.json"
 LOCK_NAME = "_lock"
+MAX_FILES = 8  # per table and generation: readers open few files however many nights accumulate
 _BREAKER_STALE_S = 60.0
+_GENERATION = re.compile(r"g(\d{6})")
 
 
 class PublishError(RuntimeError):
@@ -58,15 +81,6 @@ class OutputLockedError(RuntimeError):
 def new_run_id() -> str:
     """Sortable and unique: UTC time to the second plus 8 random hex digits."""
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(4)
-
-
-def staging_dir(output: Path, run_id: str, part: int) -> Path:
-    return output / "staging" / f"run_id={run_id}" / f"part={part:05d}"
-
-
-def part_dir(output: Path, run_id: str, part: int) -> Path:
-    run = output / "runs" / f"run_id={run_id}"
-    return run if part == LEGACY_PART else run / f"part={part:05d}"
 
 
 def _process_start(pid: int) -> str | None:
@@ -158,17 +172,121 @@ class OutputLock:
         self.release()
 
 
-def remove_abandoned(output: Path) -> list[Path]:
-    """Delete staging folders and uncommitted parts left by dead runs (their committed parts stay).
-    Call only under the lock."""
-    abandoned = [p for p in (output / "staging").glob("run_id=*") if p.is_dir()]
-    abandoned += [p for p in (output / "runs").glob("run_id=*/part=*") if not (p / MANIFEST_NAME).exists()]
-    for p in abandoned:
-        shutil.rmtree(p)
-    for run in (output / "runs").glob("run_id=*"):
-        if run.is_dir() and not any(run.iterdir()):
-            run.rmdir()
-    return abandoned
+def staging_dir(output: Path, run_id: str, part: int) -> Path:
+    return output / "_staging" / f"{run_id}-{part:05d}"
+
+
+def manifest_path(output: Path, run_id: str, part: int) -> Path:
+    return output / "_parts" / run_id / f"{part:05d}.json"
+
+
+def _generations(output: Path) -> Path:
+    return output / "_tables"
+
+
+def current_generation(output: Path) -> int:
+    """The committed generation's number; 0 before the first commit."""
+    try:
+        return int(_GENERATION.fullmatch(os.readlink(_generations(output) / "current"))[1])
+    except FileNotFoundError:
+        return 0
+
+
+def _generation_dir(output: Path, generation: int) -> Path:
+    return _generations(output) / f"g{generation:06d}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_link(link: Path, target: str) -> None:
+    """Point ``link`` at ``target`` in one rename (readers see the old or the new target)."""
+    tmp = link.with_name(f"{link.name}.tmp-{secrets.token_hex(4)}")
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    _fsync(link.parent)
+
+
+def _table_files(folder: Path) -> list[Path]:
+    """A generation's files of one table, in commit order (their names start with the generation
+    that first wrote them)."""
+    return sorted(folder.glob("*.parquet"))
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, row_group_size=StagingWriter.ROW_GROUP)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _merge_smallest(files: list[Path], schema: pa.Schema) -> None:
+    """Keep at most MAX_FILES (in commit order) by merging the adjacent pair with the fewest bytes
+    into the older one's name: parts pile up geometrically, so a commit rewrites small files, rarely
+    large ones, and the order of rows stays the order of commits."""
+    while len(files) > MAX_FILES:
+        sizes = [f.stat().st_size for f in files]
+        i = min(range(len(files) - 1), key=lambda k: (sizes[k] + sizes[k + 1], -k))
+        older, newer = files[i], files[i + 1]
+        table = pa.concat_tables([pq.read_table(older, schema=schema), pq.read_table(newer, schema=schema)])
+        older.unlink()  # a hard link to the previous generation's file: never written through
+        newer.unlink()
+        _write(table, older)
+        del files[i + 1]
+
+
+def _build_generation(output: Path, new: Path, staged: dict[str, Path], prefix: str, ids: set[str]) -> None:
+    """Generation ``new``: the current one's files (without rows of ``ids``, which the staged files
+    supersede) plus the staged files named ``<prefix>-<table>.parquet``."""
+    current = _generation_dir(output, current_generation(output))
+    shutil.rmtree(new, ignore_errors=True)  # a build a crash left behind
+    for table, schema in TABLES.items():
+        (new / table).mkdir(parents=True)
+        files = []
+        for old in _table_files(current / table):
+            superseded = _rows_of(old, ids)
+            if superseded is None:
+                os.link(old, new / table / old.name)
+                files.append(new / table / old.name)
+                continue
+            kept = pq.read_table(old, schema=schema).filter(pc.invert(superseded))
+            if kept.num_rows:
+                _write(kept, new / table / old.name)
+                files.append(new / table / old.name)
+        if pq.read_metadata(staged[table]).num_rows or not files:  # an empty table keeps its schema
+            os.link(staged[table], new / table / f"{prefix}.parquet")
+            files.append(new / table / f"{prefix}.parquet")
+        _merge_smallest(files, schema)
+        _fsync(new / table)
+    _fsync(new)
+
+
+def _rows_of(path: Path, ids: set[str]) -> pa.ChunkedArray | None:
+    """Mask of the file's rows whose recording is in ``ids``; None when it has none (read no further)."""
+    if not ids:
+        return None
+    mask = pc.is_in(pq.read_table(path, columns=["recording_id"])["recording_id"], pa.array(sorted(ids)))
+    return mask if pc.any(mask).as_py() else None
+
+
+def _ensure_table_links(output: Path) -> None:
+    for table in TABLES:
+        if not (output / table).is_symlink():
+            _replace_link(output / table, f"_tables/current/{table}")
+
+
+def _switch(output: Path, generation: int) -> None:
+    """Make ``generation`` current (the commit point) and drop the generations before the previous."""
+    previous = current_generation(output)
+    _replace_link(_generations(output) / "current", _generation_dir(output, generation).name)
+    _ensure_table_links(output)
+    for folder in _generations(output).glob("g*"):
+        if int(folder.name[1:]) < previous:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class StagingWriter:
@@ -252,33 +370,139 @@ def validate(
     return counts
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(output: Path, manifest: RunManifest) -> Path:
-    """Move the staged part into ``runs/`` (one rename) and commit it by writing its manifest last."""
-    src = staging_dir(output, manifest.run_id, manifest.part)
-    dst = part_dir(output, manifest.run_id, manifest.part)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        raise PublishError(f"{dst} exists; parts are never overwritten")
-    os.rename(src, dst)
-    _fsync_dir(dst.parent)
-    with contextlib.suppress(OSError):  # the run's staging folder, once it holds no part
-        src.parent.rmdir()
-    tmp = dst / f"{MANIFEST_NAME}.tmp"
+def publish(output: Path, manifest: RunManifest) -> RunManifest:
+    """Commit the staged part: build the next generation, write the part's manifest naming it, switch
+    to it. Returns the manifest as committed."""
+    path = manifest_path(output, manifest.run_id, manifest.part)
+    if path.exists() and RunManifest.from_json(path.read_text()).generation <= current_generation(output):
+        raise PublishError(f"{path} exists; parts are never overwritten")
+    staging = staging_dir(output, manifest.run_id, manifest.part)
+    generation = current_generation(output) + 1
+    ids = {r.recording_id for r in manifest.recordings}
+    prefix = f"{generation:06d}-{manifest.run_id}-{manifest.part:05d}"
+    staged = {table: staging / f"{table}.parquet" for table in TABLES}
+    _build_generation(output, _generation_dir(output, generation), staged, prefix, ids)
+    manifest = replace(manifest, generation=generation)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(manifest.to_json())
         f.flush()
         os.fsync(f.fileno())
-    os.rename(tmp, dst / MANIFEST_NAME)
-    _fsync_dir(dst)
-    return dst
+    os.rename(tmp, path)
+    _fsync(path.parent)
+    _switch(output, generation)
+    shutil.rmtree(staging)
+    return manifest
+
+
+def _read_manifest(path: Path) -> RunManifest:
+    try:
+        return RunManifest.from_json(path.read_text())
+    except ManifestError as e:
+        raise ManifestError(f"{path}: {e}") from e
+
+
+def committed_manifests(output: str | Path) -> list[RunManifest]:
+    """Manifests of committed parts in commit order (a folder of the runs/ layout: by run, then part)."""
+    output = Path(output)
+    current = current_generation(output)
+    if not current:
+        return _legacy_manifests(output)
+    manifests = [_read_manifest(p) for p in (output / "_parts").glob("*/*.json")]
+    committed = [m for m in manifests if m.generation <= current]
+    return sorted(committed, key=lambda m: (m.generation, m.run_id, m.part))
+
+
+def read_committed(output: str | Path, table: str) -> pa.Table:
+    """One table over all committed parts: a recording's row from its latest committed entry
+    (``pipeline.inputs.latest_entries``, what the done-set is made of), in every table alike; a
+    recording that failed and then succeeded has results and no errors. The rows plain readers of
+    ``DIR/<table>`` get, in the same order."""
+    output = Path(output)
+    if not current_generation(output):
+        return _legacy_view(output, table)
+    files = _table_files(output / table)
+    return pa.concat_tables(pq.read_table(f, schema=TABLES[table]) for f in files)
+
+
+def remove_abandoned(output: Path) -> list[Path]:
+    """Delete what dead runs left uncommitted: staging parts, manifests and generations newer than the
+    current one, temporary links, the runs/ layout once upgraded. Call only under the lock."""
+    current = current_generation(output)
+    abandoned = [p for p in (output / "_staging").glob("*") if p.is_dir()]
+    abandoned += [p for p in (output / "_parts").glob("*/*.json*") if _uncommitted(p, current)]
+    abandoned += [p for p in _generations(output).glob("g*") if int(p.name[1:]) > current]
+    abandoned += list(_generations(output).glob("current.tmp-*"))
+    abandoned += [p for p in output.glob("*.tmp-*") if p.is_symlink()]
+    if current or not _legacy_manifests(output):  # what an upgrade or an uncommitted old part left
+        abandoned += [p for p in (output / "runs", output / "staging") if p.exists()]
+    for p in abandoned:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    for run in (output / "_parts").glob("*"):
+        if run.is_dir() and not any(run.iterdir()):
+            run.rmdir()
+    return abandoned
+
+
+def _uncommitted(path: Path, current: int) -> bool:
+    return path.suffix != ".json" or RunManifest.from_json(path.read_text()).generation > current
+
+
+def upgrade_layout(output: Path) -> bool:
+    """Rewrite a folder of the runs/ layout as table folders (one generation holding its committed view,
+    its manifests moved to _parts/); True if there was one. Call only under the lock: a crash midway
+    leaves the old layout in charge, and the next run upgrades again."""
+    if current_generation(output):
+        return False
+    legacy = _legacy_manifests(output)
+    if not legacy:
+        return False
+    shutil.rmtree(_generations(output), ignore_errors=True)
+    shutil.rmtree(output / "_parts", ignore_errors=True)
+    staging = output / "_staging" / "upgrade"
+    staging.mkdir(parents=True, exist_ok=True)
+    staged = {table: staging / f"{table}.parquet" for table in TABLES}
+    for table, path in staged.items():
+        _write(_legacy_view(output, table), path)
+    _build_generation(output, _generation_dir(output, 1), staged, "000001-upgrade", set())
+    for m in legacy:
+        path = manifest_path(output, m.run_id, m.part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(replace(m, generation=1, manifest_version=MANIFEST_VERSION).to_json())
+    _switch(output, 1)
+    for p in (staging, output / "runs", output / "staging"):
+        shutil.rmtree(p, ignore_errors=True)
+    return True
+
+
+def _legacy_part_dir(output: Path, run_id: str, part: int) -> Path:
+    run = output / "runs" / f"run_id={run_id}"
+    return run if part == LEGACY_PART else run / f"part={part:05d}"
+
+
+def _legacy_manifests(output: Path) -> list[RunManifest]:
+    """The runs/ layout's committed manifests, oldest first; version-1 runs (one manifest per run)
+    read as one part each."""
+    runs = output / "runs"
+    paths = [*runs.glob("run_id=*/_manifest.json"), *runs.glob("run_id=*/part=*/_manifest.json")]
+    return sorted((_read_manifest(p) for p in paths), key=lambda m: (m.run_id, m.part))
+
+
+def _legacy_view(output: Path, table: str) -> pa.Table:
+    """The runs/ layout's committed view of ``table``: each recording from its latest entry's part."""
+    manifests = _legacy_manifests(output)
+    owner = {rid: (m.run_id, m.part) for rid, (m, _) in latest_entries(manifests).items()}
+    parts = [TABLES[table].empty_table()]
+    for m in manifests:
+        path = _legacy_part_dir(output, m.run_id, m.part) / m.files[table].path
+        own = pa.array([rid for rid, key in owner.items() if key == (m.run_id, m.part)], pa.string())
+        part = pq.read_table(path, schema=TABLES[table])
+        parts.append(part.filter(pc.is_in(part["recording_id"], value_set=own)))
+    return pa.concat_tables(parts)
 
 
 class RunWriter:
@@ -346,7 +570,7 @@ class RunWriter:
                 counts=vars(counts),
                 recordings=sorted((self._with_source(r) for r in staged), key=lambda e: e.recording_id),
             )
-            publish(self.output, manifest)
+            manifest = publish(self.output, manifest)
         self._writer = None
         self.committed.append(manifest)
         self.done.update(r.recording_id for r in staged)
@@ -375,17 +599,12 @@ class RunWriter:
         )
 
     def discard(self) -> None:
-        """Remove the part in flight: its staged files, or its folder in ``runs/`` if the manifest was
-        never written."""
+        """Remove the part in flight: its staged files, and its manifest and generation if the switch to
+        that generation never happened."""
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
-        run_id = self.template.run_id
-        for folder in (staging_dir(self.output, run_id, self.part), part_dir(self.output, run_id, self.part)):
-            if not (folder / MANIFEST_NAME).exists():
-                shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(OSError):  # only if empty
-            staging_dir(self.output, run_id, self.part).parent.rmdir()
+        remove_abandoned(self.output)
 
     @contextlib.contextmanager
     def _failing_part(self) -> Iterator[None]:
@@ -408,33 +627,3 @@ class RunWriter:
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
         if exc_type is not None:  # the run failed: leave no staged part behind
             self.discard()
-
-
-def committed_manifests(output: str | Path) -> list[RunManifest]:
-    """Manifests of committed parts, oldest first (by run, then part). A part folder without a manifest
-    is not committed."""
-    runs = Path(output) / "runs"
-    manifests = []  # runs of the single-commit layout (one manifest per run) read as one part each
-    for path in sorted(
-        [*runs.glob(f"run_id=*/{MANIFEST_NAME}"), *runs.glob(f"run_id=*/part=*/{MANIFEST_NAME}")]
-    ):
-        try:
-            manifests.append(RunManifest.from_json(path.read_text()))
-        except ManifestError as e:
-            raise ManifestError(f"{path}: {e}") from e
-    return sorted(manifests, key=lambda m: (m.run_id, m.part))
-
-
-def read_committed(output: str | Path, table: str) -> pa.Table:
-    """One table over all committed parts. A recording's rows come from its latest committed entry
-    (``pipeline.inputs.latest_entries``, what the done-set is made of), in every table alike: a recording
-    that failed and then succeeded has results and no errors."""
-    output = Path(output)
-    manifests = committed_manifests(output)
-    owner = {rid: (m.run_id, m.part) for rid, (m, _) in latest_entries(manifests).items()}
-    parts = []
-    for m in manifests:
-        part = pq.read_table(part_dir(output, m.run_id, m.part) / m.files[table].path, schema=TABLES[table])
-        own = pa.array([rid for rid, key in owner.items() if key == (m.run_id, m.part)], pa.string())
-        parts.append(part.filter(pc.is_in(part["recording_id"], value_set=own)))
-    return pa.concat_tables(parts) if parts else TABLES[table].empty_table()

@@ -22,7 +22,7 @@ class JobConfig:
     """One run. Paths are strings so the config round-trips through JSON into the manifest.
 
     input: a folder of audio files, a JSONL manifest, a WebDataset ``.tar`` shard or a folder of shards.
-    output: the output folder (``staging/``, ``runs/``, the lock file live there).
+    output: the output folder (one folder per table: results/, stats/, errors/; see pipeline/publish.py).
     reduction: ``default`` (the model/task preset), a named preset, or ``none``.
     model_actors: model actors to run; with ``gpus_per_actor > 0`` each holds that many GPUs.
     cpus_per_actor: CPUs (and torch threads) of each CPU model actor; None: the cluster's CPUs less the

@@ -1,7 +1,5 @@
-"""The run manifest: what a committed run holds. Readers trust a run only through its manifest.
-
-Written as ``runs/run_id=<id>/part=<n>/_manifest.json`` after every data file of the part is in place:
-a run commits its finished recordings in parts, each with its own manifest.
+"""The run manifest: what a committed part of a run holds (pipeline/publish.py writes it as
+``_parts/<run_id>/<part>.json``; the part is committed once the table generation it names is current).
 """
 
 from __future__ import annotations
@@ -9,7 +7,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-MANIFEST_VERSION = 2  # 2: a run commits in parts, one manifest each
+# 3: a part is committed by the table generation it names; 2: a part committed by its manifest in
+# runs/run_id=<id>/part=<n>/ (the layout before table folders; upgraded by pipeline/publish.py)
+MANIFEST_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 # A manifest of version 1 (runs/run_id=<id>/_manifest.json, the whole run committed at its end) is read
 # as this one part, so output folders written before parts keep their committed work.
 LEGACY_VERSION, LEGACY_PART = 1, -1
@@ -47,7 +48,8 @@ class RecordingEntry:
 class RunManifest:
     """run_id and part: which part of which run; fingerprint: hash of what makes outputs comparable
     (model, task, reduction, version); config: the JobConfig as a dict; versions: library versions;
-    counts (planned/ok/empty/error), files and recordings: this part's."""
+    counts (planned/ok/empty/error), files and recordings: this part's; generation: the table generation
+    that committed it (0 in a folder of the runs/ layout, not yet upgraded)."""
 
     run_id: str
     fingerprint: str
@@ -62,6 +64,7 @@ class RunManifest:
     recordings: list[RecordingEntry]
     part: int = 0
     manifest_version: int = MANIFEST_VERSION
+    generation: int = 0
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -72,8 +75,10 @@ class RunManifest:
         raw = json.loads(text)
         if raw.get("manifest_version") == LEGACY_VERSION:
             raw["part"] = LEGACY_PART
-        elif raw.get("manifest_version") != MANIFEST_VERSION:
-            raise ManifestError(f"manifest_version {raw.get('manifest_version')!r} != {MANIFEST_VERSION}")
+        elif raw.get("manifest_version") not in READ_VERSIONS:
+            raise ManifestError(
+                f"manifest_version {raw.get('manifest_version')!r} is none of {READ_VERSIONS}"
+            )
         try:
             raw["files"] = {k: FileEntry(**v) for k, v in raw["files"].items()}
             raw["recordings"] = [RecordingEntry(**r) for r in raw["recordings"]]

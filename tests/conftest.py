@@ -124,7 +124,7 @@ def killed_and_resumed(start: Callable[..., subprocess.Popen], *resume_args: str
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert f"skipped (done before) {kept}" in out.splitlines()[-1]
-    assert not list((output / "staging").glob("*"))
+    assert not list((output / "_staging").glob("*"))
     return kept, out
 
 

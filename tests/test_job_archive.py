@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from benchmarks import score_run
@@ -89,6 +90,11 @@ def test_run_writes_one_row_per_recording(reference: tuple[Path, RunSummary]) ->
     assert short.source_path.endswith("short.wav") and short.source_size > 0 and short.source_mtime_ns > 0
     assert manifest.reduction["method"] == "fastadasp" and manifest.config["model"] == "whisper-tiny.en"
     assert "ok 3, empty 1, failed 2" in summary.line()
+    # the folder a user reads with pandas holds exactly the committed rows, segments and all
+    for name in ("results", "stats", "errors"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(output / name), read_committed(output, name).to_pandas()
+        )
 
 
 def test_rerun_adds_and_changes_nothing(
@@ -158,7 +164,7 @@ def test_bad_paths_and_overlap_are_refused_before_any_work(archive: Path, tmp_pa
         run_archive(JobConfig(str(archive), str(tmp_path / "file")))
     with pytest.raises(JobConfigError, match=r"--overlap-s 15\.0 must be below half"):
         run_archive(JobConfig(str(archive), str(tmp_path / "out"), overlap_s=15.0))
-    assert not (tmp_path / "out" / "runs").exists()
+    assert not (tmp_path / "out" / "_tables").exists()
 
 
 def _predictor_pids() -> list[int]:
@@ -212,4 +218,4 @@ def test_webdataset_shard_through_a_sparse_task(tmp_path: Path) -> None:
 def test_task_the_model_cannot_do_is_refused_before_any_work(archive: Path, tmp_path: Path) -> None:
     with pytest.raises(ModelTaskError, match=r"whisper-tiny.en' cannot do task 'er'"):
         run_archive(JobConfig(str(archive), str(tmp_path / "out"), task="er", reduction="none"))
-    assert not (tmp_path / "out" / "runs").exists() and not (tmp_path / "out" / "staging").exists()
+    assert not (tmp_path / "out" / "_tables").exists() and not (tmp_path / "out" / "_staging").exists()

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.inputs import PlannedRecording
@@ -25,15 +26,17 @@ from pipeline.publish import (
     RunWriter,
     StagingWriter,
     committed_manifests,
-    part_dir,
+    current_generation,
+    manifest_path,
     publish,
     read_committed,
     remove_abandoned,
     staging_dir,
+    upgrade_layout,
     validate,
 )
 from schemas.manifest import RunManifest
-from schemas.tables import RECORD_SCHEMA
+from schemas.tables import RECORD_SCHEMA, split_records
 
 
 def _records(run_id: str, rows: list[tuple[str, str, str]]) -> pa.Table:
@@ -133,15 +136,21 @@ def test_uncommitted_runs_are_invisible_and_removed(tmp_path: Path) -> None:
     writer = StagingWriter(tmp_path, "dead")  # a run killed before publishing
     writer.add(_records("dead", [("b", "ok", "y")]))
     writer.close()
-    half = part_dir(tmp_path, "half", 0)  # killed between the rename and the manifest
-    half.mkdir(parents=True)
+    # killed after building generation 2 and writing its manifest, before the switch to it
+    _stage_and_publish(tmp_path, "half", [("c", "ok", "z")])
+    (tmp_path / "_tables" / "current").unlink()
+    (tmp_path / "_tables" / "current").symlink_to("g000001")
+    assert current_generation(tmp_path) == 1
     assert read_committed(tmp_path, "results")["recording_id"].to_pylist() == ["a"]
+    assert [m.run_id for m in committed_manifests(tmp_path)] == ["r1"]
     assert sorted(p.relative_to(tmp_path).as_posix() for p in remove_abandoned(tmp_path)) == [
-        "runs/run_id=half/part=00000",
-        "staging/run_id=dead",
+        "_parts/half/00000.json",
+        "_staging/dead-00000",
+        "_tables/g000002",
     ]
-    assert not (tmp_path / "runs" / "run_id=half").exists()  # a run folder left with no part goes too
+    assert not (tmp_path / "_parts" / "half").exists()  # a run folder left with no part goes too
     assert read_committed(tmp_path, "results")["recording_id"].to_pylist() == ["a"]
+    assert pq.read_table(tmp_path / "results")["recording_id"].to_pylist() == ["a"]
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path: Path) -> None:
@@ -206,7 +215,7 @@ def test_a_part_that_contradicts_the_plan_is_removed_and_the_committed_ones_stay
     writer.add(_records("r1", [("a", "ok", "A")]))
     with pytest.raises(PublishError, match="1 unplanned"):
         writer.add(_records("r1", [("x", "ok", "X")]))
-    assert not (tmp_path / "staging" / "run_id=r1").exists() and not part_dir(tmp_path, "r1", 1).exists()
+    assert not any((tmp_path / "_staging").iterdir()) and not manifest_path(tmp_path, "r1", 1).exists()
     assert read_committed(tmp_path, "results")["recording_id"].to_pylist() == ["a"]
 
 
@@ -227,7 +236,7 @@ _FILL_DISK = textwrap.dedent(
     except OutputWriteError as e:
         print("ERROR", e)
     print("COMMITTED", len(writer.committed), read_committed(out, "results").num_rows)
-    print("LEFT", sorted(p.name for p in out.rglob("*") if p.is_file() and "part=" not in str(p)))
+    print("LEFT", sorted(p.name for p in (out / "_staging").rglob("*")))
     try:
         OutputLock(out, "next").acquire()
     except OSError as e:
@@ -256,20 +265,51 @@ def test_a_full_disk_fails_naming_folder_and_cause_and_keeps_the_committed_parts
     assert lines["LOCK_TMP"] == "[]"  # the lock's temp file is removed when writing it fails
 
 
-def test_runs_of_the_single_commit_layout_are_read_as_one_part(tmp_path: Path) -> None:
-    """An output folder written before runs committed in parts (manifest version 1 beside the tables in
-    runs/run_id=<id>/) keeps its committed work: read as one part, survives the abandoned-part sweep,
-    and a later run's parts override it recording by recording."""
-    _stage_and_publish(tmp_path, "r0", [("a", "ok", "old a"), ("b", "ok", "old b")])
-    part = part_dir(tmp_path, "r0", 0)
-    for f in part.iterdir():  # the layout and manifest the previous release wrote
-        f.rename(part.parent / f.name)
-    part.rmdir()
-    manifest = json.loads((part.parent / "_manifest.json").read_text())
-    del manifest["part"]
-    (part.parent / "_manifest.json").write_text(json.dumps(manifest | {"manifest_version": 1}))
-    assert remove_abandoned(tmp_path) == []
-    assert [(m.run_id, m.part) for m in committed_manifests(tmp_path)] == [("r0", -1)]
-    assert sorted(read_committed(tmp_path, "results")["text"].to_pylist()) == ["old a", "old b"]
-    _stage_and_publish(tmp_path, "r1", [("a", "ok", "new a")])
-    assert sorted(read_committed(tmp_path, "results")["text"].to_pylist()) == ["new a", "old b"]
+def _legacy_part(output: Path, run_id: str, part: int | None, rows: list[tuple[str, str, str]]) -> None:
+    """A part as the runs/ layout wrote it (part None: a version-1 run, one manifest beside its tables)."""
+    folder = output / "runs" / f"run_id={run_id}" / ("" if part is None else f"part={part:05d}")
+    folder.mkdir(parents=True)
+    files = {}
+    for name, table in split_records(_records(run_id, rows)).items():
+        pq.write_table(table, folder / f"{name}.parquet")
+        files[name] = {"path": f"{name}.parquet", "rows": table.num_rows, "bytes": 0, "sha256": ""}
+    recordings = [
+        {
+            "recording_id": r,
+            "content_sha256": f"h-{r}",
+            "status": st,
+            "stage": "decode" if st == "error" else None,
+        }
+        for r, st, _ in rows
+    ]
+    manifest = json.loads(_template(run_id).to_json()) | {"files": files, "recordings": recordings}
+    del manifest["generation"]
+    if part is None:
+        del manifest["part"]
+    version = {"manifest_version": 1 if part is None else 2} | ({} if part is None else {"part": part})
+    (folder / "_manifest.json").write_text(json.dumps(manifest | version))
+
+
+def test_folders_of_the_runs_layout_are_read_then_upgraded_in_place(tmp_path: Path) -> None:
+    """An output folder of the runs/ layout (version-1 runs, one manifest each, and parts) keeps its
+    committed work: read as it is, upgraded by the next run into table folders holding the same view
+    (uncommitted leftovers dropped), and later parts override it recording by recording."""
+    _legacy_part(tmp_path, "r0", None, [("a", "ok", "old a"), ("b", "ok", "old b")])
+    _legacy_part(tmp_path, "r1", 0, [("b", "error", "bad"), ("c", "ok", "old c")])
+    (tmp_path / "runs" / "run_id=r1" / "part=00001").mkdir()  # killed before its manifest
+    assert [(m.run_id, m.part) for m in committed_manifests(tmp_path)] == [("r0", -1), ("r1", 0)]
+    before = {t: read_committed(tmp_path, t) for t in ("results", "stats", "errors")}
+    assert sorted(before["results"]["text"].to_pylist()) == ["old a", "old c"]
+    assert before["errors"]["recording_id"].to_pylist() == ["b"]
+    assert upgrade_layout(tmp_path) and not upgrade_layout(tmp_path)
+    assert not (tmp_path / "runs").exists()
+    for table, rows in before.items():
+        assert read_committed(tmp_path, table).equals(rows)
+        assert pq.read_table(tmp_path / table).sort_by("recording_id").equals(rows.sort_by("recording_id"))
+    assert [(m.run_id, m.part, m.generation) for m in committed_manifests(tmp_path)] == [
+        ("r0", -1, 1),
+        ("r1", 0, 1),
+    ]
+    _stage_and_publish(tmp_path, "r2", [("a", "ok", "new a"), ("b", "ok", "fixed b")])
+    assert sorted(read_committed(tmp_path, "results")["text"].to_pylist()) == ["fixed b", "new a", "old c"]
+    assert read_committed(tmp_path, "errors").num_rows == 0

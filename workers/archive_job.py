@@ -34,7 +34,14 @@ from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import ModelDescription
 from pipeline.models.registry import describe_model
 from pipeline.presets import PRESETS_VERSION, resolve_reduction
-from pipeline.publish import OutputLock, RunWriter, committed_manifests, new_run_id, remove_abandoned
+from pipeline.publish import (
+    OutputLock,
+    RunWriter,
+    committed_manifests,
+    new_run_id,
+    remove_abandoned,
+    upgrade_layout,
+)
 from pipeline.tasks import TaskError, language_code
 from schemas.job_config import JobConfig, JobConfigError
 from schemas.manifest import RunManifest
@@ -157,8 +164,8 @@ def check_model(config: JobConfig) -> ModelDescription:
 
 
 def _check_writable(output: Path) -> None:
-    """Write and remove a small file in the output folder and in its ``runs``/``staging`` folders."""
-    for folder in (output, output / "runs", output / "staging"):
+    """Write and remove a small file in the output folder and in the folders a run writes into."""
+    for folder in (output, output / "_staging", output / "_tables", output / "_parts"):
         if folder != output and not folder.is_dir():
             continue
         probe = folder / f".probe-{secrets.token_hex(4)}"
@@ -208,6 +215,8 @@ def run_archive(config: JobConfig) -> RunSummary:
             reduction.to_dict(),
             PIPELINE_VERSION,
         )
+        if upgrade_layout(output):
+            log.info("upgraded %s to table folders (results/, stats/, errors/)", output)
         for path in remove_abandoned(output):
             log.info("removed %s, left by an interrupted run", path)
         manifests = committed_manifests(output)
