@@ -249,11 +249,14 @@ def _build_generation(output: Path, new: Path, staged: dict[str, Path], prefix: 
         files = []
         for old in _table_files(current / table):
             superseded = _rows_of(old, ids)
-            if superseded is None:
+            if superseded is None and pq.read_schema(old).equals(schema):
                 os.link(old, new / table / old.name)
                 files.append(new / table / old.name)
                 continue
-            kept = pq.read_table(old, schema=schema).filter(pc.invert(superseded))
+            # Rewritten without the superseded rows, and in the table's schema of this release (a
+            # column added since reads as null), so that readers of the folder see one schema.
+            kept = pq.read_table(old, schema=schema)
+            kept = kept if superseded is None else kept.filter(pc.invert(superseded))
             if kept.num_rows:
                 _write(kept, new / table / old.name)
                 files.append(new / table / old.name)

@@ -18,8 +18,10 @@ import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from pipeline.publish import MAX_FILES, RunWriter, committed_manifests, read_committed, remove_abandoned
+from schemas.tables import RESULTS_SCHEMA
 from tests.test_pipeline_publish import _plan, _records, _template
 
 # What identifies a row's content in each table (the readers convert nested columns each their own way).
@@ -97,3 +99,18 @@ def test_every_reader_gets_the_committed_view(tmp_path: Path) -> None:
     _run(out, "r5", [(f"n{i:02d}", "ok", f"n{i}") for i in range(40)])
     assert max(len(list((out / t).glob("*.parquet"))) for t in _KEYS) <= MAX_FILES
     assert _readers_agree(out)["results"] == after["results"] + 40
+
+
+def test_files_of_an_older_schema_are_rewritten_in_the_current_one(tmp_path: Path) -> None:
+    """A column added by a later release: the next commit rewrites the files written before it, so the
+    folder keeps one schema (the old rows read the new column as null)."""
+    out = tmp_path / "out"
+    _run(out, "r1", [("a", "ok", "a")])
+    (old,) = (out / "results").glob("*.parquet")
+    older = pq.read_table(old).drop_columns(["language"])
+    old.unlink()  # a file as the previous release wrote it
+    pq.write_table(older, old)
+    _run(out, "r2", [("b", "ok", "b")])
+    assert {pq.read_schema(f).equals(RESULTS_SCHEMA) for f in (out / "results").glob("*.parquet")} == {True}
+    assert pd.read_parquet(out / "results")["language"].isna().all()
+    assert _readers_agree(out)["results"] == 2
