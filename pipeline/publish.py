@@ -39,8 +39,9 @@ import re
 import secrets
 import shutil
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -630,3 +631,60 @@ class RunWriter:
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
         if exc_type is not None:  # the run failed: leave no staged part behind
             self.discard()
+
+
+class InFlight:
+    """The recordings a run has started and not finished, in ``DIR/_inflight/<run_id>.json``, rewritten
+    (whole, by rename) as the set changes: a run killed outright (kill -9, the kernel's memory killer,
+    a native crash in a decoder) leaves the file naming them, and the next runs set aside a recording
+    that was in flight when two runs died (``crashed``). Written without fsync: those deaths keep the
+    page cache; a machine that loses power loses the file, and with it one count of a crash. A run that
+    ends by itself, well or with an error raised, removes its file. Thread-safe: the window cutter
+    starts recordings on its own thread."""
+
+    def __init__(self, output: Path, run_id: str) -> None:
+        self.path = output / "_inflight" / f"{run_id}.json"
+        self.run_id = run_id
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.tmp")
+        tmp.write_text(json.dumps({"run_id": self.run_id, "recordings": sorted(self._ids)}))
+        os.replace(tmp, self.path)
+
+    def start(self, recording_id: str) -> None:
+        with self._lock:
+            self._ids.add(recording_id)
+            self._write()
+
+    def finish(self, recording_ids: Iterable[str]) -> None:
+        with self._lock:
+            before = len(self._ids)
+            self._ids.difference_update(recording_ids)
+            if len(self._ids) != before:
+                self._write()
+
+    def __enter__(self) -> InFlight:
+        self._write()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def crashed(output: Path, manifests: list[RunManifest], runs: int = 2) -> dict[str, list[str]]:
+    """Recordings in flight when ``runs`` or more runs died since their latest committed entry: id ->
+    those runs' ids (oldest first). Files of dead runs whose recordings all have a later committed
+    entry are deleted. Call only under the lock (every in-flight file left then is a dead run's)."""
+    latest = {rid: m.run_id for rid, (m, _) in latest_entries(manifests).items()}
+    deaths: dict[str, list[str]] = {}
+    for path in sorted((output / "_inflight").glob("*.json")):
+        dead = json.loads(path.read_text())
+        pending = [rid for rid in dead["recordings"] if latest.get(rid, "") < dead["run_id"]]
+        if not pending:
+            path.unlink()
+        for rid in pending:
+            deaths.setdefault(rid, []).append(dead["run_id"])
+    return {rid: ids for rid, ids in deaths.items() if len(ids) >= runs}

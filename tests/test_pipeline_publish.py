@@ -20,12 +20,14 @@ import pytest
 from pipeline.inputs import PlannedRecording
 from pipeline.publish import (
     LOCK_NAME,
+    InFlight,
     OutputLock,
     OutputLockedError,
     PublishError,
     RunWriter,
     StagingWriter,
     committed_manifests,
+    crashed,
     current_generation,
     manifest_path,
     publish,
@@ -313,3 +315,25 @@ def test_folders_of_the_runs_layout_are_read_then_upgraded_in_place(tmp_path: Pa
     _stage_and_publish(tmp_path, "r2", [("a", "ok", "new a"), ("b", "ok", "fixed b")])
     assert sorted(read_committed(tmp_path, "results")["text"].to_pylist()) == ["fixed b", "new a", "old c"]
     assert read_committed(tmp_path, "errors").num_rows == 0
+
+
+def test_a_recording_in_flight_when_two_runs_died_is_named_for_the_next(tmp_path: Path) -> None:
+    def died(run_id: str, ids: str) -> None:  # a run killed outright: its file stays
+        inflight = InFlight(tmp_path, run_id).__enter__()
+        for rid in ids:
+            inflight.start(rid)
+        inflight.finish("a")  # a finished before the death
+
+    died("r1", "abx")
+    assert crashed(tmp_path, []) == {}  # one death blames nobody
+    died("r2", "axy")
+    assert crashed(tmp_path, []) == {"x": ["r1", "r2"]}
+    m3 = _stage_and_publish(tmp_path, "r3", [("x", "error", "crash")])  # the next run sets x aside
+    assert crashed(tmp_path, [m3]) == {}
+    assert sorted(p.name for p in (tmp_path / "_inflight").iterdir()) == ["r1.json", "r2.json"]  # b, y
+    _stage_and_publish(tmp_path, "r4", [("b", "ok", "b"), ("y", "ok", "y")])
+    assert crashed(tmp_path, committed_manifests(tmp_path)) == {}
+    assert not list((tmp_path / "_inflight").iterdir())  # nothing left to blame: the files go
+    with InFlight(tmp_path, "r5") as inflight:  # a run that ends by itself leaves no file
+        inflight.start("z")
+    assert not list((tmp_path / "_inflight").iterdir())
