@@ -36,6 +36,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import secrets
 import shutil
 import socket
@@ -77,6 +78,11 @@ class OutputWriteError(PublishError):
 
 class OutputLockedError(RuntimeError):
     """Another live run holds the output folder's lock."""
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def new_run_id() -> str:
@@ -573,6 +579,8 @@ class RunWriter:
                 files=files,
                 counts=vars(counts),
                 recordings=sorted((self._with_source(r) for r in staged), key=lambda e: e.recording_id),
+                # the writing process's peak so far: an in-process run's whole job, a Ray run's driver
+                extra=self.template.extra | {"peak_rss_bytes": peak_rss_bytes()},
             )
             manifest = publish(self.output, manifest)
         self._writer = None

@@ -202,6 +202,7 @@ def test_parts_commit_as_they_fill_or_age_and_are_read_at_once(tmp_path: Path) -
     assert (part.part, part.counts) == (0, {"planned": 3, "ok": 2, "empty": 0, "error": 1})
     assert sorted(read_committed(str(tmp_path), "results")["recording_id"].to_pylist()) == ["a", "c"]
     assert part.recordings[0].source_path == "/in/a"  # where the bytes came from, for the next plan
+    assert part.extra["peak_rss_bytes"] > 10 * 2**20  # this process's peak, for a nightly operator
     writer.every_s = 0.05
     writer.add(_records("r1", [("d", "ok", "D")]))
     time.sleep(0.1)
