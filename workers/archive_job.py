@@ -57,8 +57,8 @@ class RunInterrupted(KeyboardInterrupt):
 
     def __init__(self, run_id: str, parts: int, recordings: int, output: Path) -> None:
         super().__init__(
-            f"run {run_id} committed {parts} parts ({recordings} recordings) to {output.resolve()} before "
-            "it was stopped; rerun the same command to resume after them"
+            f"run {run_id} stopped with {parts} part(s), {recordings} recording(s), committed to "
+            f"{output.resolve()}; rerun the same command to resume after them"
         )
 
 
