@@ -52,11 +52,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     Options without one (None) or flags (False) say nothing: their help tells what absence means."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if not action.option_strings or default is None or default is False or "%(default)" in text:
-            return text
-        if default is argparse.SUPPRESS:
+        text, default = action.help or "", action.default
+        unshown = any(default is v for v in (None, False, argparse.SUPPRESS))  # `is`: 0 == False
+        if not action.option_strings or unshown or "%(default)" in text:
             return text
         shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
         return f"{text} (default: {shown.replace('%', '%%')})"

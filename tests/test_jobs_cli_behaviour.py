@@ -67,6 +67,8 @@ def test_help_shows_the_defaults_the_issue_named(capsys: pytest.CaptureFixture) 
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside a model name
     for shown in ("whisper-tiny.en", "3.0", "14400.0", "300.0", "1000", "auto"):
         assert f"(default:{shown})" in text
+    _status(generate.main, ["--help"])
+    assert "seedoftherandommethods(default:0)" in "".join(capsys.readouterr().out.split())  # 0 is shown
     assert "(default:None)" not in text  # an option without a default says what its absence means
 
 
