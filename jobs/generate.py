@@ -54,8 +54,6 @@ def _run(argv: list[str] | None) -> None:
             f"{args.model} is a Whisper model, not a decoder-only SpeechLM; use jobs/transcribe_archive.py"
         )
     model = load_model(args.model, args.device)
-    reduction = reduction_from_args(args)
-    model = load_model(args.model, args.device)
     model.max_new_tokens = args.max_new_tokens
     info = model.description
     audio = decode_audio(args.audio, sample_rate=info.sample_rate, max_duration_s=info.max_window_s)
