@@ -1,7 +1,7 @@
-"""Quality under reduction, every method side by side on the same audio (the paper's Table 1 shape).
+r"""Quality under reduction, every method side by side on the same audio (the paper's Table 1 shape).
 
     python jobs/evaluate.py --manifest ../shared/data/librispeech-dev/manifest.jsonl --task asr \
-        --limit 60 --out benchmarks/whisper-tiny-en-librispeech-dev
+        --limit 60 --output benchmarks/whisper-tiny-en-librispeech-dev
 
 For each method x target reduction (fraction of audio KV removed, see the model's adapter for what that
 means there) it runs every utterance and records the metric (WER / BLEU / accuracy), audio tokens kept,
@@ -24,13 +24,14 @@ reference are left out; ``--languages`` keeps only rows of those languages. Ever
 table; the header counts the clips per language (a small set: one sentence moves BLEU a lot).
 
     python jobs/evaluate.py --manifest ../shared/data/multilingual-dev/manifest.jsonl --model whisper-base \
-        --task st --out benchmarks/whisper-base-multilingual-dev/st
+        --task st --output benchmarks/whisper-base-multilingual-dev/st
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import shlex
 import sys
@@ -44,12 +45,15 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
+from jobs.common import JobParser, input_path, output_folder, run_job
 from pipeline import metrics
 from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.models.base import INT8
-from pipeline.models.registry import DEFAULT_MODEL, load_model
+from pipeline.models.registry import DEFAULT_MODEL, describe_model, load_model
 from pipeline.tasks import TaskRequest
+
+log = logging.getLogger(__name__)
 
 LAST = -1
 # label: (method, schedule, first layer, max_chain)
@@ -172,34 +176,58 @@ def save_figure(fig: object, ax: object, path: Path) -> None:
     plt.close(fig)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def _parser() -> JobParser:
+    parser = JobParser(__doc__)
+    parser.add_argument(
+        "--manifest",
+        type=input_path,
+        required=True,
+        help="JSONL: id, audio (path relative to the manifest) and the task's reference field",
     )
-    parser.add_argument("--manifest", type=Path, required=True, help="JSONL: id, audio (relative path), text")
-    parser.add_argument("--task", default="asr", choices=sorted(metrics.REFERENCE_FIELDS))
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument(
+        "--task",
+        default="asr",
+        choices=sorted(metrics.REFERENCE_FIELDS),
+        help="what is scored: asr WER, st BLEU/chrF into English, lid accuracy, er accuracy",
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="a packaged model, checkpoint folder or hub id"
+    )
     parser.add_argument(
         "--methods",
         nargs="*",
         default=[DROP_PADDING, *GRID],
-        help=f"labels of GRID (or {DROP_PADDING!r}) to run",
+        help=f"labels of GRID (or {DROP_PADDING!r}) to run; quote labels with spaces",
     )
-    parser.add_argument("--levels", type=float, nargs="*", default=[0.1, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument(
+        "--levels",
+        type=float,
+        nargs="*",
+        default=[0.1, 0.2, 0.3, 0.4, 0.5],
+        help="target audio-KV reductions each method runs at",
+    )
     parser.add_argument("--languages", nargs="*", help="only rows of these languages (manifest 'language')")
     parser.add_argument(
         "--single-layer",
         type=int,
-        help="layer of the rows GRID merges once at LAST (sparse tasks: the selected one)",
+        help="layer of the rows GRID merges once at LAST (sparse tasks: the selected one; default: the last)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of the rows")
     parser.add_argument("--seed", type=int, default=0, help="subset choice and random methods")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--batch-size", "--batch", type=int, default=8, help="utterances per model call (--batch: old name)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
     parser.add_argument(
         "--int8", action="store_true", help="Whisper on CPU: int8 decoder (dynamic quantization)"
     )
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--output",
+        "--out",
+        type=output_folder,
+        required=True,
+        help="folder of runs.jsonl, results.json, results.md and the plot (--out: old name)",
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="write the tables from runs.jsonl, measure nothing"
     )
@@ -259,7 +287,7 @@ def finished_runs(path: Path) -> list[dict]:
     return done
 
 
-def main(argv: list[str] | None = None) -> None:
+def _run(argv: list[str] | None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     unknown = set(args.methods) - {DROP_PADDING, *GRID}
@@ -271,41 +299,73 @@ def main(argv: list[str] | None = None) -> None:
     rows = select(args.manifest, args.limit, args.seed, field, args.languages)
     if not rows:
         parser.error(f"no row of {args.manifest} has a {field!r} reference for --task {args.task}")
+    info = describe_model(args.model)  # config files only: a wrong name is refused before any decoding
+    runs = grid_runs(args, info.reducing_layers, info.drops_padding)
+    done_path = args.output / "runs.jsonl"
+    # Finished runs are appended to runs.jsonl, so an interrupted evaluation resumes where it stopped.
+    done = finished_runs(done_path)
+    log.info(
+        "%d configurations on %d utterances (those finished in %s are reused; --methods and --levels "
+        "choose fewer)",
+        len(runs),
+        len(rows),
+        done_path,
+    )
     waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in tqdm(rows, desc="decode")]
     refs = [r[field] for r in rows]
     languages = [r.get("language", "en") for r in rows]
     model = load_model(args.model, args.device, INT8 if args.int8 else None)
     metric_name = next(iter(metrics.task_scores(args.task, refs, refs, languages)))  # the headline metric
     request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
-    runs = grid_runs(args, model.description.reducing_layers, model.description.drops_padding)
     meta = run_meta(args, argv, rows, languages)
-    args.out.mkdir(parents=True, exist_ok=True)
-    # Finished runs are appended to runs.jsonl, so an interrupted evaluation resumes where it stopped.
-    done_path = args.out / "runs.jsonl"
-    done = finished_runs(done_path)
+    args.output.mkdir(parents=True, exist_ok=True)
     results = []
-    for label, cfg, level, padding in tqdm(runs, desc="runs"):
-        key = {"model": args.model, "ids": meta["ids"], "config": cfg.to_dict(), "padding": padding}
-        if args.int8:  # only then: keys of float runs stay as they were
-            key["int8"] = True
-        row = next((d for d in done if d["key"] == key), None)
-        if row is None and args.report_only:
-            continue
-        if row is None:
-            if model.description.drops_padding:
-                model.padding = padding
-            start = time.perf_counter()
-            row = {"key": key, "label": label, "target": level, "padding": padding, "config": cfg.to_dict()}
-            row |= run_one(model, waves, refs, languages, request, cfg, args.batch, args.task)
-            row["wall_s"] = time.perf_counter() - start
-            with done_path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            tqdm.write(f"{label} {level}: {metric_name} {row['score']:.2f} KV kept {row['kv_kept_frac']:.3f}")
-        results.append({k: v for k, v in row.items() if k != "key"})
-        (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-        (args.out / "results.md").write_text(markdown(results, args.levels, metric_name, meta))
-        plot(results, metric_name, args.out / ("wer.png" if args.task == "asr" else f"{args.task}.png"))
+    try:
+        for label, cfg, level, padding in tqdm(runs, desc="configurations"):
+            key = {"model": args.model, "ids": meta["ids"], "config": cfg.to_dict(), "padding": padding}
+            if args.int8:  # only then: keys of float runs stay as they were
+                key["int8"] = True
+            row = next((d for d in done if d["key"] == key), None)
+            if row is None and args.report_only:
+                continue
+            if row is None:
+                if model.description.drops_padding:
+                    model.padding = padding
+                start = time.perf_counter()
+                row = {
+                    "key": key,
+                    "label": label,
+                    "target": level,
+                    "padding": padding,
+                    "config": cfg.to_dict(),
+                }
+                row |= run_one(model, waves, refs, languages, request, cfg, args.batch_size, args.task)
+                row["wall_s"] = time.perf_counter() - start
+                with done_path.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                tqdm.write(
+                    f"{label} {level}: {metric_name} {row['score']:.2f} KV kept {row['kv_kept_frac']:.3f}"
+                )
+            results.append({k: v for k, v in row.items() if k != "key"})
+            (args.output / "results.json").write_text(
+                json.dumps({"meta": meta, "results": results}, indent=1)
+            )
+            (args.output / "results.md").write_text(markdown(results, args.levels, metric_name, meta))
+            plot(
+                results, metric_name, args.output / ("wer.png" if args.task == "asr" else f"{args.task}.png")
+            )
+    except KeyboardInterrupt as err:
+        raise KeyboardInterrupt(
+            f"{len(finished_runs(done_path))} finished configurations are kept in {done_path}; "
+            "rerun the same command to resume after them"
+        ) from err
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(
+        _run, argv, interrupted="stopped before a configuration finished; run the same command again"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

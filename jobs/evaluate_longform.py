@@ -1,4 +1,4 @@
-"""Long-form accuracy of the archive pipeline: stitched WER against the same model on the reference's
+r"""Long-form accuracy of the archive pipeline: stitched WER against the same model on the reference's
 utterance boundaries, with and without token reduction, plus the real-time factor.
 
     python jobs/evaluate_longform.py --input ../shared/data/longform-dev --output out/longform \
@@ -8,7 +8,8 @@ Each audio file under --input with a ``<name>.json`` reference beside it (full `
 ``segments`` with ``start_s``/``end_s``) is scored twice per reduction: (1) the pipeline's stitched
 transcript (jobs/transcribe_archive.py's code path: VAD windows, model actors, stitching), and (2) the
 same model run on the reference's utterances, each cut exactly at its boundaries and the outputs
-concatenated. Seams that duplicate or drop words show up as the gap between the two.
+concatenated. Seams that duplicate or drop words show up as the gap between the two. Both parts log
+their progress; a rerun resumes the pipeline part from its committed output folders.
 """
 
 from __future__ import annotations
@@ -19,10 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
+from jobs.common import JobParser, input_path, output_folder, run_job
 from pipeline import metrics
 from pipeline.audio.decode import decode_audio
+from pipeline.inputs import PlanError
 from pipeline.models.registry import DEFAULT_MODEL, load_model
 from pipeline.presets import resolve_reduction
 from pipeline.publish import read_committed
@@ -39,7 +44,7 @@ def references(root: Path) -> dict[str, tuple[Path, dict]]:
         if len(audio) == 1:
             found[ref.stem] = (audio[0], json.loads(ref.read_text()))
     if not found:
-        raise SystemExit(f"no audio file with a <name>.json reference under {root}")
+        raise PlanError(f"no audio file with a <name>.json reference under {root}")
     return found
 
 
@@ -49,8 +54,10 @@ def utterance_transcript(model, audio_path: Path, segments: list[dict], reductio
     rate = audio.sample_rate
     clips = [audio.samples[round(s["start_s"] * rate) : round(s["end_s"] * rate)] for s in segments]
     texts = []
-    for i in range(0, len(clips), batch):
-        texts += [out.text for out in model.run(clips[i : i + batch], TaskRequest("asr"), reduction)]
+    with tqdm(total=len(clips), desc=f"{audio_path.name} at utterance cuts", unit="utt") as bar:
+        for i in range(0, len(clips), batch):
+            texts += [out.text for out in model.run(clips[i : i + batch], TaskRequest("asr"), reduction)]
+            bar.update(len(clips[i : i + batch]))
     return " ".join(texts)
 
 
@@ -103,18 +110,33 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + f"\n\nCommand: `{command}`\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--input", type=Path, required=True)
+def _run(argv: list[str] | None) -> None:
+    parser = JobParser(__doc__)
     parser.add_argument(
-        "--output", type=Path, required=True, help="pipeline output folders, one per reduction"
+        "--input",
+        type=input_path,
+        required=True,
+        help="folder of long recordings, each with a <name>.json reference (text, segments) beside it",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--reductions", nargs="+", default=["none", "default"])
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--report", type=Path, help="folder for results.json and results.md")
+    parser.add_argument(
+        "--output",
+        type=output_folder,
+        required=True,
+        help="pipeline output folders, one per reduction (a rerun resumes them)",
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="a packaged model, checkpoint folder or hub id"
+    )
+    parser.add_argument(
+        "--reductions",
+        nargs="+",
+        default=["none", "default"],
+        help="the pipeline's --reduction values compared: default, a preset name, none",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="utterance cuts per model call")
+    parser.add_argument(
+        "--report", type=output_folder, help="folder for results.json and results.md (default: printed only)"
+    )
     args = parser.parse_args(argv)
     rows = evaluate(args)
     table = markdown(rows, "python jobs/evaluate_longform.py " + " ".join(argv or sys.argv[1:]))
@@ -125,5 +147,14 @@ def main(argv: list[str] | None = None) -> None:
         (args.report / "results.md").write_text(table)
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_job(
+        _run,
+        argv,
+        interrupted="stopped; the pipeline parts committed under --output stay and a rerun of the same "
+        "command resumes them (the utterance-cut transcripts are made again)",
+    )
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""One audio file + prompt through a decoder-only SpeechLM with a chosen token reduction; prints text,
+r"""One audio file + prompt through a decoder-only SpeechLM with a chosen token reduction; prints text,
 audio tokens per layer, KV bytes and timings.
 
     python jobs/generate.py examples/intro.wav --model tiny-random-qwen2-audio --method fastadasp --target 0.3
@@ -8,42 +8,52 @@ audio tokens per layer, KV bytes and timings.
 
 from __future__ import annotations
 
-import argparse
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from jobs.common import JobParser, input_path, run_job
 from pipeline import tasks
 from pipeline.audio.decode import decode_audio
 from pipeline.cli import add_reduction_args, reduction_from_args
-from pipeline.models.registry import load_model
-from pipeline.models.speechlm import AudioLanguageModel
+from pipeline.models.base import ModelError
+from pipeline.models.registry import describe_model, load_model
 from pipeline.tasks import TaskRequest
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("audio", type=Path)
+def _run(argv: list[str] | None) -> None:
+    parser = JobParser(__doc__)
+    parser.add_argument("audio", type=input_path, help="an audio file (its first window is used)")
     parser.add_argument(
         "--model",
-        default="Qwen/Qwen2-Audio-7B-Instruct",
-        help="local checkpoint folder, hub id, or tiny-random-qwen2-audio (random weights, offline)",
+        required=True,
+        help="a decoder-only SpeechLM: a local checkpoint folder (Qwen2-Audio, GLM-ASR), a hub id (fetched, "
+        "or from the cache with HF_HUB_OFFLINE=1), or tiny-random-qwen2-audio (random weights, offline: "
+        "plumbing only). Whisper models run in jobs/transcribe_archive.py",
     )
-    parser.add_argument("--task", choices=tasks.TASKS, default="asr")
+    parser.add_argument(
+        "--task",
+        choices=tasks.TASKS,
+        default="asr",
+        help="the task whose prompt the model gets (st needs --target-language, sqa --question)",
+    )
     parser.add_argument("--target-language", help="st: language to translate into")
     parser.add_argument("--question", help="sqa: the question about the audio")
     parser.add_argument(
         "--prompt", help="raw prompt text with the model's audio placeholder once (overrides --task)"
     )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens generated")
     add_reduction_args(parser)
     args = parser.parse_args(argv)
 
     reduction = reduction_from_args(args)
+    if describe_model(args.model).family == "whisper":  # config files only: refused before any weights load
+        raise ModelError(
+            f"{args.model} is a Whisper model, not a decoder-only SpeechLM; use jobs/transcribe_archive.py"
+        )
     model = load_model(args.model, args.device)
-    if not isinstance(model, AudioLanguageModel):
-        parser.error(f"{args.model} is not a decoder-only SpeechLM; use jobs/transcribe_archive.py")
     model.max_new_tokens = args.max_new_tokens
     info = model.description
     audio = decode_audio(args.audio, sample_rate=info.sample_rate, max_duration_s=info.max_window_s)
@@ -67,5 +77,9 @@ def main(argv: list[str] | None = None) -> None:
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_job(_run, argv, interrupted="stopped; nothing is written, run the command again")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,7 @@
-"""Choose the layer of a sparse task's one aggressive merge (FastAdaSP layer selection, automatic).
+r"""Choose the layer of a sparse task's one aggressive merge (FastAdaSP layer selection, automatic).
 
     python jobs/select_layer.py --manifest ../shared/data/multilingual-dev/manifest.jsonl --task lid \
-        --model whisper-base --ratio 0.5 --out benchmarks/whisper-base-multilingual-dev/select-layer-lid
+        --model whisper-base --ratio 0.5 --output benchmarks/whisper-base-multilingual-dev/select-layer-lid
 
 For every layer L the calibration clips (the manifest's rows with the task's reference) run with one
 merge at L (schedule ``single``, ``--ratio``); the entropy proxy of the last layer's audio states gives
@@ -13,7 +13,6 @@ The model must offer ``audio_states(waveforms, reduction)`` (Whisper's encoder d
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import sys
@@ -21,15 +20,17 @@ from pathlib import Path
 
 import matplotlib
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
+from jobs.common import JobParser, input_path, output_folder, run_job
 from jobs.evaluate import save_figure, select
 from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.merging.layer_select import TOLERANCE, select_layer
 from pipeline.metrics import REFERENCE_FIELDS, task_scores
-from pipeline.models.registry import DEFAULT_MODEL, load_model
+from pipeline.models.registry import DEFAULT_MODEL, describe_model, load_model
 from pipeline.tasks import TaskRequest
 
 
@@ -80,38 +81,63 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, ax, path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def _run(argv: list[str] | None) -> None:
+    parser = JobParser(__doc__)
+    parser.add_argument(
+        "--manifest",
+        type=input_path,
+        required=True,
+        help="JSONL: id, audio (path relative to the manifest) and the task's reference field",
     )
-    parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--task", required=True, choices=sorted(REFERENCE_FIELDS))
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--ratio", type=float, default=0.5, help="the one merge's ratio (default 0.5)")
-    parser.add_argument("--method", default="fastadasp")
-    parser.add_argument("--tolerance", type=float, default=TOLERANCE)
+    parser.add_argument(
+        "--task", required=True, choices=sorted(REFERENCE_FIELDS), help="the sparse task the layer is for"
+    )
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="a packaged model, checkpoint folder or hub id"
+    )
+    parser.add_argument("--ratio", type=float, default=0.5, help="the one merge's ratio")
+    parser.add_argument("--method", default="fastadasp", help="the one merge's method (pipeline/cli.py's)")
+    parser.add_argument(
+        "--tolerance", type=float, default=TOLERANCE, help="highest normalised score a chosen layer may see"
+    )
     parser.add_argument("--limit", type=int, default=None, help="a seeded random subset of the clips")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--check", action="store_true", help="also score the task at every layer")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0, help="subset choice and random methods")
+    parser.add_argument(
+        "--batch-size",
+        "--batch",
+        type=int,
+        default=8,
+        help="--check: clips per model call (--batch: old name)",
+    )
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
+    parser.add_argument("--check", action="store_true", help="also score the task at every layer (slow)")
+    parser.add_argument(
+        "--output",
+        "--out",
+        type=output_folder,
+        required=True,
+        help="folder of selection.json, selection.md and selection.png (--out: old name)",
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     rows = select(args.manifest, args.limit, args.seed, REFERENCE_FIELDS[args.task])
     if not rows:
         parser.error(f"no row of {args.manifest} has a {REFERENCE_FIELDS[args.task]!r} reference")
+    describe_model(args.model)  # config files only: a wrong name is refused before any decoding
     waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in rows]
     model = load_model(args.model, args.device)
     if not hasattr(model, "audio_states"):
         parser.error(f"model {args.model!r} does not expose audio_states(); layer selection needs it")
     layers = model.description.reducing_layers  # the blocks audio_states merges in (Whisper: encoder)
-    selection = select_layer(
-        lambda layer: model.audio_states(waves, single_merge(layer, args.ratio, args.method, args.seed)),
-        layers,
-        args.tolerance,
-    )
+    with tqdm(total=layers, desc="layers scored") as bar:
+
+        def states(layer: int) -> list[torch.Tensor]:
+            out = model.audio_states(waves, single_merge(layer, args.ratio, args.method, args.seed))
+            bar.update()
+            return out
+
+        selection = select_layer(states, layers, args.tolerance)
     result = {
         "command": shlex.join(["python", *sys.argv] if argv is None else ["select_layer", *argv]),
         "model": args.model,
@@ -129,20 +155,29 @@ def main(argv: list[str] | None = None) -> None:
         languages = [r.get("language", "en") for r in rows]
 
         def score(cfg: ReductionConfig) -> float:
-            texts = [o.text for o in model.run(waves, request, cfg)]
+            texts = [
+                o.text
+                for first in range(0, len(waves), args.batch_size)
+                for o in model.run(waves[first : first + args.batch_size], request, cfg)
+            ]
             return next(iter(task_scores(args.task, refs, texts, languages).values()))
 
         per_layer = [
-            score(single_merge(layer, args.ratio, args.method, args.seed)) for layer in range(layers)
+            score(single_merge(layer, args.ratio, args.method, args.seed))
+            for layer in tqdm(range(layers), desc="layers checked")
         ]
         metric = next(iter(task_scores(args.task, refs, refs, languages)))
         result["check"] = {"metric": metric, "none": score(NO_REDUCTION), "per_layer": per_layer}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "selection.json").write_text(json.dumps(result, indent=1))
-    (args.out / "selection.md").write_text(markdown(result))
-    plot(result, args.out / "selection.png")
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "selection.json").write_text(json.dumps(result, indent=1))
+    (args.output / "selection.md").write_text(markdown(result))
+    plot(result, args.output / "selection.png")
     print(f"chosen layer {selection.layer}; scores {[round(s, 3) for s in selection.scores]}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_job(_run, argv, interrupted="stopped before anything was written; run the command again")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

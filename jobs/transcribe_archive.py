@@ -4,52 +4,49 @@
         [--reduction default|PRESET|none] [--target-language de] [--model-actors N] [--gpus-per-actor 1]
 
 Run plainly with one model actor it runs in-process (no Ray cluster to start); with more actors it
-starts a local Ray cluster; under ``ray job submit`` it joins that cluster.
-Exit status: 0 done (failed recordings are rows of the errors table), 2 refused (bad options, model
-cannot do the task, output folder locked or not writable), 1 failed (writing the output failed: the
-parts committed before it stay).
+starts a local Ray cluster; under ``ray job submit`` it joins that cluster (give --output as an absolute
+path there: a relative one would land in Ray's temporary copy of the working directory).
+Exit status: 0 done (failed recordings are rows of the errors table; an input without recordings is a
+notice), 2 refused (bad options, model cannot do the task, output folder locked or not writable), 1
+failed (writing the output failed: the parts committed before it stay), 130 stopped by Ctrl-C (the
+parts committed before stay; rerunning the same command resumes after them).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
-from pipeline.inputs import PlanError
-from pipeline.merging.config import ReductionConfigError
-from pipeline.models.base import ModelError
+from jobs.common import JobParser, input_path, output_folder, run_job
 from pipeline.models.registry import DEFAULT_MODEL
-from pipeline.presets import PresetError
-from pipeline.publish import OutputLockedError, PublishError
-from pipeline.tasks import TASKS, TaskError
-from schemas.job_config import EXECUTORS, JobConfig, JobConfigError
-from schemas.manifest import ManifestError
-from workers.archive_job import ModelTaskError, run_archive
-
-REFUSALS = (
-    JobConfigError,
-    ModelError,
-    ModelTaskError,
-    TaskError,
-    PresetError,
-    ReductionConfigError,
-    PlanError,
-    OutputLockedError,
-    ManifestError,  # an output folder of the single-commit layout
-)
+from pipeline.tasks import TASKS
+from schemas.job_config import EXECUTORS, JobConfig
+from workers.archive_job import run_archive
 
 
 def parse_args(argv: list[str] | None = None) -> JobConfig:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = JobParser(__doc__)
     p.add_argument(
-        "--input", required=True, help="audio folder, JSONL manifest, .tar shard or folder of shards"
+        "--input",
+        required=True,
+        type=input_path,
+        help="audio folder (searched recursively), JSONL manifest, .tar shard or folder of shards",
     )
-    p.add_argument("--output", required=True, help="output folder (results/, stats/, errors/ tables)")
-    p.add_argument("--task", default="asr", choices=TASKS)
+    p.add_argument(
+        "--output",
+        required=True,
+        type=output_folder,
+        help="output folder (one folder per table: results/, stats/, errors/); a rerun into it resumes",
+    )
+    p.add_argument(
+        "--task",
+        default="asr",
+        choices=TASKS,
+        help="asr transcribe, st translate (--target-language), er emotion label, sqa answer (--question), "
+        "lid spoken language",
+    )
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -90,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument(
         "--batch-size", type=int, help="windows per model call (default: 64 on GPU actors, 16 on CPU actors)"
     )
-    p.add_argument("--overlap-s", type=float, default=3.0)
+    p.add_argument(
+        "--overlap-s", type=float, default=3.0, help="seconds two neighbouring windows share, stitched away"
+    )
     p.add_argument(
         "--max-duration-s", type=float, default=4 * 3600.0, help="longer recordings become errors rows"
     )
@@ -107,28 +106,33 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         "--commit-every-n", type=int, default=1000, help="... and at least every this many recordings"
     )
     p.add_argument("--progress-every-s", type=float, default=30.0, help="seconds between progress lines")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the model runs; auto: cuda when the model actor holds a GPU torch can see, else cpu",
+    )
     p.add_argument(
         "--int8",
         action="store_true",
         help="CPU actors, Whisper: int8 decoder (dynamic quantization; see docs/pipeline.md for its accuracy)",
     )
     args = p.parse_args(argv)
-    return JobConfig(**{k: v for k, v in vars(args).items()})
+    return JobConfig(**(vars(args) | {"input": str(args.input), "output": str(args.output)}))
+
+
+def _run(argv: list[str] | None) -> int:
+    print(run_archive(parse_args(argv)).line(), flush=True)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        summary = run_archive(parse_args(argv))
-    except REFUSALS as err:
-        print(f"refused: {err}", file=sys.stderr)
-        return 2
-    except PublishError as err:  # a full disk, say: the message names the folder and the cause
-        print(f"failed: {err}", file=sys.stderr)
-        return 1
-    print(summary.line(), flush=True)
-    return 0
+    return run_job(
+        _run,
+        argv,
+        interrupted="stopped before this run committed anything; the parts committed before stay, and "
+        "rerunning the same command resumes after them",
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Command-line flags shared by the jobs: one way to spell a reduction on every entry point."""
+"""Command-line flags shared by the jobs: one way to spell a reduction on every entry point (the
+rest of the jobs' conventions: jobs/common.py)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,53 @@ from pipeline.merging.config import MASS_ESTIMATORS, METHODS, POSITIONS, SCHEDUL
 def add_reduction_args(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
     """The reduction flags. ``sweep``: --methods and --levels (audio-KV targets) in place of --method
     and --ratio / --target, for a job that runs every method at every level (sweep_from_args)."""
-    group = parser.add_argument_group("token reduction")
+    group = parser.add_argument_group("token reduction (README: Token reduction)")
     if sweep:
-        group.add_argument("--methods", nargs="+", choices=METHODS, default=["none", "fastadasp"])
+        group.add_argument(
+            "--methods",
+            nargs="+",
+            choices=METHODS,
+            default=["none", "fastadasp"],
+            help="methods compared, each at every --levels (none once)",
+        )
         group.add_argument(
             "--levels", type=float, nargs="+", default=[0.5], help="target audio-KV reductions"
         )
     else:
-        group.add_argument("--method", choices=METHODS, default="none")
+        group.add_argument(
+            "--method",
+            choices=METHODS,
+            default="none",
+            help="fastadasp: merge similar adjacent audio tokens weighted by attention mass; average, "
+            "random-merge, a-tome: other merges; fastv, random-evict, h2o: evictions",
+        )
         amount = group.add_mutually_exclusive_group()
         amount.add_argument("--ratio", type=float, help="fraction of audio tokens removed at the first layer")
         amount.add_argument("--target", type=float, help="fraction of audio KV removed, averaged over layers")
-    group.add_argument("--schedule", choices=SCHEDULES, default="constant")
-    group.add_argument("--first-layer", type=int, default=0)
-    group.add_argument("--position", choices=POSITIONS, default="first")
-    group.add_argument("--mass", choices=MASS_ESTIMATORS, default="full")
-    group.add_argument("--seed", type=int, default=0)
-    group.add_argument("--max-chain", type=int, help="most tokens one merge chain may join (chain methods)")
+    group.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="constant",
+        help="single: one reduction at --first-layer; constant: the same ratio at every layer from it; "
+        "decay: a ratio falling linearly to 0 at the last layer",
+    )
+    group.add_argument("--first-layer", type=int, default=0, help="the first layer that reduces (from 0)")
+    group.add_argument(
+        "--position",
+        choices=POSITIONS,
+        default="first",
+        help="a merged token's position id: its group's first position, or right-aligned",
+    )
+    group.add_argument(
+        "--mass",
+        choices=MASS_ESTIMATORS,
+        default="full",
+        help="attention mass from every query (full) or only the queries after the audio (tail)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="seed of the random methods")
+    group.add_argument(
+        "--max-chain", type=int, help="most tokens one merge chain may join (chain methods; default: no cap)"
+    )
 
 
 def reduction_from_args(args: argparse.Namespace) -> ReductionConfig:

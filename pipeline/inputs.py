@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import tarfile
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -33,7 +34,11 @@ from pathlib import Path
 from schemas.manifest import RecordingEntry, RunManifest
 
 PIPELINE_VERSION = "0.1.0"  # bump whenever the same inputs and settings would give different outputs
-AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a"})
+# Audio files by name: what the FFmpeg inside PyAV's wheels decodes (containers and codecs of audio).
+AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".w64", ".flac", ".mp3", ".mp2", ".ogg", ".oga", ".opus", ".spx", ".m4a", ".m4b", ".aac"}
+    | {".ac3", ".aif", ".aiff", ".amr", ".caf", ".mka", ".webm", ".wma", ".wv"}
+)
 _HASH_CHUNK = 1 << 20
 # Error stages redone by the next run: transient (I/O, a model batch), set by an option (the duration
 # limit), or about the input listing itself (re-reported while the input stays broken). Errors in
@@ -159,10 +164,21 @@ def _broken_link(path: Path) -> str:
     return ""
 
 
-def _plan_folder(root: Path, seen: SeenSources) -> list[PlannedRecording]:
+@dataclass(frozen=True)
+class Listing:
+    """An input's recordings, and the files of a folder input left out as not audio (by extension,
+    ``(none)`` for a name without one)."""
+
+    recordings: list[PlannedRecording]
+    not_audio: dict[str, int]
+
+
+def _plan_folder(root: Path, seen: SeenSources, not_audio: Counter[str]) -> list[PlannedRecording]:
     out = []
     for p in sorted(root.rglob("*")):
         if not _is_audio(p):
+            if p.is_file():
+                not_audio[p.suffix.lower() or "(none)"] += 1
             continue
         if why := _broken_link(p):  # is_file() is False for these: they would vanish from the plan
             out.append(_unplannable(p.relative_to(root).as_posix(), str(p), why))
@@ -291,7 +307,13 @@ def list_recordings(input_path: str | Path, seen: SeenSources | None = None) -> 
     """All recordings of an input, sorted by id, hashed unless ``seen`` knows them unchanged; source
     paths are absolute (they tell sources apart across runs). Raises PlanError on a missing input or an
     unknown layout."""
+    return list_input(input_path, seen).recordings
+
+
+def list_input(input_path: str | Path, seen: SeenSources | None = None) -> Listing:
+    """``list_recordings``, and the files of a folder input skipped as not audio."""
     path, seen = Path(os.path.abspath(input_path)), seen or SeenSources()
+    not_audio: Counter[str] = Counter()
     check_input(path)
     if path.is_file() and path.suffix == ".jsonl":
         recordings = _plan_manifest(path, seen)
@@ -302,11 +324,13 @@ def list_recordings(input_path: str | Path, seen: SeenSources | None = None) -> 
         if shards and any(p.is_file() and _is_audio(p) for p in path.rglob("*")):
             raise PlanError(f"{path}: holds both tar shards and loose audio files; give one kind")
         recordings = (
-            [r for shard in shards for r in _plan_shard(shard, seen)] if shards else _plan_folder(path, seen)
+            [r for shard in shards for r in _plan_shard(shard, seen)]
+            if shards
+            else _plan_folder(path, seen, not_audio)
         )
     else:
         raise PlanError(f"{path}: not a folder, a .jsonl manifest or a .tar shard")
-    return sorted(_unique_ids(recordings), key=lambda r: r.recording_id)
+    return Listing(sorted(_unique_ids(recordings), key=lambda r: r.recording_id), dict(not_audio))
 
 
 def fingerprint(

@@ -107,19 +107,25 @@ def start_job(launcher: list[str], archive: Path, output: Path, env: dict, *extr
     )
 
 
-def killed_and_resumed(start: Callable[..., subprocess.Popen], *resume_args: str) -> tuple[int, str]:
-    """``start(*args)`` runs the job on an output folder: kill -9 a run committing every recording once
-    its first part is committed, then run it again to the end. Returns (recordings the killed run
-    kept, the resumed run's output); asserts both runs behaved."""
+def killed_and_resumed(
+    start: Callable[..., subprocess.Popen], *resume_args: str, sig: signal.Signals = signal.SIGKILL
+) -> tuple[int, str]:
+    """``start(*args)`` runs the job on an output folder: kill -9 (or send ``sig``) a run committing
+    every recording once its first part is committed, then run it again to the end. Returns (recordings
+    the killed run kept, the resumed run's output); asserts both runs behaved: a run stopped by SIGINT
+    (Ctrl-C) exits 130 with one line saying what it committed and how to resume."""
     victim = start("--commit-every-n", "1")
     output = Path(victim.args[victim.args.index("--output") + 1])
     deadline = time.monotonic() + 180
     while not committed_manifests(output):  # the first part: the run is mid-way
         assert victim.poll() is None and time.monotonic() < deadline, victim.stdout.read()
         time.sleep(0.05)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    victim.send_signal(sig)
+    said, _ = victim.communicate(timeout=120)
     kept = sum(len(m.recordings) for m in committed_manifests(output))  # the killed run's parts stay
+    if sig == signal.SIGINT:
+        assert victim.returncode == 130 and "Traceback" not in said, said
+        assert f"{kept} recording(s), committed to {output.resolve()}; rerun the same command" in said, said
     resumed = start(*resume_args)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out

@@ -90,7 +90,9 @@ def test_generate_and_evaluate_take_a_checkpoint_folder(checkpoints, audio, tmp_
         "sys.argv",
         ["generate.py", str(audio / "a.wav"), "--model", str(checkpoints["glm"]), "--max-new-tokens", "4"],
     )
-    runpy.run_path("jobs/generate.py", run_name="__main__")
+    with pytest.raises(SystemExit) as exited:  # the script exits with its status
+        runpy.run_path("jobs/generate.py", run_name="__main__")
+    assert exited.value.code == 0
     assert "audio tokens per layer: 37 37 37 37" in capsys.readouterr().out
     manifest = tmp_path / "manifest.jsonl"
     rows = [{"id": name, "audio": str(audio / name), "text": "a"} for name in ("a.wav", "b.wav")]

@@ -96,7 +96,7 @@ def test_ray_job_submit_with_token_auth(archive: Path, tmp_path: Path) -> None:
     try:
         address = f"http://127.0.0.1:{dashboard}"
         submit = [bin_dir / "ray", "job", "submit", "--address", address, "--working-dir", ".",
-                  "--runtime-env-json", '{"excludes": [".git", "examples", "*.parquet"]}', "--",
+                  "--runtime-env-json", '{"excludes": [".git", "*.parquet"]}', "--",
                   str(bin_dir / "python"), *JOB, "--input", str(archive), "--output", str(tmp_path / "out")]  # fmt: skip
         deadline = time.monotonic() + 120  # the dashboard and its job agent take a while to come up
         while True:

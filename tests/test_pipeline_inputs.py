@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.audio.decode import decode_audio
 from pipeline.inputs import (
     PlanError,
     PlannedRecording,
     SeenSources,
     fingerprint,
+    list_input,
     list_recordings,
     pending,
     read_bytes,
@@ -46,6 +48,42 @@ def test_folder_ids_are_relative_paths_and_hashes_are_of_content(tmp_path: Path)
     assert [r.recording_id for r in recs] == ["a/b/x.WAV", "y.flac"]
     assert recs[0].content_sha256 == _sha(b"one")
     assert read_bytes(recs[1].source_path) == b"two"
+
+
+def _encode_tone(path: Path, codec: str, rate: int = 48000) -> Path:
+    """One second of a tone, encoded with PyAV's FFmpeg into ``path`` (container by its extension)."""
+    import av
+    import numpy as np
+
+    pcm = (0.3 * np.sin(2 * np.pi * 220 * np.arange(rate) / rate)).astype(np.float32)[None, :]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.layout = "mono"
+        step = stream.codec_context.frame_size or 1024
+        for first in range(0, pcm.shape[1], step):
+            frame = av.AudioFrame.from_ndarray(pcm[:, first : first + step], format="fltp", layout="mono")
+            frame.sample_rate = rate
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def test_audio_pyav_decodes_is_listed_and_other_files_are_counted_by_extension(tmp_path: Path) -> None:
+    """.webm and .aac are audio PyAV decodes: listed, and decoded; the rest is counted, not listed."""
+    _encode_tone(tmp_path / "talk.webm", "libopus")
+    _encode_tone(tmp_path / "call.aac", "aac")
+    for name in ("notes.txt", "sub/readme.TXT", "LICENSE"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("not audio")
+    listing = list_input(tmp_path)
+    assert [r.recording_id for r in listing.recordings] == ["call.aac", "talk.webm"]
+    assert listing.not_audio == {".txt": 2, "(none)": 1}
+    for r in listing.recordings:
+        assert decode_audio(r.source_path).duration_s == pytest.approx(1.0, abs=0.05)
+    assert list_input(tmp_path / "sub").not_audio == {".txt": 1}
+    (tmp_path / "empty").mkdir()
+    empty = list_input(tmp_path / "empty")
+    assert (empty.recordings, empty.not_audio) == ([], {})
 
 
 def test_manifest_resolves_relative_paths_and_keeps_extra_fields(tmp_path: Path) -> None:

@@ -8,18 +8,19 @@ import time
 
 import pytest
 
-from workers.progress import ProgressLog, Tally
+from workers.progress import ProgressLog, Tally, eta
 from workers.ray_run import TallyActor, actor_counts
 
 
 def test_a_recording_is_done_when_its_last_window_is_in_whatever_the_order() -> None:
     tally = Tally()
     tally.add([("long", 3, "ok", 70.0), ("short", 1, "ok", 5.0), ("bad", 0, "error", 0.0)])
-    assert tally.counts() == (2, 1, 5.0)  # long has 1 of 3 windows; an error row is a whole recording
+    # long has 1 of 3 windows (a third of a recording in flight); an error row is a whole recording
+    assert tally.counts() == pytest.approx((2, 1, 5.0, 1 / 3))
     tally.add([("silent", 0, "empty", 9.0), ("long", 3, "error", 70.0)])  # a window failed in the model
-    assert tally.counts() == (3, 1, 14.0)
+    assert tally.counts() == pytest.approx((3, 1, 14.0, 2 / 3))
     tally.add([("long", 3, "ok", 70.0)])
-    assert tally.counts() == pytest.approx((4, 2, 84.0))
+    assert tally.counts() == pytest.approx((4, 2, 84.0, 0.0))
     assert not tally.pending
 
 
@@ -35,3 +36,9 @@ def test_a_dead_tally_actor_costs_progress_lines_never_the_run(caplog: pytest.Lo
     assert not progress._thread.is_alive()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and warnings[0].startswith("progress lines stopped: ")
+
+
+def test_eta_is_unknown_until_work_is_done_then_the_rate_so_far() -> None:
+    assert eta(40.0, 0.0, 2) == "unknown"
+    assert eta(40.0, 0.5, 2) == "120 s"  # half of one of two recordings in 40 s: 1.5 left at that rate
+    assert eta(40.0, 2.0, 2) == "0 s"

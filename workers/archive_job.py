@@ -15,7 +15,7 @@ import os
 import platform
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -23,11 +23,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.inputs import (
+    AUDIO_EXTENSIONS,
     PIPELINE_VERSION,
     SeenSources,
     check_input,
     fingerprint,
-    list_recordings,
+    list_input,
     pending,
 )
 from pipeline.merging.config import ReductionConfig
@@ -57,6 +58,25 @@ class ModelTaskError(ValueError):
     """The model cannot do the requested task; raised before any work starts."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, after its part in flight was removed; the message says what stays committed
+    and how to resume (jobs/common.py ``run_job`` prints it)."""
+
+    def __init__(self, run_id: str, parts: int, recordings: int, output: Path) -> None:
+        super().__init__(
+            f"run {run_id} stopped with {parts} part(s), {recordings} recording(s), committed to "
+            f"{output.resolve()}; rerun the same command to resume after them"
+        )
+
+
+def skipped_files(by_extension: dict[str, int]) -> str:
+    """``3 files not audio (.txt 2, .pdf 1)``: what a folder input held that is not audio by its name."""
+    counts = ", ".join(
+        f"{ext} {n}" for ext, n in sorted(by_extension.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+    return f"{sum(by_extension.values())} files not audio ({counts})"
+
+
 @dataclass(frozen=True)
 class RunSummary:
     run_id: str | None  # None: nothing to do, nothing committed
@@ -68,16 +88,20 @@ class RunSummary:
     audio_seconds: float
     model_seconds: float
     wall_seconds: float
+    output: str = ""  # the output folder's absolute path
+    not_audio: dict[str, int] = field(default_factory=dict)  # files of the input skipped, by extension
 
     def line(self) -> str:
-        """The final progress line: counts, audio hours, real-time factors (model and wall clock)."""
+        """The final progress line: counts, audio hours, real-time factors (model and wall clock), files
+        skipped as not audio, and where the output is."""
         audio = self.audio_seconds
         rtf = f"{self.model_seconds / audio:.3f}" if audio else "n/a"
         wall_rtf = f"{self.wall_seconds / audio:.3f}" if audio else "n/a"
+        not_audio = f"; skipped {skipped_files(self.not_audio)}" if self.not_audio else ""
         return (
             f"run {self.run_id or '-'}: recordings ok {self.ok}, empty {self.empty}, failed {self.failed}, "
-            f"skipped (done before) {self.skipped}; audio {audio / 3600:.3f} h; "
-            f"RTF model {rtf}, wall {wall_rtf}; {self.wall_seconds:.1f} s"
+            f"skipped (done before) {self.skipped}{not_audio}; audio {audio / 3600:.3f} h; "
+            f"RTF model {rtf}, wall {wall_rtf}; {self.wall_seconds:.1f} s; output {self.output}"
         )
 
 
@@ -221,10 +245,19 @@ def run_archive(config: JobConfig) -> RunSummary:
             log.info("removed %s, left by an interrupted run", path)
         manifests = committed_manifests(output)
         seen = SeenSources(e for m in manifests for e in m.recordings)
-        todo, skipped = pending(list_recordings(config.input, seen), manifests, run_fp, config.retry_errors)
-        log.info("plan: %d recordings to process, %d done before", len(todo), len(skipped))
+        listing = list_input(config.input, seen)
+        todo, skipped = pending(listing.recordings, manifests, run_fp, config.retry_errors)
+        not_audio = f", skipped {skipped_files(listing.not_audio)}" if listing.not_audio else ""
+        log.info("plan: %d recordings to process, %d done before%s", len(todo), len(skipped), not_audio)
+        if not listing.recordings:  # an empty nightly folder is normal: a notice, not a failure
+            log.warning(
+                "notice: no recordings in %s (audio files end in %s)",
+                config.input,
+                " ".join(sorted(AUDIO_EXTENSIONS)),
+            )
+        where = {"output": str(output.resolve()), "not_audio": listing.not_audio}
         if not todo:  # a rerun with nothing new starts nothing: no Ray, no model load
-            return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started)
+            return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started, **where)
         use_ray = uses_ray(config)
         if use_ray:
             from workers import ray_run  # imported for Ray runs only: in-process runs need no Ray
@@ -263,14 +296,22 @@ def run_archive(config: JobConfig) -> RunSummary:
         assembler = RecordingAssembler(config.task, run_fields)
         audio_s = model_s = 0.0
         writer = RunWriter(output, template, todo, config.commit_every_n, config.commit_every_s)
-        with writer, ProgressLog(progress, len(todo), config.progress_every_s), contextlib.closing(windows):
-            for batch in windows:
-                records = assembler.add(batch)
-                writer.add(records)
-                audio, model = _seconds(records)
-                audio_s, model_s = audio_s + audio, model_s + model
-            writer.add(assembler.flush())
-            counts = writer.finish()
+        try:
+            with (
+                writer,
+                ProgressLog(progress, len(todo), config.progress_every_s),
+                contextlib.closing(windows),
+            ):
+                for batch in windows:
+                    records = assembler.add(batch)
+                    writer.add(records)
+                    audio, model = _seconds(records)
+                    audio_s, model_s = audio_s + audio, model_s + model
+                writer.add(assembler.flush())
+                counts = writer.finish()
+        except KeyboardInterrupt as err:  # the part in flight is gone; the committed parts are the answer
+            kept = sum(len(m.recordings) for m in writer.committed)
+            raise RunInterrupted(run_id, len(writer.committed), kept, output) from err
         log.info("committed %d parts of run %s", len(writer.committed), run_id)
     return RunSummary(
         run_id,
@@ -282,4 +323,5 @@ def run_archive(config: JobConfig) -> RunSummary:
         audio_s,
         model_s,
         time.monotonic() - started,
+        **where,
     )

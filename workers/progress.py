@@ -13,10 +13,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import pyarrow as pa
 
 log = logging.getLogger(__name__)
+
+
+class Counts(NamedTuple):
+    """A tally's reading. ``in_flight``: the recordings begun but not done, each counted by the share of
+    its windows done (what makes an ETA over a few long recordings move between them)."""
+
+    done: int
+    failed: int
+    audio_s: float
+    in_flight: float = 0.0
 
 
 class Tally:
@@ -25,7 +36,7 @@ class Tally:
     error and empty recordings travel as one row with window count 0."""
 
     def __init__(self) -> None:
-        self.pending: dict[str, tuple[int, bool]] = {}  # windows seen, any failed
+        self.pending: dict[str, tuple[int, bool, int]] = {}  # windows seen, any failed, windows in all
         self.done = self.failed = 0
         self.audio_s = 0.0
         self._lock = threading.Lock()  # in-process runs add on one thread and read on the progress one
@@ -33,18 +44,19 @@ class Tally:
     def add(self, windows: list[tuple[str, int, str, float]]) -> None:
         with self._lock:
             for recording_id, count, status, duration_s in windows:
-                seen, failed = self.pending.pop(recording_id, (0, False))
+                seen, failed, _ = self.pending.pop(recording_id, (0, False, count))
                 seen, failed = seen + 1, failed or status == "error"
                 if seen < count:
-                    self.pending[recording_id] = (seen, failed)
+                    self.pending[recording_id] = (seen, failed, count)
                     continue
                 self.done += 1
                 self.failed += failed
                 self.audio_s += duration_s
 
-    def counts(self) -> tuple[int, int, float]:
+    def counts(self) -> Counts:
         with self._lock:
-            return self.done, self.failed, self.audio_s
+            in_flight = sum(seen / count for seen, _, count in self.pending.values())
+            return Counts(self.done, self.failed, self.audio_s, in_flight)
 
 
 def windows_done(windows: pa.Table) -> list[tuple[str, int, str, float]]:
@@ -58,9 +70,7 @@ class ProgressLog:
     seconds on a driver thread, and once more when stopped; ``counts`` reads a tally (``Tally.counts``
     in-process, ``workers.ray_run.actor_counts`` of a tally actor)."""
 
-    def __init__(
-        self, counts: Callable[[], tuple[int, int, float]], planned: int, every_s: float = 30.0
-    ) -> None:
+    def __init__(self, counts: Callable[[], Counts], planned: int, every_s: float = 30.0) -> None:
         self.counts, self.planned, self.every_s = counts, planned, every_s
         self.started = time.monotonic()
         self._stop = threading.Event()
@@ -84,20 +94,27 @@ class ProgressLog:
     def log(self) -> None:
         """Log one line; when the tally cannot be read, warn once and log no more."""
         try:
-            done, failed, audio_s = self.counts()
+            counts = self.counts()
         except Exception as err:  # progress is a report: it never fails the run
             self._readable = False
             log.warning("progress lines stopped: %s: %s", type(err).__name__, err)
             return
-        done = min(done, self.planned)  # a batch Ray retried after a lost actor counts twice
+        done = min(counts.done, self.planned)  # a batch Ray retried after a lost actor counts twice
         elapsed = time.monotonic() - self.started
-        eta = elapsed / done * (self.planned - done) if done else float("nan")
         log.info(
-            "progress: %d/%d recordings (%d failed), %.3f h of audio, %.0f s elapsed, ETA %.0f s",
+            "progress: %d/%d recordings (%d failed), %.3f h of audio, %.0f s elapsed, ETA %s",
             done,
             self.planned,
-            failed,
-            audio_s / 3600,
+            counts.failed,
+            counts.audio_s / 3600,
             elapsed,
-            eta,
+            eta(elapsed, min(done + counts.in_flight, self.planned), self.planned),
         )
+
+
+def eta(elapsed_s: float, done: float, total: float) -> str:
+    """Time left at the rate so far (``done`` of ``total`` units in ``elapsed_s``); ``unknown`` until a
+    first unit is done."""
+    if done <= 0:
+        return "unknown"
+    return f"{elapsed_s / done * (total - done):.0f} s"
