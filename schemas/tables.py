@@ -69,7 +69,8 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("recording_id", pa.string(), nullable=False),
         pa.field("source_path", pa.string(), nullable=False),
         pa.field("content_sha256", pa.string(), nullable=False),
-        pa.field("stage", pa.string(), nullable=False),  # plan read decode limit vad window model stitch
+        # plan read decode limit vad window model stitch crash
+        pa.field("stage", pa.string(), nullable=False),
         pa.field("error", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
     ]

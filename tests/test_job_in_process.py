@@ -4,10 +4,14 @@ thread when the run stops early; ``--executor auto`` picks it only where no clus
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ import pytest
 import torch
 
 from pipeline.inputs import list_recordings
-from pipeline.publish import committed_manifests
+from pipeline.publish import committed_manifests, crashed, read_committed
 from schemas.job_config import JobConfig, JobConfigError
 from tests.conftest import ROOT, committed_rows, killed_and_resumed, start_job, tone_bursts, write_wav
 from workers import in_process
@@ -63,8 +67,12 @@ def test_a_run_that_stops_early_leaves_no_cutting_thread_and_num_cpus_caps_threa
     predictor = {"model_name": "whisper-tiny.en", "request": {"task": "asr"}, "reduction": {"method": "none"}}
     threads = torch.get_num_threads()
     try:
-        batches, counts = in_process.window_texts(list_recordings(archive), config, window_kwargs, predictor)
+        started: list[str] = []
+        batches, counts = in_process.window_texts(
+            list_recordings(archive), config, window_kwargs, predictor, started.append
+        )
         first, second = next(batches), next(batches)
+        assert started[:2] == ["broken.wav", "long.wav"]  # each recording named as its cutting starts
         assert first.num_rows == 1 and counts()[0] == 1  # broken.wav's error row: a whole recording
         assert second["device_name"].to_pylist() == ["cpu (1 threads)"]  # long.wav's first window
         batches.close()  # the run stopped (a failed commit, say) with the cutter mid-way
@@ -88,3 +96,45 @@ def test_killed_in_process_run_resumes_without_ray_to_the_ray_runs_tables(
         assert committed_rows(killed, name) == committed_rows(reference, name), name
     manifest = committed_manifests(killed)[-1]
     assert manifest.config["executor"] == "auto" and "ray" not in manifest.versions
+
+
+def _killed_while_alone_in_flight(job: subprocess.Popen, output: Path, recording_id: str) -> str:
+    """kill -9 ``job`` once its in-flight record names ``recording_id`` alone and a part is committed;
+    the run's id."""
+    deadline = time.monotonic() + 180
+    while True:
+        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
+        for path in (output / "_inflight").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):  # replaced while read
+                record = json.loads(path.read_text())
+                alone = record["recordings"] == [recording_id] and path.stat().st_mtime > job.started
+                if alone and committed_manifests(output):
+                    job.send_signal(signal.SIGKILL)
+                    job.wait()
+                    return record["run_id"]
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_a_recording_in_flight_when_two_runs_died_is_set_aside_and_the_rest_gets_done(tmp_path: Path) -> None:
+    """The nightly run that the kernel's memory killer ends at the same recording every night: the
+    third run writes that recording as a ``crash`` error row naming both runs, and does the rest."""
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    write_wav(archive / "a.wav", tone_bursts(3.0))
+    write_wav(archive / "zz-heavy.wav", tone_bursts(150.0))  # the one the process dies on
+    dead = []
+    for _ in range(2):
+        job = _job(archive, out, "--commit-every-n", "1")
+        job.started = time.time()
+        dead.append(_killed_while_alone_in_flight(job, out, "zz-heavy.wav"))
+    write_wav(archive / "b.wav", tone_bursts(3.0))  # the next night's new recording
+    third = _job(archive, out)
+    log, _ = third.communicate(timeout=300)
+    assert third.returncode == 0, log
+    assert "ok 1, empty 0, failed 1, skipped (done before) 1" in log.splitlines()[-1]
+    (error,) = read_committed(out, "errors").to_pylist()
+    assert (error["recording_id"], error["stage"]) == ("zz-heavy.wav", "crash")
+    assert f"in flight when runs {dead[0]}, {dead[1]} died" in error["error"]
+    assert sorted(read_committed(out, "results")["recording_id"].to_pylist()) == ["a.wav", "b.wav"]
+    assert crashed(out, committed_manifests(out)) == {}  # nothing left to blame: the next run's look
+    assert not list((out / "_inflight").iterdir())  # deletes the dead runs' records

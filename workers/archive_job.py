@@ -36,9 +36,11 @@ from pipeline.models.base import ModelDescription
 from pipeline.models.registry import describe_model
 from pipeline.presets import PRESETS_VERSION, resolve_reduction
 from pipeline.publish import (
+    InFlight,
     OutputLock,
     RunWriter,
     committed_manifests,
+    crashed,
     new_run_id,
     remove_abandoned,
     upgrade_layout,
@@ -48,8 +50,8 @@ from schemas.job_config import JobConfig, JobConfigError
 from schemas.manifest import RunManifest
 from workers import in_process
 from workers.model_stage import connected_ray
-from workers.progress import ProgressLog
-from workers.stitch_stage import RecordingAssembler
+from workers.progress import ProgressLog, Tally
+from workers.stitch_stage import RecordingAssembler, crash_records
 
 log = logging.getLogger(__name__)
 
@@ -258,16 +260,22 @@ def run_archive(config: JobConfig) -> RunSummary:
         where = {"output": str(output.resolve()), "not_audio": listing.not_audio}
         if not todo:  # a rerun with nothing new starts nothing: no Ray, no model load
             return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started, **where)
+        # Recordings in flight when two runs died are set aside as error rows; the rest goes on.
+        crashes = crashed(output, manifests)
+        work = [r for r in todo if r.recording_id not in crashes]
+        inflight = InFlight(output, run_id)
         use_ray = uses_ray(config)
-        if use_ray:
+        window_kwargs, predictor_kwargs = _window_kwargs(config, info), _predictor_kwargs(config, reduction)
+        if not work:
+            windows, progress = iter(()), Tally().counts
+        elif use_ray:
             from workers import ray_run  # imported for Ray runs only: in-process runs need no Ray
 
-            executor = ray_run.window_texts
+            windows, progress = ray_run.window_texts(work, config, window_kwargs, predictor_kwargs)
         else:
-            executor = in_process.window_texts
-        windows, progress = executor(
-            todo, config, _window_kwargs(config, info), _predictor_kwargs(config, reduction)
-        )
+            windows, progress = in_process.window_texts(
+                work, config, window_kwargs, predictor_kwargs, started=inflight.start
+            )
         log.info(
             "start-up: plan and %s ready after %.1f s",
             "Ray" if use_ray else "the in-process run",
@@ -299,11 +307,14 @@ def run_archive(config: JobConfig) -> RunSummary:
         try:
             with (
                 writer,
-                ProgressLog(progress, len(todo), config.progress_every_s),
+                inflight,
+                ProgressLog(progress, len(work), config.progress_every_s),
                 contextlib.closing(windows),
             ):
+                writer.add(crash_records([r for r in todo if r.recording_id in crashes], crashes, run_fields))
                 for batch in windows:
                     records = assembler.add(batch)
+                    inflight.finish(records["recording_id"].to_pylist())
                     writer.add(records)
                     audio, model = _seconds(records)
                     audio_s, model_s = audio_s + audio, model_s + model

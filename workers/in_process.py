@@ -31,9 +31,15 @@ class _Cutter(threading.Thread):
     """Puts the window rows of each planned recording on ``rows``, then ``_END`` (or the exception
     that stopped it); gives up as soon as ``stop`` is set, so a failed run never leaves it blocked."""
 
-    def __init__(self, todo: list[PlannedRecording], window_kwargs: dict, rows: queue.Queue) -> None:
+    def __init__(
+        self,
+        todo: list[PlannedRecording],
+        window_kwargs: dict,
+        rows: queue.Queue,
+        started: Callable[[str], None],
+    ) -> None:
         super().__init__(name="cut-windows", daemon=True)
-        self.todo, self.window_kwargs, self.rows = todo, window_kwargs, rows
+        self.todo, self.window_kwargs, self.rows, self.started = todo, window_kwargs, rows, started
         self.stop = threading.Event()
 
     def _put(self, item: object) -> None:
@@ -47,6 +53,7 @@ class _Cutter(threading.Thread):
     def run(self) -> None:
         try:
             for planned in self.todo:
+                self.started(planned.recording_id)
                 for row in recording_windows(planned.to_row(), **self.window_kwargs):
                     self._put(row)
                     if self.stop.is_set():
@@ -57,10 +64,15 @@ class _Cutter(threading.Thread):
 
 
 def _batches(
-    todo: list[PlannedRecording], window_kwargs: dict, predictor_kwargs: dict, batch_size: int, tally: Tally
+    todo: list[PlannedRecording],
+    window_kwargs: dict,
+    predictor_kwargs: dict,
+    batch_size: int,
+    tally: Tally,
+    started: Callable[[str], None],
 ) -> Iterator[pa.Table]:
     rows: queue.Queue = queue.Queue(maxsize=2 * batch_size)
-    cutter = _Cutter(todo, window_kwargs, rows)
+    cutter = _Cutter(todo, window_kwargs, rows, started)
     cutter.start()  # decoding the first recordings overlaps the model's load
     try:
         predictor = WindowPredictor(**predictor_kwargs)
@@ -84,16 +96,21 @@ def _batches(
 
 
 def window_texts(
-    todo: list[PlannedRecording], config: JobConfig, window_kwargs: dict, predictor_kwargs: dict
+    todo: list[PlannedRecording],
+    config: JobConfig,
+    window_kwargs: dict,
+    predictor_kwargs: dict,
+    started: Callable[[str], None],
 ) -> tuple[Iterator[pa.Table], Callable[[], tuple[int, int, float]]]:
     """The run's window-text batches (WINDOW_TEXT_SCHEMA, ``config.windows_per_call`` window rows
     each, in plan order) and a reader of its progress tally. window_kwargs: ``recording_windows``'s
-    settings; predictor_kwargs: ``WindowPredictor``'s."""
+    settings; predictor_kwargs: ``WindowPredictor``'s; ``started(recording_id)`` is called as the
+    cutter begins each recording (the run's in-flight record, ``pipeline.publish.InFlight``)."""
     tally = Tally()
     predictor_kwargs = predictor_kwargs | {
         # As in a Ray run, only a model given GPUs looks for one; threads: its CPUs, where capped.
         "device": "cpu" if config.device == "auto" and not config.gpus_per_actor else config.device,
         "threads": math.ceil(config.cpus_per_actor) if config.cpus_per_actor else config.num_cpus,
     }
-    batches = _batches(todo, window_kwargs, predictor_kwargs, config.windows_per_call, tally)
+    batches = _batches(todo, window_kwargs, predictor_kwargs, config.windows_per_call, tally, started)
     return batches, tally.counts

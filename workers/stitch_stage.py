@@ -18,6 +18,7 @@ from dataclasses import asdict
 
 import pyarrow as pa
 
+from pipeline.inputs import PlannedRecording
 from pipeline.stats import WindowStats
 from pipeline.stitch import WindowText, stitch
 from pipeline.tasks import aggregate_labels, is_dense, normalise_output
@@ -75,12 +76,34 @@ def _outputs(rows: list[dict], task: str) -> dict:
     }
 
 
+def _record(source: dict, run_fields: dict) -> dict:
+    return {k: source[k] for k in ("recording_id", "source_path", "content_sha256", "meta")} | run_fields
+
+
+def crash_records(
+    recordings: list[PlannedRecording], runs: dict[str, list[str]], run_fields: dict
+) -> pa.Table:
+    """Error rows (stage ``crash``) of recordings set aside because runs died while they were in flight
+    (``runs``: id -> those runs' ids); ``--retry-errors`` tries them again."""
+    records = [
+        _record(r.to_row(), run_fields)
+        | {
+            "status": "error",
+            "stage": "crash",
+            "error": f"in flight when runs {', '.join(runs[r.recording_id])} died (killed, out of memory or "
+            "a native crash); set aside so the rest of the archive gets done",
+        }
+        for r in recordings
+    ]
+    return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+
+
 def recording_record(rows: list[dict], task: str, run_fields: dict) -> dict:
     """One RECORD_SCHEMA row from a recording's window rows (any order). ``run_fields``: model,
     reduction, pipeline_version, run_id, task."""
     rows = sorted(rows, key=lambda r: r["window_index"])
     first = rows[0]
-    record = {k: first[k] for k in ("recording_id", "source_path", "content_sha256", "meta")} | run_fields
+    record = _record(first, run_fields)
     failed = next((r for r in rows if r["status"] == "error"), None)
     if failed is None and first["status"] == "ok" and len(rows) != first["window_count"]:
         failed = first | {
