@@ -1,7 +1,7 @@
 """Fault injection and scale smoke for the archive job (jobs/transcribe_archive.py), with real kill -9.
 
     python benchmarks/fault_injection.py faults --work /tmp/fi [--short 30] [--long 2] [--seed 0]
-        [--cases driver model cpu progress disk] [--executor ray|in-process] [--results benchmarks/fault-injection]
+        [--cases driver model cpu progress disk crash] [--executor ray|in-process] [--results ...]
     python benchmarks/fault_injection.py scale --work /tmp/scale [--recordings 2000] [--results ...]
 
 Recordings are cut (seeded) from the speech of examples/ and written as wav. Every run is the job as a
@@ -15,9 +15,12 @@ faults: a clean run first (the reference view and wall time), then per case a fr
   seeded moment once recordings are being finished; the run must finish by itself;
 - disk: the output folder on a tmpfs (a private mount namespace, ``unshare -rm``) about half the size
   the clean output needs: the run must fail (exit 1) naming the folder, then the same folder grown (the
-  operator freed space) and the job run again.
+  operator freed space) and the job run again;
+- crash (in-process): the longest recording renamed to come last; kill -9 the driver whenever it records
+  that recording alone in flight, twice; the third run must set it aside as a ``crash`` error row and
+  do the rest.
 Each case must end with the committed view equal to the clean run's (same ids, texts, labels, statuses,
-one stats row per recording). Per case: exit statuses, recordings redone (per killed run: those the
+one stats row per recording; crash: but for its one error row). Per case: exit statuses, recordings redone (per killed run: those the
 model stage had finished, by its last progress line, less those it committed), extra wall time.
 
 scale: one run over many 1-2 s recordings; the driver's peak resident memory (VmHWM) and the time to
@@ -47,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.audio.decode import decode_audio  # noqa: E402
 from pipeline.publish import committed_manifests, read_committed  # noqa: E402
-from tests.conftest import write_wav  # noqa: E402
+from tests.conftest import alone_in_flight, write_wav  # noqa: E402
 
 SAMPLE_RATE = 16000
 # Process titles Ray gives the workers (the CPU stage runs as tasks of its own because its CPU share
@@ -343,6 +346,44 @@ def case_disk(archive: Path, output: Path, logs: Path, extra: list[str], clean_b
     return result
 
 
+def case_crash(archive: Path, output: Path, logs: Path, extra: list[str], timeout: float) -> CaseResult:
+    """The recording a run dies on every night (in-process): the archive with its longest recording
+    renamed to come last in the plan (so that it is once alone in flight); kill -9 the driver whenever
+    it records that recording alone in flight, twice; the third run must set it aside as a ``crash``
+    error row and do the rest. ``note``: the original name of the recording."""
+    result, known = CaseResult("crash"), set()
+    longest = max(archive.iterdir(), key=lambda p: p.stat().st_size)
+    copy = output.with_name(output.name + "-archive")
+    shutil.copytree(archive, copy)
+    victim = (copy / longest.name).rename(copy / f"zz-{longest.name}").name
+    for i in range(2):
+        since, job = time.time(), Job(copy, output, logs / f"crash-{i}.log", extra)
+        if alone_in_flight(job.proc, output, victim, since, timeout) is None:
+            result.note = f"{victim} was never alone in flight"
+            result.runs.append(job.record(job.wait(timeout), output, known))
+            return result
+        job.kill_driver()
+        moment = time.monotonic() - job.started
+        result.runs.append(
+            job.record(job.wait(timeout), output, known, fault=f"driver killed at {moment:.1f} s")
+        )
+    job, rc = _run_plain(copy, output, logs / "crash-final.log", extra, timeout)
+    result.runs.append(job.record(rc, output, known))
+    result.note = longest.name
+    return result
+
+
+def _crash_view(reference: dict, victim: str) -> dict:
+    """The clean run's view with ``victim`` (renamed zz-<victim>) set aside as a crash error row."""
+    stats = [r for r in reference["stats_ids"] if r != victim]
+    recordings = {k: v for k, v in reference["recordings"].items() if k != victim}
+    return {
+        "recordings": recordings | {f"zz-{victim}": ("error", "crash")},
+        "stats_rows": len(stats),
+        "stats_ids": stats,
+    }
+
+
 def faults(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -354,6 +395,8 @@ def faults(args: argparse.Namespace) -> dict:
     extra += ["--executor", args.executor]
     if args.executor != "ray" and set(args.cases) & set(TARGETS):
         raise SystemExit(f"cases {', '.join(TARGETS)} kill Ray workers: they need --executor ray")
+    if args.executor != "in-process" and "crash" in args.cases:
+        raise SystemExit("case crash needs --executor in-process (the driver cuts the windows there)")
     timeout = args.timeout_s
     clean_job = Job(archive, work / "clean", logs / "clean.log", extra)
     rc, busy_s = clean_job.watch(timeout)
@@ -369,10 +412,13 @@ def faults(args: argparse.Namespace) -> dict:
             case = case_driver(archive, output, logs, extra, rng, args.kills, args.kill_by, timeout)
         elif name == "disk":
             case = case_disk(archive, output, logs, extra, clean_bytes, timeout)
+        elif name == "crash":
+            case = case_crash(archive, output, logs, extra, timeout)
         else:
             case = case_worker(name, archive, output, logs, extra, rng, timeout)
         if case.runs and case.runs[-1].exit_status == 0:
-            case.same_view = view(output) == reference
+            expected = _crash_view(reference, case.note) if name == "crash" else reference
+            case.same_view = view(output) == expected
         cases.append(case)
         print(f"{name}: {[r.exit_status for r in case.runs]}, redone {case.redone()}, "
               f"extra wall {case.extra_wall_s(clean_s)} s, same view {case.same_view} {case.note}", flush=True)  # fmt: skip
@@ -441,7 +487,12 @@ def main(argv: list[str] | None = None) -> dict:
     f = sub.add_parser("faults")
     f.add_argument("--short", type=int, default=30)
     f.add_argument("--long", type=int, default=2)
-    f.add_argument("--cases", nargs="+", default=["driver", "model", "cpu", "progress", "disk"])
+    f.add_argument(
+        "--cases",
+        nargs="+",
+        default=["driver", "model", "cpu", "progress", "disk"],
+        choices=["driver", "model", "cpu", "progress", "disk", "crash"],
+    )
     f.add_argument("--kills", type=int, default=3, help="driver kills before the run left to finish")
     f.add_argument("--kill-by", type=float, default=1.0, help="driver kills: after at most this share")
     f.add_argument("--commit-every-n", type=int, default=4)

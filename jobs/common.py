@@ -39,7 +39,7 @@ REFUSALS = (
     ReductionConfigError,
     PlanError,
     OutputLockedError,
-    ManifestError,  # an output folder of the single-commit layout
+    ManifestError,  # a part manifest in the output folder that cannot be read
     AudioDecodeError,  # a job's one named audio file that cannot be read
 )
 EXIT_REFUSED, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130  # 130 = 128 + SIGINT, as shells report Ctrl-C

@@ -3,6 +3,8 @@ driver killed mid-run then resumed."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -132,6 +134,24 @@ def killed_and_resumed(
     assert f"skipped (done before) {kept}" in out.splitlines()[-1]
     assert not list((output / "_staging").glob("*"))
     return kept, out
+
+
+def alone_in_flight(
+    proc: subprocess.Popen, output: Path, recording_id: str, since: float, timeout_s: float
+) -> str | None:
+    """Wait until the run ``proc`` (started at ``since``, epoch seconds) records ``recording_id`` alone
+    in flight with a part committed (``pipeline.publish.InFlight``); that run's id, or None if the run
+    ended or the time ran out first."""
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        for path in (output / "_inflight").glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):  # replaced while read
+                record = json.loads(path.read_text())
+                alone = record["recordings"] == [recording_id] and path.stat().st_mtime > since
+                if alone and committed_manifests(output):
+                    return record["run_id"]
+        time.sleep(0.02)
+    return None
 
 
 def committed_rows(output: Path, name: str) -> list[dict]:

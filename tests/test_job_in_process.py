@@ -4,8 +4,6 @@ thread when the run stops early; ``--executor auto`` picks it only where no clus
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -21,7 +19,15 @@ import torch
 from pipeline.inputs import list_recordings
 from pipeline.publish import committed_manifests, crashed, read_committed
 from schemas.job_config import JobConfig, JobConfigError
-from tests.conftest import ROOT, committed_rows, killed_and_resumed, start_job, tone_bursts, write_wav
+from tests.conftest import (
+    ROOT,
+    alone_in_flight,
+    committed_rows,
+    killed_and_resumed,
+    start_job,
+    tone_bursts,
+    write_wav,
+)
 from workers import in_process
 from workers.archive_job import run_archive, uses_ray
 
@@ -98,23 +104,6 @@ def test_killed_in_process_run_resumes_without_ray_to_the_ray_runs_tables(
     assert manifest.config["executor"] == "auto" and "ray" not in manifest.versions
 
 
-def _killed_while_alone_in_flight(job: subprocess.Popen, output: Path, recording_id: str) -> str:
-    """kill -9 ``job`` once its in-flight record names ``recording_id`` alone and a part is committed;
-    the run's id."""
-    deadline = time.monotonic() + 180
-    while True:
-        assert job.poll() is None and time.monotonic() < deadline, job.stdout.read()
-        for path in (output / "_inflight").glob("*.json"):
-            with contextlib.suppress(OSError, ValueError):  # replaced while read
-                record = json.loads(path.read_text())
-                alone = record["recordings"] == [recording_id] and path.stat().st_mtime > job.started
-                if alone and committed_manifests(output):
-                    job.send_signal(signal.SIGKILL)
-                    job.wait()
-                    return record["run_id"]
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_a_recording_in_flight_when_two_runs_died_is_set_aside_and_the_rest_gets_done(tmp_path: Path) -> None:
     """The nightly run that the kernel's memory killer ends at the same recording every night: the
@@ -124,9 +113,12 @@ def test_a_recording_in_flight_when_two_runs_died_is_set_aside_and_the_rest_gets
     write_wav(archive / "zz-heavy.wav", tone_bursts(150.0))  # the one the process dies on
     dead = []
     for _ in range(2):
-        job = _job(archive, out, "--commit-every-n", "1")
-        job.started = time.time()
-        dead.append(_killed_while_alone_in_flight(job, out, "zz-heavy.wav"))
+        since, job = time.time(), _job(archive, out, "--commit-every-n", "1")
+        run_id = alone_in_flight(job, out, "zz-heavy.wav", since, timeout_s=180)
+        assert run_id, job.stdout.read()
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+        dead.append(run_id)
     write_wav(archive / "b.wav", tone_bursts(3.0))  # the next night's new recording
     third = _job(archive, out)
     log, _ = third.communicate(timeout=300)
