@@ -25,7 +25,7 @@ from pipeline.models.base import ModelError
 from pipeline.models.registry import DEFAULT_MODEL
 from pipeline.presets import PresetError
 from pipeline.publish import OutputLockedError, PublishError
-from pipeline.tasks import TASKS, TaskError
+from pipeline.tasks import TASKS, TIMESTAMPS, TaskError
 from schemas.job_config import EXECUTORS, JobConfig, JobConfigError
 from schemas.manifest import ManifestError
 from workers.archive_job import ModelTaskError, run_archive
@@ -112,6 +112,13 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         "--int8",
         action="store_true",
         help="CPU actors, Whisper: int8 decoder (dynamic quantization; see docs/pipeline.md for its accuracy)",
+    )
+    p.add_argument(
+        "--timestamps",
+        choices=TIMESTAMPS,
+        default=None,
+        help="asr/st: words (word and sentence times), segments (sentence times; window spans for models "
+        "without word times) or none (window spans); default: words where the model gives them, else segments",
     )
     args = p.parse_args(argv)
     return JobConfig(**{k: v for k, v in vars(args).items()})
