@@ -255,7 +255,8 @@ def stitch(windows: list[WindowText]) -> Stitched:
         for i, (w, (a, b)) in enumerate(zip(windows, spans, strict=True))
     ]
     text = join([s.text for s in segments])
-    if any(timed is None and a < b for (_, timed, _), (a, b) in zip(guarded, spans, strict=True)):
+    untimed = any(timed is None and a < b for (_, timed, _), (a, b) in zip(guarded, spans, strict=True))
+    if untimed or any(w.words is None for w in windows):
         return Stitched(text, segments)
     timed_words = _in_order(
         [

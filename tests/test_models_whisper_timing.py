@@ -3,6 +3,7 @@ text and the audio (two example recordings with a known pause between them), and
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ def test_words_are_the_texts_words_in_time_order_inside_the_window(outputs, wind
     for out, seconds in zip(run["words"], (len(wave) / SR, 4.0), strict=True):
         assert [w.word for w in out.words] == text_words(out.text)
         assert all(0 <= w.start_s <= w.end_s <= seconds + 0.02 for w in out.words)
-        assert all(a.end_s <= b.start_s + 1e-9 for a, b in zip(out.words, out.words[1:], strict=False))
+        assert all(a.end_s <= b.start_s + 1e-9 for a, b in pairwise(out.words))
         assert all(0 < w.probability <= 1 for w in out.words)
 
 
