@@ -49,7 +49,7 @@ from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.models.base import INT8
 from pipeline.models.registry import DEFAULT_MODEL, load_model
-from pipeline.tasks import TaskRequest
+from pipeline.tasks import TIMESTAMPS, TaskRequest
 
 LAST = -1
 # label: (method, schedule, first layer, max_chain)
@@ -199,6 +199,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--int8", action="store_true", help="Whisper on CPU: int8 decoder (dynamic quantization)"
     )
+    parser.add_argument(
+        "--timestamps",
+        choices=TIMESTAMPS,
+        default="none",
+        help="run each window with word timing too (its cost shows in the timings; the text is the same)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
         "--report-only", action="store_true", help="write the tables from runs.jsonl, measure nothing"
@@ -276,7 +282,9 @@ def main(argv: list[str] | None = None) -> None:
     languages = [r.get("language", "en") for r in rows]
     model = load_model(args.model, args.device, INT8 if args.int8 else None)
     metric_name = next(iter(metrics.task_scores(args.task, refs, refs, languages)))  # the headline metric
-    request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
+    request = TaskRequest(
+        args.task, target_language="en" if args.task == "st" else None, timestamps=args.timestamps
+    )
     runs = grid_runs(args, model.description.reducing_layers, model.description.drops_padding)
     meta = run_meta(args, argv, rows, languages)
     args.out.mkdir(parents=True, exist_ok=True)
