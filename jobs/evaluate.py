@@ -51,7 +51,7 @@ from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.models.base import INT8
 from pipeline.models.registry import DEFAULT_MODEL, describe_model, load_model
-from pipeline.tasks import TaskRequest
+from pipeline.tasks import TIMESTAMPS, TaskRequest
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +222,12 @@ def _parser() -> JobParser:
         "--int8", action="store_true", help="Whisper on CPU: int8 decoder (dynamic quantization)"
     )
     parser.add_argument(
+        "--timestamps",
+        choices=TIMESTAMPS,
+        default="none",
+        help="run each window with word timing too (its cost shows in the timings; the text is the same)",
+    )
+    parser.add_argument(
         "--output",
         "--out",
         type=output_folder,
@@ -316,7 +322,9 @@ def _run(argv: list[str] | None) -> None:
     languages = [r.get("language", "en") for r in rows]
     model = load_model(args.model, args.device, INT8 if args.int8 else None)
     metric_name = next(iter(metrics.task_scores(args.task, refs, refs, languages)))  # the headline metric
-    request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
+    request = TaskRequest(
+        args.task, target_language="en" if args.task == "st" else None, timestamps=args.timestamps
+    )
     meta = run_meta(args, argv, rows, languages)
     args.output.mkdir(parents=True, exist_ok=True)
     results = []
@@ -325,6 +333,8 @@ def _run(argv: list[str] | None) -> None:
             key = {"model": args.model, "ids": meta["ids"], "config": cfg.to_dict(), "padding": padding}
             if args.int8:  # only then: keys of float runs stay as they were
                 key["int8"] = True
+            if args.timestamps != "none":  # the same text, other timings
+                key["timestamps"] = args.timestamps
             row = next((d for d in done if d["key"] == key), None)
             if row is None and args.report_only:
                 continue

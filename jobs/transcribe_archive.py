@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from jobs.common import JobParser, input_path, output_folder, run_job
 from pipeline.models.registry import DEFAULT_MODEL
-from pipeline.tasks import TASKS
+from pipeline.tasks import TASKS, TIMESTAMPS
 from schemas.job_config import EXECUTORS, JobConfig
 from workers.archive_job import run_archive
 
@@ -116,6 +116,13 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         "--int8",
         action="store_true",
         help="CPU actors, Whisper: int8 decoder (dynamic quantization; see docs/pipeline.md for its accuracy)",
+    )
+    p.add_argument(
+        "--timestamps",
+        choices=TIMESTAMPS,
+        default=None,
+        help="asr/st: words (word and sentence times), segments (sentence times; window spans for models "
+        "without word times) or none (window spans); default: words where the model gives them, else segments",
     )
     args = p.parse_args(argv)
     return JobConfig(**(vars(args) | {"input": str(args.input), "output": str(args.output)}))

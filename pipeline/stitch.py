@@ -26,6 +26,8 @@ import zlib
 from dataclasses import asdict, dataclass
 from itertools import pairwise
 
+from pipeline.timing import Word, sentences
+
 MIN_MATCHES = 2
 MIN_AGREEMENT = 0.5
 SEARCH_FACTOR = 1.5  # search this many times the expected number of overlap words
@@ -43,7 +45,8 @@ _CJK_CHAR = re.compile(f"[{_CJK}]")
 
 @dataclass(frozen=True)
 class WindowText:
-    """The raw model output of one window and the window's place in the recording (seconds)."""
+    """The raw model output of one window and the window's place in the recording (seconds); words:
+    its words with recording times, where the model gave them (their texts are ``words(text)``)."""
 
     index: int
     start_s: float
@@ -51,11 +54,14 @@ class WindowText:
     overlap_before_s: float
     overlap_after_s: float
     text: str
+    words: tuple[Word, ...] | None = None
 
 
 @dataclass(frozen=True)
 class Segment:
-    """One window's share of the transcript; stitch_confidence in [0, 1], 0 = seam cut by time or text dropped."""
+    """A stretch of the transcript: one window's share, or a sentence where word times exist (index:
+    its place in the list); stitch_confidence in [0, 1] (a sentence: its windows' lowest), 0 = seam
+    cut by time or text dropped."""
 
     index: int
     start_s: float
@@ -69,13 +75,21 @@ class Segment:
 
 @dataclass(frozen=True)
 class Stitched:
+    """words: the transcript's words with times when every window with kept words had them, else None."""
+
     text: str
     segments: list[Segment]
+    words: list[Word] | None = None
 
 
 def words(text: str) -> list[str]:
     """Original words of ``text``: whitespace-separated runs, with each CJK character a word of its own."""
     return _TOKEN.findall(text)
+
+
+def word_spans(text: str) -> list[tuple[str, int, int]]:
+    """``words(text)``, each with its characters [begin, end) in ``text``."""
+    return [(m.group(), m.start(), m.end()) for m in _TOKEN.finditer(text)]
 
 
 def normalise(word: str) -> str:
@@ -100,12 +114,11 @@ def compression_ratio(text: str) -> float:
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
-def collapse_loops(
-    tokens: list[str], max_repeats: int = MAX_REPEATS, max_ngram: int = MAX_NGRAM
-) -> list[str]:
-    """Replace any n-gram (n <= max_ngram) repeated more than ``max_repeats`` times in a row by one copy."""
+def loop_free(tokens: list[str], max_repeats: int = MAX_REPEATS, max_ngram: int = MAX_NGRAM) -> list[int]:
+    """Indices of the tokens kept when any n-gram (n <= max_ngram) repeated more than ``max_repeats``
+    times in a row is replaced by one copy."""
     keys = [normalise(t) or t for t in tokens]
-    out: list[str] = []
+    kept: list[int] = []
     i = 0
     while i < len(tokens):
         for n in range(1, max_ngram + 1):
@@ -113,21 +126,35 @@ def collapse_loops(
             while keys[i + copies * n : i + (copies + 1) * n] == keys[i : i + n]:
                 copies += 1
             if copies > max_repeats:
-                out.extend(tokens[i : i + n])
+                kept.extend(range(i, i + n))
                 i += copies * n
                 break
         else:
-            out.append(tokens[i])
+            kept.append(i)
             i += 1
-    return out
+    return kept
+
+
+def collapse_loops(
+    tokens: list[str], max_repeats: int = MAX_REPEATS, max_ngram: int = MAX_NGRAM
+) -> list[str]:
+    """Replace any n-gram (n <= max_ngram) repeated more than ``max_repeats`` times in a row by one copy."""
+    return [tokens[i] for i in loop_free(tokens, max_repeats, max_ngram)]
+
+
+def guarded_indices(tokens: list[str]) -> tuple[list[int], bool]:
+    """The indices of a window's words kept by the repetition guard, and whether its text was dropped."""
+    kept = loop_free(tokens)
+    if compression_ratio(join([tokens[i] for i in kept])) > MAX_COMPRESSION_RATIO:
+        return [], True
+    return kept, False
 
 
 def guard_repetition(text: str) -> tuple[list[str], bool]:
     """The window's words with loops collapsed, and whether the text was dropped as degenerate."""
-    tokens = collapse_loops(words(text))
-    if compression_ratio(join(tokens)) > MAX_COMPRESSION_RATIO:
-        return [], True
-    return tokens, False
+    tokens = words(text)
+    kept, dropped = guarded_indices(tokens)
+    return [tokens[i] for i in kept], dropped
 
 
 def align(left: list[str], right: list[str]) -> list[tuple[int, int]]:
@@ -199,15 +226,22 @@ def seam(left: WindowText, lw: list[str], right: WindowText, rw: list[str]) -> t
 
 
 def stitch(windows: list[WindowText]) -> Stitched:
-    """One transcript from a recording's window texts (any order; sorted by index)."""
+    """One transcript from a recording's window texts (any order; sorted by index). Where every window
+    has word times, the words kept at each seam keep their window's times and the segments are the
+    transcript's sentences."""
     windows = sorted(windows, key=lambda w: w.index)
-    guarded = [guard_repetition(w.text) for w in windows]
-    tokens = [t for t, _ in guarded]
+    guarded = []
+    for w in windows:
+        all_words = words(w.text)
+        kept, dropped = guarded_indices(all_words)
+        timed = w.words is not None and [x.word for x in w.words] == all_words
+        guarded.append(([all_words[k] for k in kept], [w.words[k] for k in kept] if timed else None, dropped))
+    tokens = [t for t, _, _ in guarded]
     first = [0] * len(windows)  # first word of each window that is kept
     last = [len(t) for t in tokens]  # one past the last kept word
     starts = [w.start_s for w in windows]
     ends = [w.end_s for w in windows]
-    confidence = [0.0 if dropped else 1.0 for _, dropped in guarded]
+    confidence = [0.0 if dropped else 1.0 for _, _, dropped in guarded]
     for i, (left, right) in enumerate(pairwise(windows)):
         if right.start_s >= left.end_s:
             continue
@@ -215,10 +249,45 @@ def stitch(windows: list[WindowText]) -> Stitched:
         ends[i] = starts[i + 1] = (left.end_s + right.start_s) / 2
         confidence[i] = min(confidence[i], conf)
         confidence[i + 1] = min(confidence[i + 1], conf)
+    spans = [(first[i], max(first[i], last[i])) for i in range(len(windows))]
     segments = [
-        Segment(
-            w.index, starts[i], ends[i], join(tokens[i][first[i] : max(first[i], last[i])]), confidence[i]
-        )
-        for i, w in enumerate(windows)
+        Segment(w.index, starts[i], ends[i], join(tokens[i][a:b]), confidence[i])
+        for i, (w, (a, b)) in enumerate(zip(windows, spans, strict=True))
     ]
-    return Stitched(join([s.text for s in segments]), segments)
+    text = join([s.text for s in segments])
+    untimed = any(timed is None and a < b for (_, timed, _), (a, b) in zip(guarded, spans, strict=True))
+    if untimed or any(w.words is None for w in windows):
+        return Stitched(text, segments)
+    timed_words = _in_order(
+        [
+            (word, confidence[i])
+            for i, (_, timed, _) in enumerate(guarded)
+            for word in (timed or [])[slice(*spans[i])]
+        ]
+    )
+    return Stitched(text, _sentence_segments(timed_words), [w for w, _ in timed_words])
+
+
+def _in_order(timed: list[tuple[Word, float]]) -> list[tuple[Word, float]]:
+    """Words whose start falls before the previous word's end (across a seam) start at that end."""
+    out: list[tuple[Word, float]] = []
+    for word, conf in timed:
+        if out and word.start_s < out[-1][0].end_s:
+            start = out[-1][0].end_s
+            word = Word(word.word, start, max(start, word.end_s), word.probability)
+        out.append((word, conf))
+    return out
+
+
+def _sentence_segments(timed: list[tuple[Word, float]]) -> list[Segment]:
+    confidence = {id(word): conf for word, conf in timed}
+    return [
+        Segment(
+            i,
+            run[0].start_s,
+            run[-1].end_s,
+            join([w.word for w in run]),
+            min(confidence[id(w)] for w in run),
+        )
+        for i, run in enumerate(sentences([w for w, _ in timed]))
+    ]

@@ -46,6 +46,7 @@ _EMOTION_WORDS = {
     "surprised": "surprise surprised surprising amazed astonished shocked",
 }
 _EMOTION_OF = {word: label for label, synonyms in _EMOTION_WORDS.items() for word in synonyms.split()}
+TIMESTAMPS = ("words", "segments", "none")
 _SPECIAL_TOKEN = re.compile(r"<\|[^|>]*\|>")
 
 
@@ -58,12 +59,19 @@ class TaskRequest:
     """What to do with each window: task name (one of TASKS) and its arguments.
 
     language: the spoken language when known (asr, st); None lets a multilingual model detect it.
+    timestamps: ``words`` (each window's words with times, from a model that gives them), ``segments``
+    (sentence times; derived from word times where the model gives them) or ``none`` (window spans).
     """
 
     task: str = "asr"
     target_language: str | None = None  # st
     question: str | None = None  # sqa
     language: str | None = None
+    timestamps: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.timestamps not in TIMESTAMPS:
+            raise TaskError(f"timestamps={self.timestamps!r} is not one of {', '.join(TIMESTAMPS)}")
 
 
 def check_task(task: str) -> None:

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from pipeline.models.registry import DEFAULT_MODEL
-from pipeline.tasks import TASKS
+from pipeline.tasks import TASKS, TIMESTAMPS
 
 # --prompt-format -> checkpoint kind
 PROMPT_FORMATS = {"auto": None, "chat": "instruct", "plain": "base"}
@@ -64,6 +64,7 @@ class JobConfig:
     device: str = "auto"  # auto: cuda when the actor holds a GPU that torch can see, else cpu
     int8: bool = False  # CPU actors: the model's int8 variant (dynamic quantization), where it has one
     executor: str = "auto"
+    timestamps: str | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -90,6 +91,8 @@ class JobConfig:
             raise JobConfigError(f"--device {self.device!r} is not one of auto, cpu, cuda")
         if self.executor not in EXECUTORS:
             raise JobConfigError(f"--executor {self.executor!r} is not one of {', '.join(EXECUTORS)}")
+        if self.timestamps is not None and self.timestamps not in TIMESTAMPS:
+            raise JobConfigError(f"--timestamps {self.timestamps!r} is not one of {', '.join(TIMESTAMPS)}")
         if self.executor == "in-process" and self.model_actors > 1:
             raise JobConfigError("--executor in-process runs one model; --model-actors > 1 needs Ray")
 

@@ -57,11 +57,22 @@ WINDOW_STATS_TYPE = pa.struct(
     ]
 )
 
+# A word and its times in recording seconds; probability: the mean of its tokens' as decoded.
+WORD_TYPE = pa.struct(
+    [
+        pa.field("word", pa.string(), nullable=False),
+        pa.field("start_s", pa.float64(), nullable=False),
+        pa.field("end_s", pa.float64(), nullable=False),
+        pa.field("probability", pa.float32(), nullable=False),
+    ]
+)
+
 WINDOW_TEXT_SCHEMA = pa.schema(
     [
         *_RECORDING_FIELDS,
         pa.field("text", pa.string()),
         pa.field("language", pa.string()),  # the spoken language, where the model tells it
+        pa.field("words", pa.list_(WORD_TYPE)),  # null: the model gave no word times for the window
         pa.field("window_stats", WINDOW_STATS_TYPE),
         pa.field("peak_memory_bytes", pa.int64()),
         pa.field("nvml_memory_bytes", pa.int64()),

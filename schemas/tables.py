@@ -9,7 +9,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.stages import WINDOW_STATS_TYPE
+from schemas.stages import WINDOW_STATS_TYPE, WORD_TYPE
 
 SEGMENT_TYPE = pa.struct(
     [
@@ -20,6 +20,10 @@ SEGMENT_TYPE = pa.struct(
         pa.field("stitch_confidence", pa.float32(), nullable=False),
     ]
 )
+
+# How a result's segment times were found: "words", sentences timed by their aligned words; "windows",
+# each segment a window's span (cut in pauses by voice activity: coarse). Null in rows written before.
+TIMINGS = ("words", "windows")
 
 RESULT_STATUSES = ("ok", "empty")  # empty: decoded fine, no speech found (or nothing transcribed)
 
@@ -41,6 +45,10 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("pipeline_version", pa.string(), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("status", pa.string(), nullable=False),
+        # asr/st with --timestamps words: every word of text, in order; null otherwise and in rows
+        # written before the column existed
+        pa.field("words", pa.list_(WORD_TYPE)),
+        pa.field("timing", pa.string()),  # one of TIMINGS (asr/st)
     ]
 )
 

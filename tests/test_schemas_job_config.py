@@ -35,3 +35,13 @@ def test_windows_per_call_defaults_by_actor_kind_and_honours_the_option():
 def test_bad_options_name_the_flag(kwargs, message):
     with pytest.raises(JobConfigError, match=message):
         JobConfig("in", "out", **kwargs)
+
+
+def test_timestamps_are_checked_against_the_model() -> None:
+    from workers.archive_job import ModelTaskError, check_model
+
+    with pytest.raises(JobConfigError, match="--timestamps"):
+        JobConfig("in", "out", timestamps="frames")
+    assert check_model(JobConfig("in", "out", timestamps="words")).word_times  # tiny.en names its heads
+    with pytest.raises(ModelTaskError, match="no word times"):
+        check_model(JobConfig("in", "out", model="tiny-random-qwen2-audio", timestamps="words"))

@@ -15,6 +15,7 @@ from pipeline.stitch import (
     stitch,
     words,
 )
+from pipeline.timing import Word
 
 WORD_S = 0.4  # one word every 0.4 s in the synthetic recordings below
 
@@ -202,3 +203,41 @@ def test_repeated_phrase_in_an_exact_overlap() -> None:
     assert [w.overlap_after_s for w in windows] == [0.8, 0.0]
     assert windows[0].text.endswith("yes I know I know") and windows[1].text.startswith("I know you do")
     assert stitch(windows).text.split() == script
+
+
+def _timed(
+    index: int, start: float, end: float, spoken: list[str], first_s: float, **overlaps: float
+) -> WindowText:
+    """A window whose i-th word is spoken at first_s + 0.5 i (recording seconds)."""
+    timed = tuple(Word(w, first_s + 0.5 * i, first_s + 0.5 * i + 0.4, 0.9) for i, w in enumerate(spoken))
+    return WindowText(
+        index, start, end, overlaps.get("before", 0.0), overlaps.get("after", 0.0), " ".join(spoken), timed
+    )
+
+
+def test_word_times_survive_the_seam_once_each_and_make_sentences() -> None:
+    talk = "we met on monday. the budget is final and the plan is set. next we hire two people for the team."
+    spoken = talk.split()  # word i spoken at 0.5 i s
+    left = _timed(0, 0.0, 10.0, spoken[:20], 0.0, after=3.0)
+    right = _timed(1, 7.0, 17.0, spoken[14:], 7.0 + 0.04, before=3.0)  # its own times, 40 ms later
+    result = stitch([right, left])
+    assert result.text == talk and [w.word for w in result.words] == spoken
+    seam = next(i for i, w in enumerate(result.words) if w in right.words)
+    assert all(w in left.words for w in result.words[:seam]) and all(
+        w in right.words for w in result.words[seam:]
+    )
+    assert 14 <= seam <= 20
+    assert [s.text for s in result.segments] == [
+        "we met on monday.",
+        "the budget is final and the plan is set.",
+        "next we hire two people for the team.",
+    ]
+    assert result.segments[1].start_s == result.words[4].start_s
+    assert result.segments[-1].end_s == result.words[-1].end_s
+
+
+def test_a_window_without_word_times_keeps_window_segments() -> None:
+    left = _timed(0, 0.0, 10.0, ["hello", "there."], 0.0)
+    right = WindowText(1, 10.0, 20.0, 0.0, 0.0, "general kenobi.")
+    result = stitch([left, right])
+    assert result.words is None and [s.text for s in result.segments] == ["hello there.", "general kenobi."]

@@ -117,3 +117,23 @@ def test_lid_label_and_every_tasks_language_follow_the_most_speech() -> None:
         .to_pylist()
     )
     assert (result["label"], result["language"]) == ("fr", "fr")
+
+
+def test_word_times_kept_for_words_and_only_sentences_for_segments() -> None:
+    words = [{"word": "Hi.", "start_s": 0.5, "end_s": 0.9, "probability": 0.9}]
+    words += [
+        {"word": w, "start_s": 2.0 + i, "end_s": 2.5 + i, "probability": 0.8}
+        for i, w in enumerate(["Go", "on."])
+    ]
+    rows = [_window(0, 1, "Hi. Go on.", words=words)]
+    kept = recording_record(rows, "asr", RUN, "words")
+    assert kept["timing"] == "words" and [w["word"] for w in kept["words"]] == ["Hi.", "Go", "on."]
+    assert [(s["text"], s["start_s"], s["end_s"]) for s in kept["segments"]] == [
+        ("Hi.", 0.5, 0.9),
+        ("Go on.", 2.0, 3.5),
+    ]
+    sentences = recording_record(rows, "asr", RUN, "segments")
+    assert sentences["words"] is None and sentences["segments"] == kept["segments"]
+    coarse = recording_record([_window(0, 1, "Hi. Go on.")], "asr", RUN, "segments")
+    assert coarse["timing"] == "windows" and coarse["segments"][0]["end_s"] == 10.0
+    assert split_records(pa.Table.from_pylist([kept], schema=RECORD_SCHEMA))["results"].num_rows == 1

@@ -15,7 +15,7 @@ import os
 import platform
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -109,8 +109,15 @@ class RunSummary:
 
 def _request(config: JobConfig) -> dict:
     request = {"task": config.task, "target_language": config.target_language, "question": config.question}
-    # Only when given: the request is part of the fingerprint, and older runs never set a language.
+    request |= {"timestamps": config.timestamps} if config.timestamps not in (None, "none") else {}
     return request | ({"language": config.language} if config.language else {})
+
+
+def _fingerprinted(request: dict) -> dict:
+    """The request as the run's fingerprint sees it: a language only when given (older runs never set
+    one); never the timestamps, which change no text (tests/test_models_whisper_timing.py), so that a
+    folder resumes whatever the mode (recordings committed without word times keep none)."""
+    return {k: v for k, v in request.items() if k != "timestamps"}
 
 
 def _versions(use_ray: bool) -> dict:
@@ -179,6 +186,11 @@ def check_model(config: JobConfig) -> ModelDescription:
         )
     if config.language and not info.multilingual and _code(config.language) != "en":
         raise ModelTaskError(f"model {config.model!r} is English-only; --language {config.language!r}")
+    if config.timestamps == "words" and not info.word_times:
+        raise ModelTaskError(
+            f"model {config.model!r} gives no word times (--timestamps words needs a Whisper checkpoint "
+            f"naming its alignment heads); use --timestamps segments or none"
+        )
     if config.int8 and not info.int8:
         raise ModelTaskError(f"model {config.model!r} has no int8 variant (--int8 is for Whisper models)")
     if config.overlap_s >= info.max_window_s / 2:  # half a window: each window still adds new audio
@@ -225,6 +237,8 @@ def run_archive(config: JobConfig) -> RunSummary:
     """Plan, process and publish one run into ``config.output``; see pipeline/publish.py for the layout."""
     started = time.monotonic()
     info = check_model(config)  # what the model cannot do is refused before any preset check
+    if config.timestamps is None:  # the default: word times where the model gives them
+        config = replace(config, timestamps="words" if info.word_times else "segments")
     reduction = resolve_reduction(info, config.task, config.reduction)
     check_paths(config)
     output, run_id = Path(config.output), new_run_id()
@@ -236,7 +250,7 @@ def run_archive(config: JobConfig) -> RunSummary:
         run_fp = fingerprint(
             config.model,
             config.task,
-            _request(config) | prompts,
+            _fingerprinted(_request(config)) | prompts,
             windowing,
             reduction.to_dict(),
             PIPELINE_VERSION,
@@ -301,7 +315,7 @@ def run_archive(config: JobConfig) -> RunSummary:
             counts={},
             recordings=[],
         )
-        assembler = RecordingAssembler(config.task, run_fields)
+        assembler = RecordingAssembler(config.task, run_fields, config.timestamps)
         audio_s = model_s = 0.0
         writer = RunWriter(output, template, todo, config.commit_every_n, config.commit_every_s)
         try:

@@ -59,6 +59,13 @@ def _nvml_handle() -> object | None:
         return None
 
 
+def _recording_words(result: object, start_s: float) -> list[dict] | None:
+    """A window's words in recording seconds (None: the model gave no word times)."""
+    if not isinstance(result, WindowOutput) or result.words is None:
+        return None
+    return [w.shifted(start_s).to_dict() for w in result.words]
+
+
 class WindowPredictor:
     """WINDOW_SCHEMA rows -> WINDOW_TEXT_SCHEMA rows: a Ray ``map_batches`` callable class, or called by
     an in-process run (workers/in_process.py).
@@ -137,6 +144,7 @@ class WindowPredictor:
             row |= {
                 "text": result.text if isinstance(result, WindowOutput) else None,
                 "language": result.language if isinstance(result, WindowOutput) else None,
+                "words": _recording_words(result, row["start_s"]),
                 "window_stats": stats.to_dict(),
                 "peak_memory_bytes": peak,
                 "nvml_memory_bytes": nvml_used,

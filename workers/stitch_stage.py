@@ -5,7 +5,8 @@ is stitched as soon as its last window is back, with no barrier over the run (a 
 every recording until the last window of the run), and the driver holds only the windows of
 recordings still in flight. The rows are text and stats only (the model stage drops the PCM).
 
-asr/st: the window texts are stitched into one text with per-window segments; er and lid: the window
+asr/st: the window texts are stitched into one text with per-window segments, or sentence segments
+and words where the windows carry word times (``--timestamps words|segments``); er and lid: the window
 labels (emotions, language codes) are aggregated into one, weighted by window duration; sqa: the window
 answers likewise. Every task's result carries the spoken language the model detected, aggregated the
 same way. Window outputs
@@ -22,6 +23,7 @@ from pipeline.inputs import PlannedRecording
 from pipeline.stats import WindowStats
 from pipeline.stitch import WindowText, stitch
 from pipeline.tasks import aggregate_labels, is_dense, normalise_output
+from pipeline.timing import Word
 from schemas.tables import RECORD_SCHEMA
 
 
@@ -52,7 +54,7 @@ def _language(rows: list[dict]) -> str | None:
     return aggregate_labels([r["language"] for r in told], [r["end_s"] - r["start_s"] for r in told])
 
 
-def _outputs(rows: list[dict], task: str) -> dict:
+def _outputs(rows: list[dict], task: str, timestamps: str) -> dict:
     if rows[0]["status"] == "empty":
         return {"text": "", "segments": []}
     texts = [normalise_output(task, r["text"]) for r in rows]
@@ -64,15 +66,24 @@ def _outputs(rows: list[dict], task: str) -> dict:
         }
     windows = [
         WindowText(
-            r["window_index"], r["start_s"], r["end_s"], r["overlap_before_s"], r["overlap_after_s"], text
+            r["window_index"],
+            r["start_s"],
+            r["end_s"],
+            r["overlap_before_s"],
+            r["overlap_after_s"],
+            text,
+            None if r.get("words") is None else tuple(Word(**w) for w in r["words"]),
         )
         for r, text in zip(rows, texts, strict=True)
     ]
     stitched = stitch(windows)
+    keep_words = timestamps == "words" and stitched.words is not None
     return {
         "text": stitched.text,
         "segments": [asdict(s) for s in stitched.segments],
         "language": _language(rows),
+        "words": [w.to_dict() for w in stitched.words] if keep_words else None,
+        "timing": "windows" if stitched.words is None else "words",
     }
 
 
@@ -98,9 +109,10 @@ def crash_records(
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
 
-def recording_record(rows: list[dict], task: str, run_fields: dict) -> dict:
+def recording_record(rows: list[dict], task: str, run_fields: dict, timestamps: str = "none") -> dict:
     """One RECORD_SCHEMA row from a recording's window rows (any order). ``run_fields``: model,
-    reduction, pipeline_version, run_id, task."""
+    reduction, pipeline_version, run_id, task. timestamps: the run's ``--timestamps``; the words of the
+    windows' rows are kept in the record only for ``words``."""
     rows = sorted(rows, key=lambda r: r["window_index"])
     first = rows[0]
     record = _record(first, run_fields)
@@ -113,7 +125,7 @@ def recording_record(rows: list[dict], task: str, run_fields: dict) -> dict:
     if failed is not None:
         return record | {"status": "error", "stage": failed["stage"], "error": failed["error"]}
     try:
-        return record | _outputs(rows, task) | _stats(rows) | {"status": first["status"]}
+        return record | _outputs(rows, task, timestamps) | _stats(rows) | {"status": first["status"]}
     except Exception as err:  # a stitcher failure is this recording's, reported as a row
         return record | {"status": "error", "stage": "stitch", "error": f"{type(err).__name__}: {err}"}
 
@@ -123,8 +135,8 @@ class RecordingAssembler:
     in: all ``window_count`` of them, or the first in error (the recording has failed whatever the
     rest say). Rows of a recording already stitched are dropped (a batch Ray ran twice)."""
 
-    def __init__(self, task: str, run_fields: dict) -> None:
-        self.task, self.run_fields = task, run_fields
+    def __init__(self, task: str, run_fields: dict, timestamps: str = "none") -> None:
+        self.task, self.run_fields, self.timestamps = task, run_fields, timestamps
         self.windows: dict[str, dict[int, dict]] = {}  # recordings in flight: their windows so far
         self.finished: set[str] = set()
 
@@ -147,4 +159,6 @@ class RecordingAssembler:
 
     def _stitch(self, rid: str) -> dict:
         self.finished.add(rid)
-        return recording_record(list(self.windows.pop(rid).values()), self.task, self.run_fields)
+        return recording_record(
+            list(self.windows.pop(rid).values()), self.task, self.run_fields, self.timestamps
+        )

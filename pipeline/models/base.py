@@ -25,6 +25,7 @@ import torch
 from pipeline.merging.config import ReductionConfig
 from pipeline.stats import WindowStats
 from pipeline.tasks import TaskRequest
+from pipeline.timing import Word
 
 KINDS = ("base", "instruct")
 # The dtype that asks for dynamic int8 quantization (int8 weights, activations quantized per call; CPU).
@@ -58,7 +59,8 @@ class ModelDescription:
     layers of a SpeechLM, encoder layers of Whisper); translate_to: target languages of ``st``
     (empty: any the prompt can name); drops_padding: the adapter has a ``padding`` option (``keep`` or
     ``drop`` the encoder output of a window's padding, a reduction of its own); int8: loads with
-    ``dtype=INT8`` on CPU.
+    ``dtype=INT8`` on CPU; word_times: gives word times (``TaskRequest.timestamps`` ``words``; Whisper
+    checkpoints that name their alignment heads).
     """
 
     name: str
@@ -72,6 +74,7 @@ class ModelDescription:
     multilingual: bool = False
     drops_padding: bool = False
     int8: bool = False
+    word_times: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -84,6 +87,7 @@ class WindowOutput:
     language: str | None = None  # the spoken language, where the model tells it (ISO 639-1 code)
     stats: WindowStats = field(default_factory=WindowStats)
     loop_cut: bool = False  # decoding fell into a loop and was cut (pipeline.models.whisper_decoding)
+    words: list[Word] | None = None  # seconds from the window's start; None: the model gives no word times
 
 
 class SpeechModel(Protocol):

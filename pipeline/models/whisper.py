@@ -32,6 +32,7 @@ from pipeline.models.base import INT8, Checkpoint, ModelDescription, ModelError,
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
 from pipeline.models.whisper_encoder import EncoderOutput, encode, encoder_ratios, speech_tokens
+from pipeline.models.whisper_timing import window_words
 from pipeline.stats import WindowStats, batch_times
 from pipeline.tasks import TaskError, TaskRequest
 
@@ -130,12 +131,16 @@ def packaged_files(name: str) -> tuple[ShippedFile, Path]:
 
 
 def generation_config(
-    config: WhisperConfig, tokenizer: WhisperTokenizerFast, lang_ids: list[int]
+    config: WhisperConfig,
+    tokenizer: WhisperTokenizerFast,
+    lang_ids: list[int],
+    alignment_heads: list[list[int]] | None = None,
 ) -> GenerationConfig:
     """Greedy, no timestamps: what ``generate`` needs for a converted model.
 
     lang_ids: the language token ids (CTranslate2's config.json ``lang_ids``); used only when the
-    vocabulary is multilingual.
+    vocabulary is multilingual. alignment_heads: [layer, head] pairs of the decoder's cross-attention
+    that follow the audio in time (CTranslate2's ``alignment_heads``; word timing reads them).
     """
     multilingual = config.vocab_size >= MULTILINGUAL_VOCAB
     languages = {}
@@ -157,6 +162,7 @@ def generation_config(
         no_timestamps_token_id=tokenizer.convert_tokens_to_ids("<|notimestamps|>"),
         is_multilingual=multilingual,
         return_timestamps=False,
+        alignment_heads=alignment_heads,
         **languages,
     )
 
@@ -236,6 +242,7 @@ class WhisperSpeechModel:
         self._code_of = {i: code for code, i in self.languages.items()}
         self.tasks = MULTILINGUAL_TASKS if multilingual else frozenset({"asr"})
         self.translate_to = ("en",) if multilingual else ()
+        self.alignment_heads = [(int(layer), int(head)) for layer, head in gen.alignment_heads or ()]
 
     def _language_code(self, language: str, what: str) -> str:
         """'de', 'German' or 'german' -> 'de'; TaskError naming the known languages otherwise."""
@@ -259,6 +266,11 @@ class WhisperSpeechModel:
                     f"target_language={request.target_language!r}: {self.name} translates only into "
                     f"English (target_language='en')"
                 )
+        if request.timestamps != "none" and not self.alignment_heads:
+            raise TaskError(
+                f"timestamps={request.timestamps!r}: {self.name} names no alignment heads (generation "
+                f"config alignment_heads); use timestamps='none'"
+            )
         language = self._language_code(request.language, "language") if request.language else None
         if request.task == "lid" and language is not None:
             raise TaskError(
@@ -288,7 +300,9 @@ class WhisperSpeechModel:
         outputs: list[WindowOutput] = []
         for first in range(0, len(waveforms), self.batch_size):
             batch = waveforms[first : first + self.batch_size]
-            outputs += self._run_batch(batch, reduction, ratios, options, language, max_new)
+            outputs += self._run_batch(
+                batch, reduction, ratios, options, language, max_new, request.timestamps
+            )
         return outputs
 
     def _kv_bytes(self, positions: int) -> int:
@@ -333,14 +347,36 @@ class WhisperSpeechModel:
         options: DecodeOptions,
         language: str | None,
         max_new_tokens: int | None,
+        timestamps: str = "none",
     ) -> list[WindowOutput]:
         full = self.model.config.max_source_positions
         start = time.perf_counter()
         enc, speech = self._encode(waveforms, reduction, ratios)
         encode_s = time.perf_counter() - start
-        dec = greedy_decode(self.model, enc.states, enc.lengths, options, max_new_tokens)
+        timed = self.alignment_heads and timestamps != "none" and max_new_tokens != 0
+        dec = greedy_decode(self.model, enc.states, enc.lengths, options, max_new_tokens, bool(timed))
+        words, align_s = None, 0.0
+        if timed:
+            aligned = time.perf_counter()
+            prompts = [list(options.prompt) for _ in waveforms]
+            if dec.languages is not None:  # the detected language follows start-of-transcript
+                prompts = [[p[0], lang, *p[1:]] for p, lang in zip(prompts, dec.languages, strict=True)]
+            words = window_words(
+                self.model,
+                self.tokenizer,
+                dec,
+                prompts,
+                options.eos,
+                enc.origins,
+                speech,
+                self.alignment_heads,
+            )
+            align_s = time.perf_counter() - aligned
         generated = [len(tokens) for tokens in dec.tokens]
-        times = batch_times(encode_s, dec.first_step_s, dec.rest_s, [1.0] * len(waveforms), generated)
+        # the alignment pass counts as decoding: it reads what the decoder read, once more
+        times = batch_times(
+            encode_s, dec.first_step_s, dec.rest_s + align_s, [1.0] * len(waveforms), generated
+        )
         outputs = []
         for b, wave in enumerate(waveforms):
             code = language if dec.languages is None else self._code_of[dec.languages[b]]
@@ -357,7 +393,15 @@ class WhisperSpeechModel:
                 text = code
             else:
                 text = self.tokenizer.decode([t for t in dec.tokens[b] if t < options.eos]).strip()
-            outputs.append(WindowOutput(text=text, language=code, stats=stats, loop_cut=b in dec.loops))
+            outputs.append(
+                WindowOutput(
+                    text=text,
+                    language=code,
+                    stats=stats,
+                    loop_cut=b in dec.loops,
+                    words=None if words is None else words[b],
+                )
+            )
         return outputs
 
 
@@ -404,8 +448,10 @@ def load_packaged(
     model.to(device=device, dtype=_default_dtype(device, dtype))
     _quantize(model, dtype)
     tokenizer = WhisperTokenizerFast(tokenizer_file=str(meta / "tokenizer.json"))
-    lang_ids = json.loads((meta / "config.json").read_text()).get("lang_ids", [])
-    model.generation_config = generation_config(config, tokenizer, lang_ids)
+    ct2_config = json.loads((meta / "config.json").read_text())
+    model.generation_config = generation_config(
+        config, tokenizer, ct2_config.get("lang_ids", []), ct2_config.get("alignment_heads")
+    )
     spec = PACKAGED[name]
     if (config.encoder_layers, model.generation_config.is_multilingual) != (
         spec.encoder_layers,
@@ -439,12 +485,25 @@ def load_pretrained(
 MODEL_TYPES = ("whisper",)
 
 
+def _names_alignment_heads(folder: Path | None) -> bool:
+    """Whether a checkpoint's generation config names its alignment heads (what word timing reads)."""
+    path = None if folder is None else folder / "generation_config.json"
+    if path is None or not path.is_file():
+        return False
+    try:
+        return bool(json.loads(path.read_text()).get("alignment_heads"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
 def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
     """From the packaged spec or config.json alone (English-only checkpoints have 51864 tokens)."""
-    if ckpt.packaged:
+    if ckpt.packaged:  # both packaged models ship their alignment heads
         layers, multilingual = PACKAGED[ckpt.name].encoder_layers, PACKAGED[ckpt.name].multilingual
+        word_times = True
     else:
         layers, multilingual = int(config["encoder_layers"]), config["vocab_size"] >= MULTILINGUAL_VOCAB
+        word_times = _names_alignment_heads(ckpt.folder)
     return ModelDescription(
         name=ckpt.name,
         family=__name__.rsplit(".", 1)[-1],
@@ -457,6 +516,7 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
         multilingual=multilingual,
         drops_padding=True,
         int8=True,
+        word_times=word_times,
     )
 
 

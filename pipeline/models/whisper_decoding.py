@@ -84,6 +84,8 @@ class DecodeResult:
 
     languages: per window, the detected language token (None when options.detect is empty).
     loops: indices of the windows the loop guard cut.
+    logprobs: per window, the log-probability of each generated token under the distribution it was
+    chosen from; cross: the windows' cross K/V (both only when ``greedy_decode`` was asked to keep them).
     first_step_s: the prompt step(s) up to the first generated token (language detection included), which
     also project the encoder outputs to cross-attention K/V. rest_s: all later steps.
     """
@@ -93,6 +95,8 @@ class DecodeResult:
     rest_s: float
     languages: list[int] | None = None
     loops: list[int] = field(default_factory=list)
+    logprobs: list[list[float]] | None = None
+    cross: CrossKV | None = None
 
 
 def _loop_start(row: list[int], loop_tokens: int) -> int | None:
@@ -154,16 +158,23 @@ def _self_attention(layer: WhisperDecoderLayer, x: Tensor, cache: _Cache, i: int
     return x + attn.out_proj(out.transpose(1, 2).reshape(x.shape))
 
 
-def _cross_attention(layer: WhisperDecoderLayer, x: Tensor, cache: _Cache, i: int) -> Tensor:
+def _cross_weights(layer: WhisperDecoderLayer, x: Tensor, cache: _Cache, i: int) -> Tensor:
+    """Layer i's cross-attention weights (B, H, T, S) for hidden states x (B, T, D)."""
     attn = layer.encoder_attn
     h = layer.encoder_attn_layer_norm(x)
     q = split_heads(attn.q_proj(h) * attn.scaling, attn.num_heads)
     scores = q @ cache.cross_keys[i]  # (B, H, T, S)
     if cache.bias is not None:
         scores = scores + cache.bias
-    weights = scores.float().softmax(dim=-1).to(q.dtype)  # fp32 softmax, as SDPA's kernels
+    return scores.float().softmax(dim=-1).to(q.dtype)  # fp32 softmax, as SDPA's kernels
+
+
+def _cross_attention(
+    layer: WhisperDecoderLayer, x: Tensor, cache: _Cache, i: int, weights: Tensor | None = None
+) -> Tensor:
+    weights = _cross_weights(layer, x, cache, i) if weights is None else weights
     out = cache.cross_values[i] @ weights.transpose(-1, -2)  # (B, H, hd, T)
-    return x + attn.out_proj(out.permute(0, 3, 1, 2).reshape(x.shape))
+    return x + layer.encoder_attn.out_proj(out.permute(0, 3, 1, 2).reshape(x.shape))
 
 
 def _project_encoder(model: WhisperForConditionalGeneration, states: Tensor, cache: _Cache) -> None:
@@ -183,10 +194,53 @@ def _step(model: WhisperForConditionalGeneration, ids: Tensor, cache: _Cache) ->
     hidden = decoder.embed_tokens(ids) + decoder.embed_positions.weight[positions]
     for i, layer in enumerate(decoder.layers):
         hidden = _self_attention(layer, hidden, cache, i)
-        hidden = _cross_attention(layer, hidden, cache, i)
-        hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
+        hidden = _mlp(layer, _cross_attention(layer, hidden, cache, i))
     cache.length += ids.shape[1]
     return _vocab_logits(model.proj_out, decoder.layer_norm(hidden[:, -1]))
+
+
+def _mlp(layer: WhisperDecoderLayer, hidden: Tensor) -> Tensor:
+    return hidden + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(hidden))))
+
+
+@dataclass(frozen=True)
+class CrossKV:
+    """The windows' cross-attention keys and values as ``greedy_decode`` projected them (per decoder
+    layer, (B, H, hd, S)) and their padding bias, kept for the alignment pass (``alignment_weights``)."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    bias: Tensor | None
+
+
+@torch.inference_mode()
+def alignment_weights(
+    model: WhisperForConditionalGeneration, cross: CrossKV, ids: Tensor, heads: list[tuple[int, int]]
+) -> Tensor:
+    """One teacher-forced decoder pass of ids (B, T) (each row its prompt and decided tokens, padded at
+    the end, which causal attention keeps from the rows' real tokens) over the windows' cross K/V.
+
+    Returns the cross-attention weights of ``heads`` ((layer, head) pairs) as (B, len(heads), T, S)
+    float32; layers after the last one holding a head are not run.
+    """
+    config = model.config
+    heads_dim = config.d_model // config.decoder_attention_heads
+    batch, length = ids.shape
+    cache = _Cache(
+        config.decoder_layers, batch, config.decoder_attention_heads, heads_dim, length, cross.keys[0]
+    )
+    cache.cross_keys, cache.cross_values, cache.bias = cross.keys, cross.values, cross.bias
+    decoder = model.model.decoder
+    hidden = decoder.embed_tokens(ids) + decoder.embed_positions.weight[:length]
+    last = max(layer for layer, _ in heads)
+    picked: dict[tuple[int, int], Tensor] = {}
+    for i, layer in enumerate(decoder.layers[: last + 1]):
+        hidden = _self_attention(layer, hidden, cache, i)
+        weights = _cross_weights(layer, hidden, cache, i)
+        picked |= {(li, h): weights[:, h].float() for li, h in heads if li == i}
+        if i < last:
+            hidden = _mlp(layer, _cross_attention(layer, hidden, cache, i, weights))
+    return torch.stack([picked[head] for head in heads], dim=1)
 
 
 def _vocab_logits(proj: nn.Module, h: Tensor) -> Tensor:
@@ -206,12 +260,14 @@ def greedy_decode(
     lengths: torch.Tensor,
     options: DecodeOptions,
     max_new_tokens: int | None = None,
+    keep_for_timing: bool = False,
 ) -> DecodeResult:
     """Greedy decode B windows.
 
     encoder_states: (B, S, D), window b valid in [0, lengths[b]) (the rest is padding never attended).
     lengths: (B,) int. max_new_tokens: at most this many generated tokens (default: up to max_length);
-    0 with options.detect runs language detection only.
+    0 with options.detect runs language detection only. keep_for_timing: also return the tokens'
+    log-probabilities and the cross K/V (what word timing needs; the decoded tokens are the same).
     """
     batch, seq, _ = encoder_states.shape
     device = encoder_states.device
@@ -241,6 +297,8 @@ def greedy_decode(
     sync(device)
     start = time.perf_counter()
     _project_encoder(model, encoder_states, cache)
+    cross = CrossKV(list(cache.cross_keys), list(cache.cross_values), cache.bias) if keep_for_timing else None
+    logprobs: list[Tensor] = []
     first_step_s = 0.0
     if options.detect:
         logits = _step(model, ids[:, :1], cache)
@@ -255,7 +313,11 @@ def greedy_decode(
         if step == 0:
             logits[:, begin_suppress] = -float("inf")
         next_ids = torch.full((batch,), options.pad, dtype=torch.long, device=device)
-        next_ids[rows] = torch.where(finished[rows], options.pad, logits.argmax(dim=-1))
+        chosen = logits.argmax(dim=-1)
+        next_ids[rows] = torch.where(finished[rows], options.pad, chosen)
+        if keep_for_timing:
+            logprob = logits.gather(1, chosen[:, None])[:, 0].float() - logits.float().logsumexp(-1)
+            logprobs.append(torch.zeros(batch, device=device).index_put((rows,), logprob))
         finished |= next_ids == options.eos
         generated.append(next_ids)
         if step == 0:
@@ -276,12 +338,19 @@ def greedy_decode(
         first_step_s = time.perf_counter() - start
     rest_s = time.perf_counter() - start - first_step_s
     rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in range(batch)]
+    tokens = [row[: cuts[b]] if b in cuts else _until_eos(row, options.eos) for b, row in enumerate(rows)]
+    kept_logprobs = None
+    if keep_for_timing:
+        table = torch.stack(logprobs, dim=1).tolist() if logprobs else [[] for _ in range(batch)]
+        kept_logprobs = [row[: len(t)] for row, t in zip(table, tokens, strict=True)]
     return DecodeResult(
-        [row[: cuts[b]] if b in cuts else _until_eos(row, options.eos) for b, row in enumerate(rows)],
+        tokens,
         first_step_s,
         rest_s,
         None if languages is None else languages.tolist(),
         sorted(cuts),
+        kept_logprobs,
+        cross,
     )
 
 

@@ -57,12 +57,15 @@ def encoder_ratios(cfg: ReductionConfig, num_layers: int) -> list[float]:
 @dataclass
 class EncoderOutput:
     """states (B, S, D): row b valid in [0, lengths[b]); speech (B,): speech tokens at the output
-    (they lead each row); layer_speech (B, N): speech tokens entering each encoder layer."""
+    (they lead each row); layer_speech (B, N): speech tokens entering each encoder layer; origins
+    (B, P) int64: the output position each of the P input positions (20 ms frames) ended in, so that
+    what the decoder reads of a merged position can be spread back over the frames it stands for."""
 
     states: Tensor
     lengths: Tensor
     speech: list[int]
     layer_speech: list[list[int]]
+    origins: Tensor
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -97,14 +100,15 @@ def _pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 def _reduce_row(
     x: Tensor, q: Tensor, keys: Tensor, speech: int, k: int, cfg: ReductionConfig, generator: torch.Generator
-) -> Tensor:
-    """One window: x (L, D), q (H, L, hd) pre-scaled, keys (L, D) -> (L - k, D) with ``k`` speech tokens
-    removed by the merge step (similarity over the keys, heads concatenated; mass from every query)."""
+) -> tuple[Tensor, Tensor]:
+    """One window: x (L, D), q (H, L, hd) pre-scaled, keys (L, D) -> ((L - k, D) with ``k`` speech tokens
+    removed by the merge step (similarity over the keys, heads concatenated; mass from every query),
+    (L,) the output position of each input position)."""
     attn = LayerAttention(
         q[None], split_heads(keys[None], q.shape[0]), None, scale=1.0, causal=False, keys=keys[None]
     )
-    reduced, _, _, _ = reduce_layer(x[None], attn, [(0, speech)], [k], cfg, generator)
-    return reduced[0]
+    reduced, _, _, reduction = reduce_layer(x[None], attn, [(0, speech)], [k], cfg, generator)
+    return reduced[0], reduction.groups[0]
 
 
 @torch.inference_mode()
@@ -134,6 +138,7 @@ def encode(
         lengths=torch.cat([p.lengths for p in parts]),
         speech=[s for p in parts for s in p.speech],
         layer_speech=[s for p in parts for s in p.layer_speech],
+        origins=torch.cat([p.origins for p in parts]),
     )
 
 
@@ -150,6 +155,7 @@ def _encode_pass(
     x = x + encoder.embed_positions.weight
     batch, full, _ = x.shape
     lengths = torch.full((batch,), full)
+    origins = torch.arange(full).repeat(batch, 1)
     speech = list(speech)
     generators = [torch.Generator().manual_seed(cfg.seed) for _ in range(batch)]
     layer_speech: list[list[int]] = [[] for _ in range(batch)]
@@ -166,7 +172,8 @@ def _encode_pass(
             for b, (n, k) in enumerate(zip(lengths.tolist(), counts, strict=True)):
                 row = x[b, :n]
                 if k:
-                    row = _reduce_row(row, q[b, :, :n], keys[b, :n], speech[b], k, cfg, generators[b])
+                    row, groups = _reduce_row(row, q[b, :, :n], keys[b, :n], speech[b], k, cfg, generators[b])
+                    origins[b] = groups.cpu()[origins[b]]
                 rows.append(row)
             x, lengths = _pad_rows(rows)
             speech = [s - k for s, k in zip(speech, counts, strict=True)]
@@ -175,4 +182,4 @@ def _encode_pass(
     if drop_padding:
         lengths = torch.tensor(speech)
         x = x[:, : max(speech, default=0)]
-    return EncoderOutput(states=x, lengths=lengths, speech=speech, layer_speech=layer_speech)
+    return EncoderOutput(states=x, lengths=lengths, speech=speech, layer_speech=layer_speech, origins=origins)

@@ -1,0 +1,99 @@
+"""Word times from the real Whisper tiny.en: the alignment pass leaves the text alone, words follow the
+text and the audio (two example recordings with a known pause between them), and merging keeps them."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.audio.decode import decode_audio
+from pipeline.merging.config import NO_REDUCTION
+from pipeline.models.registry import describe_model
+from pipeline.models.whisper import TINY_EN, load_tiny_en
+from pipeline.presets import resolve_reduction
+from pipeline.stitch import words as text_words
+from pipeline.tasks import TaskError, TaskRequest
+
+SR = 16000
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PAUSE_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTADASP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        model = load_tiny_en()
+        model.description = describe_model(TINY_EN)
+        yield model
+
+
+@pytest.fixture(scope="module")
+def window() -> tuple[np.ndarray, float]:
+    """intro.wav, a pause, announcement.mp3 in one window; and where the second recording begins."""
+    first = decode_audio(EXAMPLES / "intro.wav", SR).samples
+    second = decode_audio(EXAMPLES / "announcement.mp3", SR).samples
+    joined = np.concatenate([first, np.zeros(int(PAUSE_S * SR), np.float32), second])
+    return joined, (len(first) / SR) + PAUSE_S
+
+
+@pytest.fixture(scope="module")
+def outputs(whisper, window):
+    wave, _ = window
+    short = wave[: 4 * SR]
+    run = {
+        ts: whisper.run([wave, short], TaskRequest(timestamps=ts), NO_REDUCTION) for ts in ("none", "words")
+    }
+    merged = whisper.run(
+        [wave], TaskRequest(timestamps="words"), resolve_reduction(whisper.description, "asr")
+    )
+    return run, merged
+
+
+def test_timestamps_do_not_change_the_text(outputs):
+    run, _ = outputs
+    assert [o.text for o in run["words"]] == [o.text for o in run["none"]]
+    assert all(o.words is None for o in run["none"])
+
+
+def test_words_are_the_texts_words_in_time_order_inside_the_window(outputs, window):
+    run, _ = outputs
+    wave, _ = window
+    for out, seconds in zip(run["words"], (len(wave) / SR, 4.0), strict=True):
+        assert [w.word for w in out.words] == text_words(out.text)
+        assert all(0 <= w.start_s <= w.end_s <= seconds + 0.02 for w in out.words)
+        assert all(a.end_s <= b.start_s + 1e-9 for a, b in pairwise(out.words))
+        assert all(0 < w.probability <= 1 for w in out.words)
+
+
+def _boundary(words, second_starts_s):
+    """The last word before the pause and the first after it (the announcement begins 'Attention')."""
+    first = next(i for i, w in enumerate(words) if w.word.startswith("Attention"))
+    return words[first - 1], words[first]
+
+
+def test_words_fall_on_either_side_of_the_pause(outputs, window):
+    run, _ = outputs
+    _, second_starts_s = window
+    before, after = _boundary(run["words"][0].words, second_starts_s)
+    assert before.end_s <= second_starts_s - PAUSE_S + 0.3  # intro's last word ends in its own audio
+    assert second_starts_s - 0.3 <= after.start_s <= second_starts_s + 0.5
+
+
+def test_merged_encoder_positions_keep_the_word_times(outputs, window):
+    run, merged = outputs
+    _, second_starts_s = window
+    assert merged[0].stats.kv_bytes_kept < run["words"][0].stats.kv_bytes_kept  # merging happened
+    plain = {w.word: w for w in run["words"][0].words}
+    before, after = _boundary(merged[0].words, second_starts_s)  # within a few 20 ms frames
+    assert abs(before.end_s - plain[before.word].end_s) <= 0.2
+    assert abs(after.start_s - plain[after.word].start_s) <= 0.2
+
+
+def test_words_need_alignment_heads(whisper, monkeypatch):
+    monkeypatch.setattr(whisper, "alignment_heads", [])
+    with pytest.raises(TaskError, match="alignment heads"):
+        whisper.decode_plan(TaskRequest(timestamps="words"))
