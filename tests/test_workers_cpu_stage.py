@@ -17,6 +17,11 @@ from workers.cpu_stage import cut_windows
 KW = {"sample_rate": 16000, "max_window_s": 4.0, "overlap_s": 1.0, "max_duration_s": 60.0}
 
 
+def _cut(plan_rows: list[dict]) -> pa.Table:
+    """The CPU stage's Ray UDF over plan rows, its yielded tables in one."""
+    return pa.concat_tables(cut_windows(pa.Table.from_pylist(plan_rows, schema=PLAN_SCHEMA), **KW))
+
+
 def _bad_inputs(root: Path, make_wav: Callable[..., Path]) -> None:
     make_wav(root / "good.wav", seconds=9.0)
     (root / "empty.wav").write_bytes(b"")
@@ -45,7 +50,7 @@ def test_bad_inputs_become_single_rows_and_good_ones_windows(
     _bad_inputs(tmp_path, make_wav)
     plan = list_recordings(tmp_path)
     (tmp_path / "six_channels.wav").unlink()  # disappears after planning
-    out = cut_windows(pa.Table.from_pylist([r.to_row() for r in plan], schema=PLAN_SCHEMA), **KW)
+    out = _cut([r.to_row() for r in plan])
     assert out.schema == WINDOW_SCHEMA
     rows = out.to_pylist()
     by_id: dict[str, list[dict]] = {}
@@ -73,7 +78,7 @@ def test_multichannel_high_rate_input_is_downmixed_and_resampled(
     plan = list_recordings(
         make_wav(tmp_path / "in" / "six.wav", seconds=3.0, sample_rate=96000, channels=6).parent
     )
-    rows = cut_windows(pa.Table.from_pylist([plan[0].to_row()], schema=PLAN_SCHEMA), **KW).to_pylist()
+    rows = _cut([plan[0].to_row()]).to_pylist()
     assert rows[0]["status"] == "ok"
     assert abs(rows[0]["duration_s"] - 3.0) < 0.01
     pcm = np.frombuffer(rows[0]["pcm"], dtype="<f4")

@@ -21,6 +21,7 @@ from workers.model_stage import WindowPredictor
 from workers.progress import Tally
 
 _MAX_PLAN_BLOCKS = 256
+_WINDOW_BLOCK_BYTES = 8 << 20  # four 30 s windows of float32 at 16 kHz
 # CPUs of one CPU-stage task (decoding, resampling, VAD, cutting: one thread, a small part of a window's
 # inference on CPU). Half a CPU leaves the rest of a node to the model actors, and differs from their
 # share, which keeps Ray Data from fusing the two stages into one actor where decoding waits on inference.
@@ -79,7 +80,11 @@ def build_dataset(
     """The run's single dataset: plan rows -> windows -> window texts (WINDOW_TEXT_SCHEMA), streamed to
     the driver, which stitches each recording as its last window arrives (workers/stitch_stage.py).
     window_kwargs: ``cut_windows``'s settings; predictor_kwargs: ``WindowPredictor``'s."""
-    windows = _plan_dataset(todo).map_batches(
+    plan = _plan_dataset(todo)
+    # A long recording's windows leave the CPU stage in blocks of a few windows as they are cut, not
+    # in blocks of Ray's default 128 MiB (70 windows of 30 s) held in the CPU task until full.
+    plan.context.target_max_block_size = _WINDOW_BLOCK_BYTES
+    windows = plan.map_batches(
         cut_windows,
         batch_size=1,
         batch_format="pyarrow",
