@@ -113,8 +113,9 @@ def cut_stream(
             start, end = _bounds(window, sample_rate)
             yield window, held[start - held_start : end - held_start].copy()
             window = next(pending, None)
-        keep = _bounds(window, sample_rate)[0] if window is not None else held_start + len(held)
-        held, held_start = held[max(0, keep - held_start) :], max(held_start, keep)
+        received = held_start + len(held)
+        keep = min(_bounds(window, sample_rate)[0], received) if window is not None else received
+        held, held_start = held[keep - held_start :], keep
     while window is not None:  # windows reaching past the last sample, clipped to it like ``cut``
         start, end = _bounds(window, sample_rate)
         yield window, held[max(0, start - held_start) : max(0, end - held_start)].copy()
