@@ -98,12 +98,16 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STREAM_KW = {"sample_rate": 16000, "max_window_s": 8.0, "overlap_s": 2.0, "max_duration_s": None}
 
 
+def _examples(rate: int) -> list[np.ndarray]:
+    return [
+        decode_audio(EXAMPLES / name, rate).samples for name in ("intro.wav", "standup.flac", "lecture.m4a")
+    ]
+
+
 def _speech_with_pauses(rate: int) -> np.ndarray:
     """A few minutes of the examples' real speech: each one after a long pause, faint hiss throughout,
     and three back to back, a region longer than a window (cut inside speech, with overlaps)."""
-    speech = [
-        decode_audio(EXAMPLES / name, rate).samples for name in ("intro.wav", "standup.flac", "lecture.m4a")
-    ]
+    speech = _examples(rate)
     pause = np.zeros(round(37.3 * rate), np.float32)
     x = np.concatenate([pause, speech[0], pause, speech[1], pause, *speech, pause[: rate * 5]])
     return x + 1e-3 * np.random.default_rng(0).standard_normal(len(x)).astype(np.float32)
@@ -210,3 +214,23 @@ def test_memory_of_a_long_recording_does_not_grow_with_its_length(tmp_path: Path
         assert int(out[0]) == 12 * hours  # every island a window
         peaks[hours] = int(out[1])
     assert peaks[4] < peaks[1] + 24, peaks  # MB: the frame energies (1 MB per hour) and VAD's arrays
+
+
+def test_ray_gets_a_long_recordings_windows_in_many_blocks(tmp_path: Path, ray_local: None) -> None:
+    """Ten minutes of speech (over 100 windows, 35 MB of PCM; one block under Ray's default size) leave
+    Ray's CPU stage in blocks of about 8 MiB, as they are cut."""
+    import ray
+
+    from workers.ray_run import windows_dataset
+
+    (tmp_path / "in").mkdir()
+    speech = np.concatenate(_examples(16000))
+    encode_audio(
+        tmp_path / "in" / "talk.flac", speech_in_silence(speech, 600, len(speech) / 16000 + 1, 16000), 16000
+    )
+    blocks = [
+        ray.get(ref).nbytes
+        for bundle in windows_dataset(list_recordings(tmp_path / "in"), STREAM_KW).iter_internal_ref_bundles()
+        for ref in bundle.block_refs
+    ]
+    assert sum(blocks) > 30e6 and len(blocks) >= 4 and max(blocks) < 9 * 2**20, blocks
