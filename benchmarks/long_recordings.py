@@ -1,14 +1,16 @@
 """Peak resident memory and wall time of the archive job on one long recording, by length (issue 27).
 
 Each length gets a FLAC file at 16 kHz of digital silence with the examples' intro (10.2 s of real
-speech) every 15 minutes, written block by block in seconds (a day-long room recording, mostly silence:
-the model sees only the islands). Each run is `jobs/transcribe_archive.py` in a subprocess with the
-default settings; its peak resident memory is the kernel's (``wait4``'s ru_maxrss) for an in-process
+speech) every ``--speech-every-s`` seconds, written block by block in seconds (a day-long room
+recording, mostly silence: the model sees only the islands). Each run is `jobs/transcribe_archive.py`
+in a subprocess with the default settings (``--job-args --max-duration-s 1e9`` for as long as the
+job's flag defaults to 4 h); its peak resident memory is the kernel's (``wait4``'s ru_maxrss) for an in-process
 run, and for a Ray run the largest sum over the job's process tree (sampled every 0.2 s; Ray's workers
 are the raylet's children, started in the job's session). The first committed part is the first
 ``_manifest.json`` under the output folder.
 
-    python benchmarks/long_recordings.py --hours 1 4 10 24 --work /tmp/long --out benchmarks/long-recordings/results.json
+    python benchmarks/long_recordings.py --hours 1 4 10 24 --work /tmp/long \
+        --out benchmarks/long-recordings/results.json --job-args --max-duration-s 1e9
 """
 
 from __future__ import annotations
@@ -29,18 +31,16 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 from pipeline.audio.decode import decode_audio  # noqa: E402
 from pipeline.audio.encode import encode_audio, speech_in_silence  # noqa: E402
 
-SPEECH_EVERY_S = 900.0
 
-
-def make_recording(folder: Path, hours: float) -> Path:
-    """``folder``/room.flac, ``hours`` long (reused when there)."""
+def make_recording(folder: Path, hours: float, every_s: float) -> Path:
+    """``folder``/room.flac, ``hours`` long, speech every ``every_s`` seconds (reused when there)."""
     path = folder / "room.flac"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         speech = decode_audio(ROOT / "examples" / "intro.wav").samples
         encode_audio(
             path.with_suffix(".part.flac"),
-            speech_in_silence(speech, hours * 3600, SPEECH_EVERY_S, 16000),
+            speech_in_silence(speech, hours * 3600, every_s, 16000),
             16000,
         )
         path.with_suffix(".part.flac").rename(path)
@@ -64,7 +64,7 @@ def _tree_rss(root: int) -> int:
     return total
 
 
-def run_job(recording: Path, out: Path, executor: str, extra: list[str]) -> dict:
+def run_job(recording: Path, out: Path, executor: str, extra: list[str], checkout: Path = ROOT) -> dict:
     """One job over the recording's folder: wall s, peak RSS (bytes), s to the first committed part."""
     cmd = [
         sys.executable,
@@ -77,7 +77,7 @@ def run_job(recording: Path, out: Path, executor: str, extra: list[str]) -> dict
     cmd += ["--executor", executor, *extra]
     started = time.monotonic()
     job = subprocess.Popen(
-        cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd, cwd=checkout, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     first_commit: list[float] = []
     tree_peak = [0]
@@ -116,15 +116,27 @@ def main() -> None:
     parser.add_argument("--hours", type=float, nargs="+", default=[1, 4, 10, 24])
     parser.add_argument("--work", type=Path, required=True, help="folder for the recordings and the outputs")
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the results")
+    parser.add_argument(
+        "--speech-every-s", type=float, default=120.0, help="one speech island per this many seconds"
+    )
     parser.add_argument("--executor", default="in-process", choices=["in-process", "ray"])
+    parser.add_argument(
+        "--checkout",
+        type=Path,
+        default=ROOT,
+        help="the checkout whose job runs: an earlier version (git archive) for a baseline",
+    )
     parser.add_argument("--job-args", nargs=argparse.REMAINDER, default=[], help="more flags for the job")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else []
     for hours in args.hours:
-        recording = make_recording(args.work / f"{hours:g}h", hours)
-        out = args.work / f"out-{hours:g}h-{args.executor}-{int(time.time())}"
-        result = {"hours": hours, "executor": args.executor, "file_bytes": recording.stat().st_size}
-        result |= run_job(recording, out, args.executor, args.job_args)
+        name = f"{hours:g}h-every-{args.speech_every_s:g}s"
+        recording = make_recording(args.work / name, hours, args.speech_every_s)
+        out = args.work / f"out-{name}-{args.executor}-{int(time.time())}"
+        result = {"hours": hours, "speech_every_s": args.speech_every_s, "executor": args.executor}
+        result |= {"file_bytes": recording.stat().st_size}
+        result |= {"checkout": str(args.checkout)}
+        result |= run_job(recording, out, args.executor, args.job_args, args.checkout)
         result |= {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
         print(json.dumps(result), flush=True)
         results.append(result)

@@ -4,7 +4,9 @@ Decoding streams: frames are converted to float and gathered into blocks of abou
 each block checked for non-finite samples, downmixed by averaging the channels and fed to a soxr
 resampler, so a long multichannel recording at a high rate never sits in memory at its source rate.
 Blocks, not frames, because a frame is ~20 ms: per-frame numpy and resampler calls cost as much as
-decoding itself (16 min of mp3: ~68,000 frames).
+decoding itself (16 min of mp3: ~68,000 frames). ``AudioStream`` yields those blocks one by one, so a
+recording of any length decodes in the memory of a block (the archive job's CPU stage); ``decode_audio``
+gathers them into one array (a short recording, whole). A tar shard's member is read in place.
 """
 
 from __future__ import annotations
