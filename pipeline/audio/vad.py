@@ -7,9 +7,12 @@ loudness rather than a fixed dBFS value, so a quietly recorded file keeps its sp
 in the quiet stretches of a normal one stay out. Hysteresis (a frame run counts only if it rises
 ``margin_db`` above the floor somewhere and stays ``margin_db / 2`` above it throughout), short-gap
 merging, minimum durations, padding and a hangover turn frame decisions into speech regions.
+``SpeechFinder`` takes a recording block by block and keeps only its frame energies.
 """
 
 from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass, field
 
 import numpy as np
 
@@ -42,6 +45,7 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
 
 
+@dataclass
 class SpeechFinder:
     """Finds the speech of a recording fed block by block (``feed``), then ``speech()``.
 
@@ -50,35 +54,22 @@ class SpeechFinder:
     known before the last block, and the recording itself is never held. Parameters as ``find_speech``.
     """
 
-    def __init__(
-        self,
-        sample_rate: int,
-        *,
-        frame_s: float = 0.03,
-        margin_db: float = 10.0,
-        range_db: float = 40.0,
-        min_level_db: float = -90.0,
-        floor_window_s: float = 5.0,
-        floor_percentile: float = 10.0,
-        min_speech_s: float = 0.15,
-        min_silence_s: float = 0.25,
-        pad_s: float = 0.2,
-        hangover_s: float = 0.15,
-    ) -> None:
-        self.sample_rate, self.frame_s, self.frame_len = (
-            sample_rate,
-            frame_s,
-            max(1, round(frame_s * sample_rate)),
-        )
-        self.margin_db, self.range_db, self.min_level_db = margin_db, range_db, min_level_db
-        self.floor_window_s, self.floor_percentile = floor_window_s, floor_percentile
-        self.min_speech_s, self.min_silence_s, self.pad_s, self.hangover_s = (
-            min_speech_s,
-            min_silence_s,
-            pad_s,
-            hangover_s,
-        )
-        self.samples = 0
+    sample_rate: int
+    _: KW_ONLY
+    frame_s: float = 0.03
+    margin_db: float = 10.0
+    range_db: float = 40.0
+    min_level_db: float = -90.0
+    floor_window_s: float = 5.0
+    floor_percentile: float = 10.0
+    min_speech_s: float = 0.15
+    min_silence_s: float = 0.25
+    pad_s: float = 0.2
+    hangover_s: float = 0.15
+    samples: int = field(default=0, init=False)  # fed so far
+
+    def __post_init__(self) -> None:
+        self.frame_len = max(1, round(self.frame_s * self.sample_rate))
         self._energies: list[np.ndarray] = []
         self._rest = np.zeros(0, np.float32)  # samples of the frame the last block left incomplete
 
