@@ -4,10 +4,10 @@ Each length gets a FLAC file at 16 kHz of digital silence with the examples' int
 speech) every ``--speech-every-s`` seconds, written block by block in seconds (a day-long room
 recording, mostly silence: the model sees only the islands). Each run is `jobs/transcribe_archive.py`
 in a subprocess with the default settings (``--job-args --max-duration-s 1e9`` for as long as the
-job's flag defaults to 4 h); its peak resident memory is the kernel's (``wait4``'s ru_maxrss) for an in-process
-run, and for a Ray run the largest sum over the job's process tree (sampled every 0.2 s; Ray's workers
-are the raylet's children, started in the job's session). The first committed part is the first
-``_manifest.json`` under the output folder.
+job's flag defaults to 4 h). Peak memory (``peak_rss_bytes``): in-process, the kernel's peak resident
+memory of the job (``wait4``'s ru_maxrss); on Ray, the largest sum of proportional set sizes over the
+job's session, sampled every 0.2 s (Ray's workers are the raylet's children, in the job's session).
+The first committed part is the first ``_manifest.json`` under the output folder.
 
     python benchmarks/long_recordings.py --hours 1 4 10 24 --work /tmp/long \
         --out benchmarks/long-recordings/results.json --job-args --max-duration-s 1e9
@@ -47,17 +47,16 @@ def make_recording(folder: Path, hours: float, every_s: float) -> Path:
     return path
 
 
-def _tree_rss(root: int) -> int:
-    """Bytes resident in ``root`` and the processes of its session (Ray's raylet and workers)."""
+def _tree_pss(session: int) -> int:
+    """Bytes of memory the processes of a session use: the sum of their proportional set sizes, which
+    counts a shared page (Ray's object store, mapped by every worker) once in all, not once in each."""
     total = 0
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
         try:
-            if os.getsid(int(entry.name)) != root:
+            if not entry.name.isdigit() or os.getsid(int(entry.name)) != session:
                 continue
-            for line in (entry / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+            for line in (entry / "smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
                     total += int(line.split()[1]) * 1024
         except (OSError, ProcessLookupError):
             continue
@@ -85,7 +84,7 @@ def run_job(recording: Path, out: Path, executor: str, extra: list[str], checkou
 
     def watch() -> None:
         while not done.wait(0.2):
-            tree_peak[0] = max(tree_peak[0], _tree_rss(job.pid))
+            tree_peak[0] = max(tree_peak[0], _tree_pss(job.pid))
             if not first_commit and next(out.rglob("_manifest.json"), None) is not None:
                 first_commit.append(time.monotonic() - started)
 
