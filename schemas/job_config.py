@@ -33,7 +33,8 @@ class JobConfig:
     one machine, one model, nothing to start; workers/in_process.py) or ``auto`` (in-process unless a
     cluster is there to join or more than one model actor is asked for).
     batch_size: windows per model call (None: ``windows_per_call``'s default). max_duration_s: longer
-    recordings become errors rows (guards memory; redone by a later run). retry_errors: redo every
+    recordings become error rows (a policy, not a memory guard: the CPU stage streams; redone by a later
+    run); None: no limit. retry_errors: redo every
     recording whose committed result is an error, not only those that failed in a way a later run may
     not (``pipeline.inputs.RETRIED_STAGES``). commit_every_s / commit_every_n: a run commits what it has
     finished as one part every that many seconds or recordings, whichever comes first (a crash loses at
@@ -56,7 +57,7 @@ class JobConfig:
     num_gpus: int | None = None
     batch_size: int | None = None
     overlap_s: float = 3.0
-    max_duration_s: float = 4 * 3600.0
+    max_duration_s: float | None = None
     retry_errors: bool = False
     commit_every_s: float = 300.0
     commit_every_n: int = 1000
@@ -77,7 +78,7 @@ class JobConfig:
             raise JobConfigError("--model-actors and --batch-size must be >= 1")
         if self.gpus_per_actor < 0 or (self.cpus_per_actor is not None and self.cpus_per_actor <= 0):
             raise JobConfigError("--gpus-per-actor must be >= 0 and --cpus-per-actor > 0")
-        if self.overlap_s < 0 or self.max_duration_s <= 0:
+        if self.overlap_s < 0 or (self.max_duration_s is not None and self.max_duration_s <= 0):
             raise JobConfigError("--overlap-s must be >= 0 and --max-duration-s > 0")
         if self.commit_every_s <= 0 or self.commit_every_n < 1 or self.progress_every_s <= 0:
             raise JobConfigError("--commit-every-s, --progress-every-s must be > 0, --commit-every-n >= 1")

@@ -1,9 +1,10 @@
 """The run's two stages in the driver's own process, for a single machine with one model: no Ray
 cluster to start, no actor to wait for, no streaming executor sharing the cores with the model.
 
-A thread cuts windows (read, decode, VAD, cut: workers/cpu_stage.py) while the model, loaded once in
-the calling thread, works on the previous batch; at most two batches of windows wait between them, so
-memory holds the recording being cut and those windows whatever the archive's size. Window texts
+A thread cuts windows (read, decode, VAD, cut: workers/cpu_stage.py, which streams) while the model,
+loaded once in the calling thread, works on the previous batch; at most two batches of windows wait
+between them, so memory holds those windows and the few the cutter buffers, whatever the archive's size
+and the recordings' lengths. Window texts
 come out in the same batches, rows and schema as from the Ray dataset (workers/ray_run.py), and the
 same stitching and commits follow (workers/archive_job.py).
 """

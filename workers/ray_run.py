@@ -21,6 +21,7 @@ from workers.model_stage import WindowPredictor
 from workers.progress import Tally
 
 _MAX_PLAN_BLOCKS = 256
+_WINDOW_BLOCK_BYTES = 8 << 20  # four 30 s windows of float32 at 16 kHz
 # CPUs of one CPU-stage task (decoding, resampling, VAD, cutting: one thread, a small part of a window's
 # inference on CPU). Half a CPU leaves the rest of a node to the model actors, and differs from their
 # share, which keeps Ray Data from fusing the two stages into one actor where decoding waits on inference.
@@ -69,6 +70,17 @@ def _actor_resources(config: JobConfig) -> dict:
     return {"num_cpus": actor_cpus(config.model_actors, nodes)}
 
 
+def windows_dataset(todo: list[PlannedRecording], window_kwargs: dict) -> ray.data.Dataset:
+    """The CPU stage: plan rows -> window rows (WINDOW_SCHEMA). window_kwargs: ``cut_windows``'s settings."""
+    plan = _plan_dataset(todo)
+    # A long recording's windows leave the CPU stage in blocks of a few windows as they are cut, not
+    # in blocks of Ray's default 128 MiB (70 windows of 30 s) held in the CPU task until full.
+    plan.context.target_max_block_size = _WINDOW_BLOCK_BYTES
+    return plan.map_batches(
+        cut_windows, batch_size=1, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS, fn_kwargs=window_kwargs
+    )
+
+
 def build_dataset(
     todo: list[PlannedRecording],
     config: JobConfig,
@@ -79,13 +91,7 @@ def build_dataset(
     """The run's single dataset: plan rows -> windows -> window texts (WINDOW_TEXT_SCHEMA), streamed to
     the driver, which stitches each recording as its last window arrives (workers/stitch_stage.py).
     window_kwargs: ``cut_windows``'s settings; predictor_kwargs: ``WindowPredictor``'s."""
-    windows = _plan_dataset(todo).map_batches(
-        cut_windows,
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=CPU_STAGE_CPUS,
-        fn_kwargs=window_kwargs,
-    )
+    windows = windows_dataset(todo, window_kwargs)
     return windows.map_batches(
         WindowPredictor,
         batch_size=config.windows_per_call,

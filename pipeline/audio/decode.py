@@ -4,15 +4,20 @@ Decoding streams: frames are converted to float and gathered into blocks of abou
 each block checked for non-finite samples, downmixed by averaging the channels and fed to a soxr
 resampler, so a long multichannel recording at a high rate never sits in memory at its source rate.
 Blocks, not frames, because a frame is ~20 ms: per-frame numpy and resampler calls cost as much as
-decoding itself (16 min of mp3: ~68,000 frames).
+decoding itself (16 min of mp3: ~68,000 frames). ``AudioStream`` yields those blocks one by one, so a
+recording of any length decodes in the memory of a block (the archive job's CPU stage); ``decode_audio``
+gathers them into one array (a short recording, whole). A tar shard's member is read in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -86,22 +91,63 @@ def _ogg_cut_short(tail: bytes) -> bool:
     return True
 
 
-def _open(source: str | os.PathLike | bytes, name: str) -> av.container.InputContainer:
+class _Member(io.RawIOBase):
+    """``size`` bytes at ``offset`` of a file (a tar shard's member), read and seeked as a file of its own."""
+
+    def __init__(self, path: str, offset: int, size: int) -> None:
+        if os.path.getsize(path) < offset + size:
+            raise OSError(f"{path}: shard member at {offset} is cut short")
+        self._file, self._offset, self._size, self._pos = open(path, "rb"), offset, size, 0  # noqa: SIM115
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = min(max(0, base + pos), self._size)
+        return self._pos
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        self._file.seek(self._offset + self._pos)
+        n = self._file.readinto(memoryview(buffer)[: max(0, self._size - self._pos)])
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def open_source(path: str | os.PathLike, span: tuple[int, int] | None = None) -> BinaryIO:
+    """The bytes of a recording as a binary file: the whole file at ``path``, or with ``span`` (offset,
+    size) only those bytes of it. Raises OSError (a member cut short included)."""
+    return _Member(os.fspath(path), *span) if span else open(path, "rb")
+
+
+@contextlib.contextmanager
+def _open(
+    source: str | os.PathLike | bytes, name: str, span: tuple[int, int] | None
+) -> Iterator[av.container.InputContainer]:
     if isinstance(source, bytes | bytearray | memoryview):
-        data = bytes(source)
-        file: io.BytesIO | str = io.BytesIO(data)
-        head, size = data[:_HEADER_BYTES], len(data)
-        tail = data[-_OGG_MAX_PAGE_BYTES:] if head.startswith(b"OggS") else b""
-    else:
-        file = os.fspath(source)
-        if not os.path.isfile(file):
-            raise AudioDecodeError(f"{name}: no such file")
-        size = os.path.getsize(file)
-        with open(file, "rb") as handle:
-            head, tail = handle.read(_HEADER_BYTES), b""
-            if head.startswith(b"OggS"):
-                handle.seek(max(0, size - _OGG_MAX_PAGE_BYTES))
-                tail = handle.read()
+        file: BinaryIO | str = io.BytesIO(bytes(source))
+    elif not os.path.isfile(source):
+        raise AudioDecodeError(f"{name}: no such file")
+    else:  # a whole file is opened by FFmpeg itself, a member through Python
+        file = open_source(source, span) if span else os.fspath(source)
+    with open(file, "rb") if isinstance(file, str) else contextlib.nullcontext(file) as handle:
+        size = handle.seek(0, io.SEEK_END)
+        handle.seek(0)
+        head, tail = handle.read(_HEADER_BYTES), b""
+        if head.startswith(b"OggS"):
+            handle.seek(max(0, size - _OGG_MAX_PAGE_BYTES))
+            tail = handle.read()
+        handle.seek(0)
     if size == 0:
         raise AudioDecodeError(f"{name}: empty file (0 bytes)")
     missing = _wav_missing_bytes(head, size)
@@ -112,10 +158,13 @@ def _open(source: str | os.PathLike | bytes, name: str) -> av.container.InputCon
             f"{name}: truncated ogg, no end-of-stream page at the end of the file (cut short in a copy, "
             "or its writer never finished it; a remux, e.g. ffmpeg -c copy, closes a finished one)"
         )
-    try:
-        return av.open(file, mode="r")
-    except av.FFmpegError as err:
-        raise AudioDecodeError(f"{name}: not a readable audio file ({err})") from err
+    with contextlib.closing(file) if not isinstance(file, str) else contextlib.nullcontext():
+        try:
+            container = av.open(file, mode="r")
+        except av.FFmpegError as err:
+            raise AudioDecodeError(f"{name}: not a readable audio file ({err})") from err
+        with container:
+            yield container
 
 
 def _frame_to_float(frame: av.AudioFrame) -> np.ndarray:
@@ -142,6 +191,95 @@ def _header_duration_s(container: av.container.InputContainer, stream: av.AudioS
     return None
 
 
+class AudioStream:
+    """A recording decoded block by block: iterating yields float32 mono blocks at ``sample_rate`` (finite,
+    in [-1, 1], about ``_BLOCK_S`` seconds each), so a recording of any length is never whole in memory.
+
+    source: a path or the file's bytes; ``span`` (offset, size): only those bytes of the file at the path
+    (a tar shard's member). Iterating raises AudioDecodeError as ``decode_audio`` says, a truncation found
+    only after the last block. ``source_rate``, ``source_channels`` are set once iteration starts,
+    ``samples`` counts the samples yielded so far. Each iteration decodes the file anew.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | bytes,
+        sample_rate: int = 16000,
+        max_duration_s: float | None = None,
+        *,
+        name: str | None = None,
+        span: tuple[int, int] | None = None,
+    ) -> None:
+        self.source, self.sample_rate, self.max_duration_s, self.span = (
+            source,
+            sample_rate,
+            max_duration_s,
+            span,
+        )
+        self.name = name or (os.fspath(source) if isinstance(source, str | os.PathLike) else "<bytes>")
+        self.source_rate, self.source_channels, self.samples = sample_rate, 1, 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        label, limit = self.name, self.max_duration_s
+        self.samples = 0
+        with _open(self.source, label, self.span) as container:
+            if not container.streams.audio:
+                raise AudioDecodeError(f"{label}: no audio stream")
+            stream = container.streams.audio[0]
+            declared_s = _header_duration_s(container, stream)
+            if limit is not None and declared_s is not None and declared_s > limit:
+                raise DurationLimitError(f"{label}: duration {declared_s:.1f} s exceeds the limit {limit} s")
+            source_rate, source_channels = stream.rate, stream.channels
+            self.source_rate, self.source_channels = source_rate or self.sample_rate, source_channels or 1
+            resampler = soxr.ResampleStream(
+                self.source_rate, self.sample_rate, 1, dtype="float64", quality="VHQ"
+            )
+            block: list[np.ndarray] = []  # frames (channels, samples) not yet resampled
+            decoded = 0  # source samples
+            block_start = 0  # source sample where ``block`` starts
+
+            def flush(last: bool = False) -> np.ndarray:
+                nonlocal block, block_start
+                data = np.concatenate(block, axis=1) if block else np.zeros((1, 0))
+                bad = np.flatnonzero(~np.isfinite(data).all(axis=0))
+                if bad.size:
+                    near = (block_start + bad[0]) / source_rate
+                    raise AudioDecodeError(f"{label}: NaN or infinite samples near {near:.2f} s")
+                block, block_start = [], decoded
+                # Resampling can overshoot full scale on clipped input; float sources can exceed it outright.
+                out = np.clip(resampler.resample_chunk(data.mean(axis=0), last=last), -1.0, 1.0)
+                self.samples += len(out)
+                return out.astype(np.float32)
+
+            try:
+                for frame in container.decode(stream):
+                    if frame.sample_rate != source_rate or frame.layout.nb_channels != source_channels:
+                        raise AudioDecodeError(
+                            f"{label}: format changes mid-stream ({source_rate} Hz x {source_channels} -> "
+                            f"{frame.sample_rate} Hz x {frame.layout.nb_channels})"
+                        )
+                    block.append(_frame_to_float(frame))
+                    decoded += block[-1].shape[1]
+                    if limit is not None and decoded > limit * source_rate:
+                        raise DurationLimitError(f"{label}: duration exceeds the limit {limit} s")
+                    if decoded - block_start >= _BLOCK_S * source_rate:
+                        yield flush()
+                if decoded:
+                    yield flush(last=True)
+            except av.FFmpegError as err:
+                raise AudioDecodeError(f"{label}: corrupt audio data ({err})") from err
+        decoded_s = decoded / source_rate if source_rate else 0.0
+        if declared_s is not None and decoded_s < _MIN_DECODED_SHARE * declared_s - _TRUNCATION_SLACK_S:
+            raise AudioDecodeError(
+                f"{label}: truncated, header declares {declared_s:.2f} s, decoded {decoded_s:.2f} s"
+            )
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds yielded so far: the recording's duration once iteration has ended."""
+        return self.samples / self.sample_rate
+
+
 def decode_audio(
     source: str | os.PathLike | bytes,
     sample_rate: int = 16000,
@@ -149,70 +287,19 @@ def decode_audio(
     *,
     name: str | None = None,
 ) -> Audio:
-    """Decode ``source`` (a path or the file's bytes) to mono float32 at ``sample_rate``.
+    """Decode ``source`` (a path or the file's bytes) to mono float32 at ``sample_rate``, whole.
 
     Raises AudioDecodeError for a missing, empty, truncated or corrupt file, input that is not audio,
     no audio stream, NaN/inf samples, or a duration above ``max_duration_s``. ``name`` labels the
     input in error messages (default: the path, or "<bytes>").
     """
-    label = name or (os.fspath(source) if isinstance(source, str | os.PathLike) else "<bytes>")
-    container = _open(source, label)
-    with container:
-        if not container.streams.audio:
-            raise AudioDecodeError(f"{label}: no audio stream")
-        stream = container.streams.audio[0]
-        declared_s = _header_duration_s(container, stream)
-        if max_duration_s is not None and declared_s is not None and declared_s > max_duration_s:
-            raise DurationLimitError(
-                f"{label}: duration {declared_s:.1f} s exceeds the limit {max_duration_s} s"
-            )
-        source_rate, source_channels = stream.rate, stream.channels
-        resampler = soxr.ResampleStream(
-            source_rate or sample_rate, sample_rate, 1, dtype="float64", quality="VHQ"
-        )
-        chunks: list[np.ndarray] = []
-        block: list[np.ndarray] = []  # frames (channels, samples) not yet resampled
-        decoded = 0  # source samples
-        block_start = 0  # source sample where ``block`` starts
-
-        def flush(last: bool = False) -> None:
-            nonlocal block, block_start
-            data = np.concatenate(block, axis=1) if block else np.zeros((1, 0))
-            bad = np.flatnonzero(~np.isfinite(data).all(axis=0))
-            if bad.size:
-                near = (block_start + bad[0]) / source_rate
-                raise AudioDecodeError(f"{label}: NaN or infinite samples near {near:.2f} s")
-            chunks.append(resampler.resample_chunk(data.mean(axis=0), last=last))
-            block, block_start = [], decoded
-
-        try:
-            for frame in container.decode(stream):
-                if frame.sample_rate != source_rate or frame.layout.nb_channels != source_channels:
-                    raise AudioDecodeError(
-                        f"{label}: format changes mid-stream ({source_rate} Hz x {source_channels} -> "
-                        f"{frame.sample_rate} Hz x {frame.layout.nb_channels})"
-                    )
-                block.append(_frame_to_float(frame))
-                decoded += block[-1].shape[1]
-                if max_duration_s is not None and decoded > max_duration_s * source_rate:
-                    raise DurationLimitError(f"{label}: duration exceeds the limit {max_duration_s} s")
-                if decoded - block_start >= _BLOCK_S * source_rate:
-                    flush()
-            if decoded:
-                flush(last=True)
-        except av.FFmpegError as err:
-            raise AudioDecodeError(f"{label}: corrupt audio data ({err})") from err
-    decoded_s = decoded / source_rate if source_rate else 0.0
-    if declared_s is not None and decoded_s < _MIN_DECODED_SHARE * declared_s - _TRUNCATION_SLACK_S:
-        raise AudioDecodeError(
-            f"{label}: truncated, header declares {declared_s:.2f} s, decoded {decoded_s:.2f} s"
-        )
-    # Resampling can overshoot full scale on clipped input; float sources can exceed it outright.
-    samples = np.clip(np.concatenate(chunks) if chunks else np.zeros(0), -1.0, 1.0).astype(np.float32)
+    stream = AudioStream(source, sample_rate, max_duration_s, name=name)
+    blocks = list(stream)
+    samples = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     return Audio(
         samples=samples,
         sample_rate=sample_rate,
-        source_rate=source_rate or sample_rate,
-        source_channels=source_channels or 1,
+        source_rate=stream.source_rate,
+        source_channels=stream.source_channels,
         duration_s=len(samples) / sample_rate,
     )

@@ -7,9 +7,12 @@ loudness rather than a fixed dBFS value, so a quietly recorded file keeps its sp
 in the quiet stretches of a normal one stay out. Hysteresis (a frame run counts only if it rises
 ``margin_db`` above the floor somewhere and stays ``margin_db / 2`` above it throughout), short-gap
 merging, minimum durations, padding and a hangover turn frame decisions into speech regions.
+``SpeechFinder`` takes a recording block by block and keeps only its frame energies.
 """
 
 from __future__ import annotations
+
+from dataclasses import KW_ONLY, dataclass, field
 
 import numpy as np
 
@@ -42,21 +45,82 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(np.flatnonzero(edges == 1).tolist(), np.flatnonzero(edges == -1).tolist(), strict=True))
 
 
-def find_speech(
-    samples: np.ndarray,
-    sample_rate: int,
-    *,
-    frame_s: float = 0.03,
-    margin_db: float = 10.0,
-    range_db: float = 40.0,
-    min_level_db: float = -90.0,
-    floor_window_s: float = 5.0,
-    floor_percentile: float = 10.0,
-    min_speech_s: float = 0.15,
-    min_silence_s: float = 0.25,
-    pad_s: float = 0.2,
-    hangover_s: float = 0.15,
-) -> list[tuple[float, float]]:
+@dataclass
+class SpeechFinder:
+    """Finds the speech of a recording fed block by block (``feed``), then ``speech()``.
+
+    A block's samples are reduced to frame energies as they come (8 bytes per frame, about 1 MB per hour
+    at the default 30 ms frames) and dropped: the loud level is the whole recording's, so no region is
+    known before the last block, and the recording itself is never held. Parameters as ``find_speech``.
+    """
+
+    sample_rate: int
+    _: KW_ONLY
+    frame_s: float = 0.03
+    margin_db: float = 10.0
+    range_db: float = 40.0
+    min_level_db: float = -90.0
+    floor_window_s: float = 5.0
+    floor_percentile: float = 10.0
+    min_speech_s: float = 0.15
+    min_silence_s: float = 0.25
+    pad_s: float = 0.2
+    hangover_s: float = 0.15
+    samples: int = field(default=0, init=False)  # fed so far
+
+    def __post_init__(self) -> None:
+        self.frame_len = max(1, round(self.frame_s * self.sample_rate))
+        self._energies: list[np.ndarray] = []
+        self._rest = np.zeros(0, np.float32)  # samples of the frame the last block left incomplete
+
+    def feed(self, block: np.ndarray) -> None:
+        """Add the recording's next samples, float (n,) at ``sample_rate``."""
+        self.samples += len(block)
+        data = np.concatenate([self._rest, block]) if len(self._rest) else block
+        whole = len(data) // self.frame_len * self.frame_len
+        self._energies.append(frame_energies_db(data[:whole], self.frame_len))
+        self._rest = data[whole:].copy()
+
+    def speech(self) -> list[tuple[float, float]]:
+        """Speech regions of the samples fed so far, as ``find_speech`` returns them."""
+        frame_len, sample_rate = self.frame_len, self.sample_rate
+        energy = np.concatenate(self._energies) if self._energies else np.zeros(0)
+        if len(energy) == 0:
+            return []
+        level = max(self.min_level_db, np.percentile(energy, 99) - self.range_db)
+        # Digital silence (under min_level_db) measures no noise: taken at its own level it would pull the
+        # floor so low that hiss beside it reads as speech, so the floor counts it at ``level``.
+        measured = np.where(energy > self.min_level_db, energy, level)
+        window = max(1, round(self.floor_window_s / self.frame_s))
+        floor = noise_floor_db(measured, window, self.floor_percentile)
+        del measured
+        loud = (energy > floor + self.margin_db) & (energy > level)
+        sustained = (energy > floor + self.margin_db / 2) & (energy > level)
+        frames = [(s, e) for s, e in _runs(sustained) if loud[s:e].any()]
+
+        regions: list[list[float]] = []
+        for start, end in frames:
+            start_s, end_s = start * frame_len / sample_rate, end * frame_len / sample_rate
+            if regions and start_s - regions[-1][1] < self.min_silence_s:
+                regions[-1][1] = end_s
+            else:
+                regions.append([start_s, end_s])
+
+        duration_s = self.samples / sample_rate
+        speech: list[tuple[float, float]] = []
+        for start_s, end_s in regions:
+            if end_s - start_s < self.min_speech_s:
+                continue
+            start_s = max(0.0, start_s - self.pad_s)
+            end_s = min(duration_s, end_s + self.pad_s + self.hangover_s)
+            if speech and start_s <= speech[-1][1]:
+                speech[-1] = (speech[-1][0], end_s)
+            else:
+                speech.append((start_s, end_s))
+        return speech
+
+
+def find_speech(samples: np.ndarray, sample_rate: int, **params: float) -> list[tuple[float, float]]:
     """Speech regions of a mono recording as sorted, disjoint (start_s, end_s) pairs.
 
     samples: float (n,) at ``sample_rate``. Frames more than ``range_db`` below the recording's loud level
@@ -64,36 +128,9 @@ def find_speech(
     ``min_level_db`` dBFS (about one 16-bit step) are never speech, so pure silence and dither give [].
     Gaps shorter than ``min_silence_s`` are bridged, regions shorter than ``min_speech_s`` dropped, then
     each region starts ``pad_s`` earlier and ends ``pad_s + hangover_s`` later (clipped to the recording).
+    ``params``: SpeechFinder's (frame_s, margin_db, range_db, min_level_db, floor_window_s,
+    floor_percentile, min_speech_s, min_silence_s, pad_s, hangover_s).
     """
-    frame_len = max(1, round(frame_s * sample_rate))
-    energy = frame_energies_db(samples, frame_len)
-    if len(energy) == 0:
-        return []
-    level = max(min_level_db, np.percentile(energy, 99) - range_db)
-    # Digital silence (under min_level_db) measures no noise: taken at its own level it would pull the
-    # floor so low that hiss beside it reads as speech, so the floor counts it at ``level``.
-    measured = np.where(energy > min_level_db, energy, level)
-    floor = noise_floor_db(measured, max(1, round(floor_window_s / frame_s)), floor_percentile)
-    loud = (energy > floor + margin_db) & (energy > level)
-    sustained = (energy > floor + margin_db / 2) & (energy > level)
-    frames = [(s, e) for s, e in _runs(sustained) if loud[s:e].any()]
-
-    regions: list[list[float]] = []
-    for start, end in frames:
-        start_s, end_s = start * frame_len / sample_rate, end * frame_len / sample_rate
-        if regions and start_s - regions[-1][1] < min_silence_s:
-            regions[-1][1] = end_s
-        else:
-            regions.append([start_s, end_s])
-
-    duration_s = len(samples) / sample_rate
-    speech: list[tuple[float, float]] = []
-    for start_s, end_s in regions:
-        if end_s - start_s < min_speech_s:
-            continue
-        start_s, end_s = max(0.0, start_s - pad_s), min(duration_s, end_s + pad_s + hangover_s)
-        if speech and start_s <= speech[-1][1]:
-            speech[-1] = (speech[-1][0], end_s)
-        else:
-            speech.append((start_s, end_s))
-    return speech
+    finder = SpeechFinder(sample_rate, **params)
+    finder.feed(samples)
+    return finder.speech()

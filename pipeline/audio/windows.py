@@ -8,6 +8,7 @@ stitcher can align the words both windows heard. Silence between windows is neve
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,8 +86,37 @@ def plan_windows(
     return [Window(i, *span) for i, span in enumerate(spans)]
 
 
+def _bounds(window: Window, sample_rate: int) -> tuple[int, int]:
+    """The window's [start, end) sample indices."""
+    return round(window.start_s * sample_rate), round(window.end_s * sample_rate)
+
+
 def cut(audio: Audio, window: Window) -> np.ndarray:
     """The window's samples, float32 of shape (n,), copied so the window outlives the full recording."""
-    start = round(window.start_s * audio.sample_rate)
-    end = round(window.end_s * audio.sample_rate)
+    start, end = _bounds(window, audio.sample_rate)
     return audio.samples[start:end].copy()
+
+
+def cut_stream(
+    blocks: Iterable[np.ndarray], windows: Iterable[Window], sample_rate: int
+) -> Iterator[tuple[Window, np.ndarray]]:
+    """Each of ``windows`` (in time order) with its samples as ``cut`` gives them, yielded as soon as
+    ``blocks`` (the recording's consecutive samples at ``sample_rate``) reach its end. Only the samples
+    from the next window's start on are kept: at most a window and a block, whatever the recording's length.
+    """
+    pending = iter(windows)
+    window = next(pending, None)
+    held, held_start = np.zeros(0, np.float32), 0  # the recording's samples [held_start, held_start + len)
+    for block in blocks:
+        held = np.concatenate([held, block])
+        while window is not None and held_start + len(held) >= _bounds(window, sample_rate)[1]:
+            start, end = _bounds(window, sample_rate)
+            yield window, held[start - held_start : end - held_start].copy()
+            window = next(pending, None)
+        received = held_start + len(held)
+        keep = min(_bounds(window, sample_rate)[0], received) if window is not None else received
+        held, held_start = held[keep - held_start :], keep
+    while window is not None:  # windows reaching past the last sample, clipped to it like ``cut``
+        start, end = _bounds(window, sample_rate)
+        yield window, held[max(0, start - held_start) : max(0, end - held_start)].copy()
+        window = next(pending, None)
