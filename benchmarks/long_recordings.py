@@ -3,14 +3,14 @@
 Each length gets a FLAC file at 16 kHz of digital silence with the examples' intro (10.2 s of real
 speech) every ``--speech-every-s`` seconds, written block by block in seconds (a day-long room
 recording, mostly silence: the model sees only the islands). Each run is `jobs/transcribe_archive.py`
-in a subprocess with the default settings (``--job-args --max-duration-s 1e9`` for as long as the
-job's flag defaults to 4 h). Peak memory (``peak_rss_bytes``): in-process, the kernel's peak resident
+in a subprocess with the default settings (the recorded results passed ``--job-args --max-duration-s
+1e9`` while the job's flag still defaulted to 4 h; it now has no limit). Peak memory (``peak_rss_bytes``): in-process, the kernel's peak resident
 memory of the job (``wait4``'s ru_maxrss); on Ray, the largest sum of proportional set sizes over the
 job's session, sampled every 0.2 s (Ray's workers are the raylet's children, in the job's session).
-The first committed part is the first ``_manifest.json`` under the output folder.
+The first committed part is the first part manifest under the output's ``_parts/``.
 
     python benchmarks/long_recordings.py --hours 1 4 10 24 --work /tmp/long \
-        --out benchmarks/long-recordings/results.json --job-args --max-duration-s 1e9
+        --out benchmarks/long-recordings/results.json
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def run_job(recording: Path, out: Path, executor: str, extra: list[str], checkou
     def watch() -> None:
         while not done.wait(0.2):
             tree_peak[0] = max(tree_peak[0], _tree_pss(job.pid))
-            if not first_commit and next(out.rglob("_manifest.json"), None) is not None:
+            if not first_commit and next(out.glob("_parts/*/*.json"), None) is not None:
                 first_commit.append(time.monotonic() - started)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -98,7 +98,7 @@ def run_job(recording: Path, out: Path, executor: str, extra: list[str], checkou
     job.returncode = os.waitstatus_to_exitcode(status)
     if job.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {job.returncode}:\n{log[-4000:]}")
-    if not first_commit and next(out.rglob("_manifest.json"), None) is not None:
+    if not first_commit and next(out.glob("_parts/*/*.json"), None) is not None:
         first_commit.append(wall)
     return {
         "wall_s": round(wall, 1),

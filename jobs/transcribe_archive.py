@@ -91,7 +91,10 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
         "--overlap-s", type=float, default=3.0, help="seconds two neighbouring windows share, stitched away"
     )
     p.add_argument(
-        "--max-duration-s", type=float, default=4 * 3600.0, help="longer recordings become errors rows"
+        "--max-duration-s",
+        type=float,
+        help="recordings longer than this become error rows, stage limit (default: no limit; memory does "
+        "not grow with a recording's length)",
     )
     p.add_argument(
         "--retry-errors",
