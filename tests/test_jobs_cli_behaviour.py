@@ -65,8 +65,9 @@ def test_help_explains_every_option_with_its_default_and_keeps_the_examples(
 def test_help_shows_the_defaults_the_issue_named(capsys: pytest.CaptureFixture) -> None:
     _status(transcribe_archive.main, ["--help"])
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside a model name
-    for shown in ("whisper-tiny.en", "3.0", "14400.0", "300.0", "1000", "auto"):
+    for shown in ("whisper-tiny.en", "3.0", "300.0", "1000", "auto"):
         assert f"(default:{shown})" in text
+    assert "(default:nolimit;" in text  # --max-duration-s: none unless asked for
     _status(generate.main, ["--help"])
     assert "seedoftherandommethods(default:0)" in "".join(capsys.readouterr().out.split())  # 0 is shown
     assert "(default:None)" not in text  # an option without a default says what its absence means
