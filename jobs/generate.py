@@ -24,7 +24,11 @@ from pipeline.tasks import TaskRequest
 
 def _run(argv: list[str] | None) -> None:
     parser = JobParser(__doc__)
-    parser.add_argument("audio", type=input_path, help="an audio file (its first window is used)")
+    parser.add_argument(
+        "audio",
+        type=input_path,
+        help="an audio file of at most the model's window (30 s for Qwen2-Audio; longer: the archive job)",
+    )
     parser.add_argument(
         "--model",
         required=True,
@@ -49,14 +53,15 @@ def _run(argv: list[str] | None) -> None:
     args = parser.parse_args(argv)
 
     reduction = reduction_from_args(args)
-    if describe_model(args.model).family == "whisper":  # config files only: refused before any weights load
+    info = describe_model(args.model)  # config files only: what is refused, is before any weights load
+    if info.family == "whisper":
         raise ModelError(
             f"{args.model} is a Whisper model, not a decoder-only SpeechLM; use jobs/transcribe_archive.py"
         )
+    # One window through the engine: a longer file is refused (the archive job cuts and stitches those).
+    audio = decode_audio(args.audio, sample_rate=info.sample_rate, max_duration_s=info.max_window_s)
     model = load_model(args.model, args.device)
     model.max_new_tokens = args.max_new_tokens
-    info = model.description
-    audio = decode_audio(args.audio, sample_rate=info.sample_rate, max_duration_s=info.max_window_s)
     request = TaskRequest(args.task, target_language=args.target_language, question=args.question)
     prompt = args.prompt or model.prompt_text(request)
     gen, encode_s = model.generate_batch(prompt, [[audio.samples]], reduction)

@@ -92,6 +92,7 @@ def _one_line_refusal(capsys: pytest.CaptureFixture) -> str:
         ("generate", [MANIFEST], "required: --model"),
         ("generate", [MANIFEST, "--model", "whisper-tiny.en"], "not a decoder-only SpeechLM"),
         ("generate", ["missing.wav", "--model", "tiny-random-qwen2-audio"], "no such file"),
+        ("generate", ["examples/lecture.m4a", "--model", "tiny-random-qwen2-audio"], "exceeds the limit 30"),
         ("evaluate", ["--manifest", "missing.jsonl", "--out", "o"], "missing.jsonl: no such file"),
         ("evaluate", ["--manifest", MANIFEST, "--output", "o", "--model", "whisper-tny"], "unknown model"),
         ("evaluate", ["--manifest", MANIFEST, "--output", "o", "--methods", "FastV2"], "unknown methods"),
