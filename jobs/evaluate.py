@@ -47,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from jobs.common import JobParser, input_path, output_folder, run_job
 from pipeline import metrics
-from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.models.base import INT8
 from pipeline.models.registry import DEFAULT_MODEL, describe_model, load_model
 from pipeline.tasks import TIMESTAMPS, TaskRequest
+from workers.clips import Clips, cut_clips, run_clips
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +83,13 @@ def select(
     return rows
 
 
-def run_one(model, waves, refs, languages, request, cfg, batch: int, task: str) -> dict:
+def run_one(model, clips: Clips, refs, languages, request, cfg, batch: int, task: str) -> dict:
     texts, detected, total, loops = [], [], None, []
-    for first in range(0, len(waves), batch):
-        for out in model.run(waves[first : first + batch], request, cfg):
-            texts.append(out.text)
-            detected.append(out.language)
-            loops += [len(texts) - 1] if out.loop_cut else []
-            total = out.stats if total is None else total + out.stats
+    for out in run_clips(model, clips, request, cfg, batch):  # a clip longer than a window: joined
+        texts.append(out.text)
+        detected.append(out.language)
+        loops += [len(texts) - 1] if out.loop_cut else []
+        total = out.stats if total is None else total + out.stats
     row_scores = metrics.task_scores(task, refs, texts, languages)
     row = {"score": next(iter(row_scores.values())), "scores": row_scores, **total.to_dict()}
     row["tokens_kept_frac"] = total.audio_tokens_kept / total.audio_tokens_in
@@ -317,7 +316,13 @@ def _run(argv: list[str] | None) -> None:
         len(rows),
         done_path,
     )
-    waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in tqdm(rows, desc="decode")]
+    paths = [args.manifest.parent / r["audio"] for r in rows]
+    clips = cut_clips(paths, info.sample_rate, info.max_window_s)  # a clip that fails is refused here
+    if clips.windows:
+        log.info(
+            "%d clips longer than the model's window are cut and stitched as the archive job does",
+            len(clips.windows),
+        )
     refs = [r[field] for r in rows]
     languages = [r.get("language", "en") for r in rows]
     model = load_model(args.model, args.device, INT8 if args.int8 else None)
@@ -349,7 +354,7 @@ def _run(argv: list[str] | None) -> None:
                     "padding": padding,
                     "config": cfg.to_dict(),
                 }
-                row |= run_one(model, waves, refs, languages, request, cfg, args.batch_size, args.task)
+                row |= run_one(model, clips, refs, languages, request, cfg, args.batch_size, args.task)
                 row["wall_s"] = time.perf_counter() - start
                 with done_path.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")

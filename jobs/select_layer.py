@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from jobs.common import JobParser, input_path, output_folder, run_job
 from jobs.evaluate import save_figure, select
-from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.merging.layer_select import TOLERANCE, select_layer
 from pipeline.metrics import REFERENCE_FIELDS, task_scores
 from pipeline.models.registry import DEFAULT_MODEL, describe_model, load_model
 from pipeline.tasks import TaskRequest
+from workers.clips import cut_clips, run_clips
 
 
 def single_merge(layer: int, ratio: float, method: str, seed: int) -> ReductionConfig:
@@ -124,8 +124,10 @@ def _run(argv: list[str] | None) -> None:
     rows = select(args.manifest, args.limit, args.seed, REFERENCE_FIELDS[args.task])
     if not rows:
         parser.error(f"no row of {args.manifest} has a {REFERENCE_FIELDS[args.task]!r} reference")
-    describe_model(args.model)  # config files only: a wrong name is refused before any decoding
-    waves = [decode_audio(args.manifest.parent / r["audio"]).samples for r in rows]
+    info = describe_model(args.model)  # config files only: a wrong name is refused before any decoding
+    # A clip longer than the model's window is cut as the archive job cuts it; each window's states
+    # count as a clip's for the score, and --check joins the windows' outputs.
+    clips = cut_clips([args.manifest.parent / r["audio"] for r in rows], info.sample_rate, info.max_window_s)
     model = load_model(args.model, args.device)
     if not hasattr(model, "audio_states"):
         parser.error(f"model {args.model!r} does not expose audio_states(); layer selection needs it")
@@ -133,7 +135,7 @@ def _run(argv: list[str] | None) -> None:
     with tqdm(total=layers, desc="layers scored") as bar:
 
         def states(layer: int) -> list[torch.Tensor]:
-            out = model.audio_states(waves, single_merge(layer, args.ratio, args.method, args.seed))
+            out = model.audio_states(clips.waves, single_merge(layer, args.ratio, args.method, args.seed))
             bar.update()
             return out
 
@@ -155,11 +157,7 @@ def _run(argv: list[str] | None) -> None:
         languages = [r.get("language", "en") for r in rows]
 
         def score(cfg: ReductionConfig) -> float:
-            texts = [
-                o.text
-                for first in range(0, len(waves), args.batch_size)
-                for o in model.run(waves[first : first + args.batch_size], request, cfg)
-            ]
+            texts = [o.text for o in run_clips(model, clips, request, cfg, args.batch_size)]
             return next(iter(task_scores(args.task, refs, texts, languages).values()))
 
         per_layer = [

@@ -66,3 +66,24 @@ def test_every_task_scores_its_headline_metric_first():
     assert metrics.task_scores("lid", ["de", "fr"], ["de", "it"], ["de", "fr"]) == {"Acc %": 50.0}
     asr = metrics.task_scores("asr", ["hallo welt", "你好"], ["hallo welt", "你们好"], ["de", "zh"])
     assert asr["WER %"] == 0.0 and asr["CER % (ja/ko/zh)"] == 50.0
+
+
+@pytest.mark.slow
+def test_a_clip_longer_than_the_window_is_cut_and_stitched_as_the_archive_job_does():
+    """The evaluation jobs take clips of any length: the 78 s lecture is cut into windows by the archive
+    job's CPU stage and its windows' texts stitched; a short clip goes whole."""
+    from pipeline.merging.config import NO_REDUCTION
+    from pipeline.models.registry import load_model
+    from pipeline.tasks import TaskRequest
+    from workers.clips import cut_clips, run_clips
+
+    rows = {r["id"]: r for r in map(json.loads, (EXAMPLES / "manifest.jsonl").read_text().splitlines())}
+    clips = cut_clips([EXAMPLES / rows[i]["audio"] for i in ("lecture", "intro")], 16000, 30.0)
+    assert list(clips.windows) == [0] and len(clips.windows[0]) >= 3  # the lecture only
+    assert len(clips.waves) == len(clips.windows[0]) + 1 and clips.owner[-1] == 1
+    lecture, intro = run_clips(load_model("whisper-tiny.en"), clips, TaskRequest("asr"), NO_REDUCTION, 8)
+    scores = metrics.task_scores(
+        "asr", [rows["lecture"]["text"], rows["intro"]["text"]], [lecture.text, intro.text], ["en", "en"]
+    )
+    assert scores["WER %"] < 15  # one text for the lecture, nothing lost or repeated at its seams
+    assert lecture.stats.audio_tokens_in > intro.stats.audio_tokens_in

@@ -54,7 +54,9 @@ def _language(rows: list[dict]) -> str | None:
     return aggregate_labels([r["language"] for r in told], [r["end_s"] - r["start_s"] for r in told])
 
 
-def _outputs(rows: list[dict], task: str, timestamps: str) -> dict:
+def stitch_outputs(rows: list[dict], task: str, timestamps: str = "none") -> dict:
+    """A recording's result fields from its window rows with their texts (in window order): asr/st
+    stitched text, segments, words (``timestamps`` words); labels and answers weighed by duration."""
     if rows[0]["status"] == "empty":
         return {"text": "", "segments": []}
     texts = [normalise_output(task, r["text"]) for r in rows]
@@ -125,7 +127,7 @@ def recording_record(rows: list[dict], task: str, run_fields: dict, timestamps: 
     if failed is not None:
         return record | {"status": "error", "stage": failed["stage"], "error": failed["error"]}
     try:
-        return record | _outputs(rows, task, timestamps) | _stats(rows) | {"status": first["status"]}
+        return record | stitch_outputs(rows, task, timestamps) | _stats(rows) | {"status": first["status"]}
     except Exception as err:  # a stitcher failure is this recording's, reported as a row
         return record | {"status": "error", "stage": "stitch", "error": f"{type(err).__name__}: {err}"}
 

@@ -1,0 +1,95 @@
+"""Clips of any length for the evaluation jobs (jobs/evaluate.py, jobs/select_layer.py).
+
+A clip up to the model's window goes to the model whole, as evaluation sets are scored; a longer one
+(FLEURS holds clips of 40 s and more) is cut into windows exactly as the archive job cuts a recording
+(``workers.cpu_stage.recording_windows``, its default overlap), and its windows' outputs are joined as
+the archive job stitches them (``workers.stitch_stage.stitch_outputs``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.audio.decode import AudioDecodeError, decode_audio
+from pipeline.inputs import PlannedRecording, sha256_file
+from pipeline.merging.config import ReductionConfig
+from pipeline.models.base import SpeechModel, WindowOutput
+from pipeline.stats import WindowStats
+from pipeline.tasks import TaskRequest
+from schemas.job_config import JobConfig
+from workers.cpu_stage import recording_windows
+from workers.stitch_stage import stitch_outputs
+
+
+@dataclass(frozen=True)
+class Clips:
+    """waves: what the model runs, float32 (n,): each short clip whole, each window of a long one;
+    owner: each wave's clip; windows: a long clip's window rows (WINDOW_SCHEMA, no PCM), by clip."""
+
+    count: int
+    waves: list[np.ndarray]
+    owner: list[int]
+    windows: dict[int, list[dict]]
+
+
+def cut_clips(paths: list[Path], sample_rate: int, max_window_s: float) -> Clips:
+    """Decode every clip, cutting those longer than ``max_window_s``; a clip that cannot be decoded
+    raises AudioDecodeError naming it (the jobs refuse it before loading a model)."""
+    waves, owner, windows = [], [], {}
+    for i, path in enumerate(paths):
+        audio = decode_audio(path, sample_rate)
+        if audio.duration_s <= max_window_s:
+            waves.append(audio.samples)
+            owner.append(i)
+            continue
+        plan = PlannedRecording(path.name, str(path), sha256_file(path)).to_row()
+        rows = list(recording_windows(plan, sample_rate, max_window_s, JobConfig.overlap_s, None))
+        if rows[0]["status"] == "error":
+            raise AudioDecodeError(f"{path}: {rows[0]['error']}")
+        windows[i] = [{k: v for k, v in r.items() if k != "pcm"} for r in rows if r["status"] == "ok"]
+        waves += [np.frombuffer(r["pcm"], dtype="<f4") for r in rows if r["status"] == "ok"]
+        owner += [i] * len(windows[i])
+    return Clips(len(paths), waves, owner, windows)
+
+
+def join_outputs(clips: Clips, outputs: list[WindowOutput], task: str) -> list[WindowOutput]:
+    """One output per clip from the outputs of ``clips.waves`` (in order): a short clip's as it is, a
+    long clip's windows stitched (asr, st) or their answers weighed by duration (labels), stats summed,
+    a loop cut if any window's was; a long clip without speech: empty text."""
+    by_clip: dict[int, list[WindowOutput]] = {}
+    for clip, out in zip(clips.owner, outputs, strict=True):
+        by_clip.setdefault(clip, []).append(out)
+    joined = []
+    for clip in range(clips.count):
+        outs = by_clip.get(clip, [])
+        if clip not in clips.windows:
+            joined.append(outs[0])
+            continue
+        if not outs:
+            joined.append(WindowOutput(""))
+            continue
+        rows = [
+            w | {"text": o.text, "language": o.language, "words": None}
+            for w, o in zip(clips.windows[clip], outs, strict=True)
+        ]
+        stitched = stitch_outputs(rows, task)
+        text = next(stitched[k] for k in ("text", "label", "answer") if k in stitched)
+        stats = sum((o.stats for o in outs), WindowStats())
+        joined.append(WindowOutput(text, stitched["language"], stats, any(o.loop_cut for o in outs)))
+    return joined
+
+
+def run_clips(
+    model: SpeechModel, clips: Clips, request: TaskRequest, reduction: ReductionConfig, batch_size: int
+) -> list[WindowOutput]:
+    """The model over every wave of ``clips``, ``batch_size`` per call; one output per clip."""
+    waves = clips.waves
+    outputs = [
+        out
+        for first in range(0, len(waves), batch_size)
+        for out in model.run(waves[first : first + batch_size], request, reduction)
+    ]
+    return join_outputs(clips, outputs, request.task)
