@@ -588,11 +588,16 @@ class RunWriter:
         self.done.update(r.recording_id for r in staged)
         return manifest
 
+    def missing(self) -> list[PlannedRecording]:
+        """Planned recordings neither committed nor staged yet."""
+        staged = {r.recording_id for r in self._writer.recordings} if self._writer else set()
+        return [p for rid, p in self.planned.items() if rid not in self.done and rid not in staged]
+
     def finish(self) -> Counts:
         """Commit the rest; the run's counts over all its parts. Raises PublishError when a planned
         recording never arrived (the parts committed stay; the next run does the rest)."""
         self.commit()
-        missing = sorted(set(self.planned) - self.done)
+        missing = sorted(r.recording_id for r in self.missing())
         if missing:
             raise PublishError(f"{len(missing)} planned recordings never arrived (e.g. {missing[:3]})")
         return Counts(

@@ -4,6 +4,7 @@ WebDataset input, refusal of a task the model cannot do."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ import pytest
 
 from benchmarks import score_run
 from benchmarks.fault_injection import descendants, find
+from pipeline.audio.encode import encode_audio, speech_in_silence
 from pipeline.inputs import PlanError
 from pipeline.models.registry import describe_model
 from pipeline.presets import resolve_reduction
@@ -219,3 +221,42 @@ def test_task_the_model_cannot_do_is_refused_before_any_work(archive: Path, tmp_
     with pytest.raises(ModelTaskError, match=r"whisper-tiny.en' cannot do task 'er'"):
         run_archive(JobConfig(str(archive), str(tmp_path / "out"), task="er", reduction="none"))
     assert not (tmp_path / "out" / "_tables").exists() and not (tmp_path / "out" / "_staging").exists()
+
+
+def _reading(path: Path) -> list[int]:
+    """This test's processes (its Ray workers) with ``path`` open."""
+    pids = []
+    for pid in descendants(os.getpid()):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to look into
+            if any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                pids.append(pid)
+    return pids
+
+
+def test_a_recording_that_kills_its_worker_every_time_becomes_a_crash_row(tmp_path: Path) -> None:
+    """On Ray, a recording whose CPU-stage worker dies on every try (a native decoder crash, the memory
+    killer: here kill -9 whenever a worker has the file open) does not fail or stall the run: after its
+    retries, and once more alone, it is an error row of stage crash; the recordings beside it are done."""
+    archive = tmp_path / "in"
+    for name in ("a", "b"):
+        write_wav(archive / f"{name}.wav", tone_bursts(3.0))
+    victim = encode_audio(
+        archive / "victim.flac", speech_in_silence(tone_bursts(3.0), 1200.0, 300.0, 16000), 16000
+    )
+    result: list[RunSummary] = []
+    run = threading.Thread(
+        target=lambda: result.append(
+            run_archive(JobConfig(str(archive), str(tmp_path / "out"), executor="ray"))
+        )
+    )
+    run.start()
+    kills = 0
+    while run.is_alive():
+        for pid in _reading(victim):
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+        time.sleep(0.01)
+    assert result and (result[0].ok, result[0].failed) == (2, 1), result
+    (error,) = read_committed(tmp_path / "out", "errors").to_pylist()
+    assert (error["recording_id"], error["stage"]) == ("victim.flac", "crash")
+    assert "died on each of 6 tries" in error["error"] and kills >= 6

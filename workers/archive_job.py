@@ -275,7 +275,11 @@ def run_archive(config: JobConfig) -> RunSummary:
         if not todo:  # a rerun with nothing new starts nothing: no Ray, no model load
             return RunSummary(None, 0, len(skipped), 0, 0, 0, 0.0, 0.0, time.monotonic() - started, **where)
         # Recordings in flight when two runs died are set aside as error rows; the rest goes on.
-        crashes = crashed(output, manifests)
+        crashes = {
+            rid: f"in flight when runs {', '.join(runs)} died (killed, out of memory or a native crash); "
+            "set aside so that the rest of the archive gets done"
+            for rid, runs in crashed(output, manifests).items()
+        }
         work = [r for r in todo if r.recording_id not in crashes]
         inflight = InFlight(output, run_id)
         use_ray = uses_ray(config)
@@ -333,6 +337,12 @@ def run_archive(config: JobConfig) -> RunSummary:
                     audio, model = _seconds(records)
                     audio_s, model_s = audio_s + audio, model_s + model
                 writer.add(assembler.flush())
+                if work and use_ray and (lost := writer.missing()):  # killed its worker every try
+                    tries = 2 * (ray_run.CPU_STAGE_RETRIES + 1)
+                    why = f"its CPU-stage worker died on each of {tries} tries (a native crash or out of memory)"
+                    writer.add(
+                        crash_records(lost, dict.fromkeys((r.recording_id for r in lost), why), run_fields)
+                    )
                 counts = writer.finish()
         except KeyboardInterrupt as err:  # the part in flight is gone; the committed parts are the answer
             kept = sum(len(m.recordings) for m in writer.committed)

@@ -93,19 +93,11 @@ def _record(source: dict, run_fields: dict) -> dict:
     return {k: source[k] for k in ("recording_id", "source_path", "content_sha256", "meta")} | run_fields
 
 
-def crash_records(
-    recordings: list[PlannedRecording], runs: dict[str, list[str]], run_fields: dict
-) -> pa.Table:
-    """Error rows (stage ``crash``) of recordings set aside because runs died while they were in flight
-    (``runs``: id -> those runs' ids); ``--retry-errors`` tries them again."""
+def crash_records(recordings: list[PlannedRecording], why: dict[str, str], run_fields: dict) -> pa.Table:
+    """Error rows (stage ``crash``) of recordings that kill the process cutting or decoding them (``why``:
+    id -> what was seen); ``--retry-errors`` tries them again."""
     records = [
-        _record(r.to_row(), run_fields)
-        | {
-            "status": "error",
-            "stage": "crash",
-            "error": f"in flight when runs {', '.join(runs[r.recording_id])} died (killed, out of memory or "
-            "a native crash); set aside so the rest of the archive gets done",
-        }
+        _record(r.to_row(), run_fields) | {"status": "error", "stage": "crash", "error": why[r.recording_id]}
         for r in recordings
     ]
     return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
