@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import re
-import resource
 import secrets
 import shutil
 import socket
@@ -51,6 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.inputs import PlannedRecording, latest_entries, sha256_file
+from pipeline.stats import peak_rss_bytes
 from schemas.manifest import (
     LEGACY_PART,
     MANIFEST_VERSION,
@@ -78,11 +78,6 @@ class OutputWriteError(PublishError):
 
 class OutputLockedError(RuntimeError):
     """Another live run holds the output folder's lock."""
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def new_run_id() -> str:
@@ -541,6 +536,7 @@ class RunWriter:
         self.done: set[str] = set()
         self._writer: StagingWriter | None = None
         self._opened = time.monotonic()
+        self.stage_peaks: dict[str, int] = {}  # Ray runs: each stage's peak resident memory so far
 
     @property
     def part(self) -> int:
@@ -580,7 +576,9 @@ class RunWriter:
                 counts=vars(counts),
                 recordings=sorted((self._with_source(r) for r in staged), key=lambda e: e.recording_id),
                 # the writing process's peak so far: an in-process run's whole job, a Ray run's driver
-                extra=self.template.extra | {"peak_rss_bytes": peak_rss_bytes()},
+                extra=self.template.extra
+                | {"peak_rss_bytes": peak_rss_bytes()}
+                | ({"stage_peak_rss_bytes": dict(self.stage_peaks)} if self.stage_peaks else {}),
             )
             manifest = publish(self.output, manifest)
         self._writer = None

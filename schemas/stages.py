@@ -36,6 +36,7 @@ _RECORDING_FIELDS = [
     pa.field("status", pa.string(), nullable=False),  # ok | empty | error
     pa.field("stage", pa.string()),
     pa.field("error", pa.string()),
+    pa.field("cut_rss_bytes", pa.int64()),  # peak resident memory of the process that cut the window
 ]
 
 WINDOW_SCHEMA = pa.schema([*_RECORDING_FIELDS, pa.field("pcm", pa.large_binary())])
@@ -76,6 +77,7 @@ WINDOW_TEXT_SCHEMA = pa.schema(
         pa.field("window_stats", WINDOW_STATS_TYPE),
         pa.field("peak_memory_bytes", pa.int64()),
         pa.field("nvml_memory_bytes", pa.int64()),
+        pa.field("model_rss_bytes", pa.int64()),  # peak resident memory of the model's process
         pa.field("device_name", pa.string()),
         pa.field("node", pa.string()),
     ]

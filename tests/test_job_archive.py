@@ -91,6 +91,8 @@ def test_run_writes_one_row_per_recording(reference: tuple[Path, RunSummary]) ->
     short = next(e for e in manifest.recordings if e.recording_id == "short.wav")
     assert short.source_path.endswith("short.wav") and short.source_size > 0 and short.source_mtime_ns > 0
     assert manifest.reduction["method"] == "fastadasp" and manifest.config["model"] == "whisper-tiny.en"
+    peaks = manifest.extra["stage_peak_rss_bytes"]  # a Ray run: each stage's processes' peak
+    assert peaks["model_stage"] > 200 * 2**20 and 30 * 2**20 < peaks["cpu_stage"] < peaks["model_stage"]
     assert "ok 3, empty 1, failed 2" in summary.line()
     # the folder a user reads with pandas holds exactly the committed rows, segments and all
     for name in ("results", "stats", "errors"):

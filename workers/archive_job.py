@@ -233,6 +233,15 @@ def _seconds(records: pa.Table) -> tuple[float, float]:
     return pc.sum(ok["audio_seconds"]).as_py() or 0.0, model_s
 
 
+def _stage_peaks(peaks: dict[str, int], batch: pa.Table) -> dict[str, int]:
+    """The stages' peak resident memory so far, with that of the processes behind ``batch``."""
+    seen = {
+        "cpu_stage": pc.max(batch["cut_rss_bytes"]).as_py(),
+        "model_stage": pc.max(batch["model_rss_bytes"]).as_py(),
+    }
+    return {k: max(v or 0, peaks.get(k, 0)) for k, v in seen.items()}
+
+
 def run_archive(config: JobConfig) -> RunSummary:
     """Plan, process and publish one run into ``config.output``; see pipeline/publish.py for the layout."""
     started = time.monotonic()
@@ -331,6 +340,8 @@ def run_archive(config: JobConfig) -> RunSummary:
             ):
                 writer.add(crash_records([r for r in todo if r.recording_id in crashes], crashes, run_fields))
                 for batch in windows:
+                    if use_ray:  # the stages run in processes of their own there
+                        writer.stage_peaks = _stage_peaks(writer.stage_peaks, batch)
                     records = assembler.add(batch)
                     inflight.finish(records["recording_id"].to_pylist())
                     writer.add(records)

@@ -24,6 +24,7 @@ import pyarrow as pa
 from pipeline.audio.decode import AudioStream, DurationLimitError, open_source
 from pipeline.audio.vad import SpeechFinder
 from pipeline.audio.windows import cut_stream, plan_windows
+from pipeline.stats import peak_rss_bytes
 from schemas.stages import WINDOW_SCHEMA
 
 _HASH_BLOCK = 1 << 20
@@ -45,6 +46,7 @@ def _row(plan_row: dict, status: str, **fields: object) -> dict:
         "status": status,
         "stage": None,
         "error": None,
+        "cut_rss_bytes": peak_rss_bytes(),
         "pcm": None,
     }
     return base | fields

@@ -23,7 +23,7 @@ import torch
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import INT8, WindowOutput
 from pipeline.models.registry import load_model
-from pipeline.stats import WindowStats
+from pipeline.stats import WindowStats, peak_rss_bytes
 from pipeline.tasks import TaskRequest
 from schemas.stages import WINDOW_TEXT_SCHEMA
 from workers.progress import windows_done
@@ -134,6 +134,7 @@ class WindowPredictor:
         waveforms = [np.frombuffer(rows[i]["pcm"], dtype="<f4") for i in indices]
         outputs = dict(zip(indices, self._run(waveforms) if waveforms else [], strict=True))
         peak, nvml_used = self._memory()
+        rss = peak_rss_bytes()
         out_rows = []
         for i, row in enumerate(rows):
             row.pop("pcm")
@@ -148,6 +149,7 @@ class WindowPredictor:
                 "window_stats": stats.to_dict(),
                 "peak_memory_bytes": peak,
                 "nvml_memory_bytes": nvml_used,
+                "model_rss_bytes": rss,
                 "device_name": self.device_name,
                 "node": self.node,
             }
