@@ -103,6 +103,16 @@ def input_path(value: str) -> Path:
     return Path(value)
 
 
+def add_manifest(parser: argparse.ArgumentParser) -> None:
+    """The evaluation jobs' ``--manifest``: utterances with their references (clips of any length)."""
+    parser.add_argument(
+        "--manifest",
+        type=input_path,
+        required=True,
+        help="JSONL: id, audio (path relative to the manifest) and the task's reference field",
+    )
+
+
 def run_job(
     run: Callable[[list[str] | None], int | None], argv: list[str] | None = None, interrupted: str = ""
 ) -> int:

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
-from jobs.common import JobParser, input_path, output_folder, run_job
+from jobs.common import JobParser, add_manifest, output_folder, run_job
 from pipeline import metrics
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.models.base import INT8
@@ -177,12 +177,7 @@ def save_figure(fig: object, ax: object, path: Path) -> None:
 
 def _parser() -> JobParser:
     parser = JobParser(__doc__)
-    parser.add_argument(
-        "--manifest",
-        type=input_path,
-        required=True,
-        help="JSONL: id, audio (path relative to the manifest) and the task's reference field",
-    )
+    add_manifest(parser)
     parser.add_argument(
         "--task",
         default="asr",

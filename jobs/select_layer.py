@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
-from jobs.common import JobParser, input_path, output_folder, run_job
+from jobs.common import JobParser, add_manifest, output_folder, run_job
 from jobs.evaluate import save_figure, select
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.merging.layer_select import TOLERANCE, select_layer
@@ -83,12 +83,7 @@ def plot(result: dict, path: Path) -> None:
 
 def _run(argv: list[str] | None) -> None:
     parser = JobParser(__doc__)
-    parser.add_argument(
-        "--manifest",
-        type=input_path,
-        required=True,
-        help="JSONL: id, audio (path relative to the manifest) and the task's reference field",
-    )
+    add_manifest(parser)
     parser.add_argument(
         "--task", required=True, choices=sorted(REFERENCE_FIELDS), help="the sparse task the layer is for"
     )
