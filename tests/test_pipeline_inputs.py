@@ -256,9 +256,10 @@ def test_errors_a_later_run_may_not_repeat_are_redone() -> None:
         _manifest("fp", [("oom", "h3")], "error", "model"),
         _manifest("fp", [("list.jsonl:4", "")], "error", "plan"),
         _manifest("fp", [("silent", "h4")], "empty"),
+        _manifest("fp", [("crashed-twice", "h5")], "error", "crash"),  # set aside, not retried each night
     ]
     recs = [PlannedRecording(r.recording_id, "p", r.content_sha256) for m in runs for r in m.recordings]
-    assert _ids(pending(recs, runs, "fp")[1]) == ["decoded-badly", "silent"]
+    assert _ids(pending(recs, runs, "fp")[1]) == ["decoded-badly", "silent", "crashed-twice"]
     assert _ids(pending(recs, runs, "fp", retry_errors=True)[1]) == ["silent"]
 
 
