@@ -384,6 +384,13 @@ def _crash_view(reference: dict, victim: str) -> dict:
     }
 
 
+def disk_bytes(folder: Path) -> int:
+    """What ``folder`` takes on a tmpfs: each file once, however many hard links the table generations
+    hold to it (links themselves, to files or folders, take no data blocks)."""
+    inodes = {(st.st_dev, st.st_ino): st.st_blocks for p in folder.rglob("*") if (st := p.lstat())}
+    return sum(inodes.values()) * 512
+
+
 def faults(args: argparse.Namespace) -> dict:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
@@ -403,7 +410,7 @@ def faults(args: argparse.Namespace) -> dict:
     if rc != 0:
         raise SystemExit(f"the clean run failed ({rc}):\n{clean_job.text()[-2000:]}")
     clean_s, reference = clean_job.wall_s, view(work / "clean")
-    clean_bytes = sum(p.stat().st_blocks * 512 for p in (work / "clean").rglob("*"))  # what a tmpfs counts
+    clean_bytes = disk_bytes(work / "clean")
     rng = random.Random(args.seed)
     cases = []
     for name in args.cases:
