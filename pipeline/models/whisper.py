@@ -242,7 +242,9 @@ class WhisperSpeechModel:
         self._code_of = {i: code for code, i in self.languages.items()}
         self.tasks = MULTILINGUAL_TASKS if multilingual else frozenset({"asr"})
         self.translate_to = ("en",) if multilingual else ()
-        self.alignment_heads = [(int(layer), int(head)) for layer, head in gen.alignment_heads or ()]
+        # hub checkpoints name them in their generation config; a checkpoint without them gives no word times
+        heads = getattr(gen, "alignment_heads", None) or ()
+        self.alignment_heads = [(int(layer), int(head)) for layer, head in heads]
 
     def _language_code(self, language: str, what: str) -> str:
         """'de', 'German' or 'german' -> 'de'; TaskError naming the known languages otherwise."""
