@@ -45,7 +45,8 @@ def test_dtw_follows_a_diagonal_of_low_cost():
 
 def test_median_filter_matches_numpy_with_reflected_edges():
     x = torch.randn(2, 3, 17)
-    ours = median_filter(x, 7)
+    x[0, 0, 5:12] = 1.0  # ties
+    ours = median_filter(x)
     padded = np.pad(x.numpy(), ((0, 0), (0, 0), (3, 3)), mode="reflect")
     ref = np.median(np.lib.stride_tricks.sliding_window_view(padded, 7, axis=-1), axis=-1)
     np.testing.assert_allclose(ours.numpy(), ref)
