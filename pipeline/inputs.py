@@ -23,6 +23,7 @@ errors row.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -30,6 +31,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import BinaryIO
 
 from schemas.manifest import RecordingEntry, RunManifest
 
@@ -72,29 +74,56 @@ class PlannedRecording:
         return asdict(self)
 
 
-def read_bytes(source_path: str, member_offset: int = -1, member_size: int = -1) -> bytes:
-    """The recording's bytes: the whole file, or ``member_size`` bytes at ``member_offset`` of a shard."""
-    with open(source_path, "rb") as f:
-        if member_offset < 0:
-            return f.read()
-        f.seek(member_offset)
-        data = f.read(member_size)
-    if len(data) != member_size:
-        raise OSError(f"{source_path}: shard member at {member_offset} is cut short")
-    return data
+class _Member(io.RawIOBase):
+    """``size`` bytes at ``offset`` of a file (a tar shard's member), read and seeked as a file of its own."""
+
+    def __init__(self, path: str, offset: int, size: int) -> None:
+        if os.path.getsize(path) < offset + size:
+            raise OSError(f"{path}: shard member at {offset} is cut short")
+        self._file, self._offset, self._size, self._pos = open(path, "rb"), offset, size, 0  # noqa: SIM115
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = min(max(0, base + pos), self._size)
+        return self._pos
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        self._file.seek(self._offset + self._pos)
+        n = self._file.readinto(memoryview(buffer)[: max(0, self._size - self._pos)])
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def open_source(path: str | os.PathLike, span: tuple[int, int] | None = None) -> BinaryIO:
+    """The bytes of a recording as a binary file: the whole file at ``path``, or with ``span`` (offset,
+    size) only those bytes of it. Raises OSError (a member cut short included)."""
+    return _Member(os.fspath(path), *span) if span else open(path, "rb")
+
+
+def sha256_file(path: str | Path, span: tuple[int, int] | None = None) -> str:
+    """Hex sha256 of a file's bytes (with ``span``, of that member's), read in chunks. Raises OSError."""
+    digest = hashlib.sha256()
+    with open_source(path, span) as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in chunks. Raises OSError."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _hash_or_empty(path: Path) -> str:

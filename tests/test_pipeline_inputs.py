@@ -20,8 +20,9 @@ from pipeline.inputs import (
     fingerprint,
     list_input,
     list_recordings,
+    open_source,
     pending,
-    read_bytes,
+    sha256_file,
 )
 from schemas.manifest import RecordingEntry, RunManifest
 
@@ -47,7 +48,8 @@ def test_folder_ids_are_relative_paths_and_hashes_are_of_content(tmp_path: Path)
     recs = list_recordings(tmp_path)
     assert [r.recording_id for r in recs] == ["a/b/x.WAV", "y.flac"]
     assert recs[0].content_sha256 == _sha(b"one")
-    assert read_bytes(recs[1].source_path) == b"two"
+    with open_source(recs[1].source_path) as f:
+        assert f.read() == b"two"
 
 
 def _encode_tone(path: Path, codec: str, rate: int = 48000) -> Path:
@@ -142,8 +144,9 @@ def test_webdataset_members_are_located_by_offset(tmp_path: Path) -> None:
     assert "no audio member among ['k4.json']" in recs[2].plan_error
     recs = [r for r in recs if not r.plan_error]
     for r, data in zip(recs, (b"audio-1", b"audio-22", b"audio-333"), strict=True):
-        assert read_bytes(r.source_path, r.member_offset, r.member_size) == data
-        assert r.content_sha256 == _sha(data)
+        with open_source(r.source_path, (r.member_offset, r.member_size)) as f:
+            assert f.read() == data  # a member read in place, as the CPU stage reads it
+        assert r.content_sha256 == _sha(data) == sha256_file(r.source_path, (r.member_offset, r.member_size))
     assert json.loads(recs[0].meta) == {"lang": "en"}
 
 

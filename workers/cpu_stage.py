@@ -15,19 +15,17 @@ window leaves, and every row carries the recording's duration and window count.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 
 import pyarrow as pa
 
-from pipeline.audio.decode import AudioStream, DurationLimitError, open_source
+from pipeline.audio.decode import AudioStream, DurationLimitError
 from pipeline.audio.vad import SpeechFinder
 from pipeline.audio.windows import cut_stream, plan_windows
+from pipeline.inputs import sha256_file
 from pipeline.stats import peak_rss_bytes
 from schemas.stages import WINDOW_SCHEMA
-
-_HASH_BLOCK = 1 << 20
 
 
 def _row(plan_row: dict, status: str, **fields: object) -> dict:
@@ -57,14 +55,6 @@ def _version(path: str) -> tuple[int, int]:
     return stat.st_size, stat.st_mtime_ns
 
 
-def _sha256(path: str, span: tuple[int, int] | None) -> str:
-    digest = hashlib.sha256()
-    with open_source(path, span) as f:
-        while chunk := f.read(_HASH_BLOCK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def recording_windows(
     plan_row: dict, sample_rate: int, max_window_s: float, overlap_s: float, max_duration_s: float | None
 ) -> Iterator[dict]:
@@ -78,7 +68,7 @@ def recording_windows(
     stage = "read"
     try:
         version = _version(path)
-        if _sha256(path, span) != plan_row["content_sha256"]:
+        if sha256_file(path, span) != plan_row["content_sha256"]:
             raise OSError("content changed since the run was planned")
         stage = "decode"
         audio = AudioStream(path, sample_rate, max_duration_s, name=plan_row["recording_id"], span=span)

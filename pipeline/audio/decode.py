@@ -23,6 +23,8 @@ import av
 import numpy as np
 import soxr
 
+from pipeline.inputs import open_source
+
 # Integer sample formats -> the value that maps to full scale 1.0 (u8 is offset by 128).
 _INT_SCALE = {"u8": 128.0, "s16": 32768.0, "s32": 2147483648.0, "s64": 9223372036854775808.0}
 # A stream that decodes to less than this share of its header's duration is truncated.
@@ -89,45 +91,6 @@ def _ogg_cut_short(tail: bytes) -> bool:
                 return not tail[pos + 5] & 0x04
         pos = tail.rfind(b"OggS", 0, pos)
     return True
-
-
-class _Member(io.RawIOBase):
-    """``size`` bytes at ``offset`` of a file (a tar shard's member), read and seeked as a file of its own."""
-
-    def __init__(self, path: str, offset: int, size: int) -> None:
-        if os.path.getsize(path) < offset + size:
-            raise OSError(f"{path}: shard member at {offset} is cut short")
-        self._file, self._offset, self._size, self._pos = open(path, "rb"), offset, size, 0  # noqa: SIM115
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = min(max(0, base + pos), self._size)
-        return self._pos
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        self._file.seek(self._offset + self._pos)
-        n = self._file.readinto(memoryview(buffer)[: max(0, self._size - self._pos)])
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
-
-
-def open_source(path: str | os.PathLike, span: tuple[int, int] | None = None) -> BinaryIO:
-    """The bytes of a recording as a binary file: the whole file at ``path``, or with ``span`` (offset,
-    size) only those bytes of it. Raises OSError (a member cut short included)."""
-    return _Member(os.fspath(path), *span) if span else open(path, "rb")
 
 
 @contextlib.contextmanager
