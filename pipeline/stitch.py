@@ -135,26 +135,13 @@ def loop_free(tokens: list[str], max_repeats: int = MAX_REPEATS, max_ngram: int 
     return kept
 
 
-def collapse_loops(
-    tokens: list[str], max_repeats: int = MAX_REPEATS, max_ngram: int = MAX_NGRAM
-) -> list[str]:
-    """Replace any n-gram (n <= max_ngram) repeated more than ``max_repeats`` times in a row by one copy."""
-    return [tokens[i] for i in loop_free(tokens, max_repeats, max_ngram)]
-
-
 def guarded_indices(tokens: list[str]) -> tuple[list[int], bool]:
-    """The indices of a window's words kept by the repetition guard, and whether its text was dropped."""
+    """The indices of a window's words kept by the repetition guard (loops collapsed), and whether the
+    text was dropped as degenerate (what is left still compresses like a loop)."""
     kept = loop_free(tokens)
     if compression_ratio(join([tokens[i] for i in kept])) > MAX_COMPRESSION_RATIO:
         return [], True
     return kept, False
-
-
-def guard_repetition(text: str) -> tuple[list[str], bool]:
-    """The window's words with loops collapsed, and whether the text was dropped as degenerate."""
-    tokens = words(text)
-    kept, dropped = guarded_indices(tokens)
-    return [tokens[i] for i in kept], dropped
 
 
 def align(left: list[str], right: list[str]) -> list[tuple[int, int]]:

@@ -8,9 +8,9 @@ from hypothesis import strategies as st
 from pipeline.audio.windows import plan_windows
 from pipeline.stitch import (
     WindowText,
-    collapse_loops,
     compression_ratio,
-    guard_repetition,
+    guarded_indices,
+    loop_free,
     normalise,
     stitch,
     words,
@@ -145,13 +145,15 @@ def test_cjk_seam_and_joining() -> None:
 
 
 def test_loops_collapsed_and_degenerate_text_dropped() -> None:
-    assert collapse_loops(words("thank you " * 30 + "bye")) == ["thank", "you", "bye"]
-    assert collapse_loops(words("no no no, that is fine")) == words("no no no, that is fine")
+    looping = words("thank you " * 30 + "bye")
+    assert [looping[i] for i in loop_free(looping)] == ["thank", "you", "bye"]
+    fine = words("no no no, that is fine")
+    assert [fine[i] for i in loop_free(fine)] == fine
     looped = WindowText(0, 0.0, 30.0, 0.0, 0.0, "The minutes were approved. " + "I'm sorry. " * 40)
     assert stitch([looped]).text == "The minutes were approved. I'm sorry."
     sentence = "we will now go over every single item on the agenda for this very long meeting "
     assert compression_ratio(sentence * 8) > 2.4 > compression_ratio(sentence)
-    assert guard_repetition(sentence * 8) == ([], True)
+    assert guarded_indices(words(sentence * 8)) == ([], True)
     result = stitch([WindowText(0, 0.0, 30.0, 0.0, 0.0, sentence * 8)])
     assert result.text == "" and result.segments[0].stitch_confidence == 0.0
 
