@@ -2,8 +2,9 @@
 
 A clip up to the model's window goes to the model whole, as evaluation sets are scored; a longer one
 (FLEURS holds clips of 40 s and more) is cut into windows exactly as the archive job cuts a recording
-(``workers.cpu_stage.recording_windows``, its default overlap), and its windows' outputs are joined as
-the archive job stitches them (``workers.stitch_stage.stitch_outputs``).
+(the same voice activity and window planning as ``workers.cpu_stage.recording_windows``, its default
+overlap), and its windows' outputs are joined as the archive job stitches them
+(``workers.stitch_stage.stitch_outputs``).
 """
 
 from __future__ import annotations
@@ -13,21 +14,21 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.audio.decode import AudioDecodeError, decode_audio
-from pipeline.inputs import PlannedRecording, sha256_file
+from pipeline.audio.decode import decode_audio
+from pipeline.audio.vad import find_speech
+from pipeline.audio.windows import Window, cut, plan_windows
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import SpeechModel, WindowOutput
 from pipeline.stats import WindowStats
 from pipeline.tasks import TaskRequest
 from schemas.job_config import JobConfig
-from workers.cpu_stage import recording_windows
 from workers.stitch_stage import stitch_outputs
 
 
 @dataclass(frozen=True)
 class Clips:
     """waves: what the model runs, float32 (n,): each short clip whole, each window of a long one;
-    owner: each wave's clip; windows: a long clip's window rows (WINDOW_SCHEMA, no PCM), by clip."""
+    owner: each wave's clip; windows: a long clip's windows as the stitcher reads them, by clip."""
 
     count: int
     waves: list[np.ndarray]
@@ -45,14 +46,24 @@ def cut_clips(paths: list[Path], sample_rate: int, max_window_s: float) -> Clips
             waves.append(audio.samples)
             owner.append(i)
             continue
-        plan = PlannedRecording(path.name, str(path), sha256_file(path)).to_row()
-        rows = list(recording_windows(plan, sample_rate, max_window_s, JobConfig.overlap_s, None))
-        if rows[0]["status"] == "error":
-            raise AudioDecodeError(f"{path}: {rows[0]['error']}")
-        windows[i] = [{k: v for k, v in r.items() if k != "pcm"} for r in rows if r["status"] == "ok"]
-        waves += [np.frombuffer(r["pcm"], dtype="<f4") for r in rows if r["status"] == "ok"]
-        owner += [i] * len(windows[i])
+        speech = find_speech(audio.samples, sample_rate)
+        cuts = plan_windows(speech, audio.duration_s, max_window_s, JobConfig.overlap_s)
+        windows[i] = [_row(w) for w in cuts]
+        waves += [cut(audio, w) for w in cuts]
+        owner += [i] * len(cuts)
     return Clips(len(paths), waves, owner, windows)
+
+
+def _row(window: Window) -> dict:
+    """A window as the stitcher reads a window row."""
+    return {
+        "window_index": window.index,
+        "start_s": window.start_s,
+        "end_s": window.end_s,
+        "overlap_before_s": window.overlap_before_s,
+        "overlap_after_s": window.overlap_after_s,
+        "status": "ok",
+    }
 
 
 def join_outputs(clips: Clips, outputs: list[WindowOutput], task: str) -> list[WindowOutput]:
