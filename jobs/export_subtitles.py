@@ -1,6 +1,8 @@
-"""Subtitles (SRT, WebVTT or JSON cues) for every recording of a run's committed view.
+r"""Subtitles (SRT, WebVTT or JSON cues) for every recording of a run's committed view.
 
-    python jobs/export_subtitles.py --output out/meetings --format srt [--to out/meetings-srt]
+    python jobs/export_subtitles.py --output out/meetings --format srt
+    python jobs/export_subtitles.py --output out/meetings --format vtt \
+        --to /srv/captions
 
 ``--output`` is the archive job's output folder; one file per recording with text is written under
 ``--to`` (default ``<output>/subtitles``) at ``<recording id>.<format>``, the id's folders kept. Cues
@@ -10,12 +12,12 @@ from the segments (sentences with word-aligned times, or windows' spans: coarse)
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path, PurePosixPath
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout or a job working_dir
 
+from jobs.common import JobParser, input_path, output_folder, run_job
 from pipeline.publish import read_committed
 from pipeline.subtitles import FORMATS, cues, render, segment_words
 from pipeline.timing import Word
@@ -43,18 +45,20 @@ def export(output: Path, fmt: str, folder: Path) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, type=Path, help="the archive job's output folder")
-    p.add_argument("--format", choices=FORMATS, default="srt")
-    p.add_argument("--to", type=Path, default=None, help="where the files go (default: OUTPUT/subtitles)")
-    args = p.parse_args(argv)
+def _run(argv: list[str] | None) -> None:
+    parser = JobParser(__doc__)
+    parser.add_argument("--output", required=True, type=input_path, help="the archive job's output folder")
+    parser.add_argument("--format", choices=FORMATS, default="srt", help="srt, WebVTT (vtt) or JSON cues")
+    parser.add_argument("--to", type=output_folder, help="where the files go (default: OUTPUT/subtitles)")
+    args = parser.parse_args(argv)
     if not (args.output / "results").exists() and not (args.output / "runs").exists():
-        print(f"refused: {args.output} holds no run's output (no results/ folder)", file=sys.stderr)
-        return 2
-    written = export(args.output, args.format, args.to or args.output / "subtitles")
-    print(f"{len(written)} {args.format} files in {args.to or args.output / 'subtitles'}")
-    return 0
+        parser.error(f"{args.output} holds no run's output (no results/ folder)")
+    folder = args.to or args.output / "subtitles"
+    print(f"{len(export(args.output, args.format, folder))} {args.format} files in {folder}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(_run, argv, interrupted="stopped; the files written so far stay, run the command again")
 
 
 if __name__ == "__main__":

@@ -15,13 +15,29 @@ from pathlib import Path
 
 import pytest
 
-from jobs import bench, evaluate, evaluate_longform, generate, select_layer, transcribe_archive
+from jobs import (
+    bench,
+    evaluate,
+    evaluate_longform,
+    export_subtitles,
+    generate,
+    select_layer,
+    transcribe_archive,
+)
 from jobs.common import JobParser, ray_working_dir
 from tests.conftest import ROOT, killed_and_resumed, start_job, tone_bursts, write_wav
 
 JOBS = {
     job.__name__.rpartition(".")[2]: job
-    for job in (transcribe_archive, generate, evaluate, evaluate_longform, select_layer, bench)
+    for job in (
+        transcribe_archive,
+        generate,
+        evaluate,
+        evaluate_longform,
+        select_layer,
+        bench,
+        export_subtitles,
+    )
 }
 MANIFEST = str(ROOT / "examples" / "manifest.jsonl")
 
@@ -103,6 +119,7 @@ def _one_line_refusal(capsys: pytest.CaptureFixture) -> str:
             "unknown model",
         ),
         ("bench", ["--shape", "huge", "--output", "o"], "invalid choice: 'huge'"),
+        ("export_subtitles", ["--output", "examples"], "holds no run's output"),
     ],
 )
 def test_bad_arguments_are_refused_in_one_line_before_any_model_loads(
