@@ -11,9 +11,11 @@ exactly on the same machine and software. Finished runs are kept in runs.jsonl: 
 command skips them (delete the file to measure again); ``--report-only`` rewrites the tables from them.
 
 The method grid (label: method, schedule, first layer) is in ``GRID``, set for Whisper tiny.en's 4
-encoder layers; layers are counted from 0 and ``LAST`` means the model's last reducing layer. Models
-with a ``padding`` option (Whisper) also get a run that only drops the padding after the encoder
-(label ``Drop padding only``). ``h2o`` is left out for Whisper: its encoder has no KV
+encoder layers; layers are counted from 0 and ``LAST`` means the model's last reducing layer.
+``--padding`` runs the whole grid once per padding policy (``ReductionConfig.padding``; models whose
+encoder pads every window, Whisper), each policy's parameters from ``pipeline.presets.PADDING`` unless
+``--padding-margin`` / ``--padding-group`` say otherwise; labels name the policy when it is not
+``keep``. ``h2o`` is left out for Whisper: its encoder has no KV
 cache, and the decoder's cross-attention keys have been attended by only the prompt tokens when they are
 cached, so there are no heavy hitters to keep (see pipeline/models/whisper_encoder.py).
 
@@ -47,9 +49,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from jobs.common import JobParser, add_manifest, output_folder, run_job
 from pipeline import metrics
-from pipeline.merging.config import NO_REDUCTION, ReductionConfig
+from pipeline.merging.config import PADDING_POLICIES, ReductionConfig
 from pipeline.models.base import INT8
 from pipeline.models.registry import DEFAULT_MODEL, describe_model, load_model
+from pipeline.presets import PADDING
 from pipeline.tasks import TIMESTAMPS, TaskRequest
 from workers.clips import Clips, cut_clips, run_clips
 
@@ -68,7 +71,6 @@ GRID = {
     "Random merge": ("random-merge", "single", LAST, None),
     "Random evict": ("random-evict", "single", LAST, None),
 }
-DROP_PADDING = "Drop padding only"
 
 
 def select(
@@ -83,18 +85,75 @@ def select(
     return rows
 
 
+# Clip lengths (s) the timings are grouped by: what a window costs by how much speech it holds.
+LENGTH_BINS = (5, 10, 15, 20, 30)
+
+
+def length_bin(seconds: float) -> str:
+    """The LENGTH_BINS interval a clip of ``seconds`` falls in, e.g. '5-10 s' ('> 30 s' past the last)."""
+    low = 0
+    for high in LENGTH_BINS:
+        if seconds <= high:
+            return f"{low}-{high} s"
+        low = high
+    return f"> {low} s"
+
+
 def run_one(model, clips: Clips, refs, languages, request, cfg, batch: int, task: str) -> dict:
     texts, detected, total, loops = [], [], None, []
+    by_length: dict[str, dict[str, float]] = {}
     for out in run_clips(model, clips, request, cfg, batch):  # a clip longer than a window: joined
         texts.append(out.text)
         detected.append(out.language)
         loops += [len(texts) - 1] if out.loop_cut else []
         total = out.stats if total is None else total + out.stats
+        cell = by_length.setdefault(length_bin(out.stats.audio_seconds), dict.fromkeys(TIMES, 0.0))
+        for name in TIMES:
+            cell[name] += getattr(out.stats, name) if name != "clips" else 1
     row_scores = metrics.task_scores(task, refs, texts, languages)
     row = {"score": next(iter(row_scores.values())), "scores": row_scores, **total.to_dict()}
+    row["by_length"] = {k: by_length[k] for k in sorted(by_length, key=_bin_order)}
     row["tokens_kept_frac"] = total.audio_tokens_kept / total.audio_tokens_in
     row["kv_kept_frac"] = total.kv_bytes_kept / total.kv_bytes_full
     return row | {"texts": texts, "languages": detected, "loops_cut": loops}  # utterances cut by the guard
+
+
+TIMES = ("clips", "encode_s", "prefill_s", "decode_s")
+
+
+def _bin_order(label: str) -> float:
+    return float(label.split("-")[0].lstrip("> "))
+
+
+def length_table(results: list[dict]) -> list[str]:
+    """Milliseconds per clip of the encoder and the decoder (first step + later steps), by clip length:
+    one column pair per run that recorded them."""
+    timed = [r for r in results if r.get("by_length")]
+    if not timed:
+        return []
+    bins = sorted({b for r in timed for b in r["by_length"]}, key=_bin_order)
+    lines = [
+        "",
+        "Encoder / decoder milliseconds per clip by clip length (each window's share of its batch; CPU: "
+        "ratios only):",
+        "",
+        "| run | " + " | ".join(f"{b} (n)" for b in bins) + " |",
+        "|---" * (len(bins) + 1) + "|",
+    ]
+    for r in timed:
+        cells = []
+        for b in bins:
+            c = r["by_length"].get(b)
+            if c is None:
+                cells.append("")
+                continue
+            n = c["clips"]
+            cells.append(
+                f"{1000 * c['encode_s'] / n:.0f} / {1000 * (c['prefill_s'] + c['decode_s']) / n:.0f} ({n:.0f})"
+            )
+        target = "" if r["target"] is None else f" {r['target']:.0%}"
+        lines.append(f"| {r['label']}{target} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _scores(row: dict, metric_name: str) -> dict[str, float]:
@@ -113,8 +172,8 @@ def markdown(results: list[dict], levels: list[float], metric_name: str, meta: d
         f"# {meta['model']} on {meta['manifest_name']}: {metric_name} by target reduction",
         "",
         f"{counted} (seed {meta['seed']}), {meta['device']}, greedy decoding. "
-        f"No reduction: {no_reduction}. Dropping the padding after the encoder alone "
-        "(no merging) is listed separately: it is a reduction of its own.",
+        f"No reduction: {no_reduction}. A run whose label names a padding policy reduces the window's "
+        "padding that way (pipeline/models/whisper_encoder.py), beside its speech-token reduction.",
     ]
     by_label: dict[str, dict[float, dict]] = {}
     for r in results:
@@ -143,6 +202,7 @@ def markdown(results: list[dict], levels: list[float], metric_name: str, meta: d
             f"| {r['label']} | {target} | {r['score']:.2f} | {r['tokens_kept_frac']:.3f} | {r['kv_kept_frac']:.3f} "
             f"| {r['generated_tokens']} | {loops} | {r['encode_s']:.1f} | {r['prefill_s']:.1f} | {r['decode_s']:.1f} |"
         )
+    lines += length_table(results)
     lines += ["", f"Command: `{meta['command']}`", ""]
     return "\n".join(lines)
 
@@ -190,8 +250,25 @@ def _parser() -> JobParser:
     parser.add_argument(
         "--methods",
         nargs="*",
-        default=[DROP_PADDING, *GRID],
-        help=f"labels of GRID (or {DROP_PADDING!r}) to run; quote labels with spaces",
+        default=list(GRID),
+        help="labels of GRID to run (none: only the run without speech-token reduction); quote labels with spaces",
+    )
+    parser.add_argument(
+        "--padding",
+        nargs="+",
+        choices=PADDING_POLICIES,
+        default=["keep"],
+        help="padding policies the grid runs under, each its own set of runs (Whisper)",
+    )
+    parser.add_argument(
+        "--padding-margin",
+        type=int,
+        help="positions kept after the speech (merge, trim; default: presets.PADDING)",
+    )
+    parser.add_argument(
+        "--padding-group",
+        type=int,
+        help="padding positions per merged token (merge; default: presets.PADDING)",
     )
     parser.add_argument(
         "--levels",
@@ -234,25 +311,44 @@ def _parser() -> JobParser:
     return parser
 
 
-Run = tuple[str, ReductionConfig, float | None, str]  # label, reduction, target level, padding
+Run = tuple[str, ReductionConfig, float | None]  # label, reduction, target level
 
 
-def grid_runs(args: argparse.Namespace, layers: int, drops_padding: bool) -> list[Run]:
-    """No reduction, padding dropped alone (models that can), then every GRID label at every level."""
-    runs: list[Run] = [("No reduction", NO_REDUCTION, None, "keep")]
-    if DROP_PADDING in args.methods and drops_padding:
-        runs.append((DROP_PADDING, NO_REDUCTION, None, "drop"))
-    # Level by level, in the order given: a partial run still compares every method.
-    for level in args.levels:
-        for label in (m for m in args.methods if m in GRID):
-            method, schedule, first, max_chain = GRID[label]
-            if first == LAST:
-                first = layers - 1 if args.single_layer is None else args.single_layer
-                label = label.replace("(last layer)", f"(layer {first})")
-            cfg = ReductionConfig(
-                method, schedule, first_layer=first, target=level, seed=args.seed, max_chain=max_chain
-            )
-            runs.append((label, cfg, level, "keep"))
+def padding_fields(args: argparse.Namespace, policy: str) -> dict:
+    """The ReductionConfig fields of one ``--padding`` policy: presets.PADDING's, or the margin and
+    group the command gives."""
+    fields = dict(PADDING[policy])
+    if policy in ("merge", "trim") and args.padding_margin is not None:
+        fields["padding_margin"] = args.padding_margin
+    if policy == "merge" and args.padding_group is not None:
+        fields["padding_group"] = args.padding_group
+    return fields
+
+
+def grid_runs(args: argparse.Namespace, layers: int) -> list[Run]:
+    """Per padding policy: no speech-token reduction, then every GRID label at every level."""
+    runs: list[Run] = []
+    for policy in args.padding:
+        fields = padding_fields(args, policy)
+        suffix = "" if policy == "keep" else f", padding {policy}"
+        runs.append((f"No reduction{suffix}", ReductionConfig(**fields), None))
+        # Level by level, in the order given: a partial run still compares every method.
+        for level in args.levels:
+            for label in args.methods:
+                method, schedule, first, max_chain = GRID[label]
+                if first == LAST:
+                    first = layers - 1 if args.single_layer is None else args.single_layer
+                    label = label.replace("(last layer)", f"(layer {first})")
+                cfg = ReductionConfig(
+                    method,
+                    schedule,
+                    first_layer=first,
+                    target=level,
+                    seed=args.seed,
+                    max_chain=max_chain,
+                    **fields,
+                )
+                runs.append((label + suffix, cfg, level))
     return runs
 
 
@@ -290,7 +386,7 @@ def finished_runs(path: Path) -> list[dict]:
 def _run(argv: list[str] | None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
-    unknown = set(args.methods) - {DROP_PADDING, *GRID}
+    unknown = set(args.methods) - set(GRID)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; known: {list(GRID)}")
 
@@ -300,7 +396,10 @@ def _run(argv: list[str] | None) -> None:
     if not rows:
         parser.error(f"no row of {args.manifest} has a {field!r} reference for --task {args.task}")
     info = describe_model(args.model)  # config files only: a wrong name is refused before any decoding
-    runs = grid_runs(args, info.reducing_layers, info.drops_padding)
+    refused = [p for p in args.padding if p not in info.padding]
+    if refused:
+        parser.error(f"--padding {' '.join(refused)}: {args.model} has only {', '.join(info.padding)}")
+    runs = grid_runs(args, info.reducing_layers)
     done_path = args.output / "runs.jsonl"
     # Finished runs are appended to runs.jsonl, so an interrupted evaluation resumes where it stopped.
     done = finished_runs(done_path)
@@ -329,8 +428,9 @@ def _run(argv: list[str] | None) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     results = []
     try:
-        for label, cfg, level, padding in tqdm(runs, desc="configurations"):
-            key = {"model": args.model, "ids": meta["ids"], "config": cfg.to_dict(), "padding": padding}
+        for label, cfg, level in tqdm(runs, desc="configurations"):
+            # "padding" as runs recorded before padding policies named it (they kept it)
+            key = {"model": args.model, "ids": meta["ids"], "config": cfg.to_dict(), "padding": cfg.padding}
             if args.int8:  # only then: keys of float runs stay as they were
                 key["int8"] = True
             if args.timestamps != "none":  # the same text, other timings
@@ -339,14 +439,12 @@ def _run(argv: list[str] | None) -> None:
             if row is None and args.report_only:
                 continue
             if row is None:
-                if model.description.drops_padding:
-                    model.padding = padding
                 start = time.perf_counter()
                 row = {
                     "key": key,
                     "label": label,
                     "target": level,
-                    "padding": padding,
+                    "padding": cfg.padding,
                     "config": cfg.to_dict(),
                 }
                 row |= run_one(model, clips, refs, languages, request, cfg, args.batch_size, args.task)

@@ -21,6 +21,15 @@ DEFAULT = "default"
 NONE = "none"
 
 
+# Each padding policy's parameters (ReductionConfig.padding; pipeline/models/whisper_encoder.py).
+PADDING: dict[str, dict] = {
+    "keep": {},
+    "merge": {"padding": "merge", "padding_margin": 10, "padding_group": 100},
+    "trim": {"padding": "trim", "padding_margin": 50},
+    "drop": {"padding": "drop"},
+}
+
+
 class PresetError(ValueError):
     """No preset of that name for the model and task."""
 

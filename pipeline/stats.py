@@ -52,16 +52,17 @@ def batch_times(
     decode_s: float,
     prefill_work: Sequence[float],
     generated: Sequence[int],
+    encode_work: Sequence[float] | None = None,
 ) -> list[dict[str, float]]:
     """Each window's share of one batch's phase times, in proportion to the work it caused there.
 
-    encode: equally (every window is encoded padded to the model's full window); prefill: by
-    ``prefill_work`` (e.g. prompt tokens); decode: by generated tokens, so that every window's
-    generated tokens / decode_s is the batch's decode throughput. Each phase's shares sum to its time.
+    encode: by ``encode_work`` (e.g. the positions its encoder layers ran on; None: equally, every
+    window encoded padded to the model's full window); prefill: by ``prefill_work`` (e.g. prompt
+    tokens); decode: by generated tokens, so that every window's generated tokens / decode_s is the
+    batch's decode throughput. Each phase's shares sum to its time.
     """
-    ones = [1.0] * len(generated)
     phases = zip(
-        apportion(encode_s, ones),
+        apportion(encode_s, encode_work or [1.0] * len(generated)),
         apportion(prefill_s, prefill_work),
         apportion(decode_s, generated),
         strict=True,

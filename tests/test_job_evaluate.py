@@ -87,3 +87,26 @@ def test_a_clip_longer_than_the_window_is_cut_and_stitched_as_the_archive_job_do
     )
     assert scores["WER %"] < 15  # one text for the lecture, nothing lost or repeated at its seams
     assert lecture.stats.audio_tokens_in > intro.stats.audio_tokens_in
+
+
+def test_each_padding_policy_runs_the_grid_with_its_parameters(manifest, tmp_path):
+    argv = ["--manifest", str(manifest), "--out", str(tmp_path / "e"), "--methods", "FastAdaSP decay"]
+    args = evaluate._parser().parse_args(
+        [*argv, "--levels", "0.3", "--padding", "keep", "merge", "--padding-group", "50"]
+    )
+    runs = evaluate.grid_runs(args, 4)
+    assert [label for label, _, _ in runs] == [
+        "No reduction",
+        "FastAdaSP decay",
+        "No reduction, padding merge",
+        "FastAdaSP decay, padding merge",
+    ]
+    assert [(c.padding, c.padding_margin, c.padding_group) for _, c, _ in runs[2:]] == [("merge", 10, 50)] * 2
+    assert runs[1][1].method == runs[3][1].method == "fastadasp" and not runs[2][1].enabled
+    assert [evaluate.length_bin(s) for s in (3.0, 5.0, 12.5, 29.9, 78.0)] == [
+        "0-5 s",
+        "0-5 s",
+        "10-15 s",
+        "20-30 s",
+        "> 30 s",
+    ]

@@ -17,6 +17,7 @@ from pipeline.models import whisper as whisper_adapter
 from pipeline.models.whisper import load_tiny_en
 from pipeline.models.whisper_decoding import greedy_decode
 from pipeline.models.whisper_encoder import encode, encoder_ratios
+from pipeline.presets import PADDING
 from pipeline.stats import apportion, batch_times
 from pipeline.tasks import TaskRequest
 
@@ -101,20 +102,26 @@ def test_encoder_loop_matches_whisper_encoder(whisper, clips):
 
 
 @pytest.mark.parametrize(
-    "cfg,drop_padding",
+    "cfg",
     [
-        (NO_REDUCTION, False),
-        (ReductionConfig(method="fastadasp", schedule="constant", first_layer=1, ratio=0.2), True),
+        NO_REDUCTION,
+        ReductionConfig(method="fastadasp", schedule="constant", first_layer=1, ratio=0.2, padding="drop"),
+        ReductionConfig(
+            method="fastadasp", schedule="single", first_layer=3, ratio=0.3, **PADDING["merge"]
+        ),
     ],
 )
-def test_encoder_passes_of_two_windows_give_the_whole_batch_outputs(whisper, clips, cfg, drop_padding):
+def test_encoder_passes_of_two_windows_give_the_whole_batch_outputs(whisper, clips, cfg):
     ratios = encoder_ratios(cfg, 4)
     feats = features(whisper, clips)
     speech = [math.ceil(len(w) / 320) for w in clips]
-    whole = encode(whisper.model.model.encoder, feats, speech, cfg, ratios, drop_padding)
-    passes = encode(whisper.model.model.encoder, feats, speech, cfg, ratios, drop_padding, windows_per_pass=2)
+    whole = encode(whisper.model.model.encoder, feats, speech, cfg, ratios)
+    passes = encode(whisper.model.model.encoder, feats, speech, cfg, ratios, windows_per_pass=2)
     assert passes.speech == whole.speech and passes.layer_speech == whole.layer_speech
     assert torch.equal(passes.lengths, whole.lengths) and passes.states.shape == whole.states.shape
+    assert (passes.key_bias is None) == (whole.key_bias is None) == (cfg.padding == "keep")
+    if whole.key_bias is not None:
+        assert torch.equal(passes.key_bias, whole.key_bias)
     for b, n in enumerate(whole.lengths.tolist()):
         torch.testing.assert_close(passes.states[b, :n], whole.states[b, :n], atol=1e-5, rtol=1e-5)
 
@@ -198,11 +205,7 @@ def test_random_methods_do_not_depend_on_the_batch(whisper, clips):
 
 
 def test_dropping_padding_is_its_own_reduction(whisper, clips):
-    whisper.padding = "drop"
-    try:
-        outputs = whisper.run(clips[:1], ASR, NO_REDUCTION)
-    finally:
-        whisper.padding = "keep"
+    outputs = whisper.run(clips[:1], ASR, ReductionConfig(padding="drop"))
     speech = math.ceil(len(clips[0]) / 320)
     assert outputs[0].stats.audio_tokens_kept == speech
     assert outputs[0].stats.kv_bytes_kept == 4 * 2 * speech * 384 * 4 < outputs[0].stats.kv_bytes_full

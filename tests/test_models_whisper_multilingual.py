@@ -83,7 +83,7 @@ def generated(rows: torch.Tensor, eos: int) -> list[list[int]]:
 def ours(model: WhisperSpeechModel, waves, options):
     feats = features(model, waves)
     enc = encode(model.model.model.encoder, feats, [1500] * len(waves), NO_REDUCTION, [0.0, 0.0])
-    return greedy_decode(model.model, enc.states, enc.lengths, options)
+    return greedy_decode(model.model, enc.states, enc.key_bias, options)
 
 
 @pytest.mark.parametrize("language,task", [("de", "transcribe"), ("ja", "translate")])

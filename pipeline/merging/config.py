@@ -20,6 +20,7 @@ METHODS = ("none", *MERGE_METHODS, *EVICT_METHODS, *KV_METHODS)
 SCHEDULES = ("single", "constant", "decay")
 POSITIONS = ("first", "right")
 MASS_ESTIMATORS = ("full", "tail")
+PADDING_POLICIES = ("keep", "merge", "trim", "drop")
 PAIR_CAP = 0.5  # the most of its tokens pairwise merging (a-tome) removes: one of each pair
 
 
@@ -56,6 +57,13 @@ class ReductionConfig:
     max_chain: None (the method as defined) or the most tokens one merge may join in one layer, >= 2, for
         the chain methods (CHAIN_METHODS): edges are then taken greedily by score, skipping those that
         would grow a chain past it. Off by default; an experiment against long runs of similar frames.
+    padding: what an encoder that pads every window (Whisper: to 30 s) does with a window's trailing
+        padding, a reduction of its own beside the speech tokens' (``ModelDescription.padding`` lists
+        what a model can do): ``keep`` it all (as trained); ``merge`` keeps ``padding_margin`` positions
+        after the speech and averages the rest ``padding_group`` positions at a time into tokens that
+        stand for their positions in attention (log of the count added to their logits); ``trim`` keeps
+        ``padding_margin`` positions and removes the rest before the first layer; ``drop`` runs every
+        layer on it and removes it from the encoder's output. See pipeline/models/whisper_encoder.py.
     """
 
     method: str = "none"
@@ -67,13 +75,17 @@ class ReductionConfig:
     mass: str = "full"
     seed: int = 0
     max_chain: int | None = None
+    padding: str = "keep"
+    padding_margin: int = 0
+    padding_group: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("position", self.position, POSITIONS)
         _check_choice("mass", self.mass, MASS_ESTIMATORS)
-        for field in ("first_layer", "seed"):
+        _check_choice("padding", self.padding, PADDING_POLICIES)
+        for field in ("first_layer", "seed", "padding_margin", "padding_group"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ReductionConfigError(f"{field}={value!r} must be an integer")
@@ -88,6 +100,10 @@ class ReductionConfig:
                 raise ReductionConfigError(
                     f"max_chain={self.max_chain} applies to {', '.join(CHAIN_METHODS)}, not method={self.method!r}"
                 )
+        if self.padding_margin < 0 or self.padding_group < 1:
+            raise ReductionConfigError(
+                f"padding_margin={self.padding_margin} must be >= 0 and padding_group={self.padding_group} >= 1"
+            )
         if self.method == "none":
             return
         if (self.ratio is None) == (self.target is None):
@@ -115,7 +131,13 @@ class ReductionConfig:
             )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field; the padding fields only when a policy is set, so that a run recorded before
+        padding policies existed keeps its fingerprint (it kept the padding)."""
+        fields = asdict(self)
+        if self.padding == "keep" and (self.padding_margin, self.padding_group) == (0, 1):
+            for name in ("padding", "padding_margin", "padding_group"):
+                del fields[name]
+        return fields
 
 
 NO_REDUCTION = ReductionConfig()

@@ -57,8 +57,8 @@ class ModelDescription:
     family: the family module's name; kind: ``base`` (plain prompts) or ``instruct`` (prompted with
     the chat template it ships); reducing_layers: layers a reduction schedule counts over (decoder
     layers of a SpeechLM, encoder layers of Whisper); translate_to: target languages of ``st``
-    (empty: any the prompt can name); drops_padding: the adapter has a ``padding`` option (``keep`` or
-    ``drop`` the encoder output of a window's padding, a reduction of its own); int8: loads with
+    (empty: any the prompt can name); padding: the ``ReductionConfig.padding`` policies its encoder
+    implements (an encoder that pads every window to its full length); int8: loads with
     ``dtype=INT8`` on CPU; word_times: gives word times (``TaskRequest.timestamps`` ``words``; Whisper
     checkpoints that name their alignment heads).
     """
@@ -72,7 +72,7 @@ class ModelDescription:
     reducing_layers: int
     translate_to: tuple[str, ...] = ()
     multilingual: bool = False
-    drops_padding: bool = False
+    padding: tuple[str, ...] = ("keep",)
     int8: bool = False
     word_times: bool = False
 

@@ -27,11 +27,18 @@ from torch import nn
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizerFast
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
-from pipeline.merging.config import ReductionConfig
+from pipeline.device import sync
+from pipeline.merging.config import PADDING_POLICIES, ReductionConfig
 from pipeline.models.base import INT8, Checkpoint, ModelDescription, ModelError, WindowOutput
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
-from pipeline.models.whisper_encoder import EncoderOutput, encode, encoder_ratios, speech_tokens
+from pipeline.models.whisper_encoder import (
+    EncoderOutput,
+    encode,
+    encoder_ratios,
+    input_frames,
+    speech_tokens,
+)
 from pipeline.models.whisper_timing import window_words
 from pipeline.stats import WindowStats, batch_times
 from pipeline.tasks import TaskError, TaskRequest
@@ -205,8 +212,6 @@ class WhisperSpeechModel:
 
     tasks: {asr} for English-only checkpoints, {asr, st, lid} for multilingual ones; translate_to: the
     st target languages (("en",) or ()); languages: spoken-language codes it knows (empty: English-only).
-    padding: ``keep`` (default) gives the decoder all 1,500 positions less the merged speech tokens;
-    ``drop`` also removes the window's trailing padding from the encoder output (a separate reduction).
     batch_size: windows per model call and decoder pass (16: each decoder step reads the 51,864-row output
     projection once for the whole batch; on CPU 16 windows decode 1.3x faster per token than 8).
     On CPU the encoder takes them ``CPU_ENCODER_WINDOWS`` at a time.
@@ -224,15 +229,11 @@ class WhisperSpeechModel:
         tokenizer: WhisperTokenizerFast,
         name: str,
         batch_size: int = 16,
-        padding: str = "keep",
     ) -> None:
-        if padding not in ("keep", "drop"):
-            raise ValueError(f"padding={padding!r} is not one of keep, drop")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
-        self.padding = padding
         self.device = str(next(model.parameters()).device)
         self.features = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
         gen = model.generation_config
@@ -299,13 +300,22 @@ class WhisperSpeechModel:
                 raise ValueError(f"waveform {i} has shape {wave.shape}: expected mono, at most {WINDOW_S} s")
         ratios = encoder_ratios(reduction, self.model.config.encoder_layers)
         max_new = 0 if request.task == "lid" else None
-        outputs: list[WindowOutput] = []
-        for first in range(0, len(waveforms), self.batch_size):
-            batch = waveforms[first : first + self.batch_size]
-            outputs += self._run_batch(
-                batch, reduction, ratios, options, language, max_new, request.timestamps
+        # batches of windows of like length: a batch is computed as far as its longest window reaches
+        order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]))
+        outputs: dict[int, WindowOutput] = {}
+        for first in range(0, len(order), self.batch_size):
+            batch = order[first : first + self.batch_size]
+            done = self._run_batch(
+                [waveforms[i] for i in batch],
+                reduction,
+                ratios,
+                options,
+                language,
+                max_new,
+                request.timestamps,
             )
-        return outputs
+            outputs |= dict(zip(batch, done, strict=True))
+        return [outputs[i] for i in range(len(waveforms))]
 
     def _kv_bytes(self, positions: int) -> int:
         """Cross-attention K and V of every decoder layer for ``positions`` encoder outputs."""
@@ -315,20 +325,23 @@ class WhisperSpeechModel:
     def _encode(
         self, waveforms: list[np.ndarray], reduction: ReductionConfig, ratios: list[float]
     ) -> tuple[EncoderOutput, list[int]]:
-        """The batch through the reducing encoder; also each window's speech tokens at the input."""
+        """The batch through the reducing encoder; also each window's speech tokens at the input.
+
+        The log-mel is computed only as far as the longest window's audio reaches (``input_frames``):
+        every later frame is padding, which the encoder's convolutions need not read again."""
         device, dtype = self.model.device, self.model.dtype
+        positions = self.model.config.max_source_positions
+        frames = max(input_frames(len(w), 2 * positions) for w in waveforms)
         features = self.features(
             [np.asarray(w, dtype=np.float32) for w in waveforms],
             sampling_rate=SAMPLE_RATE,
             return_tensors="pt",
+            max_length=frames * self.features.hop_length,
         ).input_features.to(device, dtype)
-        speech = [max(1, speech_tokens(len(w), self.model.config.max_source_positions)) for w in waveforms]
+        speech = [max(1, speech_tokens(len(w), positions)) for w in waveforms]
         per_pass = CPU_ENCODER_WINDOWS if device.type == "cpu" else None
-        enc = encode(
-            self.model.model.encoder, features, speech, reduction, ratios, self.padding == "drop", per_pass
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        enc = encode(self.model.model.encoder, features, speech, reduction, ratios, per_pass)
+        sync(device)
         return enc, speech
 
     def audio_states(self, waveforms: list[np.ndarray], reduction: ReductionConfig) -> list[torch.Tensor]:
@@ -356,7 +369,7 @@ class WhisperSpeechModel:
         enc, speech = self._encode(waveforms, reduction, ratios)
         encode_s = time.perf_counter() - start
         timed = self.alignment_heads and timestamps != "none" and max_new_tokens != 0
-        dec = greedy_decode(self.model, enc.states, enc.lengths, options, max_new_tokens, bool(timed))
+        dec = greedy_decode(self.model, enc.states, enc.key_bias, options, max_new_tokens, bool(timed))
         words, align_s = None, 0.0
         if timed:
             aligned = time.perf_counter()
@@ -376,9 +389,8 @@ class WhisperSpeechModel:
             align_s = time.perf_counter() - aligned
         generated = [len(tokens) for tokens in dec.tokens]
         # the alignment pass counts as decoding: it reads what the decoder read, once more
-        times = batch_times(
-            encode_s, dec.first_step_s, dec.rest_s + align_s, [1.0] * len(waveforms), generated
-        )
+        ones = [1.0] * len(waveforms)  # one prompt each
+        times = batch_times(encode_s, dec.first_step_s, dec.rest_s + align_s, ones, generated, enc.positions)
         outputs = []
         for b, wave in enumerate(waveforms):
             code = language if dec.languages is None else self._code_of[dec.languages[b]]
@@ -435,7 +447,7 @@ def load_packaged(
     name: str = TINY_EN, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
 ) -> WhisperSpeechModel:
     """A packaged model (one of PACKAGED_NAMES), offline: weights converted once, then read from the
-    per-user cache. kwargs go to WhisperSpeechModel (batch_size, padding)."""
+    per-user cache. kwargs go to WhisperSpeechModel (batch_size)."""
     from transformers import WhisperForConditionalGeneration
 
     source, meta = packaged_files(name)
@@ -516,7 +528,7 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
         reducing_layers=layers,
         translate_to=("en",) if multilingual else (),
         multilingual=multilingual,
-        drops_padding=True,
+        padding=PADDING_POLICIES,
         int8=True,
         word_times=word_times,
     )

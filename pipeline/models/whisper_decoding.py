@@ -257,19 +257,19 @@ def _vocab_logits(proj: nn.Module, h: Tensor) -> Tensor:
 def greedy_decode(
     model: WhisperForConditionalGeneration,
     encoder_states: torch.Tensor,
-    lengths: torch.Tensor,
+    key_bias: torch.Tensor | None,
     options: DecodeOptions,
     max_new_tokens: int | None = None,
     keep_for_timing: bool = False,
 ) -> DecodeResult:
     """Greedy decode B windows.
 
-    encoder_states: (B, S, D), window b valid in [0, lengths[b]) (the rest is padding never attended).
-    lengths: (B,) int. max_new_tokens: at most this many generated tokens (default: up to max_length);
+    encoder_states: (B, S, D); key_bias: (B, S) added to the cross-attention logits (-inf on a row's
+    padding, the log of its size on a merged padding token: ``EncoderOutput.key_bias``) or None. max_new_tokens: at most this many generated tokens (default: up to max_length);
     0 with options.detect runs language detection only. keep_for_timing: also return the tokens'
     log-probabilities and the cross K/V (what word timing needs; the decoded tokens are the same).
     """
-    batch, seq, _ = encoder_states.shape
+    batch = encoder_states.shape[0]
     device = encoder_states.device
     suppress = torch.tensor(options.suppress, dtype=torch.long, device=device)
     begin_suppress = torch.tensor(options.begin_suppress, dtype=torch.long, device=device)
@@ -285,11 +285,8 @@ def greedy_decode(
         prompt_length + steps,
         encoder_states,
     )
-    if bool((lengths != seq).any()):
-        padding = torch.arange(seq, device=device)[None, :] >= lengths.to(device)[:, None]
-        cache.bias = encoder_states.new_zeros(padding.shape).masked_fill(padding, -float("inf"))[
-            :, None, None
-        ]
+    if key_bias is not None:
+        cache.bias = key_bias.to(encoder_states)[:, None, None]
     ids = torch.tensor([options.prompt] * batch, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = []

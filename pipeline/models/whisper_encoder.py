@@ -59,13 +59,17 @@ class EncoderOutput:
     """states (B, S, D): row b valid in [0, lengths[b]); speech (B,): speech tokens at the output
     (they lead each row); layer_speech (B, N): speech tokens entering each encoder layer; origins
     (B, P) int64: the output position each of the P input positions (20 ms frames) ended in, so that
-    what the decoder reads of a merged position can be spread back over the frames it stands for."""
+    what the decoder reads of a merged position can be spread back over the frames it stands for;
+    key_bias (B, S): ``_key_bias`` of the output (None: every row full, no merged padding); positions:
+    per window, the positions its padding policy let into the first layer (what its layers cost)."""
 
     states: Tensor
     lengths: Tensor
     speech: list[int]
     layer_speech: list[list[int]]
     origins: Tensor
+    key_bias: Tensor | None = None
+    positions: list[int] | None = None
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -90,6 +94,37 @@ def _mlp(layer: WhisperEncoderLayer, x: Tensor) -> Tensor:
         limit = torch.finfo(x.dtype).max - 1000
         x = x.clamp(min=-limit, max=limit)
     return x
+
+
+# Frames at the end of short features that must be padding (what the conv stack reads around a position).
+CONSTANT_FRAMES = 8
+
+
+def input_frames(num_samples: int, max_frames: int) -> int:
+    """Log-mel frames a window of ``num_samples`` needs computed: its audio, the frames its last samples
+    reach, and ``CONSTANT_FRAMES`` of padding (every later frame equals them, see ``_embed``)."""
+    return min(max_frames, 2 * math.ceil(num_samples / SAMPLES_PER_TOKEN) + 2 + CONSTANT_FRAMES)
+
+
+def _conv(encoder: WhisperEncoder, features: Tensor) -> Tensor:
+    """(B, mels, F) -> (B, F / 2, D): the two convolutions, as WhisperEncoder runs them."""
+    return F.gelu(encoder.conv2(F.gelu(encoder.conv1(features)))).permute(0, 2, 1)
+
+
+def _embed(encoder: WhisperEncoder, features: Tensor) -> Tensor:
+    """features (B, mels, F): log-mel frames, each row's frames from F - CONSTANT_FRAMES on (and every
+    frame after F, to the window's full length) equal: its padding -> (B, positions, D) the conv stack
+    plus positions, as over the full window. A padded frame reads the same everywhere, so the stack is
+    run on F frames and on a slab of padding alone, whose outputs stand for every position past the
+    audio (the window's last position apart: it reads the convolutions' zero padding too)."""
+    positions = encoder.embed_positions.weight.shape[0]
+    frames = features.shape[-1]
+    if frames >= 2 * positions:
+        return _conv(encoder, features[..., : 2 * positions]) + encoder.embed_positions.weight
+    head = _conv(encoder, features)[:, : (frames - 3) // 2 + 1]  # outputs reading frames < F only
+    slab = _conv(encoder, features[..., -1:].expand(-1, -1, 6))  # padding inside (1) and at the end (2)
+    tail = slab[:, 1:2].expand(-1, positions - head.shape[1] - 1, -1)
+    return torch.cat([head, tail, slab[:, 2:3]], dim=1) + encoder.embed_positions.weight
 
 
 def _pad_rows(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -118,16 +153,15 @@ def encode(
     speech: list[int],
     cfg: ReductionConfig,
     ratios: list[float],
-    drop_padding: bool = False,
     windows_per_pass: int | None = None,
 ) -> EncoderOutput:
-    """features (B, mels, 2 x positions) log-mel; speech[b]: speech tokens of window b; ratios from
+    """features (B, mels, F) log-mel, F up to 2 x positions (shorter: see ``_embed``); speech[b]: speech tokens of window b; ratios from
     ``encoder_ratios``. Random methods draw from a generator seeded with cfg.seed per window, so a
     window's plan does not depend on its batch. windows_per_pass: windows that go through the layers
     together (None: all B); the outputs are the same, their rows zero-padded to the longest."""
     step = windows_per_pass or len(speech)
     parts = [
-        _encode_pass(encoder, features[i : i + step], speech[i : i + step], cfg, ratios, drop_padding)
+        _encode_pass(encoder, features[i : i + step], speech[i : i + step], cfg, ratios)
         for i in range(0, len(speech), step)
     ]
     if len(parts) == 1:
@@ -139,6 +173,24 @@ def encode(
         speech=[s for p in parts for s in p.speech],
         layer_speech=[s for p in parts for s in p.layer_speech],
         origins=torch.cat([p.origins for p in parts]),
+        key_bias=_key_bias_of_passes(parts, width),
+        positions=[n for p in parts for n in p.positions],
+    )
+
+
+def _key_bias_of_passes(parts: list[EncoderOutput], width: int) -> Tensor | None:
+    """The passes' key biases side by side, each widened to ``width`` (keys past a row's end: -inf)."""
+    if all(p.key_bias is None and p.states.shape[1] == width for p in parts):
+        return None
+    return torch.cat(
+        [
+            F.pad(
+                p.key_bias if p.key_bias is not None else torch.zeros(p.states.shape[:2]),
+                (0, width - p.states.shape[1]),
+                value=-float("inf"),
+            )
+            for p in parts
+        ]
     )
 
 
@@ -148,38 +200,81 @@ def _encode_pass(
     speech: list[int],
     cfg: ReductionConfig,
     ratios: list[float],
-    drop_padding: bool,
 ) -> EncoderOutput:
-    x = F.gelu(encoder.conv1(features))
-    x = F.gelu(encoder.conv2(x)).permute(0, 2, 1)
-    x = x + encoder.embed_positions.weight
+    x = _embed(encoder, features)
     batch, full, _ = x.shape
-    lengths = torch.full((batch,), full)
     origins = torch.arange(full).repeat(batch, 1)
+    sizes = None
+    if cfg.padding in ("keep", "drop"):
+        lengths = torch.full((batch,), full)
+    else:
+        rows, size_rows = [], []
+        for b, s in enumerate(speech):
+            keep = min(full, s + cfg.padding_margin)
+            tail = full - keep
+            groups = torch.arange(tail) // cfg.padding_group if cfg.padding == "merge" and tail else None
+            if groups is None:
+                rows.append(x[b, :keep])
+                size_rows.append(torch.ones(keep))
+                origins[b, keep:] = keep - 1
+                continue
+            merged = int(groups[-1]) + 1
+            counts = torch.bincount(groups, minlength=merged).to(x.dtype)
+            means = x.new_zeros(merged, x.shape[-1]).index_add_(0, groups.to(x.device), x[b, keep:])
+            rows.append(torch.cat([x[b, :keep], means / counts[:, None].to(x.device)]))
+            size_rows.append(torch.cat([torch.ones(keep), counts.float()]))
+            origins[b, keep:] = keep + groups
+        x, lengths = _pad_rows(rows)
+        sizes = torch.nn.utils.rnn.pad_sequence(size_rows, batch_first=True)
+    positions = lengths.tolist()
     speech = list(speech)
     generators = [torch.Generator().manual_seed(cfg.seed) for _ in range(batch)]
     layer_speech: list[list[int]] = [[] for _ in range(batch)]
     for layer, ratio in zip(encoder.layers, ratios, strict=True):
         for b in range(batch):
             layer_speech[b].append(speech[b])
-        mask = None
-        if bool((lengths != x.shape[1]).any()):
-            mask = (torch.arange(x.shape[1])[None, :] < lengths[:, None])[:, None, None, :].to(x.device)
-        x, q, keys = _attention(layer, x, mask)
+        mask = _key_bias(lengths, sizes, x.shape[1])
+        x, q, keys = _attention(layer, x, None if mask is None else mask[:, None, None].to(x))
         counts = [removed_counts(s, [ratio], cfg.method)[0] if ratio and s > 1 else 0 for s in speech]
         if any(counts):
-            rows = []
+            rows, size_rows = [], []
             for b, (n, k) in enumerate(zip(lengths.tolist(), counts, strict=True)):
                 row = x[b, :n]
+                size_row = None if sizes is None else sizes[b, :n]
                 if k:
                     row, groups = _reduce_row(row, q[b, :, :n], keys[b, :n], speech[b], k, cfg, generators[b])
                     origins[b] = groups.cpu()[origins[b]]
+                    if size_row is not None:  # merges happen inside the speech, whose sizes are 1
+                        size_row = size_row[k:]
                 rows.append(row)
+                size_rows.append(size_row)
             x, lengths = _pad_rows(rows)
+            if sizes is not None:
+                sizes = torch.nn.utils.rnn.pad_sequence(size_rows, batch_first=True)
             speech = [s - k for s, k in zip(speech, counts, strict=True)]
         x = _mlp(layer, x)
     x = encoder.layer_norm(x)
-    if drop_padding:
+    if cfg.padding == "drop":
         lengths = torch.tensor(speech)
         x = x[:, : max(speech, default=0)]
-    return EncoderOutput(states=x, lengths=lengths, speech=speech, layer_speech=layer_speech, origins=origins)
+        sizes = None
+    return EncoderOutput(
+        states=x,
+        lengths=lengths,
+        speech=speech,
+        layer_speech=layer_speech,
+        origins=origins,
+        key_bias=_key_bias(lengths, sizes, x.shape[1]),
+        positions=positions,
+    )
+
+
+def _key_bias(lengths: Tensor, sizes: Tensor | None, width: int) -> Tensor | None:
+    """(B, width) additive attention bias over the keys: log of the positions a key stands for (0 for
+    one), -inf past a row's length; None when every key is one position of a full-length row."""
+    short = bool((lengths != width).any())
+    merged = sizes is not None and bool((sizes[:, :width] > 1).any())
+    if not short and not merged:
+        return None
+    bias = torch.zeros(len(lengths), width) if sizes is None else sizes[:, :width].clamp(min=1).log()
+    return bias.masked_fill(torch.arange(width)[None, :] >= lengths[:, None], -float("inf"))

@@ -1,0 +1,140 @@
+"""Whisper's padding reduced inside the encoder (ReductionConfig.padding): the log-mel and the
+convolutions computed only as far as the audio reaches, the padding merged into tokens that stand for
+their positions in attention (encoder and decoder), trimmed, or dropped. Real tiny.en weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.merging.config import NO_REDUCTION, ReductionConfig, ReductionConfigError
+from pipeline.models.whisper import TINY_EN, load_packaged
+from pipeline.models.whisper_decoding import greedy_decode
+from pipeline.models.whisper_encoder import _attention, _embed, encode, encoder_ratios, input_frames
+from pipeline.presets import PADDING
+from pipeline.tasks import TaskRequest
+from tests.test_models_whisper import SR, chirp, vowels
+
+MERGE = ReductionConfig(padding="merge", padding_margin=10, padding_group=100)
+
+
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTADASP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield load_packaged(TINY_EN, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[np.ndarray]:
+    return [vowels(3.0, 1), chirp(2.5, 200, 300), vowels(7.25, 2)]
+
+
+def _features(whisper, waves, frames=3000):
+    return whisper.features(waves, sampling_rate=SR, return_tensors="pt", max_length=frames * 160).input_features
+
+
+def test_features_and_convolutions_as_far_as_the_audio_reaches_are_exact(whisper, clips):
+    frames = max(input_frames(len(w), 3000) for w in clips)
+    assert frames < 3000
+    full, short = _features(whisper, clips), _features(whisper, clips, frames)
+    assert torch.equal(full[..., :frames], short)  # the log-mel of the frames computed is the same
+    assert torch.equal(full[..., frames - 8 :], full[..., -1:].expand(-1, -1, 3000 - frames + 8))
+    encoder = whisper.model.model.encoder
+    with torch.inference_mode():
+        torch.testing.assert_close(_embed(encoder, short), _embed(encoder, full), atol=1e-6, rtol=1e-6)
+
+
+def test_merged_padding_tokens_stand_for_their_positions(whisper, clips):
+    speech = [math.ceil(len(w) / 320) for w in clips]
+    out = encode(whisper.model.model.encoder, _features(whisper, clips), speech, MERGE, [0.0] * 4)
+    for b, s in enumerate(speech):
+        kept, tail = s + 10, 1500 - s - 10
+        groups = math.ceil(tail / 100)
+        assert int(out.lengths[b]) == kept + groups
+        bias = out.key_bias[b]
+        assert torch.equal(bias[:kept], torch.zeros(kept))
+        sizes = [100] * (groups - 1) + [tail - 100 * (groups - 1)]
+        torch.testing.assert_close(bias[kept : kept + groups], torch.tensor(sizes, dtype=torch.float).log())
+        assert torch.isinf(bias[kept + groups :]).all()  # past the row's length: never attended
+        # each frame ends in the output position that stands for it
+        assert out.origins[b, :kept].tolist() == list(range(kept))
+        assert out.origins[b, kept:].tolist() == [kept + i // 100 for i in range(tail)]
+    assert torch.isfinite(out.states).all()
+
+
+def test_merging_groups_of_one_position_is_keeping_the_padding(whisper, clips):
+    speech = [math.ceil(len(w) / 320) for w in clips]
+    feats = _features(whisper, clips)
+    ones = ReductionConfig(padding="merge", padding_margin=0, padding_group=1)
+    kept = encode(whisper.model.model.encoder, feats, speech, NO_REDUCTION, [0.0] * 4)
+    merged = encode(whisper.model.model.encoder, feats, speech, ones, [0.0] * 4)
+    assert merged.key_bias is None and torch.equal(merged.lengths, kept.lengths)
+    torch.testing.assert_close(merged.states, kept.states, atol=1e-5, rtol=1e-5)
+
+
+def test_trim_keeps_the_margin_and_drop_runs_every_layer_on_the_padding(whisper, clips):
+    speech = [math.ceil(len(w) / 320) for w in clips]
+    feats = _features(whisper, clips)
+    trim = encode(whisper.model.model.encoder, feats, speech, ReductionConfig(**PADDING["trim"]), [0.0] * 4)
+    margin = PADDING["trim"]["padding_margin"]
+    assert trim.lengths.tolist() == [s + margin for s in speech]
+    drop = encode(whisper.model.model.encoder, feats, speech, ReductionConfig(padding="drop"), [0.0] * 4)
+    kept = encode(whisper.model.model.encoder, feats, speech, NO_REDUCTION, [0.0] * 4)
+    assert drop.lengths.tolist() == speech
+    for b, s in enumerate(speech):  # the same layers over the whole window, cut after them
+        torch.testing.assert_close(drop.states[b, :s], kept.states[b, :s], atol=1e-5, rtol=1e-5)
+
+
+def test_a_token_with_log_n_added_attends_as_n_copies_of_it(whisper):
+    """Proportional attention: a key standing for n equal keys receives their mass, so every query's
+    output is what it was over the copies."""
+    layer = whisper.model.model.encoder.layers[0]
+    torch.manual_seed(0)
+    x = torch.randn(1, 40, 384)
+    copies = torch.cat([x[:, :30], x[:, 30:31].expand(-1, 9, -1), x[:, 31:]], dim=1)  # 48 positions
+    bias = torch.zeros(1, 1, 1, 40)
+    bias[..., 30] = math.log(9)
+    with torch.inference_mode():
+        full, _, _ = _attention(layer, copies, None)
+        merged, _, _ = _attention(layer, x, bias)
+    torch.testing.assert_close(merged[:, :31], full[:, :31], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged[:, 31:], full[:, 39:], atol=1e-5, rtol=1e-4)
+
+
+def test_the_decoder_reads_a_merged_token_as_its_positions(whisper, clips):
+    """Cross-attention with the key bias: a window whose encoder output has runs of equal positions
+    decodes the same tokens from one token per run plus log of its length."""
+    speech = [math.ceil(len(clips[2]) / 320)]
+    out = encode(whisper.model.model.encoder, _features(whisper, clips[2:]), speech, NO_REDUCTION, [0.0] * 4)
+    states = out.states[:, : speech[0] + 20]
+    runs = [1] * states.shape[1]
+    runs[-1] = 700  # the last position repeated: the bias makes one copy count as all of them
+    expanded = torch.repeat_interleave(states, torch.tensor(runs), dim=1)
+    options = whisper.decode_plan(TaskRequest("asr"))[0]
+    bias = torch.tensor(runs, dtype=torch.float).log()[None]
+    assert greedy_decode(whisper.model, states, bias, options).tokens == (
+        greedy_decode(whisper.model, expanded, None, options).tokens
+    )
+
+
+def test_windows_come_back_in_order_whatever_their_lengths(whisper, clips):
+    """run() batches windows of like length together and returns them as given."""
+    one_by_one = [whisper.run([w], TaskRequest("asr"), MERGE)[0].text for w in clips]
+    together = whisper.run(clips[::-1], TaskRequest("asr"), MERGE)
+    assert [o.text for o in together] == one_by_one[::-1]
+    assert all(o.stats.kv_bytes_kept < o.stats.kv_bytes_full for o in together)
+
+
+def test_padding_settings_are_checked_and_recorded_only_when_set():
+    assert "padding" not in NO_REDUCTION.to_dict()  # runs recorded before padding policies resume
+    assert MERGE.to_dict()["padding"] == "merge" and MERGE.to_dict()["padding_group"] == 100
+    assert ReductionConfig(**MERGE.to_dict()) == MERGE
+    with pytest.raises(ReductionConfigError, match="padding='pad'"):
+        ReductionConfig(padding="pad")
+    with pytest.raises(ReductionConfigError, match="padding_group=0"):
+        ReductionConfig(padding="merge", padding_group=0)
+    assert encoder_ratios(MERGE, 4) == [0.0] * 4  # padding alone reduces no speech token
