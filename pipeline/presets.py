@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.models.base import ModelDescription
 
-PRESETS_VERSION = "2026.12.4"
+PRESETS_VERSION = "2026.12.7"
 DEFAULT = "default"
 NONE = "none"
 
@@ -55,6 +55,9 @@ _WHISPER_EVAL = (
     "reduction; at 30% single 5.21, constant with chains <= 2 5.52 (uncapped 5.86, A-ToMe 5.60)"
 )
 _WHISPER_OTHER = "measured on whisper-tiny.en only (" + _WHISPER_EVAL + ")"
+_PADDING_TINY = "padding merged: PADDING_TINY_TODO"
+_PADDING_BASE = "padding merged: PADDING_BASE_TODO"
+_PADDING_LID = "padding merged: PADDING_LID_TODO"
 _TINY = "random-weight test model: exercises the code path, says nothing about quality"
 _SPARSE_GUESS = "not measured: one aggressive merge at the last reducing layer until a layer selection run"
 
@@ -69,26 +72,41 @@ _QWEN_SPARSE = {
 _QWEN = {"asr": _QWEN_DENSE, "st": _QWEN_DENSE, "er": _QWEN_SPARSE, "sqa": _QWEN_SPARSE}
 
 
+_MERGED = PADDING["merge"]
+
+
+def _padding_only(basis: str, provisional: bool, layers: int) -> Preset:
+    """The window's padding merged, no speech token touched: the best accuracy at the padding's speed."""
+    return Preset(ReductionConfig(**_MERGED), provisional, basis, layers)
+
+
 def _whisper_dense(measured: bool) -> dict[str, Preset]:
     # Whisper merges in its encoder; all removal in the last layer did best at 30%. The gradual
     # schedule caps merge chains at 2 tokens: uncapped, long chains over steady speech cost 0.3 WER
     # points more at 30% and 1.2 at 50% (benchmarks/whisper-tiny-en-librispeech-dev).
-    basis = _WHISPER_EVAL if measured else _WHISPER_OTHER
+    basis = (_WHISPER_EVAL if measured else _WHISPER_OTHER) + "; " + _PADDING_TINY
     return {
         DEFAULT: Preset(
-            ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.3), not measured, basis, 4
-        ),
-        "constant": Preset(
-            ReductionConfig("fastadasp", "constant", first_layer=1, ratio=0.112, max_chain=2),
+            ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.3, **_MERGED),
             not measured,
             basis,
             4,
         ),
+        "constant": Preset(
+            ReductionConfig("fastadasp", "constant", first_layer=1, ratio=0.112, max_chain=2, **_MERGED),
+            not measured,
+            basis,
+            4,
+        ),
+        "padding": _padding_only(_PADDING_TINY, not measured, 4),
     }
 
 
 _WHISPER_SPARSE = {
-    DEFAULT: Preset(ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.5), True, _SPARSE_GUESS, 4)
+    DEFAULT: Preset(
+        ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.5, **_MERGED), True, _SPARSE_GUESS, 4
+    ),
+    "padding": _padding_only(_PADDING_LID, True, 4),
 }
 
 # whisper-base, measured with the loop guard (b456c78); one clip moves st BLEU by up to ~1.2 and asr WER by
@@ -128,24 +146,36 @@ BY_CHECKPOINT: dict[str, dict[str, dict[str, Preset]]] = {
     "whisper-base": {
         "asr": {
             DEFAULT: Preset(
-                ReductionConfig("fastadasp", "decay", first_layer=0, target=0.3), False, _BASE_ASR, 6
-            ),
-            "constant": Preset(
-                ReductionConfig("fastadasp", "constant", first_layer=1, target=0.3, max_chain=2),
+                ReductionConfig("fastadasp", "decay", first_layer=0, target=0.3, **_MERGED),
                 False,
-                _BASE_ASR_CONSTANT,
+                _BASE_ASR + "; " + _PADDING_BASE,
                 6,
             ),
+            "constant": Preset(
+                ReductionConfig("fastadasp", "constant", first_layer=1, target=0.3, max_chain=2, **_MERGED),
+                False,
+                _BASE_ASR_CONSTANT + "; " + _PADDING_BASE,
+                6,
+            ),
+            "padding": _padding_only(_PADDING_BASE, False, 6),
         },
         "st": {
             DEFAULT: Preset(
-                ReductionConfig("fastadasp", "constant", first_layer=1, target=0.3), False, _BASE_ST, 6
-            )
+                ReductionConfig("fastadasp", "constant", first_layer=1, target=0.3, **_MERGED),
+                False,
+                _BASE_ST + "; " + _PADDING_BASE,
+                6,
+            ),
+            "padding": _padding_only(_PADDING_BASE, False, 6),
         },
         "lid": {
             DEFAULT: Preset(
-                ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.5), False, _BASE_LID, 6
-            )
+                ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.5, **_MERGED),
+                False,
+                _BASE_LID + "; " + _PADDING_LID,
+                6,
+            ),
+            "padding": _padding_only(_PADDING_LID, False, 6),
         },
     },
     "tiny-random-qwen2-audio": {

@@ -37,9 +37,14 @@ def test_every_preset_is_valid_and_schedules_fit_the_task() -> None:
         for task, presets in tasks.items():
             assert DEFAULT in presets, (key, task)
             for name, preset in presets.items():
-                assert preset.basis and preset.config.enabled, (key, task, name)
+                assert preset.basis and (preset.config.enabled or preset.config.padding != "keep"), (
+                    key,
+                    task,
+                )
                 preset.config.check_layers(preset.layers)
-                if task in ("er", "sqa", "lid"):
+                if not preset.config.enabled:  # the padding alone
+                    assert name == "padding" and "whisper" in str(key), (key, task, name)
+                elif task in ("er", "sqa", "lid"):
                     assert preset.config.schedule == "single", (key, task, name)
                 elif "whisper" not in str(key):  # Whisper merges in its encoder: see the probe note
                     assert preset.config.schedule in ("constant", "decay"), (key, task, name)
@@ -83,3 +88,13 @@ def test_whisper_base_presets_are_its_own_measurements() -> None:
     family = resolve_reduction(replace(base, name="x"), "asr")
     assert resolve_reduction(base, "asr") != family
     assert resolve_reduction(base, "lid").first_layer == 3  # select-layer-lid's choice
+
+
+def test_whisper_presets_merge_the_padding_and_none_keeps_it() -> None:
+    for task in ("asr",):
+        default = resolve_reduction(TINY_EN, task)
+        assert (default.padding, default.method) == ("merge", "fastadasp")
+        padding = resolve_reduction(TINY_EN, task, "padding")
+        assert padding.padding == "merge" and not padding.enabled
+    assert resolve_reduction(TINY_EN, "asr", "none").padding == "keep"
+    assert resolve_reduction(QWEN_7B, "asr").padding == "keep"  # a decoder-only family has no padding policy
