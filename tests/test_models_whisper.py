@@ -14,7 +14,7 @@ import torch
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.merging.schedule import output_reduction
 from pipeline.models import whisper as whisper_adapter
-from pipeline.models.whisper import load_tiny_en
+from pipeline.models.whisper import TINY_EN, load_packaged
 from pipeline.models.whisper_decoding import greedy_decode
 from pipeline.models.whisper_encoder import encode, encoder_ratios
 from pipeline.stats import apportion, batch_times
@@ -54,7 +54,7 @@ def vowels(seconds: float, seed: int) -> np.ndarray:
 def whisper(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTADASP_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield load_tiny_en(batch_size=3)
+        yield load_packaged(TINY_EN, batch_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_int8_quantizes_the_decoder_and_keeps_the_transcript_close(whisper):
     from pipeline.metrics import wer
     from pipeline.models.base import INT8, ModelError
 
-    int8 = load_tiny_en(dtype=INT8)  # the user's conversion cache, which the job tests fill too
+    int8 = load_packaged(TINY_EN, dtype=INT8)  # the user's conversion cache, which the job tests fill too
     quantized = [type(m).__module__ for m in int8.model.model.decoder.modules()]
     assert any("quantized" in q for q in quantized) and "quantized" in type(int8.model.proj_out).__module__
     assert int8.model.model.encoder.layers[0].self_attn.k_proj.weight.dtype == torch.float32
@@ -247,4 +247,4 @@ def test_int8_quantizes_the_decoder_and_keeps_the_transcript_close(whisper):
     int8_texts = [o.text for o in int8.run(speech, ASR, NO_REDUCTION)]
     assert wer(float_texts, int8_texts) < 0.2, (float_texts, int8_texts)
     with pytest.raises(ModelError, match="CPU only"):
-        load_tiny_en(device="cuda", dtype=INT8)
+        load_packaged(TINY_EN, device="cuda", dtype=INT8)

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor, nn
-from transformers import AutoProcessor, PreTrainedTokenizerFast
+from transformers import AutoProcessor
 
 from pipeline import tasks
 from pipeline.engine.batching import AudioPrompt, fit_batch, generate_rows
@@ -77,33 +76,6 @@ def _load_weights(model_class: type[nn.Module], ckpt: Checkpoint, dtype: torch.d
     if bad:
         raise ModelError(f"{ckpt.name}: the weights do not match the config: {bad}")
     return model.eval()
-
-
-def byte_level_tokenizer(special_tokens: tuple[str, ...], eos: str) -> PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer with no merges: 256 byte symbols + a family's special tokens
-    (what the tiny random checkpoints ship; real checkpoints bring their own)."""
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in special_tokens:
-        vocab[token] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(special_tokens))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
-
-
-def tiny_text_config(vocab_size: int, num_layers: int) -> dict:
-    """The decoder of the tiny random test checkpoints: grouped KV (4 query heads on 2), head size 16
-    (what the Triton kernels take), a SiLU MLP."""
-    return {
-        "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-    }
 
 
 class AudioLanguageModel(ABC):

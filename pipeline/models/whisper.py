@@ -463,13 +463,6 @@ def load_packaged(
     return WhisperSpeechModel(model, tokenizer, name=name, **kwargs)
 
 
-def load_tiny_en(
-    device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
-) -> WhisperSpeechModel:
-    """The offline default model (``load_packaged(TINY_EN)``)."""
-    return load_packaged(TINY_EN, device, dtype, **kwargs)
-
-
 def load_pretrained(
     name: str, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
 ) -> WhisperSpeechModel:
