@@ -25,8 +25,6 @@ SEGMENT_TYPE = pa.struct(
 # each segment a window's span (cut in pauses by voice activity: coarse). Null in rows written before.
 TIMINGS = ("words", "windows")
 
-RESULT_STATUSES = ("ok", "empty")  # empty: decoded fine, no speech found (or nothing transcribed)
-
 RESULTS_SCHEMA = pa.schema(
     [
         pa.field("recording_id", pa.string(), nullable=False),

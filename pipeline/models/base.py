@@ -28,6 +28,9 @@ from pipeline.tasks import TaskRequest
 from pipeline.timing import Word
 
 KINDS = ("base", "instruct")
+# Every family here hears through a Whisper-style log-mel front end: 16 kHz audio, 30 s of it per window.
+SAMPLE_RATE = 16000
+WINDOW_S = 30.0
 # The dtype that asks for dynamic int8 quantization (int8 weights, activations quantized per call; CPU).
 INT8 = torch.qint8
 

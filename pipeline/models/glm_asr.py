@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 from transformers import GlmAsrConfig, GlmAsrForConditionalGeneration
 
-from pipeline.models.base import Checkpoint, ModelDescription, ModelError
-from pipeline.models.speechlm import SAMPLE_RATE, WINDOW_S, AudioLanguageModel, chat_template
+from pipeline.models.base import SAMPLE_RATE, WINDOW_S, Checkpoint, ModelDescription, ModelError
+from pipeline.models.speechlm import AudioLanguageModel, chat_template
 from pipeline.tasks import TaskRequest
 
 MODEL_TYPES = ("glmasr",)

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
-from pipeline.models.base import Checkpoint, ModelDescription
-from pipeline.models.speechlm import SAMPLE_RATE, WINDOW_S, AudioLanguageModel, kind_of
+from pipeline.models.base import SAMPLE_RATE, WINDOW_S, Checkpoint, ModelDescription
+from pipeline.models.speechlm import AudioLanguageModel, kind_of
 from pipeline.tasks import TaskRequest, language_code, language_name, question, target_language
 
 MODEL_TYPES = ("qwen2_audio",)

@@ -24,16 +24,22 @@ from torch import Tensor, nn
 from transformers import AutoProcessor
 
 from pipeline import tasks
+from pipeline.device import sync
 from pipeline.engine.batching import AudioPrompt, fit_batch, generate_rows
 from pipeline.engine.generate import Generation
 from pipeline.engine.stack import DecoderStack
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import INT8, Checkpoint, ModelDescription, ModelError, WindowOutput
+from pipeline.models.base import (
+    INT8,
+    SAMPLE_RATE,
+    Checkpoint,
+    ModelDescription,
+    ModelError,
+    WindowOutput,
+)
 from pipeline.stats import WindowStats, batch_times
 from pipeline.tasks import TaskRequest
 
-SAMPLE_RATE = 16000
-WINDOW_S = 30.0
 # The processor's own chat template files; a template only in tokenizer_config.json does not make a
 # checkpoint instruct (base LLM tokenizers often ship a generic one).
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -217,8 +223,7 @@ class AudioLanguageModel(ABC):
         t0 = time.perf_counter()
         features, mask = self.features([clip for row in clips for clip in row])
         encoded = self.encode(features, mask)
-        if self.stack.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(self.stack.device)
         encode_s = time.perf_counter() - t0
         per_row = len(clips[0])
         rows = []

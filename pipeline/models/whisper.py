@@ -27,8 +27,17 @@ from torch import nn
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizerFast
 from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
 
+from pipeline.device import sync
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import INT8, Checkpoint, ModelDescription, ModelError, WindowOutput
+from pipeline.models.base import (
+    INT8,
+    SAMPLE_RATE,
+    WINDOW_S,
+    Checkpoint,
+    ModelDescription,
+    ModelError,
+    WindowOutput,
+)
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
 from pipeline.models.whisper_encoder import EncoderOutput, encode, encoder_ratios, speech_tokens
@@ -41,14 +50,11 @@ if TYPE_CHECKING:  # the modeling module takes seconds to import: only loading i
 
 TINY_EN = "whisper-tiny.en"
 BASE = "whisper-base"
-SAMPLE_RATE = 16000
-WINDOW_S = 30.0
 MULTILINGUAL_VOCAB = 51865  # openai/whisper's rule: a vocabulary this large has the language tokens
 MULTILINGUAL_TASKS = frozenset({"asr", "st", "lid"})
-# Windows per encoder pass on CPU. Two windows' activations (4.6 MB per layer output, 18 MB in the MLP)
-# stay in cache and below glibc's 32 MB mmap threshold, so freed tensors are reused instead of mapped
-# afresh; a 16-window pass maps and faults in 37-147 MB per tensor. The 67 long-form windows, two
-# threads, five paired runs: model time 1.04-1.3x lower, page faults 4.4 M -> 1.2 M, same transcripts.
+# Windows per encoder pass on CPU: two windows' activations stay in cache and below glibc's mmap
+# threshold, so freed tensors are reused instead of mapped and faulted in afresh in every layer, as a
+# 16-window pass's are (measured in benchmarks/cpu-peer-longform-dev/README.md).
 CPU_ENCODER_WINDOWS = 2
 
 
@@ -208,7 +214,7 @@ class WhisperSpeechModel:
     padding: ``keep`` (default) gives the decoder all 1,500 positions less the merged speech tokens;
     ``drop`` also removes the window's trailing padding from the encoder output (a separate reduction).
     batch_size: windows per model call and decoder pass (16: each decoder step reads the 51,864-row output
-    projection once for the whole batch; on CPU 16 windows decode 1.3x faster per token than 8).
+    projection once for the whole batch, so larger batches pay less for it per token).
     On CPU the encoder takes them ``CPU_ENCODER_WINDOWS`` at a time.
     Timings of a batch are shared among its windows by ``pipeline.stats.batch_times``; ``prefill_s`` is
     the first decoder step(s) (language detection, prompt, projection of the encoder output to
@@ -327,8 +333,7 @@ class WhisperSpeechModel:
         enc = encode(
             self.model.model.encoder, features, speech, reduction, ratios, self.padding == "drop", per_pass
         )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         return enc, speech
 
     def audio_states(self, waveforms: list[np.ndarray], reduction: ReductionConfig) -> list[torch.Tensor]:
