@@ -105,8 +105,8 @@ class JobConfig:
     @property
     def windows_per_call(self) -> int:
         """``batch_size``, or by default 64 windows per model call on GPU actors (the adapters fill a
-        GPU batch up to what its memory holds) and 16 on CPU actors (Whisper tiny.en's decoding reads the
-        output projection once per step for the whole batch: 16 windows decode 1.3x faster than 8)."""
+        GPU batch up to what its memory holds) and 16 on CPU actors (Whisper's decoding reads the output
+        projection once per step for the whole batch, so a larger batch pays less for it per token)."""
         if self.batch_size is not None:
             return self.batch_size
         return 64 if self.gpus_per_actor > 0 else 16
