@@ -181,7 +181,7 @@ def _parser() -> JobParser:
     parser.add_argument(
         "--task",
         default="asr",
-        choices=sorted(metrics.REFERENCE_FIELDS),
+        choices=sorted(metrics.reference_fields()),
         help="what is scored: asr WER, st BLEU/chrF into English, lid accuracy, er accuracy",
     )
     parser.add_argument(
@@ -295,7 +295,7 @@ def _run(argv: list[str] | None) -> None:
         parser.error(f"unknown methods {sorted(unknown)}; known: {list(GRID)}")
 
     torch.manual_seed(args.seed)
-    field = metrics.REFERENCE_FIELDS[args.task]
+    field = metrics.reference_fields()[args.task]
     rows = select(args.manifest, args.limit, args.seed, field, args.languages)
     if not rows:
         parser.error(f"no row of {args.manifest} has a {field!r} reference for --task {args.task}")

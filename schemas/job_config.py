@@ -70,10 +70,9 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise JobConfigError(f"--task {self.task!r} is not one of {', '.join(TASKS)}")
-        if self.task == "st" and not self.target_language:
-            raise JobConfigError("--task st needs --target-language")
-        if self.task == "sqa" and not self.question:
-            raise JobConfigError("--task sqa needs --question")
+        for need in TASKS[self.task].needs:
+            if not getattr(self, need):
+                raise JobConfigError(f"--task {self.task} needs --{need.replace('_', '-')}")
         if self.model_actors < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise JobConfigError("--model-actors and --batch-size must be >= 1")
         if self.gpus_per_actor < 0 or (self.cpus_per_actor is not None and self.cpus_per_actor <= 0):

@@ -8,6 +8,8 @@ offline cache (``pipeline.models.registry``); the packaged ``tiny-random-qwen2-a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -20,7 +22,16 @@ from pipeline.tasks import TaskRequest, language_code, language_name, question, 
 MODEL_TYPES = ("qwen2_audio",)
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_PROMPT = f"<|audio_bos|>{AUDIO_TOKEN}<|audio_eos|>"
-TASKS = frozenset({"asr", "st", "er", "sqa"})
+# task -> its plain prompt: Qwen2-Audio's evaluation prompts (the base model's format). The family does
+# these tasks; an instruct checkpoint is asked each task's instruction (pipeline.tasks.TASKS).
+PLAIN_PROMPTS: dict[str, Callable[[TaskRequest], str]] = {
+    "asr": lambda r: (
+        f"{AUDIO_PROMPT}Detect the language and recognize the speech: <|{language_code(r.language or 'en')}|>"
+    ),
+    "st": lambda r: f"{AUDIO_PROMPT}Translate the speech into {language_name(target_language(r))}:",
+    "er": lambda r: f"{AUDIO_PROMPT}Recognize the emotion with keywords in English:",
+    "sqa": lambda r: f"{AUDIO_PROMPT}{question(r)}",
+}
 
 
 class Qwen2AudioSpeechModel(AudioLanguageModel):
@@ -31,15 +42,7 @@ class Qwen2AudioSpeechModel(AudioLanguageModel):
         return sorted({self.tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")})
 
     def plain_prompt(self, request: TaskRequest) -> str:
-        """Qwen2-Audio's evaluation prompts (the base model's format)."""
-        if request.task == "asr":
-            code = language_code(request.language or "en")
-            return f"{AUDIO_PROMPT}Detect the language and recognize the speech: <|{code}|>"
-        if request.task == "st":
-            return f"{AUDIO_PROMPT}Translate the speech into {language_name(target_language(request))}:"
-        if request.task == "er":
-            return f"{AUDIO_PROMPT}Recognize the emotion with keywords in English:"
-        return f"{AUDIO_PROMPT}{question(request)}"
+        return PLAIN_PROMPTS[request.task](request)
 
     def audio_token_counts(self, waveforms: list[np.ndarray]) -> list[int]:
         """The audio tower's length arithmetic over the frames ``features`` marks valid."""
@@ -70,7 +73,7 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
         name=ckpt.name,
         family=__name__.rsplit(".", 1)[-1],
         kind=kind_of(ckpt),
-        tasks=TASKS,
+        tasks=frozenset(PLAIN_PROMPTS),
         sample_rate=SAMPLE_RATE,
         max_window_s=WINDOW_S,
         reducing_layers=int(text.get("num_hidden_layers", Qwen2AudioConfig().text_config.num_hidden_layers)),

@@ -51,7 +51,10 @@ if TYPE_CHECKING:  # the modeling module takes seconds to import: only loading i
 TINY_EN = "whisper-tiny.en"
 BASE = "whisper-base"
 MULTILINGUAL_VOCAB = 51865  # openai/whisper's rule: a vocabulary this large has the language tokens
-MULTILINGUAL_TASKS = frozenset({"asr", "st", "lid"})
+# task -> Whisper's task token; None: the language token alone, which the window's output is (lid).
+# Multilingual checkpoints do these tasks, English-only ones asr.
+TASK_TOKENS = {"asr": "transcribe", "st": "translate", "lid": None}
+MULTILINGUAL_TASKS = frozenset(TASK_TOKENS)
 # Windows per encoder pass on CPU: two windows' activations stay in cache and below glibc's mmap
 # threshold, so freed tensors are reused instead of mapped and faulted in afresh in every layer, as a
 # 16-window pass's are (measured in benchmarks/cpu-peer-longform-dev/README.md).
@@ -287,7 +290,7 @@ class WhisperSpeechModel:
         gen = self.model.generation_config
         if not self.languages:
             return decode_options(gen), "en"
-        task = "translate" if request.task == "st" else "transcribe"
+        task = TASK_TOKENS[request.task] or "transcribe"
         token = None if language is None else self.languages[language]
         return decode_options(gen, token, task), language
 
@@ -304,7 +307,7 @@ class WhisperSpeechModel:
             if wave.ndim != 1 or len(wave) > WINDOW_S * SAMPLE_RATE:
                 raise ValueError(f"waveform {i} has shape {wave.shape}: expected mono, at most {WINDOW_S} s")
         ratios = encoder_ratios(reduction, self.model.config.encoder_layers)
-        max_new = 0 if request.task == "lid" else None
+        max_new = 0 if TASK_TOKENS[request.task] is None else None
         outputs: list[WindowOutput] = []
         for first in range(0, len(waveforms), self.batch_size):
             batch = waveforms[first : first + self.batch_size]
