@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from jobs.common import JobParser, add_manifest, output_folder, run_job
 from pipeline import metrics
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
-from pipeline.models.base import INT8
+from pipeline.models.base import INT8, check_request
 from pipeline.models.registry import DEFAULT_MODEL, describe_model, load_model
 from pipeline.tasks import TIMESTAMPS, TaskRequest
 from workers.clips import Clips, cut_clips, run_clips
@@ -320,11 +320,12 @@ def _run(argv: list[str] | None) -> None:
         )
     refs = [r[field] for r in rows]
     languages = [r.get("language", "en") for r in rows]
-    model = load_model(args.model, args.device, INT8 if args.int8 else None)
-    metric_name = next(iter(metrics.task_scores(args.task, refs, refs, languages)))  # the headline metric
     request = TaskRequest(
         args.task, target_language="en" if args.task == "st" else None, timestamps=args.timestamps
     )
+    check_request(info, request, "int8" if args.int8 else None)
+    model = load_model(args.model, args.device, INT8 if args.int8 else None)
+    metric_name = next(iter(metrics.task_scores(args.task, refs, refs, languages)))  # the headline metric
     meta = run_meta(args, argv, rows, languages)
     args.output.mkdir(parents=True, exist_ok=True)
     results = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from pipeline.errors import Refusal
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.models.base import ModelDescription
 from pipeline.tasks import TASKS, is_dense
@@ -22,7 +23,7 @@ DEFAULT = "default"
 NONE = "none"
 
 
-class PresetError(ValueError):
+class PresetError(Refusal, ValueError):
     """No preset of that name for the model and task."""
 
 

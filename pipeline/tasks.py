@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pipeline.errors import Refusal
 from pipeline.stitch import normalise, words
 
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
@@ -50,7 +51,7 @@ TIMESTAMPS = ("words", "segments", "none")
 _SPECIAL_TOKEN = re.compile(r"<\|[^|>]*\|>")
 
 
-class TaskError(ValueError):
+class TaskError(Refusal, ValueError):
     """A task name or its arguments are invalid; the message says which and what is allowed."""
 
 
@@ -72,6 +73,10 @@ class TaskRequest:
     def __post_init__(self) -> None:
         if self.timestamps not in TIMESTAMPS:
             raise TaskError(f"timestamps={self.timestamps!r} is not one of {', '.join(TIMESTAMPS)}")
+        if self.task == "lid" and self.language:
+            raise TaskError(
+                f"task 'lid' detects the spoken language; language={self.language!r} contradicts it"
+            )
 
 
 def check_task(task: str) -> Task:
@@ -86,20 +91,28 @@ def is_dense(task: str) -> bool:
     return check_task(task).dense
 
 
-def language_name(language: str) -> str:
-    """English name of a language given as a code ('de') or a name ('German', 'german')."""
-    if language.lower() in LANGUAGES:
-        return LANGUAGES[language.lower()]
-    names = {name.lower(): name for name in LANGUAGES.values()}
-    if language.lower() in names:
-        return names[language.lower()]
-    raise TaskError(f"language {language!r} is not one of {', '.join(sorted(LANGUAGES))} (or their names)")
-
-
 def language_code(language: str) -> str:
-    """ISO 639-1 code of a language given as a code or a name ('German' -> 'de')."""
-    name = language_name(language)
-    return next(code for code, known in LANGUAGES.items() if known == name)
+    """The pipeline's one language normaliser: the ISO 639-1 code of a language given as a code or an
+    English name ('German', 'german', 'de' -> 'de'; 'Swahili' -> 'sw' from Whisper's list), else the
+    input lower-cased (a model's own list of languages then decides: ``models.base.check_request``)."""
+    key = language.strip().lower()
+    codes = {name.lower(): code for code, name in LANGUAGES.items()}
+    if key in LANGUAGES or key in codes:
+        return codes.get(key, key)
+    # Whisper's list names the languages of every checkpoint here; only read beyond the prompt table.
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    return TO_LANGUAGE_CODE.get(key, key)
+
+
+def language_name(language: str) -> str:
+    """English name of a language given as a code ('de') or a name ('German', 'german'), for prompts."""
+    code = language_code(language)
+    if code not in LANGUAGES:
+        raise TaskError(
+            f"language {language!r} is not one of {', '.join(sorted(LANGUAGES))} (or their names)"
+        )
+    return LANGUAGES[code]
 
 
 def instruction(request: TaskRequest) -> str:

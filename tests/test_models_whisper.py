@@ -82,7 +82,11 @@ def test_no_reduction_reproduces_transformers_generate(whisper, clips):
     assert rows == [sum(n > step for n in lengths) for step in range(max(lengths))]  # ... and leave
     assert [o.language for o in outputs] == ["en"] * 3  # English-only: what it hears is English
     assert whisper.run(clips[:1], TaskRequest("asr", language="English"), NO_REDUCTION)[0].text == texts[0]
-    assert whisper.tasks == {"asr"} and whisper.translate_to == () and whisper.languages == {}
+    assert (
+        whisper.description.tasks == {"asr"}
+        and whisper.description.translate_to == ()
+        and whisper.languages == {}
+    )
     assert any(len(t) > 3 for t in texts)  # the clips make the model say something
     for out, row, wave in zip(outputs, reference, clips, strict=True):
         text_tokens = [t for t in row if t != 50256]

@@ -70,7 +70,7 @@ def test_a_task_is_one_record_and_a_prompt(keyword_task: str, tmp_path: Path) ->
 
 
 def test_a_family_without_a_prompt_for_it_refuses_it(keyword_task: str) -> None:
-    from workers.archive_job import ModelTaskError
+    from pipeline.models.base import ModelTaskError
 
     with pytest.raises(ModelTaskError, match="cannot do task 'kws'"):
         check_model(JobConfig("in", "out", task=keyword_task, question="yes, no"))  # whisper-tiny.en

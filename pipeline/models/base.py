@@ -5,8 +5,12 @@ A family is one module in ``pipeline/models/`` that provides:
 - ``MODEL_TYPES``: the ``model_type`` values of ``config.json`` it serves;
 - ``describe(checkpoint) -> ModelDescription``: read from the checkpoint's config files alone, never its
   weights (the driver, presets, evaluate and generate ask this before any model exists);
-- ``load(checkpoint, device, dtype) -> SpeechModel``: the loaded adapter; ``dtype=INT8`` asks for dynamic
-  int8 quantization, which only families whose description says ``int8`` accept.
+- ``load(checkpoint, device, dtype) -> SpeechModel``: the loaded adapter, holding the description it was
+  built with; ``dtype=INT8`` asks for dynamic int8 quantization, which only families whose description
+  lists ``int8`` in its ``dtypes`` accept.
+
+``check_request`` is the one capability check: the jobs call it on the description before any work,
+and every adapter calls it as a request reaches ``run``.
 
 A ``SpeechModel`` turns a batch of mono float32 waveforms at ``sample_rate`` (each at most
 ``max_window_s`` long) plus a task into one ``WindowOutput`` per waveform. Decoder-only SpeechLMs share
@@ -22,9 +26,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from pipeline.errors import Refusal
 from pipeline.merging.config import ReductionConfig
 from pipeline.stats import WindowStats
-from pipeline.tasks import TaskRequest
+from pipeline.tasks import TaskError, TaskRequest, language_code
 from pipeline.timing import Word
 
 KINDS = ("base", "instruct")
@@ -35,8 +40,12 @@ WINDOW_S = 30.0
 INT8 = torch.qint8
 
 
-class ModelError(ValueError):
+class ModelError(Refusal, ValueError):
     """A model name, folder or checkpoint cannot be used; the message says why and what would work."""
+
+
+class ModelTaskError(TaskError):
+    """The model cannot do the request (task, language, timestamps, dtype); raised before any work."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +69,11 @@ class ModelDescription:
     family: the family module's name; kind: ``base`` (plain prompts) or ``instruct`` (prompted with
     the chat template it ships); reducing_layers: layers a reduction schedule counts over (decoder
     layers of a SpeechLM, encoder layers of Whisper); translate_to: target languages of ``st``
-    (empty: any the prompt can name); drops_padding: the adapter has a ``padding`` option (``keep`` or
-    ``drop`` the encoder output of a window's padding, a reduction of its own); int8: loads with
-    ``dtype=INT8`` on CPU; word_times: gives word times (``TaskRequest.timestamps`` ``words``; Whisper
-    checkpoints that name their alignment heads).
+    (empty: any the prompt can name); multilingual: hears languages other than English, languages: the
+    spoken-language codes it knows (empty: any); drops_padding: the adapter has a ``padding`` option
+    (``keep`` or ``drop`` the encoder output of a window's padding, a reduction of its own); dtypes:
+    weight variants it loads besides its float ones (``int8``: ``dtype=INT8`` on CPU); word_times: gives
+    word times (``TaskRequest.timestamps`` ``words``; Whisper checkpoints that name their alignment heads).
     """
 
     name: str
@@ -75,13 +85,41 @@ class ModelDescription:
     reducing_layers: int
     translate_to: tuple[str, ...] = ()
     multilingual: bool = False
+    languages: tuple[str, ...] = ()
     drops_padding: bool = False
-    int8: bool = False
+    dtypes: tuple[str, ...] = ()
     word_times: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r} is not one of {', '.join(KINDS)}")
+
+
+def check_request(model: ModelDescription, request: TaskRequest, dtype: str | None = None) -> None:
+    """Refuse what ``model`` cannot do with ``request`` (and weights of ``dtype``, e.g. ``int8``), naming
+    what it can: ModelTaskError."""
+    name = repr(model.name)
+    if request.task not in model.tasks:
+        raise ModelTaskError(
+            f"model {name} cannot do task {request.task!r} (it does: {', '.join(sorted(model.tasks))})"
+        )
+    target = request.target_language
+    if target and model.translate_to and language_code(target) not in model.translate_to:
+        raise ModelTaskError(
+            f"model {name} translates only into {', '.join(model.translate_to)}, not {target!r}"
+        )
+    spoken = request.language
+    if spoken and not model.multilingual and language_code(spoken) != "en":
+        raise ModelTaskError(f"model {name} is English-only; --language {spoken!r}")
+    if spoken and model.languages and language_code(spoken) not in model.languages:
+        raise ModelTaskError(f"language={spoken!r}: model {name} knows {', '.join(sorted(model.languages))}")
+    if request.timestamps == "words" and not model.word_times:
+        raise ModelTaskError(
+            f"model {name} gives no word times (--timestamps words needs a Whisper checkpoint naming its "
+            f"alignment heads); use --timestamps segments or none"
+        )
+    if dtype is not None and dtype not in model.dtypes:
+        raise ModelTaskError(f"model {name} has no {dtype} variant (--{dtype} is for Whisper models)")
 
 
 @dataclass

@@ -60,6 +60,7 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
         sample_rate=SAMPLE_RATE,
         max_window_s=WINDOW_S,
         reducing_layers=int(text.get("num_hidden_layers", GlmAsrConfig().text_config.num_hidden_layers)),
+        multilingual=True,  # Mandarin, Cantonese and English, told apart by the model itself
     )
 
 

@@ -77,6 +77,7 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
         sample_rate=SAMPLE_RATE,
         max_window_s=WINDOW_S,
         reducing_layers=int(text.get("num_hidden_layers", Qwen2AudioConfig().text_config.num_hidden_layers)),
+        multilingual=True,  # its asr prompt names the spoken language; st into any the prompt can name
     )
 
 

@@ -36,6 +36,7 @@ from pipeline.models.base import (
     ModelDescription,
     ModelError,
     WindowOutput,
+    check_request,
 )
 from pipeline.stats import WindowStats, batch_times
 from pipeline.tasks import TaskRequest
@@ -188,11 +189,7 @@ class AudioLanguageModel(ABC):
 
     def prompt_text(self, request: TaskRequest) -> str:
         """The task's prompt text with one audio placeholder: chat template or plain prompt."""
-        if request.task not in self.description.tasks:
-            raise tasks.TaskError(
-                f"{self.description.name} cannot do task {request.task!r} "
-                f"(it does: {', '.join(sorted(self.description.tasks))})"
-            )
+        check_request(self.description, request)
         if self.description.kind == "base":
             return self.plain_prompt(request)
         turn = [{"type": "audio", "audio": "window"}, {"type": "text", "text": self.instruction(request)}]

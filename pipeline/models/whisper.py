@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizerFast
-from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from pipeline.device import sync
 from pipeline.merging.config import ReductionConfig
@@ -37,13 +37,14 @@ from pipeline.models.base import (
     ModelDescription,
     ModelError,
     WindowOutput,
+    check_request,
 )
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
 from pipeline.models.whisper_encoder import EncoderOutput, encode, encoder_ratios, speech_tokens
 from pipeline.models.whisper_timing import window_words
 from pipeline.stats import WindowStats, batch_times
-from pipeline.tasks import TaskError, TaskRequest
+from pipeline.tasks import TaskError, TaskRequest, language_code
 
 if TYPE_CHECKING:  # the modeling module takes seconds to import: only loading imports it, not describing
     from transformers import WhisperForConditionalGeneration
@@ -212,8 +213,8 @@ def decode_options(
 class WhisperSpeechModel:
     """SpeechModel for Whisper checkpoints, reductions inside the encoder.
 
-    tasks: {asr} for English-only checkpoints, {asr, st, lid} for multilingual ones; translate_to: the
-    st target languages (("en",) or ()); languages: spoken-language codes it knows (empty: English-only).
+    description: what ``describe`` says of the checkpoint (tasks, languages, word times), which the
+    adapter checks requests against; languages: each spoken-language code's token id (empty: English-only).
     padding: ``keep`` (default) gives the decoder all 1,500 positions less the merged speech tokens;
     ``drop`` also removes the window's trailing padding from the encoder output (a separate reduction).
     batch_size: windows per model call and decoder pass (16: each decoder step reads the 51,864-row output
@@ -231,7 +232,7 @@ class WhisperSpeechModel:
         self,
         model: WhisperForConditionalGeneration,
         tokenizer: WhisperTokenizerFast,
-        name: str,
+        description: ModelDescription,
         batch_size: int = 16,
         padding: str = "keep",
     ) -> None:
@@ -239,7 +240,7 @@ class WhisperSpeechModel:
             raise ValueError(f"padding={padding!r} is not one of keep, drop")
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.name = name
+        self.description = description
         self.batch_size = batch_size
         self.padding = padding
         self.device = str(next(model.parameters()).device)
@@ -249,44 +250,23 @@ class WhisperSpeechModel:
         # language code -> its token id ("<|de|>" -> "de")
         self.languages = {tok[2:-2]: i for tok, i in gen.lang_to_id.items()} if multilingual else {}
         self._code_of = {i: code for code, i in self.languages.items()}
-        self.tasks = MULTILINGUAL_TASKS if multilingual else frozenset({"asr"})
-        self.translate_to = ("en",) if multilingual else ()
         # hub checkpoints name them in their generation config; a checkpoint without them gives no word times
         heads = getattr(gen, "alignment_heads", None) or ()
         self.alignment_heads = [(int(layer), int(head)) for layer, head in heads]
 
-    def _language_code(self, language: str, what: str) -> str:
-        """'de', 'German' or 'german' -> 'de'; TaskError naming the known languages otherwise."""
-        code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
-        known = self.languages or {"en": None}
-        if code not in known:
-            raise TaskError(f"{what}={language!r}: {self.name} knows {', '.join(sorted(known))}")
-        return code
-
     def decode_plan(self, request: TaskRequest) -> tuple[DecodeOptions, str | None]:
         """Decoding options for a request and its fixed spoken language (None: detected per window).
 
-        Raises TaskError, before any work, for what this checkpoint cannot do.
+        Raises TaskError, before any work, for what this checkpoint cannot do (``check_request``; on
+        Whisper sentence times come from word times too, so segments need the alignment heads as well).
         """
-        if request.task not in self.tasks:
-            raise TaskError(f"task={request.task!r}: {self.name} supports {', '.join(sorted(self.tasks))}")
-        if request.task == "st" and request.target_language:
-            target = TO_LANGUAGE_CODE.get(request.target_language.lower(), request.target_language.lower())
-            if target not in self.translate_to:
-                raise TaskError(
-                    f"target_language={request.target_language!r}: {self.name} translates only into "
-                    f"English (target_language='en')"
-                )
+        check_request(self.description, request)
         if request.timestamps != "none" and not self.alignment_heads:
             raise TaskError(
-                f"timestamps={request.timestamps!r}: {self.name} names no alignment heads (generation "
-                f"config alignment_heads); use timestamps='none'"
+                f"timestamps={request.timestamps!r}: {self.description.name} names no alignment heads "
+                f"(generation config alignment_heads); use timestamps='none'"
             )
-        language = self._language_code(request.language, "language") if request.language else None
-        if request.task == "lid" and language is not None:
-            raise TaskError(
-                f"task 'lid' detects the spoken language; language={request.language!r} contradicts it"
-            )
+        language = language_code(request.language) if request.language else None
         gen = self.model.generation_config
         if not self.languages:
             return decode_options(gen), "en"
@@ -468,20 +448,22 @@ def load_packaged(
         spec.multilingual,
     ):
         raise RuntimeError(f"{name}: the weights do not match PACKAGED[{name!r}] (layers, multilingual)")
-    return WhisperSpeechModel(model, tokenizer, name=name, **kwargs)
+    description = describe(Checkpoint(name, MODEL_TYPES[0], packaged=True), {})
+    return WhisperSpeechModel(model, tokenizer, description, **kwargs)
 
 
 def load_pretrained(
-    name: str, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
+    ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
 ) -> WhisperSpeechModel:
-    """A transformers Whisper checkpoint by hub id or local folder (``openai/whisper-*``)."""
+    """A transformers Whisper checkpoint (``openai/whisper-*``) from its folder (local, or the hub's
+    snapshot: ``pipeline.models.registry.checkpoint``)."""
     from transformers import WhisperForConditionalGeneration
 
-    model = WhisperForConditionalGeneration.from_pretrained(name, dtype=_default_dtype(device, dtype))
+    model = WhisperForConditionalGeneration.from_pretrained(ckpt.folder, dtype=_default_dtype(device, dtype))
     model.to(device)
     _quantize(model, dtype)
-    tokenizer = WhisperTokenizerFast.from_pretrained(name)
-    return WhisperSpeechModel(model, tokenizer, name=name, **kwargs)
+    tokenizer = WhisperTokenizerFast.from_pretrained(ckpt.folder)
+    return WhisperSpeechModel(model, tokenizer, describe(ckpt, model.config.to_dict()), **kwargs)
 
 
 # --- the family contract (pipeline.models.base) ----------------------------------------------------
@@ -501,12 +483,17 @@ def _names_alignment_heads(folder: Path | None) -> bool:
 
 def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
     """From the packaged spec or config.json alone (English-only checkpoints have 51864 tokens)."""
-    if ckpt.packaged:  # both packaged models ship their alignment heads
+    if (
+        ckpt.packaged
+    ):  # both packaged models ship their alignment heads; the multilingual one has 51865 tokens
         layers, multilingual = PACKAGED[ckpt.name].encoder_layers, PACKAGED[ckpt.name].multilingual
-        word_times = True
+        vocab, word_times = MULTILINGUAL_VOCAB if multilingual else 0, True
     else:
-        layers, multilingual = int(config["encoder_layers"]), config["vocab_size"] >= MULTILINGUAL_VOCAB
+        vocab = config["vocab_size"]
+        layers, multilingual = int(config["encoder_layers"]), vocab >= MULTILINGUAL_VOCAB
         word_times = _names_alignment_heads(ckpt.folder)
+    # openai/whisper's rule: 51,865 tokens hold 99 language tokens, in LANGUAGES' order; 51,866 one more
+    languages = tuple(LANGUAGES)[: vocab - MULTILINGUAL_VOCAB + 99] if multilingual else ()
     return ModelDescription(
         name=ckpt.name,
         family=__name__.rsplit(".", 1)[-1],
@@ -517,16 +504,14 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
         reducing_layers=layers,
         translate_to=("en",) if multilingual else (),
         multilingual=multilingual,
+        languages=languages,
         drops_padding=True,
-        int8=True,
+        dtypes=("int8",),
         word_times=word_times,
     )
 
 
 def load(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None) -> WhisperSpeechModel:
     if ckpt.packaged:
-        model = load_packaged(ckpt.name, device, dtype)
-    else:
-        model = load_pretrained(str(ckpt.folder), device, dtype)
-    model.description = describe(ckpt, model.model.config.to_dict())
-    return model
+        return load_packaged(ckpt.name, device, dtype)
+    return load_pretrained(ckpt, device, dtype)
