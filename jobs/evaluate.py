@@ -88,7 +88,7 @@ def run_one(model, clips: Clips, refs, languages, request, cfg, batch: int, task
     for out in run_clips(model, clips, request, cfg, batch):  # a clip longer than a window: joined
         texts.append(out.text)
         detected.append(out.language)
-        loops += [len(texts) - 1] if out.loop_cut else []
+        loops += [len(texts) - 1] if out.stats.loop_cuts else []
         total = out.stats if total is None else total + out.stats
     row_scores = metrics.task_scores(task, refs, texts, languages)
     row = {"score": next(iter(row_scores.values())), "scores": row_scores, **total.to_dict()}

@@ -127,7 +127,6 @@ class WindowOutput:
     text: str
     language: str | None = None  # the spoken language, where the model tells it (ISO 639-1 code)
     stats: WindowStats = field(default_factory=WindowStats)
-    loop_cut: bool = False  # decoding fell into a loop and was cut (pipeline.models.whisper_decoding)
     words: list[Word] | None = None  # seconds from the window's start; None: the model gives no word times
 
 

@@ -377,6 +377,7 @@ class WhisperSpeechModel:
                 kv_bytes_full=self._kv_bytes(full),
                 kv_bytes_kept=self._kv_bytes(int(enc.lengths[b])),
                 generated_tokens=generated[b],
+                loop_cuts=int(b in dec.loops),
                 **times[b],
             )
             if max_new_tokens == 0:  # lid: the language is the output
@@ -388,7 +389,6 @@ class WhisperSpeechModel:
                     text=text,
                     language=code,
                     stats=stats,
-                    loop_cut=b in dec.loops,
                     words=None if words is None else words[b],
                 )
             )
