@@ -9,7 +9,7 @@ tokens per row) with GreedyDecoder's bookkeeping (argmax, EOS mask, output and s
 (a) engine: ``GreedyDecoder`` as the engine runs it, per layer [add + RMSNorm] -> qkv GEMM (+ bias) ->
 [rope + cache write] -> decode attention -> o GEMM -> [add + RMSNorm] -> gate_up GEMM -> [silu * up]
 -> down GEMM (``pipeline.kernels.fused.FUSED``); (b) unfused: the same step with the bracketed ops as
-their PyTorch twins (``fused.TWINS``: RMSNorm, rope and cache write, chunk + silu + mul as PyTorch
+their PyTorch twins (``TWINS`` below: RMSNorm, rope and cache write, chunk + silu + mul as PyTorch
 ops), the same decode attention.
 Per batch: logits of both on one state (max abs and relative error, same argmax), device kernels of
 one eager step (torch.profiler: count, device time, the 8 costliest kernels), ms per step from
@@ -52,8 +52,16 @@ from benchmarks.common import (
 from pipeline.engine.cache import LayerCaches
 from pipeline.engine.decode import GreedyDecoder
 from pipeline.engine.stack import DecoderStack
-from pipeline.kernels.fused import TWINS
+from pipeline.kernels.fused import (
+    StepOps,
+    add_rmsnorm_torch,
+    rope_and_cache_torch,
+    silu_mul_torch,
+)
 from pipeline.kernels.paths import forced_path
+
+# The step before fusion: the PyTorch twins of every fused op, what the engine's kernels are measured against.
+TWINS = StepOps(add_rmsnorm_torch, rope_and_cache_torch, silu_mul_torch)
 
 _MARGIN = 4 << 30  # free bytes kept beyond the caches: graph pools, logits, attention partials, cuBLAS
 

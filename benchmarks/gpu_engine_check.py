@@ -25,7 +25,8 @@ from pipeline.engine.generate import generate
 from pipeline.engine.prefill import PromptGroup
 from pipeline.engine.stack import DecoderStack
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.qwen2_audio import AUDIO_TOKEN, build_tiny_random
+from pipeline.models.qwen2_audio import AUDIO_TOKEN
+from pipeline.models.tiny_random import build_tiny_random
 
 DEVICE = os.environ.get("CHECK_DEVICE", "cuda")  # "cpu" only to try the script itself here
 

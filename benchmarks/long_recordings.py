@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from pipeline.audio.decode import decode_audio  # noqa: E402
-from pipeline.audio.encode import encode_audio, speech_in_silence  # noqa: E402
+from tests.audio_files import encode_audio, speech_in_silence  # noqa: E402
 
 
 def make_recording(folder: Path, hours: float, every_s: float) -> Path:

@@ -18,21 +18,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from pipeline.metrics import REFERENCE_FIELDS, task_scores
+from pipeline.metrics import reference_fields, task_scores
 from pipeline.publish import read_committed
-from pipeline.tasks import is_dense
+from pipeline.tasks import TASKS
 
 
 def score(output: Path, manifest: Path, task: str, languages: list[str] | None = None) -> dict:
     """The task's scores over the manifest rows (of ``languages`` if given) the run finished, with the
     counts behind them."""
-    field = REFERENCE_FIELDS[task]
+    field = reference_fields()[task]
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get(field) and (languages is None or r.get("language") in languages)]
     results = {Path(r["source_path"]).name: r for r in read_committed(output, "results").to_pylist()}
     scored = [(r, results[Path(r["audio"]).name]) for r in rows if Path(r["audio"]).name in results]
     ok = [(r, out) for r, out in scored if out["status"] == "ok"]
-    hyps = [(out["text"] if is_dense(task) else out["label"]) or "" for _, out in ok]
+    hyps = [out[TASKS[task].result] or "" for _, out in ok]
     scores = task_scores(task, [r[field] for r, _ in ok], hyps, [r["language"] for r, _ in ok])
     return {
         "task": task,
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--output", type=Path, required=True, help="the archive job's --output folder")
     parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--task", required=True, choices=sorted(REFERENCE_FIELDS))
+    parser.add_argument("--task", required=True, choices=sorted(reference_fields()))
     parser.add_argument("--languages", nargs="+", help="only the manifest rows of these languages")
     args = parser.parse_args(argv)
     result = score(args.output, args.manifest, args.task, args.languages)

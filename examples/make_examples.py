@@ -15,6 +15,7 @@ import argparse
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import soxr
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/ is not installed
+
 from pipeline.audio.decode import decode_audio
-from pipeline.audio.encode import encode_audio
+from tests.audio_files import encode_audio
 
 RATE = 16000
 

@@ -16,32 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from pipeline.audio.decode import AudioDecodeError
-from pipeline.inputs import PlanError
-from pipeline.merging.config import ReductionConfigError
-from pipeline.models.base import ModelError
-from pipeline.presets import PresetError
-from pipeline.publish import OutputLockedError, PublishError
-from pipeline.tasks import TaskError
-from schemas.job_config import JobConfigError
-from schemas.manifest import ManifestError
-from workers.archive_job import ModelTaskError
+from pipeline.errors import Refusal
+from pipeline.publish import PublishError
 
 log = logging.getLogger(__name__)
 
 # What a job refuses before (or instead of) doing work: one line on stderr, exit 2.
-REFUSALS = (
-    JobConfigError,
-    ModelError,
-    ModelTaskError,
-    TaskError,
-    PresetError,
-    ReductionConfigError,
-    PlanError,
-    OutputLockedError,
-    ManifestError,  # a part manifest in the output folder that cannot be read
-    AudioDecodeError,  # a job's one named audio file that cannot be read
-)
 EXIT_REFUSED, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130  # 130 = 128 + SIGINT, as shells report Ctrl-C
 # Where `ray job submit --working-dir` unpacks its upload: a temporary copy deleted with the cluster.
 RAY_WORKING_DIR = "runtime_resources/working_dir_files"
@@ -123,7 +103,7 @@ def run_job(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return run(argv) or 0
-    except REFUSALS as err:
+    except Refusal as err:
         print(f"refused: {err}", file=sys.stderr, flush=True)
         return EXIT_REFUSED
     except PublishError as err:  # a full disk, say: the message names the folder and the cause

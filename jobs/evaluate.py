@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from jobs.common import JobParser, add_manifest, output_folder, run_job
 from pipeline import metrics
 from pipeline.merging.config import PADDING_POLICIES, ReductionConfig
-from pipeline.models.base import INT8
+from pipeline.models.base import INT8, check_request
 from pipeline.models.registry import DEFAULT_MODEL, describe_model, load_model
 from pipeline.presets import PADDING
 from pipeline.tasks import TIMESTAMPS, TaskRequest
@@ -105,7 +105,7 @@ def run_one(model, clips: Clips, refs, languages, request, cfg, batch: int, task
     for out in run_clips(model, clips, request, cfg, batch):  # a clip longer than a window: joined
         texts.append(out.text)
         detected.append(out.language)
-        loops += [len(texts) - 1] if out.loop_cut else []
+        loops += [len(texts) - 1] if out.stats.loop_cuts else []
         total = out.stats if total is None else total + out.stats
         cell = by_length.setdefault(length_bin(out.stats.audio_seconds), dict.fromkeys(TIMES, 0.0))
         for name in TIMES:
@@ -241,7 +241,7 @@ def _parser() -> JobParser:
     parser.add_argument(
         "--task",
         default="asr",
-        choices=sorted(metrics.REFERENCE_FIELDS),
+        choices=sorted(metrics.reference_fields()),
         help="what is scored: asr WER, st BLEU/chrF into English, lid accuracy, er accuracy",
     )
     parser.add_argument(
@@ -391,7 +391,7 @@ def _run(argv: list[str] | None) -> None:
         parser.error(f"unknown methods {sorted(unknown)}; known: {list(GRID)}")
 
     torch.manual_seed(args.seed)
-    field = metrics.REFERENCE_FIELDS[args.task]
+    field = metrics.reference_fields()[args.task]
     rows = select(args.manifest, args.limit, args.seed, field, args.languages)
     if not rows:
         parser.error(f"no row of {args.manifest} has a {field!r} reference for --task {args.task}")
@@ -419,11 +419,12 @@ def _run(argv: list[str] | None) -> None:
         )
     refs = [r[field] for r in rows]
     languages = [r.get("language", "en") for r in rows]
-    model = load_model(args.model, args.device, INT8 if args.int8 else None)
-    metric_name = next(iter(metrics.task_scores(args.task, refs, refs, languages)))  # the headline metric
     request = TaskRequest(
         args.task, target_language="en" if args.task == "st" else None, timestamps=args.timestamps
     )
+    check_request(info, request, "int8" if args.int8 else None)
+    model = load_model(args.model, args.device, INT8 if args.int8 else None)
+    metric_name = next(iter(metrics.task_scores(args.task, refs, refs, languages)))  # the headline metric
     meta = run_meta(args, argv, rows, languages)
     args.output.mkdir(parents=True, exist_ok=True)
     results = []

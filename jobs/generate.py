@@ -17,7 +17,7 @@ from jobs.common import JobParser, input_path, run_job
 from pipeline import tasks
 from pipeline.audio.decode import decode_audio
 from pipeline.cli import add_reduction_args, reduction_from_args
-from pipeline.models.base import ModelError
+from pipeline.models.base import ModelError, check_request
 from pipeline.models.registry import describe_model, load_model
 from pipeline.tasks import TaskRequest
 
@@ -58,11 +58,13 @@ def _run(argv: list[str] | None) -> None:
         raise ModelError(
             f"{args.model} is a Whisper model, not a decoder-only SpeechLM; use jobs/transcribe_archive.py"
         )
+    request = TaskRequest(args.task, target_language=args.target_language, question=args.question)
+    if args.prompt is None:
+        check_request(info, request)
     # One window through the engine: a longer file is refused (the archive job cuts and stitches those).
     audio = decode_audio(args.audio, sample_rate=info.sample_rate, max_duration_s=info.max_window_s)
     model = load_model(args.model, args.device)
     model.max_new_tokens = args.max_new_tokens
-    request = TaskRequest(args.task, target_language=args.target_language, question=args.question)
     prompt = args.prompt or model.prompt_text(request)
     gen, encode_s = model.generate_batch(prompt, [[audio.samples]], reduction)
     n = int(gen.num_tokens[0])

@@ -28,7 +28,7 @@ from jobs.common import JobParser, add_manifest, output_folder, run_job
 from jobs.evaluate import save_figure, select
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.merging.layer_select import TOLERANCE, select_layer
-from pipeline.metrics import REFERENCE_FIELDS, task_scores
+from pipeline.metrics import reference_fields, task_scores
 from pipeline.models.registry import DEFAULT_MODEL, describe_model, load_model
 from pipeline.tasks import TaskRequest
 from workers.clips import cut_clips, run_clips
@@ -85,7 +85,7 @@ def _run(argv: list[str] | None) -> None:
     parser = JobParser(__doc__)
     add_manifest(parser)
     parser.add_argument(
-        "--task", required=True, choices=sorted(REFERENCE_FIELDS), help="the sparse task the layer is for"
+        "--task", required=True, choices=sorted(reference_fields()), help="the sparse task the layer is for"
     )
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, help="a packaged model, checkpoint folder or hub id"
@@ -116,9 +116,9 @@ def _run(argv: list[str] | None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    rows = select(args.manifest, args.limit, args.seed, REFERENCE_FIELDS[args.task])
+    rows = select(args.manifest, args.limit, args.seed, reference_fields()[args.task])
     if not rows:
-        parser.error(f"no row of {args.manifest} has a {REFERENCE_FIELDS[args.task]!r} reference")
+        parser.error(f"no row of {args.manifest} has a {reference_fields()[args.task]!r} reference")
     info = describe_model(args.model)  # config files only: a wrong name is refused before any decoding
     # A clip longer than the model's window is cut as the archive job cuts it; each window's states
     # count as a clip's for the score, and --check joins the windows' outputs.
@@ -148,7 +148,7 @@ def _run(argv: list[str] | None) -> None:
     }
     if args.check:
         request = TaskRequest(args.task, target_language="en" if args.task == "st" else None)
-        refs = [r[REFERENCE_FIELDS[args.task]] for r in rows]
+        refs = [r[reference_fields()[args.task]] for r in rows]
         languages = [r.get("language", "en") for r in rows]
 
         def score(cfg: ReductionConfig) -> float:

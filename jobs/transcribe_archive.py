@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from jobs.common import JobParser, input_path, output_folder, run_job
 from pipeline.models.registry import DEFAULT_MODEL
 from pipeline.tasks import TASKS, TIMESTAMPS
-from schemas.job_config import EXECUTORS, JobConfig
+from schemas.job_config import EXECUTORS, OLDER_SPELLINGS, PROMPT_FORMATS, JobConfig
 from workers.archive_job import run_archive
 
 
@@ -61,8 +61,9 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     p.add_argument(
         "--prompt-format",
         default="auto",
-        choices=("auto", "chat", "plain"),
-        help="auto: the checkpoint's chat template where it ships one, else its plain prompts",
+        choices=(*PROMPT_FORMATS, *OLDER_SPELLINGS),
+        help="the checkpoint kind to prompt the model as: instruct (its chat template), base (its family's "
+        "plain prompts) or auto (instruct where it ships a chat template); chat and plain: older spellings",
     )
     p.add_argument("--model-actors", type=int, default=1, help="model actors (one per GPU on a GPU cluster)")
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="0: model actors run on CPU")

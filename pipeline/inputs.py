@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import BinaryIO
 
+from pipeline.errors import Refusal
 from schemas.manifest import RecordingEntry, RunManifest
 
 PIPELINE_VERSION = "0.1.0"  # bump whenever the same inputs and settings would give different outputs
@@ -48,7 +49,7 @@ _HASH_CHUNK = 1 << 20
 RETRIED_STAGES = frozenset({"plan", "read", "limit", "model"})
 
 
-class PlanError(ValueError):
+class PlanError(Refusal, ValueError):
     """The input cannot be planned (unknown layout, malformed manifest line, duplicate ids)."""
 
 

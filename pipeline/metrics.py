@@ -12,13 +12,15 @@ convention) are scored by characters (CER), as Whisper's paper does.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from importlib import resources
 
 import jiwer
 import sacrebleu
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+from pipeline.tasks import TASKS, check_task
 
 CHARACTER_LANGUAGES = frozenset({"ja", "ko", "zh"})
 
@@ -116,16 +118,24 @@ def accuracy(refs: Sequence[str], hyps: Sequence[str]) -> float:
     return sum(r.strip().lower() == h.strip().lower() for r, h in zip(refs, hyps, strict=True)) / len(refs)
 
 
-# task -> the manifest field holding its reference (jobs/evaluate.py, benchmarks/score_run.py)
-REFERENCE_FIELDS = {"asr": "text", "st": "translation_en", "lid": "language", "er": "text"}
+# A task's metric (pipeline.tasks.Task.metric) -> every score of it, the headline one first.
+SCORERS: dict[str, Callable[[Sequence[str], Sequence[str], Sequence[str]], dict[str, float]]] = {
+    "wer": asr_scores,
+    "bleu": lambda refs, hyps, _: {"BLEU": bleu(refs, hyps), "chrF": chrf(refs, hyps)},
+    "accuracy": lambda refs, hyps, _: {"Acc %": 100.0 * accuracy(refs, hyps)},
+}
+
+
+def reference_fields() -> dict[str, str]:
+    """Scored task -> the manifest field holding its reference (jobs/evaluate.py, benchmarks/score_run.py)."""
+    return {name: task.reference for name, task in TASKS.items() if task.reference and task.metric}
 
 
 def task_scores(
     task: str, refs: Sequence[str], hyps: Sequence[str], languages: Sequence[str]
 ) -> dict[str, float]:
     """Every metric of ``task``, the headline one first."""
-    if task == "asr":
-        return asr_scores(refs, hyps, languages)
-    if task == "st":
-        return {"BLEU": bleu(refs, hyps), "chrF": chrf(refs, hyps)}
-    return {"Acc %": 100.0 * accuracy(refs, hyps)}
+    metric = check_task(task).metric
+    if metric is None:
+        raise ValueError(f"task {task!r} is not scored")
+    return SCORERS[metric](refs, hyps, languages)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from pipeline.errors import Refusal
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.models.base import ModelDescription
+from pipeline.tasks import TASKS, is_dense
 
 PRESETS_VERSION = "2026.12.7"
 DEFAULT = "default"
@@ -30,7 +32,7 @@ PADDING: dict[str, dict] = {
 }
 
 
-class PresetError(ValueError):
+class PresetError(Refusal, ValueError):
     """No preset of that name for the model and task."""
 
 
@@ -195,9 +197,18 @@ BY_CHECKPOINT: dict[str, dict[str, dict[str, Preset]]] = {
 
 
 def presets_for(model: ModelDescription, task: str) -> dict[str, Preset]:
-    """The named presets for a model and task: its checkpoint's own, else its family's and kind's."""
-    own = BY_CHECKPOINT.get(model.name, {}).get(task)
-    return own if own is not None else BY_FAMILY.get((model.family, model.kind), {}).get(task, {})
+    """The named presets for a model and task: its checkpoint's own, else its family's and kind's. A task
+    with neither reduces as the model's first task of the same density does (dense ones gradually, sparse
+    ones once), so that a new task needs no presets of its own."""
+    dense = is_dense(task)
+    alike = [t for t in TASKS if t != task and t in model.tasks and is_dense(t) == dense]
+    for candidate in (task, *alike):
+        own = BY_CHECKPOINT.get(model.name, {}).get(candidate)
+        if own is None:
+            own = BY_FAMILY.get((model.family, model.kind), {}).get(candidate)
+        if own is not None:
+            return own
+    return {}
 
 
 def resolve_reduction(model: ModelDescription, task: str, name: str = DEFAULT) -> ReductionConfig:

@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.errors import Refusal
 from pipeline.inputs import PlannedRecording, latest_entries, sha256_file
 from pipeline.stats import peak_rss_bytes
 from schemas.manifest import (
@@ -76,7 +77,7 @@ class OutputWriteError(PublishError):
     the parts committed before it stay."""
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(Refusal, RuntimeError):
     """Another live run holds the output folder's lock."""
 
 

@@ -19,6 +19,8 @@ class WindowStats:
     audio_tokens_in: audio tokens entering the first layer. audio_tokens_kept: audio tokens summed
     over layers divided by the layer count (the average per-layer length, what the KV cache holds).
     encode_s, prefill_s, decode_s: the window's share of its batch's times (``batch_times``).
+    loop_cuts: times decoding fell into a loop and was cut (a family's loop guard, e.g.
+    ``pipeline.models.whisper_decoding``); evaluation reports them, the stats table does not.
     """
 
     audio_seconds: float = 0.0
@@ -30,6 +32,7 @@ class WindowStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     generated_tokens: int = 0
+    loop_cuts: int = 0
 
     def __add__(self, other: WindowStats) -> WindowStats:
         return WindowStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})

@@ -1,22 +1,23 @@
-"""The tasks a SpeechLM run can do: prompts, how window outputs combine, output normalisation.
+"""The tasks a SpeechLM run can do, one record each in ``TASKS``: what the job configuration checks,
+how window outputs combine, which result field holds them, what evaluation scores, and how an instruct
+(chat) model is asked. A family's plain prompts for base checkpoints live in its own module.
 
 Dense tasks (asr, st) need every window's words: window texts are stitched into one text
 (pipeline.stitch). Sparse tasks give one short output per window: er labels and sqa answers are
 normalised and the recording's result is the label (answer) with the most speech behind it
-(``aggregate_labels`` weighted by each window's speech duration). ``instruction`` words each task for
-instruct (chat) models; a family's plain prompts for base checkpoints live in its own module.
+(``aggregate_labels`` weighted by each window's speech duration).
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from pipeline.errors import Refusal
 from pipeline.stitch import normalise, words
 
-TASKS = ("asr", "st", "er", "sqa", "lid")
-DENSE_TASKS = frozenset({"asr", "st"})
 EMOTIONS = ("neutral", "happy", "sad", "angry", "fearful", "disgusted", "surprised")
 UNKNOWN = "unknown"
 
@@ -50,7 +51,7 @@ TIMESTAMPS = ("words", "segments", "none")
 _SPECIAL_TOKEN = re.compile(r"<\|[^|>]*\|>")
 
 
-class TaskError(ValueError):
+class TaskError(Refusal, ValueError):
     """A task name or its arguments are invalid; the message says which and what is allowed."""
 
 
@@ -72,60 +73,75 @@ class TaskRequest:
     def __post_init__(self) -> None:
         if self.timestamps not in TIMESTAMPS:
             raise TaskError(f"timestamps={self.timestamps!r} is not one of {', '.join(TIMESTAMPS)}")
+        if self.task == "lid" and self.language:
+            raise TaskError(
+                f"task 'lid' detects the spoken language; language={self.language!r} contradicts it"
+            )
 
 
-def check_task(task: str) -> None:
+def check_task(task: str) -> Task:
+    """The task's record; TaskError naming the known tasks for any other name."""
     if task not in TASKS:
         raise TaskError(f"task={task!r} is not one of {', '.join(TASKS)}")
+    return TASKS[task]
 
 
 def is_dense(task: str) -> bool:
     """True when the task's window texts are stitched (asr, st), False when aggregated (er, sqa)."""
-    check_task(task)
-    return task in DENSE_TASKS
-
-
-def language_name(language: str) -> str:
-    """English name of a language given as a code ('de') or a name ('German', 'german')."""
-    if language.lower() in LANGUAGES:
-        return LANGUAGES[language.lower()]
-    names = {name.lower(): name for name in LANGUAGES.values()}
-    if language.lower() in names:
-        return names[language.lower()]
-    raise TaskError(f"language {language!r} is not one of {', '.join(sorted(LANGUAGES))} (or their names)")
+    return check_task(task).dense
 
 
 def language_code(language: str) -> str:
-    """ISO 639-1 code of a language given as a code or a name ('German' -> 'de')."""
-    name = language_name(language)
-    return next(code for code, known in LANGUAGES.items() if known == name)
+    """The pipeline's one language normaliser: the ISO 639-1 code of a language given as a code or an
+    English name ('German', 'german', 'de' -> 'de'; 'Swahili' -> 'sw' from Whisper's list), else the
+    input lower-cased (a model's own list of languages then decides: ``models.base.check_request``)."""
+    key = language.strip().lower()
+    codes = {name.lower(): code for code, name in LANGUAGES.items()}
+    if key in LANGUAGES or key in codes:
+        return codes.get(key, key)
+    # Whisper's list names the languages of every checkpoint here; only read beyond the prompt table.
+    from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+    return TO_LANGUAGE_CODE.get(key, key)
+
+
+def language_name(language: str) -> str:
+    """English name of a language given as a code ('de') or a name ('German', 'german'), for prompts."""
+    code = language_code(language)
+    if code not in LANGUAGES:
+        raise TaskError(
+            f"language {language!r} is not one of {', '.join(sorted(LANGUAGES))} (or their names)"
+        )
+    return LANGUAGES[code]
 
 
 def instruction(request: TaskRequest) -> str:
     """The task as an instruction to an instruct (chat) model; the audio comes before it in the turn."""
-    check_task(request.task)
-    if request.task == "asr":
-        spoken = f" {language_name(request.language)}" if request.language else ""
-        return f"Transcribe the{spoken} speech exactly as spoken. Output only the transcript."
-    if request.task == "st":
-        return f"Translate the speech into {language_name(target_language(request))}. Output only the translation."
-    if request.task == "er":
-        return "Recognize the emotion of the speaker. Answer with one word."
-    if request.task == "lid":
-        return "Which language is spoken? Answer with the language name only."
-    return question(request)
+    task = check_task(request.task)
+    if task.instruction is None:
+        raise TaskError(f"task {request.task!r} has no instruction for chat models")
+    return task.instruction(request)
+
+
+def needed(request: TaskRequest, field: str) -> str:
+    """The request's ``field`` (one the task needs: target_language, question), stripped."""
+    value = getattr(request, field)
+    if not value or not value.strip():
+        raise TaskError(f"task {request.task!r} needs a {field}")
+    return value.strip()
 
 
 def target_language(request: TaskRequest) -> str:
-    if not request.target_language:
-        raise TaskError("task 'st' needs a target_language")
-    return request.target_language
+    return needed(request, "target_language")
 
 
 def question(request: TaskRequest) -> str:
-    if not request.question or not request.question.strip():
-        raise TaskError("task 'sqa' needs a question")
-    return request.question.strip()
+    return needed(request, "question")
+
+
+def _transcribe(request: TaskRequest) -> str:
+    spoken = f" {language_name(request.language)}" if request.language else ""
+    return f"Transcribe the{spoken} speech exactly as spoken. Output only the transcript."
 
 
 def emotion_label(text: str) -> str:
@@ -138,10 +154,11 @@ def emotion_label(text: str) -> str:
 
 
 def normalise_output(task: str, text: str) -> str:
-    """Clean one window's raw output: special tokens removed, whitespace collapsed; er -> an EMOTIONS label."""
-    check_task(task)
+    """Clean one window's raw output: special tokens removed, whitespace collapsed, then the task's own
+    normalisation (er -> an EMOTIONS label)."""
+    record = check_task(task)
     text = " ".join(_SPECIAL_TOKEN.sub(" ", text).split())
-    return emotion_label(text) if task == "er" else text
+    return text if record.normalise is None else record.normalise(text)
 
 
 def aggregate_labels(labels: list[str], weights: list[float] | None = None) -> str:
@@ -170,3 +187,56 @@ def aggregate_labels(labels: list[str], weights: list[float] | None = None) -> s
         return UNKNOWN
     best = max(totals.values())
     return spelling[next(key for key, total in totals.items() if total == best)]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task, as every stage reads it.
+
+    dense: window texts are stitched (True) or one output per window is aggregated by speech duration;
+    result: the result field it fills (``text``, ``label`` or ``answer``; schemas.tables.RESULTS_SCHEMA);
+    reference: the manifest field evaluation scores against (None: not scored); metric: how it is
+    scored (pipeline.metrics.SCORERS); instruction: the request worded for an instruct (chat) model
+    (None: no chat prompt asks it); needs: request fields it cannot do without (target_language,
+    question), checked by the job configuration; normalise: a window output's own clean-up.
+    """
+
+    name: str
+    dense: bool
+    result: str
+    reference: str | None
+    metric: str | None
+    instruction: Callable[[TaskRequest], str] | None
+    needs: tuple[str, ...] = ()
+    normalise: Callable[[str], str] | None = None
+
+
+TASKS: dict[str, Task] = {
+    task.name: task
+    for task in (
+        Task("asr", True, "text", "text", "wer", _transcribe),
+        Task(
+            "st",
+            True,
+            "text",
+            "translation_en",
+            "bleu",
+            lambda r: (
+                f"Translate the speech into {language_name(target_language(r))}. Output only the translation."
+            ),
+            needs=("target_language",),
+        ),
+        Task(
+            "er",
+            False,
+            "label",
+            "text",
+            "accuracy",
+            lambda r: "Recognize the emotion of the speaker. Answer with one word.",
+            normalise=emotion_label,
+        ),
+        Task("sqa", False, "answer", None, None, question, needs=("question",)),
+        # lid: a language code per window, which the model gives without being asked (Whisper's detection)
+        Task("lid", False, "label", "language", "accuracy", None),
+    )
+}

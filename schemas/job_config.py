@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from pipeline.errors import Refusal
+from pipeline.models.base import KINDS
 from pipeline.models.registry import DEFAULT_MODEL
 from pipeline.tasks import TASKS, TIMESTAMPS
 
-# --prompt-format -> checkpoint kind
-PROMPT_FORMATS = {"auto": None, "chat": "instruct", "plain": "base"}
+# --prompt-format: the checkpoint kind to prompt a model as (pipeline.models.base.KINDS), or auto (what
+# the checkpoint ships says). chat and plain are older spellings of instruct and base, still accepted.
+PROMPT_FORMATS = ("auto", *KINDS)
+OLDER_SPELLINGS = {"chat": "instruct", "plain": "base"}
 EXECUTORS = ("auto", "ray", "in-process")
 
 
-class JobConfigError(ValueError):
+class JobConfigError(Refusal, ValueError):
     """An invalid job setting; the message names the option."""
 
 
@@ -49,7 +53,7 @@ class JobConfig:
     target_language: str | None = None
     question: str | None = None
     language: str | None = None  # spoken language (asr, st); None: detected per window where the model can
-    prompt_format: str = "auto"  # auto: the checkpoint's chat template if it ships one; chat; plain
+    prompt_format: str = "auto"  # auto: instruct if the checkpoint ships a chat template, else base
     model_actors: int = 1
     gpus_per_actor: float = 0.0
     cpus_per_actor: float | None = None
@@ -70,10 +74,9 @@ class JobConfig:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise JobConfigError(f"--task {self.task!r} is not one of {', '.join(TASKS)}")
-        if self.task == "st" and not self.target_language:
-            raise JobConfigError("--task st needs --target-language")
-        if self.task == "sqa" and not self.question:
-            raise JobConfigError("--task sqa needs --question")
+        for need in TASKS[self.task].needs:
+            if not getattr(self, need):
+                raise JobConfigError(f"--task {self.task} needs --{need.replace('_', '-')}")
         if self.model_actors < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise JobConfigError("--model-actors and --batch-size must be >= 1")
         if self.gpus_per_actor < 0 or (self.cpus_per_actor is not None and self.cpus_per_actor <= 0):
@@ -82,6 +85,7 @@ class JobConfig:
             raise JobConfigError("--overlap-s must be >= 0 and --max-duration-s > 0")
         if self.commit_every_s <= 0 or self.commit_every_n < 1 or self.progress_every_s <= 0:
             raise JobConfigError("--commit-every-s, --progress-every-s must be > 0, --commit-every-n >= 1")
+        object.__setattr__(self, "prompt_format", OLDER_SPELLINGS.get(self.prompt_format, self.prompt_format))
         if self.prompt_format not in PROMPT_FORMATS:
             raise JobConfigError(
                 f"--prompt-format {self.prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}"
@@ -100,13 +104,13 @@ class JobConfig:
     @property
     def model_kind(self) -> str | None:
         """The checkpoint kind ``prompt_format`` asks for (None: what the checkpoint ships says)."""
-        return PROMPT_FORMATS[self.prompt_format]
+        return None if self.prompt_format == "auto" else self.prompt_format
 
     @property
     def windows_per_call(self) -> int:
         """``batch_size``, or by default 64 windows per model call on GPU actors (the adapters fill a
-        GPU batch up to what its memory holds) and 16 on CPU actors (Whisper tiny.en's decoding reads the
-        output projection once per step for the whole batch: 16 windows decode 1.3x faster than 8)."""
+        GPU batch up to what its memory holds) and 16 on CPU actors (Whisper's decoding reads the output
+        projection once per step for the whole batch, so a larger batch pays less for it per token)."""
         if self.batch_size is not None:
             return self.batch_size
         return 64 if self.gpus_per_actor > 0 else 16

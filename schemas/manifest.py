@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from pipeline.errors import Refusal
+
 # 3: a part is committed by the table generation it names; 2: a part committed by its manifest in
 # runs/run_id=<id>/part=<n>/ (the layout before table folders; upgraded by pipeline/publish.py)
 MANIFEST_VERSION = 3
@@ -16,7 +18,7 @@ READ_VERSIONS = (1, 2, 3)
 LEGACY_VERSION, LEGACY_PART = 1, -1
 
 
-class ManifestError(ValueError):
+class ManifestError(Refusal, ValueError):
     """A manifest is malformed or contradicts the files it lists."""
 
 

@@ -55,6 +55,7 @@ WINDOW_STATS_TYPE = pa.struct(
         pa.field("prefill_s", pa.float64(), nullable=False),
         pa.field("decode_s", pa.float64(), nullable=False),
         pa.field("generated_tokens", pa.int64(), nullable=False),
+        pa.field("loop_cuts", pa.int64(), nullable=False),
     ]
 )
 

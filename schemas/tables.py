@@ -25,8 +25,6 @@ SEGMENT_TYPE = pa.struct(
 # each segment a window's span (cut in pauses by voice activity: coarse). Null in rows written before.
 TIMINGS = ("words", "windows")
 
-RESULT_STATUSES = ("ok", "empty")  # empty: decoded fine, no speech found (or nothing transcribed)
-
 RESULTS_SCHEMA = pa.schema(
     [
         pa.field("recording_id", pa.string(), nullable=False),
@@ -60,7 +58,8 @@ STATS_SCHEMA = pa.schema(
         pa.field("windows", pa.int32(), nullable=False),
         # audio tokens, KV bytes, encode_s / prefill_s / decode_s (the windows' shares of their batches'
         # times, by the work each caused: pipeline.stats.batch_times), generated tokens: summed windows
-        *list(WINDOW_STATS_TYPE)[1:],
+        # (loop cuts are evaluation's, jobs/evaluate.py: not a column of this table)
+        *[f for f in list(WINDOW_STATS_TYPE)[1:] if f.name != "loop_cuts"],
         # generated_tokens / decode_s: the decode throughput of the batches (all their rows) that generated
         # this recording's tokens, weighted by its tokens in each
         pa.field("decode_tokens_per_s", pa.float64()),

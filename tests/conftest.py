@@ -74,13 +74,13 @@ def make_wav() -> Callable[..., Path]:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random checkpoint folders of the decoder-only families, saved as real ones are."""
-    from pipeline.models import glm_asr, qwen2_audio
+    from tests.checkpoints import save_glm_asr, save_qwen2_audio
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {
-        "qwen-base": qwen2_audio.save_tiny_random(root / "qwen-base", "base"),
-        "qwen-instruct": qwen2_audio.save_tiny_random(root / "qwen-instruct", "instruct"),
-        "glm": glm_asr.save_tiny_random(root / "glm"),
+        "qwen-base": save_qwen2_audio(root / "qwen-base", "base"),
+        "qwen-instruct": save_qwen2_audio(root / "qwen-instruct", "instruct"),
+        "glm": save_glm_asr(root / "glm"),
     }
 
 

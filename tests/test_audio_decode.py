@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.audio.decode import AudioDecodeError, decode_audio
-from pipeline.audio.encode import encode_audio
+from tests.audio_files import encode_audio
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

@@ -10,7 +10,7 @@ import torch
 from pipeline.engine.batching import fit_batch
 from pipeline.engine.memory import Footprint, footprint, max_batch
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.qwen2_audio import build_tiny_random
+from pipeline.models.tiny_random import build_tiny_random
 from pipeline.tasks import TaskRequest
 
 

@@ -21,16 +21,17 @@ import pytest
 
 from benchmarks import score_run
 from benchmarks.fault_injection import descendants, find
-from pipeline.audio.encode import encode_audio, speech_in_silence
 from pipeline.inputs import PlanError
+from pipeline.models.base import ModelTaskError
 from pipeline.models.registry import describe_model
 from pipeline.presets import resolve_reduction
 from pipeline.publish import committed_manifests, read_committed
 from pipeline.tasks import EMOTIONS, UNKNOWN
 from schemas.job_config import JobConfig, JobConfigError
+from tests.audio_files import encode_audio, speech_in_silence
 from tests.conftest import tone_bursts, write_wav
 from workers import in_process, ray_run
-from workers.archive_job import ModelTaskError, RunSummary, run_archive
+from workers.archive_job import RunSummary, run_archive
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 

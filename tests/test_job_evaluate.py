@@ -49,7 +49,7 @@ def test_rows_are_those_with_the_tasks_reference(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ids = {
         task: [r["id"] for r in evaluate.select(path, None, 0, field)]
-        for task, field in metrics.REFERENCE_FIELDS.items()
+        for task, field in metrics.reference_fields().items()
     }
     assert ids == {
         "asr": ["a", "b", "d"],

@@ -12,7 +12,8 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration, Whisper
 
 from pipeline.merging.config import ReductionConfig
 from pipeline.merging.layer_select import choose_layer, entropy_proxy, normalised_scores, select_layer
-from pipeline.models.whisper import TINY_EN, WhisperSpeechModel, packaged_files
+from pipeline.models.base import Checkpoint
+from pipeline.models.whisper import TINY_EN, WhisperSpeechModel, describe, packaged_files
 
 SR = 16000
 
@@ -55,7 +56,8 @@ def tiny() -> WhisperSpeechModel:
     )  # fmt: skip
     _, meta = packaged_files(TINY_EN)
     tokenizer = WhisperTokenizerFast(tokenizer_file=str(meta / "tokenizer.json"))
-    return WhisperSpeechModel(WhisperForConditionalGeneration(config), tokenizer, name="tiny", batch_size=2)
+    description = describe(Checkpoint("tiny", "whisper"), config.to_dict())
+    return WhisperSpeechModel(WhisperForConditionalGeneration(config), tokenizer, description, batch_size=2)
 
 
 def test_selection_on_a_tiny_whisper_is_deterministic_and_valid(tiny):

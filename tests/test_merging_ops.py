@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from pipeline.kernels.paths import forced_path
 from pipeline.merging.config import CHAIN_METHODS, EVICT_METHODS, MERGE_METHODS
 from pipeline.merging.ops import (
+    Reduction,
     adjacent_similarity,
     capped_most,
     h2o_keep_indices,
@@ -18,6 +19,13 @@ from pipeline.merging.ops import (
 )
 
 METHODS = (*MERGE_METHODS, *EVICT_METHODS)
+
+
+def first_index(red: Reduction) -> torch.Tensor:
+    """[B, n_out] index (0..L-1) of each group's first token carrying weight (its first token for
+    merges; the surviving token for evictions): its position under the ``first`` policy at 0..L-1."""
+    batch, length = red.groups.shape
+    return red.positions(torch.arange(length, device=red.groups.device).expand(batch, length))
 
 
 def reference_apply(groups: torch.Tensor, weights: torch.Tensor, n_out: int, x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +88,7 @@ def test_reduction_invariants(problem):
     assert (groups[:, 0] == 0).all() and (groups[:, -1] == red.n_out - 1).all()
     steps = groups[:, 1:] - groups[:, :-1]
     assert ((steps == 0) | (steps == 1)).all()
-    lead = red.first_index()
+    lead = first_index(red)
     assert (lead[:, 1:] > lead[:, :-1]).all()  # order kept
     assert (groups.gather(1, lead) == torch.arange(red.n_out)).all()
     assert (weights >= 0).all()
@@ -265,7 +273,7 @@ def test_fastv_drops_the_least_attended():
 def test_eviction_at_sequence_start_keeps_the_surviving_position():
     mass = torch.tensor([[0.1, 0.2, 5.0, 6.0]])
     red = plan_reduction("fastv", 4, [(0, 4)], [2], mass=mass)
-    assert red.first_index().tolist() == [[2, 3]]
+    assert first_index(red).tolist() == [[2, 3]]
     pos = torch.arange(4)[None] + 100
     assert red.positions(pos).tolist() == [[102, 103]]
     x = torch.randn(1, 4, 3, dtype=torch.bfloat16)
@@ -365,7 +373,7 @@ def test_cuda_matches_cpu(method, dtype):
         red = plan_reduction(
             method, 300, spans, ks, keys=keys.to(device), mass=mass.to(device), generator=gen
         )
-        return red.groups.cpu(), red.first_index().cpu(), red.apply(x.to(device)).cpu()
+        return red.groups.cpu(), first_index(red).cpu(), red.apply(x.to(device)).cpu()
 
     groups_cpu, lead_cpu, out_cpu = run("cpu")
     groups_gpu, lead_gpu, out_gpu = run("cuda")

@@ -219,11 +219,14 @@ def test_the_prompt_kind_can_be_forced_where_the_family_has_it(checkpoints):
 
 def test_int8_is_refused_where_the_family_has_none(checkpoints):
     """The description says so before any weights are read; loading anyway is refused, not half done."""
-    from pipeline.models.base import INT8
+    from pipeline.models.base import INT8, ModelTaskError
     from schemas.job_config import JobConfig
-    from workers.archive_job import ModelTaskError, check_model
+    from workers.archive_job import check_model
 
-    assert describe_model("whisper-tiny.en").int8 and not describe_model(str(checkpoints["glm"])).int8
+    assert (
+        "int8" in describe_model("whisper-tiny.en").dtypes
+        and not describe_model(str(checkpoints["glm"])).dtypes
+    )
     with pytest.raises(ModelTaskError, match="no int8 variant"):
         check_model(JobConfig("in", "out", model=str(checkpoints["qwen-instruct"]), int8=True))
     with pytest.raises(ModelError, match="int8 is not supported"):
@@ -233,8 +236,9 @@ def test_int8_is_refused_where_the_family_has_none(checkpoints):
 def test_languages_the_pipelines_table_does_not_name_get_the_models_own_refusal():
     """Swahili is not in the prompt table (pipeline.tasks.LANGUAGES): what the model cannot do is still
     what the refusal says, and a multilingual Whisper that knows it is not refused."""
+    from pipeline.models.base import ModelTaskError
     from schemas.job_config import JobConfig
-    from workers.archive_job import ModelTaskError, check_model
+    from workers.archive_job import check_model
 
     with pytest.raises(ModelTaskError, match="is English-only; --language 'sw'"):
         check_model(JobConfig("in", "out", language="sw"))

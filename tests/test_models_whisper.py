@@ -14,7 +14,7 @@ import torch
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.merging.schedule import output_reduction
 from pipeline.models import whisper as whisper_adapter
-from pipeline.models.whisper import load_tiny_en
+from pipeline.models.whisper import TINY_EN, load_packaged
 from pipeline.models.whisper_decoding import greedy_decode
 from pipeline.models.whisper_encoder import encode, encoder_ratios
 from pipeline.presets import PADDING
@@ -55,7 +55,7 @@ def vowels(seconds: float, seed: int) -> np.ndarray:
 def whisper(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTADASP_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield load_tiny_en(batch_size=3)
+        yield load_packaged(TINY_EN, batch_size=3)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,11 @@ def test_no_reduction_reproduces_transformers_generate(whisper, clips):
     assert rows == [sum(n > step for n in lengths) for step in range(max(lengths))]  # ... and leave
     assert [o.language for o in outputs] == ["en"] * 3  # English-only: what it hears is English
     assert whisper.run(clips[:1], TaskRequest("asr", language="English"), NO_REDUCTION)[0].text == texts[0]
-    assert whisper.tasks == {"asr"} and whisper.translate_to == () and whisper.languages == {}
+    assert (
+        whisper.description.tasks == {"asr"}
+        and whisper.description.translate_to == ()
+        and whisper.languages == {}
+    )
     assert any(len(t) > 3 for t in texts)  # the clips make the model say something
     for out, row, wave in zip(outputs, reference, clips, strict=True):
         text_tokens = [t for t in row if t != 50256]
@@ -106,9 +110,7 @@ def test_encoder_loop_matches_whisper_encoder(whisper, clips):
     [
         NO_REDUCTION,
         ReductionConfig(method="fastadasp", schedule="constant", first_layer=1, ratio=0.2, padding="drop"),
-        ReductionConfig(
-            method="fastadasp", schedule="single", first_layer=3, ratio=0.3, **PADDING["merge"]
-        ),
+        ReductionConfig(method="fastadasp", schedule="single", first_layer=3, ratio=0.3, **PADDING["merge"]),
     ],
 )
 def test_encoder_passes_of_two_windows_give_the_whole_batch_outputs(whisper, clips, cfg):
@@ -225,11 +227,11 @@ def test_caller_errors(whisper, clips):
         whisper.run(clips, ASR, ReductionConfig(method="fastadasp", target=0.3, mass="tail"))
     with pytest.raises(ValueError, match="first_layer"):
         whisper.run(clips, ASR, ReductionConfig(method="fastadasp", target=0.3, first_layer=4))
-    with pytest.raises(ValueError, match=r"task='st': whisper-tiny\.en supports asr$"):
+    with pytest.raises(ValueError, match=r"whisper-tiny\.en' cannot do task 'st' \(it does: asr\)$"):
         whisper.run(clips, TaskRequest("st", target_language="de"), NO_REDUCTION)
-    with pytest.raises(ValueError, match="task='lid'"):
+    with pytest.raises(ValueError, match="task 'lid'"):
         whisper.run(clips, TaskRequest("lid"), NO_REDUCTION)
-    with pytest.raises(ValueError, match=r"language='de': whisper-tiny\.en knows en"):
+    with pytest.raises(ValueError, match=r"whisper-tiny\.en' is English-only; --language 'de'"):
         whisper.run(clips, TaskRequest("asr", language="de"), NO_REDUCTION)
     with pytest.raises(ValueError, match="at most 30"):
         whisper.run([np.zeros(31 * SR, dtype=np.float32)], ASR, NO_REDUCTION)
@@ -241,7 +243,7 @@ def test_int8_quantizes_the_decoder_and_keeps_the_transcript_close(whisper):
     from pipeline.metrics import wer
     from pipeline.models.base import INT8, ModelError
 
-    int8 = load_tiny_en(dtype=INT8)  # the user's conversion cache, which the job tests fill too
+    int8 = load_packaged(TINY_EN, dtype=INT8)  # the user's conversion cache, which the job tests fill too
     quantized = [type(m).__module__ for m in int8.model.model.decoder.modules()]
     assert any("quantized" in q for q in quantized) and "quantized" in type(int8.model.proj_out).__module__
     assert int8.model.model.encoder.layers[0].self_attn.k_proj.weight.dtype == torch.float32
@@ -250,4 +252,4 @@ def test_int8_quantizes_the_decoder_and_keeps_the_transcript_close(whisper):
     int8_texts = [o.text for o in int8.run(speech, ASR, NO_REDUCTION)]
     assert wer(float_texts, int8_texts) < 0.2, (float_texts, int8_texts)
     with pytest.raises(ModelError, match="CPU only"):
-        load_tiny_en(device="cuda", dtype=INT8)
+        load_packaged(TINY_EN, device="cuda", dtype=INT8)

@@ -54,4 +54,4 @@ def test_looping_rows_are_cut_and_the_rest_decode_as_generate(tmp_path):
         assert len(cut) < len(full) and cut == full[: len(cut)]
         assert _loop_start(full[: len(cut) + LOOP_TOKENS], LOOP_TOKENS) == len(cut)
     # the adapter says which windows were cut (evaluate counts them)
-    assert [out.loop_cut for out in model.run(waves, TaskRequest("asr"), NO_REDUCTION)] == [True] * 3
+    assert [out.stats.loop_cuts for out in model.run(waves, TaskRequest("asr"), NO_REDUCTION)] == [1] * 3

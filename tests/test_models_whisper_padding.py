@@ -34,7 +34,9 @@ def clips() -> list[np.ndarray]:
 
 
 def _features(whisper, waves, frames=3000):
-    return whisper.features(waves, sampling_rate=SR, return_tensors="pt", max_length=frames * 160).input_features
+    return whisper.features(
+        waves, sampling_rate=SR, return_tensors="pt", max_length=frames * 160
+    ).input_features
 
 
 def test_features_and_convolutions_as_far_as_the_audio_reaches_are_exact(whisper, clips):

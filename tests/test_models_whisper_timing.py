@@ -12,7 +12,7 @@ import pytest
 from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION
 from pipeline.models.registry import describe_model
-from pipeline.models.whisper import TINY_EN, load_tiny_en
+from pipeline.models.whisper import TINY_EN, load_packaged
 from pipeline.presets import resolve_reduction
 from pipeline.stitch import words as text_words
 from pipeline.tasks import TaskError, TaskRequest
@@ -26,7 +26,7 @@ PAUSE_S = 2.0
 def whisper(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTADASP_CACHE", str(tmp_path_factory.mktemp("cache")))
-        model = load_tiny_en()
+        model = load_packaged(TINY_EN)
         model.description = describe_model(TINY_EN)
         yield model
 

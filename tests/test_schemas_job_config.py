@@ -38,7 +38,8 @@ def test_bad_options_name_the_flag(kwargs, message):
 
 
 def test_timestamps_are_checked_against_the_model() -> None:
-    from workers.archive_job import ModelTaskError, check_model
+    from pipeline.models.base import ModelTaskError
+    from workers.archive_job import check_model
 
     with pytest.raises(JobConfigError, match="--timestamps"):
         JobConfig("in", "out", timestamps="frames")

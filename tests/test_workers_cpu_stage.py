@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.audio.decode import decode_audio
-from pipeline.audio.encode import encode_audio, speech_in_silence
 from pipeline.audio.vad import find_speech
 from pipeline.audio.windows import cut, plan_windows
 from pipeline.inputs import list_recordings
 from schemas.stages import PLAN_SCHEMA, WINDOW_SCHEMA
+from tests.audio_files import encode_audio, speech_in_silence
 from tests.conftest import write_wav
 from workers.cpu_stage import cut_windows, recording_windows
 
@@ -183,7 +183,7 @@ def test_bytes_changed_during_cutting_fail_the_recording(tmp_path: Path) -> None
 _PEAK_RSS = """
 import resource, sys
 from pipeline.audio.decode import decode_audio
-from pipeline.audio.encode import encode_audio, speech_in_silence
+from tests.audio_files import encode_audio, speech_in_silence
 from pipeline.audio.vad import find_speech
 from pipeline.audio.windows import cut, plan_windows
 from pipeline.inputs import list_recordings

@@ -32,7 +32,7 @@ from pipeline.inputs import (
     pending,
 )
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import ModelDescription
+from pipeline.models.base import ModelDescription, check_request
 from pipeline.models.registry import describe_model
 from pipeline.presets import PRESETS_VERSION, resolve_reduction
 from pipeline.publish import (
@@ -45,8 +45,8 @@ from pipeline.publish import (
     remove_abandoned,
     upgrade_layout,
 )
-from pipeline.tasks import TaskError, language_code
-from schemas.job_config import JobConfig, JobConfigError
+from pipeline.tasks import TaskRequest
+from schemas.job_config import OLDER_SPELLINGS, JobConfig, JobConfigError
 from schemas.manifest import RunManifest
 from workers import in_process
 from workers.model_stage import connected_ray
@@ -54,10 +54,6 @@ from workers.progress import ProgressLog, Tally
 from workers.stitch_stage import RecordingAssembler, crash_records
 
 log = logging.getLogger(__name__)
-
-
-class ModelTaskError(ValueError):
-    """The model cannot do the requested task; raised before any work starts."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -162,37 +158,11 @@ def uses_ray(config: JobConfig) -> bool:
     return bool(os.environ.get("RAY_ADDRESS")) or connected or config.model_actors > 1
 
 
-def _code(language: str) -> str:
-    """ISO code of a language the pipeline's table names; any other as given, lower-cased (a multilingual
-    model's own check, per window, names the languages it knows)."""
-    try:
-        return language_code(language)
-    except TaskError:
-        return language.lower()
-
-
 def check_model(config: JobConfig) -> ModelDescription:
-    """Describe the model from its config files (no weights) and refuse a task, language or window
-    overlap it cannot do, before any input is read."""
+    """Describe the model from its config files (no weights) and refuse a request or window overlap it
+    cannot do (``pipeline.models.base.check_request``), before any input is read."""
     info = describe_model(config.model, config.model_kind)
-    if config.task not in info.tasks:
-        raise ModelTaskError(
-            f"model {config.model!r} cannot do task {config.task!r} (it does: {', '.join(sorted(info.tasks))})"
-        )
-    if config.task == "st" and info.translate_to and _code(config.target_language) not in info.translate_to:
-        raise ModelTaskError(
-            f"model {config.model!r} translates only into {', '.join(info.translate_to)}, "
-            f"not {config.target_language!r}"
-        )
-    if config.language and not info.multilingual and _code(config.language) != "en":
-        raise ModelTaskError(f"model {config.model!r} is English-only; --language {config.language!r}")
-    if config.timestamps == "words" and not info.word_times:
-        raise ModelTaskError(
-            f"model {config.model!r} gives no word times (--timestamps words needs a Whisper checkpoint "
-            f"naming its alignment heads); use --timestamps segments or none"
-        )
-    if config.int8 and not info.int8:
-        raise ModelTaskError(f"model {config.model!r} has no int8 variant (--int8 is for Whisper models)")
+    check_request(info, TaskRequest(**_request(config)), "int8" if config.int8 else None)
     if config.overlap_s >= info.max_window_s / 2:  # half a window: each window still adds new audio
         raise JobConfigError(
             f"--overlap-s {config.overlap_s} must be below half of {config.model!r}'s "
@@ -253,8 +223,10 @@ def run_archive(config: JobConfig) -> RunSummary:
     output, run_id = Path(config.output), new_run_id()
     with OutputLock(output, run_id):
         windowing = {"overlap_s": config.overlap_s, "max_window_s": info.max_window_s}
-        # A forced prompt format changes every output; "auto" keeps older runs' fingerprints.
-        prompts = {"prompt_format": config.prompt_format} if config.model_kind else {}
+        # A forced kind changes every output; "auto" keeps older runs' fingerprints, and a forced one is
+        # fingerprinted in its older spelling (chat, plain) so that runs from before the rename resume.
+        older = {kind: spelling for spelling, kind in OLDER_SPELLINGS.items()}
+        prompts = {"prompt_format": older[config.model_kind]} if config.model_kind else {}
         prompts |= {"int8": True} if config.int8 else {}  # changes outputs; absent keeps old fingerprints
         run_fp = fingerprint(
             config.model,

@@ -89,7 +89,7 @@ def join_outputs(clips: Clips, outputs: list[WindowOutput], task: str) -> list[W
         stitched = stitch_outputs(rows, task)
         text = next(stitched[k] for k in ("text", "label", "answer") if k in stitched)
         stats = sum((o.stats for o in outs), WindowStats())
-        joined.append(WindowOutput(text, stitched["language"], stats, any(o.loop_cut for o in outs)))
+        joined.append(WindowOutput(text, stitched["language"], stats))
     return joined
 
 

@@ -5,10 +5,10 @@ is stitched as soon as its last window is back, with no barrier over the run (a 
 every recording until the last window of the run), and the driver holds only the windows of
 recordings still in flight. The rows are text and stats only (the model stage drops the PCM).
 
-asr/st: the window texts are stitched into one text with per-window segments, or sentence segments
-and words where the windows carry word times (``--timestamps words|segments``); er and lid: the window
-labels (emotions, language codes) are aggregated into one, weighted by window duration; sqa: the window
-answers likewise. Every task's result carries the spoken language the model detected, aggregated the
+Dense tasks (asr, st): the window texts are stitched into one text with per-window segments, or
+sentence segments and words where the windows carry word times (``--timestamps words|segments``);
+sparse ones (er, lid, sqa): the window outputs are aggregated into the task's result field (label or
+answer: ``pipeline.tasks.Task.result``), weighted by window duration. Every task's result carries the spoken language the model detected, aggregated the
 same way. Window outputs
 are cleaned by pipeline.tasks.normalise_output first. Window stats are summed.
 """
@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipeline.inputs import PlannedRecording
 from pipeline.stats import WindowStats
 from pipeline.stitch import WindowText, stitch
-from pipeline.tasks import aggregate_labels, is_dense, normalise_output
+from pipeline.tasks import aggregate_labels, check_task, normalise_output
 from pipeline.timing import Word
 from schemas.tables import RECORD_SCHEMA
 
@@ -60,10 +60,10 @@ def stitch_outputs(rows: list[dict], task: str, timestamps: str = "none") -> dic
     if rows[0]["status"] == "empty":
         return {"text": "", "segments": []}
     texts = [normalise_output(task, r["text"]) for r in rows]
-    if not is_dense(task):  # one answer per recording: the one given for the most audio
-        key = "answer" if task == "sqa" else "label"  # er: an emotion, lid: a language code
+    record = check_task(task)
+    if not record.dense:  # one answer per recording: the one given for the most audio
         return {
-            key: aggregate_labels(texts, [r["end_s"] - r["start_s"] for r in rows]),
+            record.result: aggregate_labels(texts, [r["end_s"] - r["start_s"] for r in rows]),
             "language": _language(rows),
         }
     windows = [

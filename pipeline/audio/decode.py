@@ -23,6 +23,7 @@ import av
 import numpy as np
 import soxr
 
+from pipeline.errors import Refusal
 from pipeline.inputs import open_source
 
 # Integer sample formats -> the value that maps to full scale 1.0 (u8 is offset by 128).
@@ -35,7 +36,7 @@ _OGG_MAX_PAGE_BYTES = 27 + 255 + 255 * 255  # header, segment table, data: the t
 _BLOCK_S = 10.0
 
 
-class AudioDecodeError(ValueError):
+class AudioDecodeError(Refusal, ValueError):
     """The input cannot be used as audio; the message names the input and what is wrong with it."""
 
 

@@ -26,7 +26,7 @@ class GreedyDecoder:
 
     prompt_lengths [B]: each row's prompt length (its next position); first_tokens [B]: the tokens
     prefill chose. Every row writes and attends at its own cache lengths (``caches.prefill_lengths``).
-    ops: the step's elementwise ops (``fused.FUSED``; ``fused.TWINS`` to measure the kernels against).
+    ops: the step's elementwise ops (``fused.FUSED``; benchmarks/decode_step.py passes the PyTorch twins).
     """
 
     def __init__(
@@ -39,20 +39,13 @@ class GreedyDecoder:
         max_new_tokens: int,
         eos_token_ids: list[int],
         pad_token_id: int,
-        use_graph: bool | None = None,
         ops: StepOps = FUSED,
     ) -> None:
         device = first_tokens.device
         batch = first_tokens.shape[0]
-        # The PyTorch decode attention reads the lengths on the host, which a graph cannot capture.
-        graph_ready = device.type == "cuda" and attention_kernels_usable(device, stack.head_dim)
-        if use_graph and not graph_ready:
-            raise ValueError(
-                "CUDA-graph decoding needs a CUDA device, triton and a head_dim the kernels take "
-                f"(a power of two >= 16, got {stack.head_dim})"
-            )
         self.stack, self.caches, self.ops = stack, caches, ops
-        self.use_graph = graph_ready if use_graph is None else use_graph
+        # The PyTorch decode attention reads the lengths on the host, which a graph cannot capture.
+        self.use_graph = device.type == "cuda" and attention_kernels_usable(device, stack.head_dim)
         self.max_new_tokens = max_new_tokens
         self.pad = pad_token_id
         self.eos = torch.tensor(eos_token_ids, device=device)

@@ -376,8 +376,8 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class StepOps:
-    """The elementwise ops a decode step calls: ``FUSED`` (the dispatchers, as the engine runs) or
-    ``TWINS`` (the PyTorch twins everywhere, what benchmarks/decode_step.py measures the kernels against)."""
+    """The elementwise ops a decode step calls: ``FUSED`` (the dispatchers, as the engine runs), or the
+    PyTorch twins everywhere (benchmarks/decode_step.py measures the kernels against those)."""
 
     add_rmsnorm: Callable[[Tensor, Tensor | None, Tensor, float], tuple[Tensor, Tensor]]
     rope_and_cache: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -385,4 +385,3 @@ class StepOps:
 
 
 FUSED = StepOps(add_rmsnorm, rope_and_cache, silu_mul)
-TWINS = StepOps(add_rmsnorm_torch, rope_and_cache_torch, silu_mul_torch)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from pipeline.errors import Refusal
+
 MERGE_METHODS = ("fastadasp", "average", "random-merge", "a-tome")
 CHAIN_METHODS = ("fastadasp", "average", "random-merge")  # selected edges form chains of any length
 EVICT_METHODS = ("fastv", "random-evict")
@@ -24,7 +26,7 @@ PADDING_POLICIES = ("keep", "merge", "trim", "drop")
 PAIR_CAP = 0.5  # the most of its tokens pairwise merging (a-tome) removes: one of each pair
 
 
-class ReductionConfigError(ValueError):
+class ReductionConfigError(Refusal, ValueError):
     """A reduction setting is invalid; the message names the field and the allowed values."""
 
 

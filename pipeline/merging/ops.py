@@ -154,11 +154,6 @@ class Reduction:
             out = self._gather.apply(x.reshape(batch * length, -1))
         return out.reshape(batch, self.n_out, *x.shape[2:])
 
-    def first_index(self) -> Tensor:
-        """[B, n_out] index (0..L-1) of each group's first token carrying weight (its first token for
-        merges; the surviving token for evictions)."""
-        return self._lead
-
     def positions(self, pos: Tensor) -> Tensor:
         """pos [B, L] -> [B, n_out]: each group's position under the ``first`` policy."""
         return pos.gather(1, self._lead)

@@ -5,8 +5,12 @@ A family is one module in ``pipeline/models/`` that provides:
 - ``MODEL_TYPES``: the ``model_type`` values of ``config.json`` it serves;
 - ``describe(checkpoint) -> ModelDescription``: read from the checkpoint's config files alone, never its
   weights (the driver, presets, evaluate and generate ask this before any model exists);
-- ``load(checkpoint, device, dtype) -> SpeechModel``: the loaded adapter; ``dtype=INT8`` asks for dynamic
-  int8 quantization, which only families whose description says ``int8`` accept.
+- ``load(checkpoint, device, dtype) -> SpeechModel``: the loaded adapter, holding the description it was
+  built with; ``dtype=INT8`` asks for dynamic int8 quantization, which only families whose description
+  lists ``int8`` in its ``dtypes`` accept.
+
+``check_request`` is the one capability check: the jobs call it on the description before any work,
+and every adapter calls it as a request reaches ``run``.
 
 A ``SpeechModel`` turns a batch of mono float32 waveforms at ``sample_rate`` (each at most
 ``max_window_s`` long) plus a task into one ``WindowOutput`` per waveform. Decoder-only SpeechLMs share
@@ -22,18 +26,26 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from pipeline.errors import Refusal
 from pipeline.merging.config import ReductionConfig
 from pipeline.stats import WindowStats
-from pipeline.tasks import TaskRequest
+from pipeline.tasks import TaskError, TaskRequest, language_code
 from pipeline.timing import Word
 
 KINDS = ("base", "instruct")
+# Every family here hears through a Whisper-style log-mel front end: 16 kHz audio, 30 s of it per window.
+SAMPLE_RATE = 16000
+WINDOW_S = 30.0
 # The dtype that asks for dynamic int8 quantization (int8 weights, activations quantized per call; CPU).
 INT8 = torch.qint8
 
 
-class ModelError(ValueError):
+class ModelError(Refusal, ValueError):
     """A model name, folder or checkpoint cannot be used; the message says why and what would work."""
+
+
+class ModelTaskError(TaskError):
+    """The model cannot do the request (task, language, timestamps, dtype); raised before any work."""
 
 
 @dataclass(frozen=True)
@@ -57,10 +69,11 @@ class ModelDescription:
     family: the family module's name; kind: ``base`` (plain prompts) or ``instruct`` (prompted with
     the chat template it ships); reducing_layers: layers a reduction schedule counts over (decoder
     layers of a SpeechLM, encoder layers of Whisper); translate_to: target languages of ``st``
-    (empty: any the prompt can name); padding: the ``ReductionConfig.padding`` policies its encoder
-    implements (an encoder that pads every window to its full length); int8: loads with
-    ``dtype=INT8`` on CPU; word_times: gives word times (``TaskRequest.timestamps`` ``words``; Whisper
-    checkpoints that name their alignment heads).
+    (empty: any the prompt can name); multilingual: hears languages other than English, languages: the
+    spoken-language codes it knows (empty: any); padding: the ``ReductionConfig.padding`` policies its
+    encoder implements (an encoder that pads every window to its full length); dtypes: weight variants
+    it loads besides its float ones (``int8``: ``dtype=INT8`` on CPU); word_times: gives word times
+    (``TaskRequest.timestamps`` ``words``; Whisper checkpoints that name their alignment heads).
     """
 
     name: str
@@ -72,8 +85,9 @@ class ModelDescription:
     reducing_layers: int
     translate_to: tuple[str, ...] = ()
     multilingual: bool = False
+    languages: tuple[str, ...] = ()
     padding: tuple[str, ...] = ("keep",)
-    int8: bool = False
+    dtypes: tuple[str, ...] = ()
     word_times: bool = False
 
     def __post_init__(self) -> None:
@@ -81,12 +95,47 @@ class ModelDescription:
             raise ValueError(f"kind={self.kind!r} is not one of {', '.join(KINDS)}")
 
 
+def check_request(
+    model: ModelDescription,
+    request: TaskRequest,
+    dtype: str | None = None,
+    reduction: ReductionConfig | None = None,
+) -> None:
+    """Refuse what ``model`` cannot do with ``request`` (with weights of ``dtype``, e.g. ``int8``, and
+    ``reduction``'s padding policy), naming what it can: ModelTaskError."""
+    name = repr(model.name)
+    if request.task not in model.tasks:
+        raise ModelTaskError(
+            f"model {name} cannot do task {request.task!r} (it does: {', '.join(sorted(model.tasks))})"
+        )
+    target = request.target_language
+    if target and model.translate_to and language_code(target) not in model.translate_to:
+        raise ModelTaskError(
+            f"model {name} translates only into {', '.join(model.translate_to)}, not {target!r}"
+        )
+    spoken = request.language
+    if spoken and not model.multilingual and language_code(spoken) != "en":
+        raise ModelTaskError(f"model {name} is English-only; --language {spoken!r}")
+    if spoken and model.languages and language_code(spoken) not in model.languages:
+        raise ModelTaskError(f"language={spoken!r}: model {name} knows {', '.join(sorted(model.languages))}")
+    if request.timestamps == "words" and not model.word_times:
+        raise ModelTaskError(
+            f"model {name} gives no word times (--timestamps words needs a Whisper checkpoint naming its "
+            f"alignment heads); use --timestamps segments or none"
+        )
+    if dtype is not None and dtype not in model.dtypes:
+        raise ModelTaskError(f"model {name} has no {dtype} variant (--{dtype} is for Whisper models)")
+    if reduction is not None and reduction.padding not in model.padding:
+        raise ModelTaskError(
+            f"model {name} has no padding policy {reduction.padding!r} (it has: {', '.join(model.padding)})"
+        )
+
+
 @dataclass
 class WindowOutput:
     text: str
     language: str | None = None  # the spoken language, where the model tells it (ISO 639-1 code)
     stats: WindowStats = field(default_factory=WindowStats)
-    loop_cut: bool = False  # decoding fell into a loop and was cut (pipeline.models.whisper_decoding)
     words: list[Word] | None = None  # seconds from the window's start; None: the model gives no word times
 
 

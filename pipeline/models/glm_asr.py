@@ -6,57 +6,23 @@ gated SiLU MLP, grouped KV, no q/k/v bias), which our ``DecoderStack`` already r
 processor is a plain tokenizer + Whisper feature extractor + chat template. Voxtral's decoder is Llama
 too, but its tokenizer needs ``mistral-common``; Granite-Speech's Granite decoder scales embeddings,
 residuals, attention and logits by multipliers the engine does not apply.
-
-``save_tiny_random`` writes a random-weight checkpoint of the real class for tests.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import (
-    GlmAsrConfig,
-    GlmAsrForConditionalGeneration,
-    GlmAsrProcessor,
-    WhisperFeatureExtractor,
-)
+from transformers import GlmAsrConfig, GlmAsrForConditionalGeneration
 
-from pipeline.models.base import Checkpoint, ModelDescription, ModelError
-from pipeline.models.speechlm import (
-    SAMPLE_RATE,
-    WINDOW_S,
-    AudioLanguageModel,
-    byte_level_tokenizer,
-    chat_template,
-    tiny_text_config,
-)
+from pipeline.models.base import SAMPLE_RATE, WINDOW_S, Checkpoint, ModelDescription, ModelError
+from pipeline.models.speechlm import AudioLanguageModel, chat_template
 from pipeline.tasks import TaskRequest
 
 MODEL_TYPES = ("glmasr",)
 AUDIO_TOKEN = "<|pad|>"
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "[gMASK]",
-    "<sop>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|begin_of_audio|>",
-    AUDIO_TOKEN,
-    "<|end_of_audio|>",
-)
 TRANSCRIBE = "Please transcribe this audio into text"  # the processor's default transcription request
 MERGE_FACTOR = 4  # encoder frames stacked into one audio embedding
-# A GLM-4 style chat template with the audio item framed as GLM-ASR frames it (tiny test checkpoints).
-TEMPLATE = (
-    "[gMASK]<sop>{% for message in messages %}<|{{ message['role'] }}|>\n"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'audio' %}"
-    "<|begin_of_audio|><|pad|><|end_of_audio|>\n{% elif content['type'] == 'text' %}{{ content['text'] }}"
-    "{% endif %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 
 
 class GlmAsrSpeechModel(AudioLanguageModel):
@@ -94,31 +60,9 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
         sample_rate=SAMPLE_RATE,
         max_window_s=WINDOW_S,
         reducing_layers=int(text.get("num_hidden_layers", GlmAsrConfig().text_config.num_hidden_layers)),
+        multilingual=True,  # Mandarin, Cantonese and English, told apart by the model itself
     )
 
 
 def load(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None) -> GlmAsrSpeechModel:
     return GlmAsrSpeechModel.from_checkpoint(ckpt, describe, device, dtype)
-
-
-def save_tiny_random(folder: Path, seed: int = 0, num_layers: int = 4) -> Path:
-    """Write a random-weight GLM-ASR checkpoint (model + processor with its chat template)."""
-    tokenizer = byte_level_tokenizer(SPECIAL_TOKENS, eos="<|endoftext|>")
-    processor = GlmAsrProcessor(WhisperFeatureExtractor(feature_size=128), tokenizer, chat_template=TEMPLATE)
-    ids = tokenizer.convert_tokens_to_ids
-    config = GlmAsrConfig(
-        audio_config={
-            "hidden_size": 32,
-            "intermediate_size": 32 * MERGE_FACTOR,  # stacked frames feed the projector
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_mel_bins": 128,
-        },
-        text_config=tiny_text_config(len(tokenizer), num_layers)
-        | {"eos_token_id": [ids("<|endoftext|>"), ids("<|user|>")], "pad_token_id": ids("<|endoftext|>")},
-        audio_token_id=ids(AUDIO_TOKEN),
-    )
-    torch.manual_seed(seed)
-    GlmAsrForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder

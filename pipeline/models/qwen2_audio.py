@@ -2,61 +2,36 @@
 
 Checkpoints: ``Qwen/Qwen2-Audio-7B`` (base: the plain evaluation prompts below) and
 ``Qwen/Qwen2-Audio-7B-Instruct`` (instruct: its chat template), from the hub, a local folder or the
-offline cache (``pipeline.models.registry``). ``tiny-random-qwen2-audio`` builds a random-weight model
-of the real class with a byte-level tokenizer, offline, for tests and plumbing; ``save_tiny_random``
-writes one as a checkpoint folder (model + processor, either kind), loaded like real weights.
+offline cache (``pipeline.models.registry``); the packaged ``tiny-random-qwen2-audio`` is built in code
+(``pipeline.models.tiny_random``).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
-from transformers import (
-    Qwen2AudioConfig,
-    Qwen2AudioForConditionalGeneration,
-    Qwen2AudioProcessor,
-    WhisperFeatureExtractor,
-)
+from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
-from pipeline.models.base import Checkpoint, ModelDescription
-from pipeline.models.speechlm import (
-    SAMPLE_RATE,
-    WINDOW_S,
-    AudioLanguageModel,
-    byte_level_tokenizer,
-    kind_of,
-    tiny_text_config,
-)
+from pipeline.models.base import SAMPLE_RATE, WINDOW_S, Checkpoint, ModelDescription
+from pipeline.models.speechlm import AudioLanguageModel, kind_of
 from pipeline.tasks import TaskRequest, language_code, language_name, question, target_language
 
 MODEL_TYPES = ("qwen2_audio",)
-TINY_RANDOM = "tiny-random-qwen2-audio"
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_PROMPT = f"<|audio_bos|>{AUDIO_TOKEN}<|audio_eos|>"
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|audio_bos|>",
-    AUDIO_TOKEN,
-    "<|audio_eos|>",
-)
-TASKS = frozenset({"asr", "st", "er", "sqa"})
-# The chat template Qwen2-Audio-7B-Instruct ships (its processor's), for the tiny instruct checkpoint.
-INSTRUCT_TEMPLATE = (
-    "{% set audio_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant."
-    "<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if 'audio' in content or 'audio_url' in content %}{% set audio_count.value = audio_count.value + 1 %}"
-    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n{% elif 'text' in content %}"
-    "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# task -> its plain prompt: Qwen2-Audio's evaluation prompts (the base model's format). The family does
+# these tasks; an instruct checkpoint is asked each task's instruction (pipeline.tasks.TASKS).
+PLAIN_PROMPTS: dict[str, Callable[[TaskRequest], str]] = {
+    "asr": lambda r: (
+        f"{AUDIO_PROMPT}Detect the language and recognize the speech: <|{language_code(r.language or 'en')}|>"
+    ),
+    "st": lambda r: f"{AUDIO_PROMPT}Translate the speech into {language_name(target_language(r))}:",
+    "er": lambda r: f"{AUDIO_PROMPT}Recognize the emotion with keywords in English:",
+    "sqa": lambda r: f"{AUDIO_PROMPT}{question(r)}",
+}
 
 
 class Qwen2AudioSpeechModel(AudioLanguageModel):
@@ -67,15 +42,7 @@ class Qwen2AudioSpeechModel(AudioLanguageModel):
         return sorted({self.tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")})
 
     def plain_prompt(self, request: TaskRequest) -> str:
-        """Qwen2-Audio's evaluation prompts (the base model's format)."""
-        if request.task == "asr":
-            code = language_code(request.language or "en")
-            return f"{AUDIO_PROMPT}Detect the language and recognize the speech: <|{code}|>"
-        if request.task == "st":
-            return f"{AUDIO_PROMPT}Translate the speech into {language_name(target_language(request))}:"
-        if request.task == "er":
-            return f"{AUDIO_PROMPT}Recognize the emotion with keywords in English:"
-        return f"{AUDIO_PROMPT}{question(request)}"
+        return PLAIN_PROMPTS[request.task](request)
 
     def audio_token_counts(self, waveforms: list[np.ndarray]) -> list[int]:
         """The audio tower's length arithmetic over the frames ``features`` marks valid."""
@@ -98,63 +65,25 @@ class Qwen2AudioSpeechModel(AudioLanguageModel):
 
 def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
     if ckpt.packaged:  # the tiny random model: its config is built in code (vocabulary size aside)
+        from pipeline.models.tiny_random import tiny_random_config  # it builds on this module
+
         config = tiny_random_config(vocab_size=1, audio_token_id=0).to_dict()
     text = config.get("text_config") or {}
     return ModelDescription(
         name=ckpt.name,
         family=__name__.rsplit(".", 1)[-1],
         kind=kind_of(ckpt),
-        tasks=TASKS,
+        tasks=frozenset(PLAIN_PROMPTS),
         sample_rate=SAMPLE_RATE,
         max_window_s=WINDOW_S,
         reducing_layers=int(text.get("num_hidden_layers", Qwen2AudioConfig().text_config.num_hidden_layers)),
+        multilingual=True,  # its asr prompt names the spoken language; st into any the prompt can name
     )
 
 
 def load(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None) -> Qwen2AudioSpeechModel:
-    if ckpt.name == TINY_RANDOM and ckpt.folder is None:
+    if ckpt.packaged:
+        from pipeline.models.tiny_random import build_tiny_random  # it builds on this module
+
         return build_tiny_random().to(device, dtype)
     return Qwen2AudioSpeechModel.from_checkpoint(ckpt, describe, device, dtype)
-
-
-# --- the tiny random model -------------------------------------------------------------------------
-def tiny_random_config(vocab_size: int, audio_token_id: int, num_layers: int = 4) -> Qwen2AudioConfig:
-    return Qwen2AudioConfig(
-        audio_config={
-            "d_model": 32,
-            "encoder_layers": 2,
-            "encoder_attention_heads": 2,
-            "encoder_ffn_dim": 64,
-            "num_mel_bins": 128,
-            "max_source_positions": 1500,
-        },
-        text_config=tiny_text_config(vocab_size, num_layers),
-        audio_token_index=audio_token_id,
-    )
-
-
-def tiny_random_processor(kind: str = "base") -> Qwen2AudioProcessor:
-    tokenizer = byte_level_tokenizer(SPECIAL_TOKENS, eos="<|endoftext|>")
-    processor = Qwen2AudioProcessor(WhisperFeatureExtractor(feature_size=128), tokenizer)
-    processor.chat_template = INSTRUCT_TEMPLATE if kind == "instruct" else None  # base: ships no template
-    return processor
-
-
-def build_tiny_random(seed: int = 0, num_layers: int = 4, kind: str = "base") -> Qwen2AudioSpeechModel:
-    """A random-weight Qwen2-Audio of the real class (fp32, CPU), deterministic for a seed."""
-    processor = tiny_random_processor(kind)
-    tokenizer = processor.tokenizer
-    torch.manual_seed(seed)
-    cfg = tiny_random_config(len(tokenizer), tokenizer.convert_tokens_to_ids(AUDIO_TOKEN), num_layers)
-    cfg._attn_implementation = "sdpa"
-    model = Qwen2AudioForConditionalGeneration(cfg).eval()
-    description = replace(describe(Checkpoint(TINY_RANDOM, MODEL_TYPES[0]), cfg.to_dict()), kind=kind)
-    return Qwen2AudioSpeechModel(model, processor, description)
-
-
-def save_tiny_random(folder: Path, kind: str = "base", seed: int = 0) -> Path:
-    """Write a tiny random checkpoint (model + processor) the way real ones are saved."""
-    speech_model = build_tiny_random(seed, kind=kind)
-    speech_model.model.save_pretrained(folder)
-    speech_model.processor.save_pretrained(folder)
-    return folder

@@ -20,21 +20,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from torch import Tensor, nn
-from transformers import AutoProcessor, PreTrainedTokenizerFast
+from transformers import AutoProcessor
 
 from pipeline import tasks
+from pipeline.device import sync
 from pipeline.engine.batching import AudioPrompt, fit_batch, generate_rows
 from pipeline.engine.generate import Generation
 from pipeline.engine.stack import DecoderStack
 from pipeline.merging.config import ReductionConfig
-from pipeline.models.base import INT8, Checkpoint, ModelDescription, ModelError, WindowOutput
+from pipeline.models.base import (
+    INT8,
+    SAMPLE_RATE,
+    Checkpoint,
+    ModelDescription,
+    ModelError,
+    WindowOutput,
+    check_request,
+)
 from pipeline.stats import WindowStats, batch_times
 from pipeline.tasks import TaskRequest
 
-SAMPLE_RATE = 16000
-WINDOW_S = 30.0
 # The processor's own chat template files; a template only in tokenizer_config.json does not make a
 # checkpoint instruct (base LLM tokenizers often ship a generic one).
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
@@ -77,33 +83,6 @@ def _load_weights(model_class: type[nn.Module], ckpt: Checkpoint, dtype: torch.d
     if bad:
         raise ModelError(f"{ckpt.name}: the weights do not match the config: {bad}")
     return model.eval()
-
-
-def byte_level_tokenizer(special_tokens: tuple[str, ...], eos: str) -> PreTrainedTokenizerFast:
-    """A real byte-level BPE tokenizer with no merges: 256 byte symbols + a family's special tokens
-    (what the tiny random checkpoints ship; real checkpoints bring their own)."""
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for token in special_tokens:
-        vocab[token] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(special_tokens))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
-
-
-def tiny_text_config(vocab_size: int, num_layers: int) -> dict:
-    """The decoder of the tiny random test checkpoints: grouped KV (4 query heads on 2), head size 16
-    (what the Triton kernels take), a SiLU MLP."""
-    return {
-        "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": num_layers,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-    }
 
 
 class AudioLanguageModel(ABC):
@@ -210,11 +189,7 @@ class AudioLanguageModel(ABC):
 
     def prompt_text(self, request: TaskRequest) -> str:
         """The task's prompt text with one audio placeholder: chat template or plain prompt."""
-        if request.task not in self.description.tasks:
-            raise tasks.TaskError(
-                f"{self.description.name} cannot do task {request.task!r} "
-                f"(it does: {', '.join(sorted(self.description.tasks))})"
-            )
+        check_request(self.description, request)
         if self.description.kind == "base":
             return self.plain_prompt(request)
         turn = [{"type": "audio", "audio": "window"}, {"type": "text", "text": self.instruction(request)}]
@@ -245,8 +220,7 @@ class AudioLanguageModel(ABC):
         t0 = time.perf_counter()
         features, mask = self.features([clip for row in clips for clip in row])
         encoded = self.encode(features, mask)
-        if self.stack.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(self.stack.device)
         encode_s = time.perf_counter() - t0
         per_row = len(clips[0])
         rows = []
@@ -268,6 +242,7 @@ class AudioLanguageModel(ABC):
         self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
     ) -> list[WindowOutput]:
         """Windows of any lengths, longest first, in batches sized for the batch's longest window."""
+        check_request(self.description, request, reduction=reduction)
         prompt_text = self.prompt_text(request)
         counts = self.audio_token_counts(waveforms)
         order = sorted(range(len(waveforms)), key=lambda i: -counts[i])

@@ -25,11 +25,20 @@ import numpy as np
 import torch
 from torch import nn
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizerFast
-from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
 from pipeline.device import sync
 from pipeline.merging.config import PADDING_POLICIES, ReductionConfig
-from pipeline.models.base import INT8, Checkpoint, ModelDescription, ModelError, WindowOutput
+from pipeline.models.base import (
+    INT8,
+    SAMPLE_RATE,
+    WINDOW_S,
+    Checkpoint,
+    ModelDescription,
+    ModelError,
+    WindowOutput,
+    check_request,
+)
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
 from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
 from pipeline.models.whisper_encoder import (
@@ -41,21 +50,21 @@ from pipeline.models.whisper_encoder import (
 )
 from pipeline.models.whisper_timing import window_words
 from pipeline.stats import WindowStats, batch_times
-from pipeline.tasks import TaskError, TaskRequest
+from pipeline.tasks import TaskError, TaskRequest, language_code
 
 if TYPE_CHECKING:  # the modeling module takes seconds to import: only loading imports it, not describing
     from transformers import WhisperForConditionalGeneration
 
 TINY_EN = "whisper-tiny.en"
 BASE = "whisper-base"
-SAMPLE_RATE = 16000
-WINDOW_S = 30.0
 MULTILINGUAL_VOCAB = 51865  # openai/whisper's rule: a vocabulary this large has the language tokens
-MULTILINGUAL_TASKS = frozenset({"asr", "st", "lid"})
-# Windows per encoder pass on CPU. Two windows' activations (4.6 MB per layer output, 18 MB in the MLP)
-# stay in cache and below glibc's 32 MB mmap threshold, so freed tensors are reused instead of mapped
-# afresh; a 16-window pass maps and faults in 37-147 MB per tensor. The 67 long-form windows, two
-# threads, five paired runs: model time 1.04-1.3x lower, page faults 4.4 M -> 1.2 M, same transcripts.
+# task -> Whisper's task token; None: the language token alone, which the window's output is (lid).
+# Multilingual checkpoints do these tasks, English-only ones asr.
+TASK_TOKENS = {"asr": "transcribe", "st": "translate", "lid": None}
+MULTILINGUAL_TASKS = frozenset(TASK_TOKENS)
+# Windows per encoder pass on CPU: two windows' activations stay in cache and below glibc's mmap
+# threshold, so freed tensors are reused instead of mapped and faulted in afresh in every layer, as a
+# 16-window pass's are (measured in benchmarks/cpu-peer-longform-dev/README.md).
 CPU_ENCODER_WINDOWS = 2
 
 
@@ -210,10 +219,10 @@ def decode_options(
 class WhisperSpeechModel:
     """SpeechModel for Whisper checkpoints, reductions inside the encoder.
 
-    tasks: {asr} for English-only checkpoints, {asr, st, lid} for multilingual ones; translate_to: the
-    st target languages (("en",) or ()); languages: spoken-language codes it knows (empty: English-only).
+    description: what ``describe`` says of the checkpoint (tasks, languages, word times), which the
+    adapter checks requests against; languages: each spoken-language code's token id (empty: English-only).
     batch_size: windows per model call and decoder pass (16: each decoder step reads the 51,864-row output
-    projection once for the whole batch; on CPU 16 windows decode 1.3x faster per token than 8).
+    projection once for the whole batch, so larger batches pay less for it per token).
     On CPU the encoder takes them ``CPU_ENCODER_WINDOWS`` at a time.
     Timings of a batch are shared among its windows by ``pipeline.stats.batch_times``; ``prefill_s`` is
     the first decoder step(s) (language detection, prompt, projection of the encoder output to
@@ -227,12 +236,12 @@ class WhisperSpeechModel:
         self,
         model: WhisperForConditionalGeneration,
         tokenizer: WhisperTokenizerFast,
-        name: str,
+        description: ModelDescription,
         batch_size: int = 16,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.name = name
+        self.description = description
         self.batch_size = batch_size
         self.device = str(next(model.parameters()).device)
         self.features = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
@@ -241,48 +250,27 @@ class WhisperSpeechModel:
         # language code -> its token id ("<|de|>" -> "de")
         self.languages = {tok[2:-2]: i for tok, i in gen.lang_to_id.items()} if multilingual else {}
         self._code_of = {i: code for code, i in self.languages.items()}
-        self.tasks = MULTILINGUAL_TASKS if multilingual else frozenset({"asr"})
-        self.translate_to = ("en",) if multilingual else ()
         # hub checkpoints name them in their generation config; a checkpoint without them gives no word times
         heads = getattr(gen, "alignment_heads", None) or ()
         self.alignment_heads = [(int(layer), int(head)) for layer, head in heads]
 
-    def _language_code(self, language: str, what: str) -> str:
-        """'de', 'German' or 'german' -> 'de'; TaskError naming the known languages otherwise."""
-        code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
-        known = self.languages or {"en": None}
-        if code not in known:
-            raise TaskError(f"{what}={language!r}: {self.name} knows {', '.join(sorted(known))}")
-        return code
-
     def decode_plan(self, request: TaskRequest) -> tuple[DecodeOptions, str | None]:
         """Decoding options for a request and its fixed spoken language (None: detected per window).
 
-        Raises TaskError, before any work, for what this checkpoint cannot do.
+        Raises TaskError, before any work, for what this checkpoint cannot do (``check_request``; on
+        Whisper sentence times come from word times too, so segments need the alignment heads as well).
         """
-        if request.task not in self.tasks:
-            raise TaskError(f"task={request.task!r}: {self.name} supports {', '.join(sorted(self.tasks))}")
-        if request.task == "st" and request.target_language:
-            target = TO_LANGUAGE_CODE.get(request.target_language.lower(), request.target_language.lower())
-            if target not in self.translate_to:
-                raise TaskError(
-                    f"target_language={request.target_language!r}: {self.name} translates only into "
-                    f"English (target_language='en')"
-                )
+        check_request(self.description, request)
         if request.timestamps != "none" and not self.alignment_heads:
             raise TaskError(
-                f"timestamps={request.timestamps!r}: {self.name} names no alignment heads (generation "
-                f"config alignment_heads); use timestamps='none'"
+                f"timestamps={request.timestamps!r}: {self.description.name} names no alignment heads "
+                f"(generation config alignment_heads); use timestamps='none'"
             )
-        language = self._language_code(request.language, "language") if request.language else None
-        if request.task == "lid" and language is not None:
-            raise TaskError(
-                f"task 'lid' detects the spoken language; language={request.language!r} contradicts it"
-            )
+        language = language_code(request.language) if request.language else None
         gen = self.model.generation_config
         if not self.languages:
             return decode_options(gen), "en"
-        task = "translate" if request.task == "st" else "transcribe"
+        task = TASK_TOKENS[request.task] or "transcribe"
         token = None if language is None else self.languages[language]
         return decode_options(gen, token, task), language
 
@@ -299,7 +287,7 @@ class WhisperSpeechModel:
             if wave.ndim != 1 or len(wave) > WINDOW_S * SAMPLE_RATE:
                 raise ValueError(f"waveform {i} has shape {wave.shape}: expected mono, at most {WINDOW_S} s")
         ratios = encoder_ratios(reduction, self.model.config.encoder_layers)
-        max_new = 0 if request.task == "lid" else None
+        max_new = 0 if TASK_TOKENS[request.task] is None else None
         # batches of windows of like length: a batch is computed as far as its longest window reaches
         order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]))
         outputs: dict[int, WindowOutput] = {}
@@ -401,6 +389,7 @@ class WhisperSpeechModel:
                 kv_bytes_full=self._kv_bytes(full),
                 kv_bytes_kept=self._kv_bytes(int(enc.lengths[b])),
                 generated_tokens=generated[b],
+                loop_cuts=int(b in dec.loops),
                 **times[b],
             )
             if max_new_tokens == 0:  # lid: the language is the output
@@ -412,7 +401,6 @@ class WhisperSpeechModel:
                     text=text,
                     language=code,
                     stats=stats,
-                    loop_cut=b in dec.loops,
                     words=None if words is None else words[b],
                 )
             )
@@ -472,27 +460,22 @@ def load_packaged(
         spec.multilingual,
     ):
         raise RuntimeError(f"{name}: the weights do not match PACKAGED[{name!r}] (layers, multilingual)")
-    return WhisperSpeechModel(model, tokenizer, name=name, **kwargs)
-
-
-def load_tiny_en(
-    device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
-) -> WhisperSpeechModel:
-    """The offline default model (``load_packaged(TINY_EN)``)."""
-    return load_packaged(TINY_EN, device, dtype, **kwargs)
+    description = describe(Checkpoint(name, MODEL_TYPES[0], packaged=True), {})
+    return WhisperSpeechModel(model, tokenizer, description, **kwargs)
 
 
 def load_pretrained(
-    name: str, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
+    ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None, **kwargs: object
 ) -> WhisperSpeechModel:
-    """A transformers Whisper checkpoint by hub id or local folder (``openai/whisper-*``)."""
+    """A transformers Whisper checkpoint (``openai/whisper-*``) from its folder (local, or the hub's
+    snapshot: ``pipeline.models.registry.checkpoint``)."""
     from transformers import WhisperForConditionalGeneration
 
-    model = WhisperForConditionalGeneration.from_pretrained(name, dtype=_default_dtype(device, dtype))
+    model = WhisperForConditionalGeneration.from_pretrained(ckpt.folder, dtype=_default_dtype(device, dtype))
     model.to(device)
     _quantize(model, dtype)
-    tokenizer = WhisperTokenizerFast.from_pretrained(name)
-    return WhisperSpeechModel(model, tokenizer, name=name, **kwargs)
+    tokenizer = WhisperTokenizerFast.from_pretrained(ckpt.folder)
+    return WhisperSpeechModel(model, tokenizer, describe(ckpt, model.config.to_dict()), **kwargs)
 
 
 # --- the family contract (pipeline.models.base) ----------------------------------------------------
@@ -512,12 +495,17 @@ def _names_alignment_heads(folder: Path | None) -> bool:
 
 def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
     """From the packaged spec or config.json alone (English-only checkpoints have 51864 tokens)."""
-    if ckpt.packaged:  # both packaged models ship their alignment heads
+    if (
+        ckpt.packaged
+    ):  # both packaged models ship their alignment heads; the multilingual one has 51865 tokens
         layers, multilingual = PACKAGED[ckpt.name].encoder_layers, PACKAGED[ckpt.name].multilingual
-        word_times = True
+        vocab, word_times = MULTILINGUAL_VOCAB if multilingual else 0, True
     else:
-        layers, multilingual = int(config["encoder_layers"]), config["vocab_size"] >= MULTILINGUAL_VOCAB
+        vocab = config["vocab_size"]
+        layers, multilingual = int(config["encoder_layers"]), vocab >= MULTILINGUAL_VOCAB
         word_times = _names_alignment_heads(ckpt.folder)
+    # openai/whisper's rule: 51,865 tokens hold 99 language tokens, in LANGUAGES' order; 51,866 one more
+    languages = tuple(LANGUAGES)[: vocab - MULTILINGUAL_VOCAB + 99] if multilingual else ()
     return ModelDescription(
         name=ckpt.name,
         family=__name__.rsplit(".", 1)[-1],
@@ -528,16 +516,14 @@ def describe(ckpt: Checkpoint, config: dict) -> ModelDescription:
         reducing_layers=layers,
         translate_to=("en",) if multilingual else (),
         multilingual=multilingual,
+        languages=languages,
         padding=PADDING_POLICIES,
-        int8=True,
+        dtypes=("int8",),
         word_times=word_times,
     )
 
 
 def load(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype | None = None) -> WhisperSpeechModel:
     if ckpt.packaged:
-        model = load_packaged(ckpt.name, device, dtype)
-    else:
-        model = load_pretrained(str(ckpt.folder), device, dtype)
-    model.description = describe(ckpt, model.model.config.to_dict())
-    return model
+        return load_packaged(ckpt.name, device, dtype)
+    return load_pretrained(ckpt, device, dtype)

@@ -12,10 +12,10 @@ the batch pays one extra decoder step, not a second pass over the encoder output
 
 Where the time goes on a CPU, and so the layout: a step reads every window's cross-attention keys and
 values (1,500 positions per layer for a 30 s window), which outweighs the rest of the step at batch 16.
-They are kept transposed, (hd, S) per head, so both products of a step read contiguous rows: for one
-query over (16 windows, 6 heads, 1,500 keys), 1.5x the speed of SDPA's CPU kernel on one thread and 2x on
-two (PyTorch 2.13, this project's 2-core box); the self-attention cache is preallocated and written in
-place. Windows that have finished leave the batch (``generate`` keeps computing their padding): rows are
+They are kept transposed, (hd, S) per head, so both products of a step read contiguous rows, which
+beats SDPA's CPU kernel for one query over a decoder batch (no benchmark folder records it: compare
+against ``F.scaled_dot_product_attention`` before changing the layout); the self-attention cache is
+preallocated and written in place. Windows that have finished leave the batch (``generate`` keeps computing their padding): rows are
 independent, so the rows kept compute what they would have, and a batch whose windows finish at
 different lengths stops paying for the finished ones.
 
@@ -245,9 +245,9 @@ def alignment_weights(
 
 def _vocab_logits(proj: nn.Module, h: Tensor) -> Tensor:
     """h (B, D) -> logits (B, vocab). A float projection computes them as ``weight @ h.T``, (vocab, B),
-    returned transposed: for a decoder batch (B <= 16) CPU sgemm takes that shape 1.5-1.7x faster than
-    ``h @ weight.T`` (PyTorch 2.13, 2-core AMD EPYC; 51,864 x 384: 18 vs 30 ms on two threads), and
-    this product is the largest of a step. Quantized projections (int8) are called as they are."""
+    returned transposed: for a small decoder batch CPU sgemm takes that shape faster than
+    ``h @ weight.T`` (benchmarks/cpu-peer-longform-dev/README.md), and this product is the largest of a
+    step. Quantized projections (int8) are called as they are."""
     if isinstance(proj, nn.Linear) and proj.bias is None:
         return (proj.weight @ h.T).T
     return proj(h)

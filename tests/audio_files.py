@@ -1,5 +1,6 @@
-"""Encode float audio to a file with PyAV, the format chosen by the file extension (examples, tests,
-benchmarks), from one array or block by block (a recording of hours never whole in memory)."""
+"""Encode float audio to a file with PyAV, the format chosen by the file extension, from one array or
+block by block (a recording of hours never whole in memory). The product only reads audio; the tests,
+examples/make_examples.py and benchmarks/long_recordings.py write it."""
 
 from __future__ import annotations
 
