@@ -13,9 +13,9 @@ Every run is a fresh process, timed from its start to its last output (imports, 
 our job on Ray, Ray's start included: what a user waits for); a peer also reports its time after its
 model loaded, which the short-clip table compares against (the peers' most favourable reading).
 Repeats are interleaved system by system so drift on the machine hits every system alike.
-``--baseline-tree DIR`` also runs the archive job of another checkout (e.g. a worktree of an earlier
-commit) as "archive job at <commit>", to compare a change end to end. WER is over each recording's reference text (Whisper's
-English normaliser), RTF = wall seconds / audio seconds, ratios against faster-whisper's batched
+``--baseline-tree DIR`` also runs ``--baseline-systems`` (our job's settings) from another checkout (e.g. a
+worktree of an earlier commit) as "<system> at <commit>", to compare a change end to end.
+WER is over each recording's reference text (Whisper's English normaliser), RTF = wall seconds / audio seconds, ratios against faster-whisper's batched
 float32 run (against the first system when it is not among them: the whisper-base systems, whose
 weights faster-whisper here does not have). Writes results.json and results.md.
 """
@@ -206,7 +206,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--systems", nargs="*", default=tiny, choices=[*PEER, TRANSFORMERS, *OURS, "short-clip"]
     )
     parser.add_argument(
-        "--baseline-tree", type=Path, help="a checkout whose archive job also runs (default options)"
+        "--baseline-tree", type=Path, help="a checkout whose archive job also runs --baseline-systems"
+    )
+    parser.add_argument(
+        "--baseline-systems",
+        nargs="*",
+        default=["archive job, default preset"],
+        choices=list(OURS),
+        help="our systems also run from --baseline-tree, labelled '<system> at <commit>'",
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -214,22 +221,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     files = list(refs)
     audio_s = sum(decode_audio(f).duration_s for f in files)
     systems = [x for s in args.systems for x in (SHORT_CLIP if s == "short-clip" else [s])]
-    trees = {s: ROOT for s in systems}
+    trees = {s: (ROOT, s) for s in systems}  # label -> (checkout, system)
     if args.baseline_tree:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline_tree, capture_output=True, text=True
         ).stdout.strip()
-        trees[f"archive job at {commit}"] = args.baseline_tree.resolve()
-    runs: dict[str, list[Run]] = {s: [] for s in trees}
+        for system in args.baseline_systems:
+            trees[f"{system} at {commit}"] = (args.baseline_tree.resolve(), system)
+    runs: dict[str, list[Run]] = {label: [] for label in trees}
     for repeat in range(args.repeats):
-        for system, tree in trees.items():
+        for label, (tree, system) in trees.items():
             run = (
                 run_ours(system, files, args.threads, tree)
                 if system not in PEER and system != TRANSFORMERS
                 else (run_peer(system, files, args.threads))
             )
-            runs[system].append(run)
-            print(f"repeat {repeat}: {system}: {run[0]:.1f} s", flush=True)
+            runs[label].append(run)
+            print(f"repeat {repeat}: {label}: {run[0]:.1f} s", flush=True)
     summary = []
     for system, done in runs.items():
         wall = statistics.median(r[0] for r in done)
