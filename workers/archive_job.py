@@ -328,8 +328,10 @@ def run_archive(config: JobConfig) -> RunSummary:
                     )
                 counts = writer.finish()
         except KeyboardInterrupt as err:  # the part in flight is gone; the committed parts are the answer
-            kept = sum(len(m.recordings) for m in writer.committed)
-            raise RunInterrupted(run_id, len(writer.committed), kept, output) from err
+            # read from the folder: Ctrl-C may land between a part's switch and the writer's record of it
+            mine = [m for m in committed_manifests(output) if m.run_id == run_id]
+            kept = sum(len(m.recordings) for m in mine)
+            raise RunInterrupted(run_id, len(mine), kept, output) from err
         log.info("committed %d parts of run %s", len(writer.committed), run_id)
     return RunSummary(
         run_id,

@@ -40,7 +40,7 @@ from pipeline.models.base import (
     check_request,
 )
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
-from pipeline.models.whisper_decoding import DecodeOptions, greedy_decode
+from pipeline.models.whisper_decoding import DecodeOptions, cross_kv, greedy_decode
 from pipeline.models.whisper_encoder import (
     EncoderOutput,
     encode,
@@ -311,9 +311,14 @@ class WhisperSpeechModel:
         return cfg.decoder_layers * 2 * positions * cfg.d_model * dtype.itemsize
 
     def _encode(
-        self, waveforms: list[np.ndarray], reduction: ReductionConfig, ratios: list[float]
+        self,
+        waveforms: list[np.ndarray],
+        reduction: ReductionConfig,
+        ratios: list[float],
+        timing: bool = False,
     ) -> tuple[EncoderOutput, list[int]]:
         """The batch through the reducing encoder; also each window's speech tokens at the input.
+        timing: also the output without the last layer's merge, for word timing (``EncoderOutput.timing``).
 
         The log-mel is computed only as far as the longest window's audio reaches (``input_frames``):
         every later frame is padding, which the encoder's convolutions need not read again."""
@@ -328,7 +333,7 @@ class WhisperSpeechModel:
         ).input_features.to(device, dtype)
         speech = [max(1, speech_tokens(len(w), positions)) for w in waveforms]
         per_pass = CPU_ENCODER_WINDOWS if device.type == "cpu" else None
-        enc = encode(self.model.model.encoder, features, speech, reduction, ratios, per_pass)
+        enc = encode(self.model.model.encoder, features, speech, reduction, ratios, per_pass, timing)
         sync(device)
         return enc, speech
 
@@ -353,24 +358,26 @@ class WhisperSpeechModel:
         timestamps: str = "none",
     ) -> list[WindowOutput]:
         full = self.model.config.max_source_positions
+        timed = bool(self.alignment_heads) and timestamps != "none" and max_new_tokens != 0
         start = time.perf_counter()
-        enc, speech = self._encode(waveforms, reduction, ratios)
+        enc, speech = self._encode(waveforms, reduction, ratios, timed)
         encode_s = time.perf_counter() - start
-        timed = self.alignment_heads and timestamps != "none" and max_new_tokens != 0
-        dec = greedy_decode(self.model, enc.states, enc.key_bias, options, max_new_tokens, bool(timed))
+        dec = greedy_decode(self.model, enc.states, enc.key_bias, options, max_new_tokens, timed)
         words, align_s = None, 0.0
         if timed:
             aligned = time.perf_counter()
             prompts = [list(options.prompt) for _ in waveforms]
             if dec.languages is not None:  # the detected language follows start-of-transcript
                 prompts = [[p[0], lang, *p[1:]] for p, lang in zip(prompts, dec.languages, strict=True)]
+            timing = enc.timing or enc
             words = window_words(
                 self.model,
                 self.tokenizer,
                 dec,
+                dec.cross if enc.timing is None else cross_kv(self.model, timing.states, timing.key_bias),
                 prompts,
                 options.eos,
-                enc.origins,
+                timing.origins,
                 speech,
                 self.alignment_heads,
             )

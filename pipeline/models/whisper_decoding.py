@@ -177,14 +177,19 @@ def _cross_attention(
     return x + layer.encoder_attn.out_proj(out.permute(0, 3, 1, 2).reshape(x.shape))
 
 
-def _project_encoder(model: WhisperForConditionalGeneration, states: Tensor, cache: _Cache) -> None:
-    """Every layer's cross-attention keys and values of the encoder outputs, transposed, into the cache."""
+def _project_encoder(
+    model: WhisperForConditionalGeneration, states: Tensor
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Every decoder layer's cross-attention keys and values of the encoder outputs, transposed
+    ((B, H, hd, S) each)."""
+    keys, values = [], []
     for layer in model.model.decoder.layers:
         attn = layer.encoder_attn
-        for proj, out in ((attn.k_proj, cache.cross_keys), (attn.v_proj, cache.cross_values)):
+        for proj, out in ((attn.k_proj, keys), (attn.v_proj, values)):
             out.append(
                 proj(states).view(*states.shape[:2], attn.num_heads, -1).permute(0, 2, 3, 1).contiguous()
             )
+    return keys, values
 
 
 def _step(model: WhisperForConditionalGeneration, ids: Tensor, cache: _Cache) -> Tensor:
@@ -211,6 +216,14 @@ class CrossKV:
     keys: list[Tensor]
     values: list[Tensor]
     bias: Tensor | None
+
+
+@torch.inference_mode()
+def cross_kv(model: WhisperForConditionalGeneration, states: Tensor, key_bias: Tensor | None) -> CrossKV:
+    """The cross K/V of encoder outputs ``states`` (B, S, D) with their ``key_bias`` (B, S) or None, as
+    ``greedy_decode`` projects them: what ``alignment_weights`` reads."""
+    keys, values = _project_encoder(model, states)
+    return CrossKV(keys, values, None if key_bias is None else key_bias.to(states)[:, None, None])
 
 
 @torch.inference_mode()
@@ -285,16 +298,19 @@ def greedy_decode(
         prompt_length + steps,
         encoder_states,
     )
-    if key_bias is not None:
-        cache.bias = key_bias.to(encoder_states)[:, None, None]
     ids = torch.tensor([options.prompt] * batch, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     generated = []
     languages = None
     sync(device)
     start = time.perf_counter()
-    _project_encoder(model, encoder_states, cache)
-    cross = CrossKV(list(cache.cross_keys), list(cache.cross_values), cache.bias) if keep_for_timing else None
+    projected = cross_kv(model, encoder_states, key_bias)
+    cache.cross_keys, cache.cross_values, cache.bias = (
+        list(projected.keys),
+        list(projected.values),
+        projected.bias,
+    )
+    cross = projected if keep_for_timing else None
     logprobs: list[Tensor] = []
     first_step_s = 0.0
     if options.detect:

@@ -61,7 +61,10 @@ class EncoderOutput:
     (B, P) int64: the output position each of the P input positions (20 ms frames) ended in, so that
     what the decoder reads of a merged position can be spread back over the frames it stands for;
     key_bias (B, S): ``_key_bias`` of the output (None: every row full, no merged padding); positions:
-    per window, the positions its padding policy let into the first layer (what its layers cost)."""
+    per window, the positions its padding policy let into the first layer (what its layers cost);
+    timing: what word timing reads when the last layer merged speech tokens (``encode(...,
+    timing=True)``): the same output without that last merge (its MLP run on every token), so that
+    the alignment heads see each of those tokens' frames apart."""
 
     states: Tensor
     lengths: Tensor
@@ -70,6 +73,7 @@ class EncoderOutput:
     origins: Tensor
     key_bias: Tensor | None = None
     positions: list[int] | None = None
+    timing: EncoderOutput | None = None
 
 
 def split_heads(x: Tensor, num_heads: int) -> Tensor:
@@ -154,6 +158,7 @@ def encode(
     cfg: ReductionConfig,
     ratios: list[float],
     windows_per_pass: int | None = None,
+    timing: bool = False,
 ) -> EncoderOutput:
     """features (B, mels, F) log-mel, F up to 2 x positions (shorter: see ``_embed``); speech[b]: speech tokens of window b; ratios from
     ``encoder_ratios``. Random methods draw from a generator seeded with cfg.seed per window, so a
@@ -161,12 +166,16 @@ def encode(
     together (None: all B); the outputs are the same, their rows zero-padded to the longest."""
     step = windows_per_pass or len(speech)
     parts = [
-        _encode_pass(encoder, features[i : i + step], speech[i : i + step], cfg, ratios)
+        _encode_pass(encoder, features[i : i + step], speech[i : i + step], cfg, ratios, timing)
         for i in range(0, len(speech), step)
     ]
-    if len(parts) == 1:
-        return parts[0]
+    return parts[0] if len(parts) == 1 else _concat(parts)
+
+
+def _concat(parts: list[EncoderOutput]) -> EncoderOutput:
+    """The passes' outputs as one batch, rows zero-padded to the longest."""
     width = max(p.states.shape[1] for p in parts)
+    timed = [p.timing for p in parts if p.timing is not None]
     return EncoderOutput(
         states=torch.cat([F.pad(p.states, (0, 0, 0, width - p.states.shape[1])) for p in parts]),
         lengths=torch.cat([p.lengths for p in parts]),
@@ -175,6 +184,7 @@ def encode(
         origins=torch.cat([p.origins for p in parts]),
         key_bias=_key_bias_of_passes(parts, width),
         positions=[n for p in parts for n in p.positions],
+        timing=_concat([p.timing or p for p in parts]) if timed else None,
     )
 
 
@@ -200,6 +210,7 @@ def _encode_pass(
     speech: list[int],
     cfg: ReductionConfig,
     ratios: list[float],
+    timing: bool = False,
 ) -> EncoderOutput:
     x = _embed(encoder, features)
     batch, full, _ = x.shape
@@ -230,12 +241,15 @@ def _encode_pass(
     speech = list(speech)
     generators = [torch.Generator().manual_seed(cfg.seed) for _ in range(batch)]
     layer_speech: list[list[int]] = [[] for _ in range(batch)]
-    for layer, ratio in zip(encoder.layers, ratios, strict=True):
+    unmerged = None
+    for i, (layer, ratio) in enumerate(zip(encoder.layers, ratios, strict=True)):
         for b in range(batch):
             layer_speech[b].append(speech[b])
         mask = _key_bias(lengths, sizes, x.shape[1])
         x, q, keys = _attention(layer, x, None if mask is None else mask[:, None, None].to(x))
         counts = [removed_counts(s, [ratio], cfg.method)[0] if ratio and s > 1 else 0 for s in speech]
+        if timing and any(counts) and i == len(encoder.layers) - 1:
+            unmerged = (_mlp(layer, x), lengths, sizes, list(speech), origins.clone())
         if any(counts):
             rows, size_rows = [], []
             for b, (n, k) in enumerate(zip(lengths.tolist(), counts, strict=True)):
@@ -253,6 +267,24 @@ def _encode_pass(
                 sizes = torch.nn.utils.rnn.pad_sequence(size_rows, batch_first=True)
             speech = [s - k for s, k in zip(speech, counts, strict=True)]
         x = _mlp(layer, x)
+    out = _output(encoder, cfg, x, lengths, sizes, speech, layer_speech, origins, positions)
+    if unmerged is not None:
+        out.timing = _output(encoder, cfg, *unmerged[:4], layer_speech, unmerged[4], positions)
+    return out
+
+
+def _output(
+    encoder: WhisperEncoder,
+    cfg: ReductionConfig,
+    x: Tensor,
+    lengths: Tensor,
+    sizes: Tensor | None,
+    speech: list[int],
+    layer_speech: list[list[int]],
+    origins: Tensor,
+    positions: list[int],
+) -> EncoderOutput:
+    """The last layer's states, normed and (padding ``drop``) cut to the speech."""
     x = encoder.layer_norm(x)
     if cfg.padding == "drop":
         lengths = torch.tensor(speech)

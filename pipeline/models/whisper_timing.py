@@ -2,9 +2,11 @@
 
 One teacher-forced decoder pass per batch (``whisper_decoding.alignment_weights``) over each window's
 prompt and text tokens, reading the cross K/V the greedy pass projected, gives the alignment heads'
-attention over the encoder output. A position the encoder merged stands for several 20 ms frames
-(``EncoderOutput.origins``): its weight is repeated over each of them, so the time warping
-(``pipeline.timing``) runs over the window's speech frames as if nothing had been merged. Word
+attention over the encoder output. When the encoder's last layer merged speech tokens, the pass reads
+that output without the last merge (``EncoderOutput.timing``: the MLP run on every token once more),
+so the tokens the decoder read merged are timed apart. A position merged in an earlier layer stands for
+several 20 ms frames (``EncoderOutput.origins``): its weight is repeated over each of them, so the time
+warping (``pipeline.timing``) runs over the window's speech frames as if nothing had been merged. Word
 probabilities are the greedy pass's token probabilities.
 """
 
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from pipeline.models.whisper_decoding import DecodeResult, alignment_weights
+from pipeline.models.whisper_decoding import CrossKV, DecodeResult, alignment_weights
 from pipeline.stitch import word_spans
 from pipeline.timing import Word, group_words, token_start_frames
 
@@ -27,6 +29,7 @@ def window_words(
     model: WhisperForConditionalGeneration,
     tokenizer: WhisperTokenizerFast,
     decoded: DecodeResult,
+    cross: CrossKV,
     prompts: list[list[int]],
     eos: int,
     origins: Tensor,
@@ -35,7 +38,8 @@ def window_words(
 ) -> list[list[Word]]:
     """Each window's words, in seconds from the window's start.
 
-    decoded: ``greedy_decode(..., keep_for_timing=True)``'s result; prompts: each window's prompt as it
+    decoded: ``greedy_decode(..., keep_for_timing=True)``'s result; cross: the encoder outputs the
+    alignment heads read (``decoded.cross``, or ``cross_kv`` of ``EncoderOutput.timing``); prompts: each window's prompt as it
     was decoded (its language included); origins (B, P): ``EncoderOutput.origins``; speech_frames: the
     window's speech positions at the encoder's input (the frames words can fall in).
     """
@@ -49,8 +53,8 @@ def window_words(
         return words
     rows = [prompt + text for prompt, text in zip(prompts, texts, strict=True)]
     width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows], device=decoded.cross.keys[0].device)
-    weights = alignment_weights(model, decoded.cross, ids, heads).cpu()
+    ids = torch.tensor([r + [eos] * (width - len(r)) for r in rows], device=cross.keys[0].device)
+    weights = alignment_weights(model, cross, ids, heads).cpu()
     for b, text_tokens in enumerate(texts):
         if not text_tokens:
             continue
