@@ -38,6 +38,16 @@ def ray_local() -> Iterator[None]:
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def whisper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The packaged Whisper tiny.en (real weights, converted into a cache of the test module's own)."""
+    from pipeline.models.whisper import TINY_EN, load_packaged
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTADASP_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield load_packaged(TINY_EN)
+
+
 def tone_bursts(
     seconds: float, sample_rate: int = 16000, burst_s: float = 0.8, gap_s: float = 0.6
 ) -> np.ndarray:

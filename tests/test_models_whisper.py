@@ -52,13 +52,6 @@ def vowels(seconds: float, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def whisper(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTADASP_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield load_packaged(TINY_EN, batch_size=3)
-
-
-@pytest.fixture(scope="module")
 def clips() -> list[np.ndarray]:
     return [chirp(2.5, 200, 300), vowels(3.0, 0), chirp(1.7, 500, -100)]
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig, ReductionConfigError
-from pipeline.models.whisper import TINY_EN, load_packaged
 from pipeline.models.whisper_decoding import greedy_decode
 from pipeline.models.whisper_encoder import _attention, _embed, encode, encoder_ratios, input_frames
 from pipeline.presets import PADDING
@@ -19,13 +18,6 @@ from pipeline.tasks import TaskRequest
 from tests.test_models_whisper import SR, chirp, vowels
 
 MERGE = ReductionConfig(padding="merge", padding_margin=10, padding_group=100)
-
-
-@pytest.fixture(scope="module")
-def whisper(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTADASP_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield load_packaged(TINY_EN, batch_size=4)
 
 
 @pytest.fixture(scope="module")

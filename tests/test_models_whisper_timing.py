@@ -12,8 +12,6 @@ import pytest
 
 from pipeline.audio.decode import decode_audio
 from pipeline.merging.config import NO_REDUCTION
-from pipeline.models.registry import describe_model
-from pipeline.models.whisper import TINY_EN, load_packaged
 from pipeline.presets import resolve_reduction
 from pipeline.stitch import normalise
 from pipeline.stitch import words as text_words
@@ -22,15 +20,6 @@ from pipeline.tasks import TaskError, TaskRequest
 SR = 16000
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PAUSE_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def whisper(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTADASP_CACHE", str(tmp_path_factory.mktemp("cache")))
-        model = load_packaged(TINY_EN)
-        model.description = describe_model(TINY_EN)
-        yield model
 
 
 @pytest.fixture(scope="module")
