@@ -263,7 +263,7 @@ def _parser() -> JobParser:
     parser.add_argument(
         "--padding-margin",
         type=int,
-        help="positions kept after the speech (merge, trim; default: presets.PADDING)",
+        help="positions kept after the speech (merge; default: presets.PADDING)",
     )
     parser.add_argument(
         "--padding-group",
@@ -318,7 +318,7 @@ def padding_fields(args: argparse.Namespace, policy: str) -> dict:
     """The ReductionConfig fields of one ``--padding`` policy: presets.PADDING's, or the margin and
     group the command gives."""
     fields = dict(PADDING[policy])
-    if policy in ("merge", "trim") and args.padding_margin is not None:
+    if policy == "merge" and args.padding_margin is not None:
         fields["padding_margin"] = args.padding_margin
     if policy == "merge" and args.padding_group is not None:
         fields["padding_group"] = args.padding_group

@@ -27,8 +27,6 @@ NONE = "none"
 PADDING: dict[str, dict] = {
     "keep": {},
     "merge": {"padding": "merge", "padding_margin": 10, "padding_group": 100},
-    "trim": {"padding": "trim", "padding_margin": 50},
-    "drop": {"padding": "drop"},
 }
 
 
@@ -57,7 +55,11 @@ _WHISPER_EVAL = (
     "reduction; at 30% single 5.21, constant with chains <= 2 5.52 (uncapped 5.86, A-ToMe 5.60)"
 )
 _WHISPER_OTHER = "measured on whisper-tiny.en only (" + _WHISPER_EVAL + ")"
-_PADDING_TINY = "padding merged: PADDING_TINY_TODO"
+_PADDING_TINY = (
+    "padding merged (benchmarks/whisper-tiny-en-librispeech-dev-padding, 200 LibriSpeech dev utterances): "
+    "WER 4.90 against 4.95 keeping it; with the single 30% merge at layer 3 5.00 against 5.65; trimmed "
+    "past 50 positions 5.26, dropped after the encoder 11.08"
+)
 _PADDING_BASE = "padding merged: PADDING_BASE_TODO"
 _PADDING_LID = "padding merged: PADDING_LID_TODO"
 _TINY = "random-weight test model: exercises the code path, says nothing about quality"

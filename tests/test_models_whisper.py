@@ -102,7 +102,7 @@ def test_encoder_loop_matches_whisper_encoder(whisper, clips):
     "cfg",
     [
         NO_REDUCTION,
-        ReductionConfig(method="fastadasp", schedule="constant", first_layer=1, ratio=0.2, padding="drop"),
+        ReductionConfig(method="fastadasp", schedule="constant", first_layer=1, ratio=0.2),
         ReductionConfig(method="fastadasp", schedule="single", first_layer=3, ratio=0.3, **PADDING["merge"]),
     ],
 )
@@ -114,7 +114,7 @@ def test_encoder_passes_of_two_windows_give_the_whole_batch_outputs(whisper, cli
     passes = encode(whisper.model.model.encoder, feats, speech, cfg, ratios, windows_per_pass=2)
     assert passes.speech == whole.speech and passes.layer_speech == whole.layer_speech
     assert torch.equal(passes.lengths, whole.lengths) and passes.states.shape == whole.states.shape
-    assert (passes.key_bias is None) == (whole.key_bias is None) == (cfg.padding == "keep")
+    assert (passes.key_bias is None) == (whole.key_bias is None)
     if whole.key_bias is not None:
         assert torch.equal(passes.key_bias, whole.key_bias)
     for b, n in enumerate(whole.lengths.tolist()):
@@ -197,13 +197,6 @@ def test_random_methods_do_not_depend_on_the_batch(whisper, clips):
     alone = encode(whisper.model.model.encoder, features(whisper, clips[1:2]), speech[1:2], cfg, ratios)
     n = int(alone.lengths[0])
     torch.testing.assert_close(together.states[1, :n], alone.states[0, :n], atol=1e-4, rtol=1e-4)
-
-
-def test_dropping_padding_is_its_own_reduction(whisper, clips):
-    outputs = whisper.run(clips[:1], ASR, ReductionConfig(padding="drop"))
-    speech = math.ceil(len(clips[0]) / 320)
-    assert outputs[0].stats.audio_tokens_kept == speech
-    assert outputs[0].stats.kv_bytes_kept == 4 * 2 * speech * 384 * 4 < outputs[0].stats.kv_bytes_full
 
 
 @pytest.mark.parametrize("schedule,first", [("single", 3), ("constant", 1), ("decay", 0), ("decay", 3)])

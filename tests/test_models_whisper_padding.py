@@ -1,6 +1,6 @@
 """Whisper's padding reduced inside the encoder (ReductionConfig.padding): the log-mel and the
 convolutions computed only as far as the audio reaches, the padding merged into tokens that stand for
-their positions in attention (encoder and decoder), trimmed, or dropped. Real tiny.en weights."""
+their positions in attention (encoder and decoder). Real tiny.en weights."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import torch
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig, ReductionConfigError
 from pipeline.models.whisper_decoding import greedy_decode
 from pipeline.models.whisper_encoder import _attention, _embed, encode, encoder_ratios, input_frames
-from pipeline.presets import PADDING
 from pipeline.tasks import TaskRequest
 from tests.test_models_whisper import SR, chirp, vowels
 
@@ -68,19 +67,6 @@ def test_merging_groups_of_one_position_is_keeping_the_padding(whisper, clips):
     merged = encode(whisper.model.model.encoder, feats, speech, ones, [0.0] * 4)
     assert merged.key_bias is None and torch.equal(merged.lengths, kept.lengths)
     torch.testing.assert_close(merged.states, kept.states, atol=1e-5, rtol=1e-5)
-
-
-def test_trim_keeps_the_margin_and_drop_runs_every_layer_on_the_padding(whisper, clips):
-    speech = [math.ceil(len(w) / 320) for w in clips]
-    feats = _features(whisper, clips)
-    trim = encode(whisper.model.model.encoder, feats, speech, ReductionConfig(**PADDING["trim"]), [0.0] * 4)
-    margin = PADDING["trim"]["padding_margin"]
-    assert trim.lengths.tolist() == [s + margin for s in speech]
-    drop = encode(whisper.model.model.encoder, feats, speech, ReductionConfig(padding="drop"), [0.0] * 4)
-    kept = encode(whisper.model.model.encoder, feats, speech, NO_REDUCTION, [0.0] * 4)
-    assert drop.lengths.tolist() == speech
-    for b, s in enumerate(speech):  # the same layers over the whole window, cut after them
-        torch.testing.assert_close(drop.states[b, :s], kept.states[b, :s], atol=1e-5, rtol=1e-5)
 
 
 def test_a_token_with_log_n_added_attends_as_n_copies_of_it(whisper):

@@ -22,7 +22,7 @@ METHODS = ("none", *MERGE_METHODS, *EVICT_METHODS, *KV_METHODS)
 SCHEDULES = ("single", "constant", "decay")
 POSITIONS = ("first", "right")
 MASS_ESTIMATORS = ("full", "tail")
-PADDING_POLICIES = ("keep", "merge", "trim", "drop")
+PADDING_POLICIES = ("keep", "merge")
 PAIR_CAP = 0.5  # the most of its tokens pairwise merging (a-tome) removes: one of each pair
 
 
@@ -63,9 +63,8 @@ class ReductionConfig:
         padding, a reduction of its own beside the speech tokens' (``ModelDescription.padding`` lists
         what a model can do): ``keep`` it all (as trained); ``merge`` keeps ``padding_margin`` positions
         after the speech and averages the rest ``padding_group`` positions at a time into tokens that
-        stand for their positions in attention (log of the count added to their logits); ``trim`` keeps
-        ``padding_margin`` positions and removes the rest before the first layer; ``drop`` runs every
-        layer on it and removes it from the encoder's output. See pipeline/models/whisper_encoder.py.
+        stand for their positions in attention (log of the count added to their logits). See
+        pipeline/models/whisper_encoder.py.
     """
 
     method: str = "none"

@@ -8,10 +8,12 @@ similarities; the attention mass its tokens receive from every query of the wind
 and runs the MLP on the shorter sequence.
 
 Speech span and padding: Whisper pads every window to 30 s (1,500 positions). Window b's speech span is
-its first ``ceil(samples / 320)`` positions; only it is reduced. The padding positions are kept by
-default (the model was trained with them and attends to them); ``drop_padding`` removes them from the
-encoder output, after the last layer, which is a reduction of its own (the decoder cross-attends to
-speech only) and is reported as such. Whisper has no rotary positions, so ``ReductionConfig.position``
+its first ``ceil(samples / 320)`` positions; only it is reduced by the method. The padding is what
+``ReductionConfig.padding`` says: kept (``keep``, as trained), or merged before the first layer
+(``merge``: ``padding_margin`` positions after the speech kept, the rest averaged ``padding_group`` at
+a time into tokens that stand for their positions through a log-count attention bias, here and in the
+decoder's cross-attention; see docs/pipeline.md "Whisper's padding" for the measurements that chose it
+over trimming or dropping the padding). Whisper has no rotary positions, so ``ReductionConfig.position``
 does not apply. ``target`` means the fraction of speech tokens removed at the encoder output, i.e. of
 the decoder's cross-attention KV (what every decoder layer caches).
 """
@@ -216,22 +218,15 @@ def _encode_pass(
     batch, full, _ = x.shape
     origins = torch.arange(full).repeat(batch, 1)
     sizes = None
-    if cfg.padding in ("keep", "drop"):
+    if cfg.padding == "keep":
         lengths = torch.full((batch,), full)
-    else:
+    else:  # merge: each window's padding past its margin averaged group by group
         rows, size_rows = [], []
         for b, s in enumerate(speech):
             keep = min(full, s + cfg.padding_margin)
-            tail = full - keep
-            groups = torch.arange(tail) // cfg.padding_group if cfg.padding == "merge" and tail else None
-            if groups is None:
-                rows.append(x[b, :keep])
-                size_rows.append(torch.ones(keep))
-                origins[b, keep:] = keep - 1
-                continue
-            merged = int(groups[-1]) + 1
-            counts = torch.bincount(groups, minlength=merged).to(x.dtype)
-            means = x.new_zeros(merged, x.shape[-1]).index_add_(0, groups.to(x.device), x[b, keep:])
+            groups = torch.arange(full - keep) // cfg.padding_group
+            counts = torch.bincount(groups, minlength=-(-(full - keep) // cfg.padding_group)).to(x.dtype)
+            means = x.new_zeros(len(counts), x.shape[-1]).index_add_(0, groups.to(x.device), x[b, keep:])
             rows.append(torch.cat([x[b, :keep], means / counts[:, None].to(x.device)]))
             size_rows.append(torch.cat([torch.ones(keep), counts.float()]))
             origins[b, keep:] = keep + groups
@@ -267,15 +262,14 @@ def _encode_pass(
                 sizes = torch.nn.utils.rnn.pad_sequence(size_rows, batch_first=True)
             speech = [s - k for s, k in zip(speech, counts, strict=True)]
         x = _mlp(layer, x)
-    out = _output(encoder, cfg, x, lengths, sizes, speech, layer_speech, origins, positions)
+    out = _output(encoder, x, lengths, sizes, speech, layer_speech, origins, positions)
     if unmerged is not None:
-        out.timing = _output(encoder, cfg, *unmerged[:4], layer_speech, unmerged[4], positions)
+        out.timing = _output(encoder, *unmerged[:4], layer_speech, unmerged[4], positions)
     return out
 
 
 def _output(
     encoder: WhisperEncoder,
-    cfg: ReductionConfig,
     x: Tensor,
     lengths: Tensor,
     sizes: Tensor | None,
@@ -284,12 +278,8 @@ def _output(
     origins: Tensor,
     positions: list[int],
 ) -> EncoderOutput:
-    """The last layer's states, normed and (padding ``drop``) cut to the speech."""
+    """The last layer's states, normed."""
     x = encoder.layer_norm(x)
-    if cfg.padding == "drop":
-        lengths = torch.tensor(speech)
-        x = x[:, : max(speech, default=0)]
-        sizes = None
     return EncoderOutput(
         states=x,
         lengths=lengths,
