@@ -144,7 +144,8 @@ def _reduce_row(
 ) -> tuple[Tensor, Tensor]:
     """One window: x (L, D), q (H, L, hd) pre-scaled, keys (L, D) -> ((L - k, D) with ``k`` speech tokens
     removed by the merge step (similarity over the keys, heads concatenated; mass from every query),
-    (L,) the output position of each input position)."""
+    (L,) the output position of each input position). The mass is taken without the merged padding
+    tokens' log-count bias: it only weighs adjacent speech tokens against each other."""
     attn = LayerAttention(
         q[None], split_heads(keys[None], q.shape[0]), None, scale=1.0, causal=False, keys=keys[None]
     )
@@ -162,8 +163,8 @@ def encode(
     windows_per_pass: int | None = None,
     timing: bool = False,
 ) -> EncoderOutput:
-    """features (B, mels, F) log-mel, F up to 2 x positions (shorter: see ``_embed``); speech[b]: speech tokens of window b; ratios from
-    ``encoder_ratios``. Random methods draw from a generator seeded with cfg.seed per window, so a
+    """features (B, mels, F) log-mel, F up to 2 x positions (shorter: see ``_embed``); speech[b]: speech
+    tokens of window b; ratios from ``encoder_ratios``. Random methods draw from a generator seeded with cfg.seed per window, so a
     window's plan does not depend on its batch. windows_per_pass: windows that go through the layers
     together (None: all B); the outputs are the same, their rows zero-padded to the longest."""
     step = windows_per_pass or len(speech)
