@@ -26,8 +26,10 @@ NONE = "none"
 # Each padding policy's parameters (ReductionConfig.padding; pipeline/models/whisper_encoder.py).
 PADDING: dict[str, dict] = {
     "keep": {},
-    "merge": {"padding": "merge", "padding_margin": 10, "padding_group": 100},
+    "merge": {"padding": "merge", "padding_margin": 50, "padding_group": 25},
 }
+# tiny.en's own, measured (_PADDING_TINY): a tighter margin and coarser groups hold its accuracy too
+_MERGED_TINY = PADDING["merge"] | {"padding_margin": 10, "padding_group": 100}
 
 
 class PresetError(Refusal, ValueError):
@@ -79,30 +81,35 @@ _QWEN = {"asr": _QWEN_DENSE, "st": _QWEN_DENSE, "er": _QWEN_SPARSE, "sqa": _QWEN
 _MERGED = PADDING["merge"]
 
 
-def _padding_only(basis: str, provisional: bool, layers: int) -> Preset:
+def _padding_only(basis: str, provisional: bool, layers: int, merged: dict = _MERGED) -> Preset:
     """The window's padding merged, no speech token touched: the best accuracy at the padding's speed."""
-    return Preset(ReductionConfig(**_MERGED), provisional, basis, layers)
+    return Preset(ReductionConfig(**merged), provisional, basis, layers)
 
 
 def _whisper_dense(measured: bool) -> dict[str, Preset]:
     # Whisper merges in its encoder; all removal in the last layer did best at 30%. The gradual
     # schedule caps merge chains at 2 tokens: uncapped, long chains over steady speech cost 0.3 WER
     # points more at 30% and 1.2 at 50% (benchmarks/whisper-tiny-en-librispeech-dev).
-    basis = (_WHISPER_EVAL if measured else _WHISPER_OTHER) + "; " + _PADDING_TINY
+    basis = (
+        (_WHISPER_EVAL if measured else _WHISPER_OTHER)
+        + "; "
+        + (_PADDING_TINY if measured else _PADDING_BASE)
+    )
+    merged = _MERGED_TINY if measured else _MERGED
     return {
         DEFAULT: Preset(
-            ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.3, **_MERGED),
+            ReductionConfig("fastadasp", "single", first_layer=3, ratio=0.3, **merged),
             not measured,
             basis,
             4,
         ),
         "constant": Preset(
-            ReductionConfig("fastadasp", "constant", first_layer=1, ratio=0.112, max_chain=2, **_MERGED),
+            ReductionConfig("fastadasp", "constant", first_layer=1, ratio=0.112, max_chain=2, **merged),
             not measured,
             basis,
             4,
         ),
-        "padding": _padding_only(_PADDING_TINY, not measured, 4),
+        "padding": _padding_only(_PADDING_TINY if measured else _PADDING_BASE, not measured, 4, merged),
     }
 
 
