@@ -13,6 +13,7 @@ from pipeline.presets import (
     BY_CHECKPOINT,
     BY_FAMILY,
     DEFAULT,
+    PADDING,
     PRESETS_VERSION,
     PresetError,
     resolve_reduction,
@@ -62,7 +63,9 @@ def test_a_measured_checkpoint_overrides_its_family() -> None:
     assert not BY_CHECKPOINT["whisper-tiny.en"]["asr"][DEFAULT].provisional
     other = replace(TINY_EN, name="/models/whisper-small.en")
     assert BY_FAMILY["whisper", "base"]["asr"][DEFAULT].provisional
-    assert resolve_reduction(other, "asr") == measured  # same depth: the same settings, provisional
+    family = resolve_reduction(other, "asr")  # same depth: the same speech reduction, provisional;
+    assert replace(family, padding_margin=10, padding_group=100) == measured  # the padding the safer default
+    assert (family.padding_margin, family.padding_group) == (PADDING["merge"]["padding_margin"], 25)
 
 
 def test_first_layer_keeps_its_relative_depth_on_other_depths() -> None:
