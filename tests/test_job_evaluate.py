@@ -101,7 +101,7 @@ def test_each_padding_policy_runs_the_grid_with_its_parameters(manifest, tmp_pat
         "No reduction, padding merge",
         "FastAdaSP decay, padding merge",
     ]
-    assert [(c.padding, c.padding_margin, c.padding_group) for _, c, _ in runs[2:]] == [("merge", 10, 50)] * 2
+    assert [(c.padding, c.padding_margin, c.padding_group) for _, c, _ in runs[2:]] == [("merge", 50, 50)] * 2
     assert runs[1][1].method == runs[3][1].method == "fastadasp" and not runs[2][1].enabled
     assert [evaluate.length_bin(s) for s in (3.0, 5.0, 12.5, 29.9, 78.0)] == [
         "0-5 s",
