@@ -20,7 +20,7 @@ class WindowStats:
     over layers divided by the layer count (the average per-layer length, what the KV cache holds).
     encode_s, prefill_s, decode_s: the window's share of its batch's times (``batch_times``).
     loop_cuts: times decoding fell into a loop and was cut (a family's loop guard, e.g.
-    ``pipeline.models.whisper_decoding``); evaluation reports them, the stats table does not.
+    ``pipeline.decoding.policy``); evaluation reports them, the stats table does not.
     """
 
     audio_seconds: float = 0.0

@@ -164,11 +164,22 @@ def alone_in_flight(
     return None
 
 
+class _Close(float):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, float) and abs(self - other) <= 1e-5
+
+    __hash__ = float.__hash__
+
+
 def committed_rows(output: Path, name: str) -> list[dict]:
     """A committed table's rows without run ids, sorted by recording id; of the stats table only the
-    counts (timings, devices and nodes differ between runs)."""
+    counts (timings, devices and nodes differ between runs); word probabilities equal within 1e-5 (a
+    window's logits round differently with the rows decoding beside it; its tokens do not change)."""
     keep = ("recording_id", "audio_seconds", "windows", "audio_tokens_in", "generated_tokens")
     rows = [{k: v for k, v in r.items() if k != "run_id"} for r in read_committed(output, name).to_pylist()]
     if name == "stats":
         rows = [{k: r[k] for k in keep} for r in rows]
+    for row in rows:
+        for word in row.get("words") or ():
+            word["probability"] = _Close(word["probability"])
     return sorted(rows, key=lambda r: r["recording_id"])

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.merging.config import NO_REDUCTION
-from pipeline.models.whisper import LOOP_TOKENS, decode_options
-from pipeline.models.whisper_decoding import MAX_LOOP_PERIOD, _loop_start
+from pipeline.decoding.policy import MAX_LOOP_PERIOD, loop_start
+from pipeline.models.whisper import LOOP_TOKENS, decode_policy
 from pipeline.tasks import TaskRequest
 from tests.test_models_whisper_multilingual import features, generated, ours, tiny_multilingual
 
@@ -29,8 +29,8 @@ PHRASE = [11, 12, 13, 14, 15]
         ([9] + list(range(200, 201 + MAX_LOOP_PERIOD)) * 3, None),  # a phrase one token longer
     ],
 )
-def test_loop_start(row, cut):
-    assert _loop_start(row, LOOP_TOKENS) == cut
+def testloop_start(row, cut):
+    assert loop_start(row, LOOP_TOKENS) == cut
 
 
 def test_looping_rows_are_cut_and_the_rest_decode_as_generate(tmp_path):
@@ -40,18 +40,18 @@ def test_looping_rows_are_cut_and_the_rest_decode_as_generate(tmp_path):
     rng = np.random.default_rng(0)
     waves = [(0.2 * rng.standard_normal(2 * 16000)).astype(np.float32) for _ in range(3)]
     gen = model.model.generation_config
-    options = decode_options(gen, None, "transcribe")
-    assert options.loop_tokens == LOOP_TOKENS  # the product's default
+    policy = decode_policy(gen, None, "transcribe")
+    assert policy.loop_tokens == LOOP_TOKENS  # the product's default
     reference = generated(model.model.generate(features(model, waves), task="transcribe"), gen.eos_token_id)
 
-    off = ours(model, waves, replace(options, loop_tokens=0))
-    assert off.tokens == reference and len(reference[0]) == 156
-    assert off.loops == []
+    off = ours(model, waves, replace(policy, loop_tokens=0))
+    assert [r.generated for r in off] == reference and len(reference[0]) == 156
+    assert {r.finish for r in off} == {"length"}
 
-    on = ours(model, waves, options)
-    assert on.loops == [0, 1, 2]
-    for cut, full in zip(on.tokens, off.tokens, strict=True):
+    on = ours(model, waves, policy)
+    assert [r.finish for r in on] == ["loop"] * 3
+    for cut, full in zip([r.generated for r in on], [r.generated for r in off], strict=True):
         assert len(cut) < len(full) and cut == full[: len(cut)]
-        assert _loop_start(full[: len(cut) + LOOP_TOKENS], LOOP_TOKENS) == len(cut)
+        assert loop_start(full[: len(cut) + LOOP_TOKENS], LOOP_TOKENS) == len(cut)
     # the adapter says which windows were cut (evaluate counts them)
     assert [out.stats.loop_cuts for out in model.run(waves, TaskRequest("asr"), NO_REDUCTION)] == [1] * 3

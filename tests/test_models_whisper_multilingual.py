@@ -21,13 +21,13 @@ from pipeline.models.base import Checkpoint
 from pipeline.models.whisper import (
     BASE,
     WhisperSpeechModel,
-    decode_options,
+    decode_policy,
     describe,
     generation_config,
     load_packaged,
     packaged_files,
 )
-from pipeline.models.whisper_decoding import greedy_decode
+from pipeline.models.whisper_runner import decode_encoded
 from pipeline.models.whisper_encoder import encode
 from pipeline.tasks import TaskError, TaskRequest
 
@@ -83,33 +83,34 @@ def generated(rows: torch.Tensor, eos: int) -> list[list[int]]:
     return out
 
 
-def ours(model: WhisperSpeechModel, waves, options):
+def ours(model: WhisperSpeechModel, waves, policy, slots=None):
+    """Our runner's finished requests, one per wave, in order."""
     feats = features(model, waves)
     enc = encode(model.model.model.encoder, feats, [1500] * len(waves), NO_REDUCTION, [0.0, 0.0])
-    return greedy_decode(model.model, enc.states, enc.key_bias, options)
+    return decode_encoded(model.model, enc.states, enc.key_bias, None, policy, slots)
 
 
 @pytest.mark.parametrize("language,task", [("de", "transcribe"), ("ja", "translate")])
 def test_given_language_prompt_matches_generate(tiny, waves, language, task):
     gen = tiny.model.generation_config
-    options = decode_options(gen, tiny.languages[language], task)
-    assert options.prompt == (50258, gen.lang_to_id[f"<|{language}|>"], gen.task_to_id[task], 50363)
+    policy = decode_policy(gen, tiny.languages[language], task)
+    assert policy.prompt == (50258, gen.lang_to_id[f"<|{language}|>"], gen.task_to_id[task], 50363)
     with torch.inference_mode():
         reference = tiny.model.generate(features(tiny, waves), language=language, task=task)
-    assert ours(tiny, waves, options).tokens == generated(reference, 50257)
+    assert [r.generated for r in ours(tiny, waves, policy)] == generated(reference, 50257)
 
 
 def test_detected_language_and_decoding_match_generate(tiny, waves):
     gen = tiny.model.generation_config
-    options = decode_options(gen, None, "transcribe")
-    assert options.prompt == (50258, 50359, 50363) and len(options.detect) == 99
+    policy = decode_policy(gen, None, "transcribe")
+    assert policy.prompt == (50258, 50359, 50363) and len(policy.detect) == 99
     feats = features(tiny, waves)
     with torch.inference_mode():
         detected = tiny.model.detect_language(feats).tolist()
         reference = tiny.model.generate(feats, task="transcribe")
-    result = ours(tiny, waves, options)
-    assert result.languages == detected
-    assert result.tokens == generated(reference, 50257)
+    result = ours(tiny, waves, policy, slots=2)  # the third window enters as a slot frees
+    assert [r.prompt[1] for r in result] == detected
+    assert [r.generated for r in result] == generated(reference, 50257)
 
 
 def test_tasks_and_outputs_carry_the_language(tiny, waves):

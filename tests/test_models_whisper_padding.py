@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig, ReductionConfigError
-from pipeline.models.whisper_decoding import greedy_decode
+from pipeline.models.whisper_runner import decode_encoded
 from pipeline.models.whisper_encoder import _attention, _embed, encode, encoder_ratios, input_frames
 from pipeline.tasks import TaskRequest
 from tests.test_models_whisper import SR, chirp, vowels
@@ -94,11 +94,11 @@ def test_the_decoder_reads_a_merged_token_as_its_positions(whisper, clips):
     runs = [1] * states.shape[1]
     runs[-1] = 700  # the last position repeated: the bias makes one copy count as all of them
     expanded = torch.repeat_interleave(states, torch.tensor(runs), dim=1)
-    options = whisper.decode_plan(TaskRequest("asr"))[0]
+    policy = whisper.decode_plan(TaskRequest("asr"))[0]
     bias = torch.tensor(runs, dtype=torch.float).log()[None]
-    assert greedy_decode(whisper.model, states, bias, options).tokens == (
-        greedy_decode(whisper.model, expanded, None, options).tokens
-    )
+    (merged,) = decode_encoded(whisper.model, states, bias, None, policy)
+    (full,) = decode_encoded(whisper.model, expanded, None, None, policy)
+    assert merged.generated == full.generated
 
 
 def test_windows_come_back_in_order_whatever_their_lengths(whisper, clips):

@@ -35,14 +35,16 @@ def test_mixed_lengths_share_one_model_call_and_match_single_runs():
     calls = []
     hook = predictor.model.model.model.encoder.layer_norm.register_forward_hook(lambda *_: calls.append(1))
     rows = [_row(0, cuts[0]), _row(1, None, status="error"), _row(2, cuts[1]), _row(3, cuts[2])]
-    out = predictor(pa.Table.from_pylist(rows, schema=WINDOW_SCHEMA))
+    out = predictor.submit(pa.Table.from_pylist(rows, schema=WINDOW_SCHEMA)).result()
     hook.remove()
     assert out.schema == WINDOW_TEXT_SCHEMA and out.num_rows == 4
     # three windows of three lengths reach the model in one call: CPU encoder passes of two windows
     assert len(calls) == math.ceil(3 / CPU_ENCODER_WINDOWS)
     got = out.to_pylist()
     assert got[1]["status"] == "error" and got[1]["error"] == "bad file" and got[1]["text"] is None
-    one_by_one = [predictor(pa.Table.from_pylist([_row(0, cut)], schema=WINDOW_SCHEMA)) for cut in cuts]
+    one_by_one = [
+        predictor.submit(pa.Table.from_pylist([_row(0, cut)], schema=WINDOW_SCHEMA)).result() for cut in cuts
+    ]
     assert [got[i]["text"] for i in (0, 2, 3)] == [t.column("text")[0].as_py() for t in one_by_one]
     assert all(got[i]["text"] for i in (0, 2, 3))
 

@@ -2,9 +2,9 @@
 cluster to start, no actor to wait for, no streaming executor sharing the cores with the model.
 
 A thread cuts windows (read, decode, VAD, cut: workers/cpu_stage.py, which streams) while the model,
-loaded once in the calling thread, works on the previous batch; at most two batches of windows wait
-between them, so memory holds those windows and the few the cutter buffers, whatever the archive's size
-and the recordings' lengths. Window texts
+loaded once, streams in a thread of its own (workers/model_stage.py); batches are submitted as they
+fill, at most ``_IN_FLIGHT`` waiting for their last windows, so memory holds those windows and the few
+the cutter buffers, whatever the archive's size and the recordings' lengths. Window texts
 come out in the same batches, rows and schema as from the Ray dataset (workers/ray_run.py), and the
 same stitching and commits follow (workers/archive_job.py).
 """
@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 import pyarrow as pa
 
@@ -26,6 +28,9 @@ from workers.model_stage import WindowPredictor
 from workers.progress import Tally, windows_done
 
 _END = object()
+# Batches submitted to the model and not yet returned: while the oldest one's last windows decode, the
+# next ones' fill the rows it frees.
+_IN_FLIGHT = 2
 
 
 class _Cutter(threading.Thread):
@@ -75,8 +80,10 @@ def _batches(
     rows: queue.Queue = queue.Queue(maxsize=2 * batch_size)
     cutter = _Cutter(todo, window_kwargs, rows, started)
     cutter.start()  # decoding the first recordings overlaps the model's load
+    predictor, item = None, None
     try:
         predictor = WindowPredictor(**predictor_kwargs)
+        in_flight: deque[Future] = deque()  # the model streams: the next batch joins before one is done
         batch: list[dict] = []
         while True:
             item = rows.get()
@@ -85,15 +92,19 @@ def _batches(
             if item is not _END:
                 batch.append(item)
             if batch and (item is _END or len(batch) == batch_size):
-                texts = predictor(pa.Table.from_pylist(batch, schema=WINDOW_SCHEMA))
-                tally.add(windows_done(texts))
+                in_flight.append(predictor.submit(pa.Table.from_pylist(batch, schema=WINDOW_SCHEMA)))
                 batch = []
+            while in_flight and (len(in_flight) > _IN_FLIGHT or in_flight[0].done() or item is _END):
+                texts = in_flight.popleft().result()
+                tally.add(windows_done(texts))
                 yield texts
             if item is _END:
-                return
+                break
     finally:
         cutter.stop.set()
         cutter.join()
+        if predictor is not None:
+            predictor.close(wait=item is _END)
 
 
 def window_texts(

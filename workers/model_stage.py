@@ -2,19 +2,29 @@
 window PCM into window text + stats.
 
 Rows that are not ``ok`` (errors and empty recordings from the CPU stage) pass through untouched.
-All ``ok`` windows of a Ray batch go to one ``model.run`` call, whatever their lengths: the adapter
-batches them as its model allows (Whisper pads every window to 30 s; Qwen2-Audio groups equal audio
-token counts). When the call fails, its windows are retried one by one so only the window that fails
-becomes an error row.
+The model streams: one thread runs ``model.stream`` for the predictor's life, and the ``ok`` windows of
+every submitted batch join it as they arrive, whatever their lengths (Whisper admits each into the
+decoding batch as a row finishes, pipeline/models/whisper_runner.py; decoder-only families decode what
+has arrived in one call). A batch's table is ready when its last window is, while the next batches'
+windows keep the model busy: in a Ray actor, ``__call__`` is a coroutine, so Ray Data keeps several
+batches in flight per actor; an in-process run submits the next batch before it waits for the last.
+When the stream fails, the windows it held are retried one by one so only a window that fails becomes
+an error row.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import math
 import platform
+import queue
 import sys
+import threading
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -66,9 +76,22 @@ def _recording_words(result: object, start_s: float) -> list[dict] | None:
     return [w.shifted(start_s).to_dict() for w in result.words]
 
 
+@dataclass
+class _Batch:
+    """A submitted batch: its rows (PCM dropped), where its ``ok`` windows are, their outputs so far."""
+
+    rows: list[dict]
+    waiting: set[int]
+    outputs: dict[int, WindowOutput | Exception] = field(default_factory=dict)
+    future: Future = field(default_factory=Future)
+
+
+_CLOSE = object()
+
+
 class WindowPredictor:
-    """WINDOW_SCHEMA rows -> WINDOW_TEXT_SCHEMA rows: a Ray ``map_batches`` callable class, or called by
-    an in-process run (workers/in_process.py).
+    """WINDOW_SCHEMA rows -> WINDOW_TEXT_SCHEMA rows: a Ray ``map_batches`` callable class (an async one),
+    or used by an in-process run (workers/in_process.py) through ``submit``.
 
     threads: torch threads on CPU; None: in a Ray actor the CPUs Ray gave it (a share rounds up),
     elsewhere torch's default. tally: a ``workers.ray_run.TallyActor`` told of every window (Ray runs).
@@ -105,16 +128,110 @@ class WindowPredictor:
             torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)"
         )
         self.nvml = _nvml_handle() if cuda else None
+        self._inbox: queue.Queue = queue.Queue()
+        self._batches: dict[int, _Batch] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._pulled: set[tuple[int, int]] = set()  # windows the stream took and has not finished
+        self._server = threading.Thread(target=self._serve, name="model-stream", daemon=True)
+        self._server.start()
         log.info("%s loaded on %s in %.1f s", model_name, self.device_name, time.monotonic() - started)
 
-    def _run(self, waveforms: list[np.ndarray]) -> list[WindowOutput | Exception]:
+    def submit(self, batch: pa.Table) -> Future:
+        """The batch's windows join the model's stream; the future gives its WINDOW_TEXT_SCHEMA table."""
+        rows = batch.to_pylist()
+        ok = [i for i, row in enumerate(rows) if row["status"] == "ok"]
+        waves = {i: np.frombuffer(rows[i].pop("pcm"), dtype="<f4") for i in ok}
+        for row in rows:
+            row.pop("pcm", None)
+        entry = _Batch(rows, set(ok))
+        if not ok:
+            entry.future.set_result(self._table(entry))
+            return entry.future
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        with self._lock:
+            batch_id = next(self._ids)
+            self._batches[batch_id] = entry
+        for i in ok:
+            self._inbox.put(((batch_id, i), waves[i]))
+        return entry.future
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        return await asyncio.wrap_future(self.submit(batch))
+
+    def close(self, wait: bool = True) -> None:
+        """End the stream after the windows submitted; wait: until they are done (else the thread, a
+        daemon, finishes them or dies with the process)."""
+        self._inbox.put(_CLOSE)
+        if wait:
+            self._server.join()
+
+    def _pull(self, block: bool) -> list | None:
+        items = []
         try:
-            return self.model.run(waveforms, self.request, self.reduction)
+            item = self._inbox.get(block=block)
+            while True:
+                if item is _CLOSE:
+                    return items or None
+                items.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            self._pulled.update(key for key, _ in items)
+        return items
+
+    def _emit(self, key: tuple[int, int], out: WindowOutput | Exception) -> None:
+        batch_id, i = key
+        with self._lock:
+            self._pulled.discard(key)
+            entry = self._batches[batch_id]
+            entry.outputs[i] = out
+            entry.waiting.discard(i)
+            if entry.waiting:
+                return
+            del self._batches[batch_id]
+        table = self._table(entry)
+        if self.tally is not None:  # fire and forget: progress never waits on, or fails, the work
+            self.tally.add.remote(windows_done(table))
+        entry.future.set_result(table)
+
+    def _serve(self) -> None:
+        waves: dict[tuple[int, int], np.ndarray] = {}
+
+        def pull(block: bool) -> list | None:
+            items = self._pull(block)
+            waves.update(items or [])
+            return items
+
+        def emit(key: tuple[int, int], out: WindowOutput | Exception) -> None:
+            waves.pop(key, None)
+            self._emit(key, out)
+
+        while True:
+            try:
+                self.model.stream(pull, self.request, self.reduction, emit)
+                return
+            except Exception as err:
+                with self._lock:
+                    held = sorted(self._pulled)
+                if not held:  # it failed before taking any window: the next ones, one by one, say why
+                    items = pull(True)
+                    if items is None:
+                        return
+                    held = [key for key, _ in items]
+                log.warning(
+                    "the model's stream failed (%s); %d windows are retried one by one", err, len(held)
+                )
+                for key in held:
+                    emit(key, self._run_one(waves[key]))
+
+    def _run_one(self, wave: np.ndarray) -> WindowOutput | Exception:
+        try:
+            return self.model.run([wave], self.request, self.reduction)[0]
         except Exception as err:
-            if len(waveforms) == 1:
-                return [err]
-            log.warning("batch of %d windows failed (%s); retrying one by one", len(waveforms), err)
-            return [out for w in waveforms for out in self._run([w])]
+            return err
 
     def _memory(self) -> tuple[int | None, int | None]:
         if not self.device.startswith("cuda"):
@@ -126,19 +243,12 @@ class WindowPredictor:
 
         return peak, int(pynvml.nvmlDeviceGetMemoryInfo(self.nvml).used)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        indices = [i for i, row in enumerate(rows) if row["status"] == "ok"]
-        if self.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        waveforms = [np.frombuffer(rows[i]["pcm"], dtype="<f4") for i in indices]
-        outputs = dict(zip(indices, self._run(waveforms) if waveforms else [], strict=True))
+    def _table(self, entry: _Batch) -> pa.Table:
         peak, nvml_used = self._memory()
         rss = peak_rss_bytes()
         out_rows = []
-        for i, row in enumerate(rows):
-            row.pop("pcm")
-            result = outputs.get(i)
+        for i, row in enumerate(entry.rows):
+            result = entry.outputs.get(i)
             if isinstance(result, Exception):
                 row |= {"status": "error", "stage": "model", "error": f"{type(result).__name__}: {result}"}
             stats = result.stats if isinstance(result, WindowOutput) else WindowStats()
@@ -154,7 +264,4 @@ class WindowPredictor:
                 "node": self.node,
             }
             out_rows.append(row)
-        table = pa.Table.from_pylist(out_rows, schema=WINDOW_TEXT_SCHEMA)
-        if self.tally is not None:  # fire and forget: progress never waits on, or fails, the work
-            self.tally.add.remote(windows_done(table))
-        return table
+        return pa.Table.from_pylist(out_rows, schema=WINDOW_TEXT_SCHEMA)

@@ -19,9 +19,10 @@ A ``SpeechModel`` turns a batch of mono float32 waveforms at ``sample_rate`` (ea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -139,10 +140,39 @@ class WindowOutput:
     words: list[Word] | None = None  # seconds from the window's start; None: the model gives no word times
 
 
+# A stream's source: pull(block) -> (key, waveform) pairs that arrived (blocking for one when block is
+# set), None once no more will come. Its sink: emit(key, output or the exception that failed it).
+Pull = Callable[[bool], list[tuple[Any, np.ndarray]] | None]
+Emit = Callable[[Any, "WindowOutput | Exception"], None]
+
+
+def once(items: list[tuple[Any, np.ndarray]]) -> Pull:
+    """A source that gives ``items`` at the first pull and then closes."""
+    left = [items]
+    return lambda _block: left.pop() if left else None
+
+
 class SpeechModel(Protocol):
+    """run: a list of windows, outputs in order. stream: windows as they arrive, each output as it is
+    ready (Whisper's continuous batching; ``stream_in_calls`` for families that decode in calls)."""
+
     description: ModelDescription
     device: str
 
     def run(
         self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
     ) -> list[WindowOutput]: ...
+
+    def stream(self, pull: Pull, request: TaskRequest, reduction: ReductionConfig, emit: Emit) -> None: ...
+
+
+def stream_in_calls(
+    model: SpeechModel, pull: Pull, request: TaskRequest, reduction: ReductionConfig, emit: Emit
+) -> None:
+    """``stream`` as one ``run`` call per pull: what has arrived decodes together."""
+    while (items := pull(True)) is not None:
+        if items:
+            keys = [key for key, _ in items]
+            outputs = model.run([wave for _, wave in items], request, reduction)
+            for key, out in zip(keys, outputs, strict=True):
+                emit(key, out)

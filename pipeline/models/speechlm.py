@@ -33,10 +33,13 @@ from pipeline.models.base import (
     INT8,
     SAMPLE_RATE,
     Checkpoint,
+    Emit,
     ModelDescription,
     ModelError,
+    Pull,
     WindowOutput,
     check_request,
+    stream_in_calls,
 )
 from pipeline.stats import WindowStats, batch_times
 from pipeline.tasks import TaskRequest
@@ -264,6 +267,10 @@ class AudioLanguageModel(ABC):
                 outputs[i] = self._output(gen, row, times[row], len(waveforms[i]))
             start += size
         return outputs
+
+    def stream(self, pull: Pull, request: TaskRequest, reduction: ReductionConfig, emit: Emit) -> None:
+        """Windows as they arrive, decoded in ``run`` calls (continuous batching is Whisper's so far)."""
+        stream_in_calls(self, pull, request, reduction, emit)
 
     def _output(self, gen: Generation, row: int, times: dict[str, float], samples: int) -> WindowOutput:
         n = int(gen.num_tokens[row])

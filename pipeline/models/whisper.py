@@ -27,6 +27,8 @@ from torch import nn
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizerFast
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
+from pipeline.decoding.policy import DecodePolicy
+from pipeline.decoding.scheduler import Counters, Request, Scheduler
 from pipeline.device import sync
 from pipeline.merging.config import PADDING_POLICIES, ReductionConfig
 from pipeline.models.base import (
@@ -34,13 +36,15 @@ from pipeline.models.base import (
     SAMPLE_RATE,
     WINDOW_S,
     Checkpoint,
+    Emit,
     ModelDescription,
     ModelError,
+    Pull,
     WindowOutput,
     check_request,
+    once,
 )
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
-from pipeline.models.whisper_decoding import DecodeOptions, cross_kv, greedy_decode
 from pipeline.models.whisper_encoder import (
     EncoderOutput,
     encode,
@@ -48,8 +52,9 @@ from pipeline.models.whisper_encoder import (
     input_frames,
     speech_tokens,
 )
+from pipeline.models.whisper_runner import Encoded, WhisperRunner, cross_kv
 from pipeline.models.whisper_timing import window_words
-from pipeline.stats import WindowStats, batch_times
+from pipeline.stats import WindowStats, apportion
 from pipeline.tasks import TaskError, TaskRequest, language_code
 
 if TYPE_CHECKING:  # the modeling module takes seconds to import: only loading imports it, not describing
@@ -183,15 +188,18 @@ def generation_config(
     )
 
 
-# The loop guard (pipeline.models.whisper_decoding): 48 tokens is ~15 s of speech, far more than any
-# phrase a speaker repeats verbatim three times.
+# The loop guard (pipeline.decoding.policy): 48 tokens is ~15 s of speech, far more than any phrase a
+# speaker repeats verbatim three times.
 LOOP_TOKENS = 48
 
 
-def decode_options(
-    gen: GenerationConfig, language: int | None = None, task: str = "transcribe"
-) -> DecodeOptions:
-    """The prompt and suppressions ``generate`` uses without timestamps.
+def decode_policy(
+    gen: GenerationConfig,
+    language: int | None = None,
+    task: str = "transcribe",
+    max_new_tokens: int | None = None,
+) -> DecodePolicy:
+    """The prompt and suppressions ``generate`` uses without timestamps, and our loop guard.
 
     Multilingual: [start-of-transcript, language, task, no-timestamps], the language token detected per
     window when ``language`` is None. English-only: [start-of-transcript, no-timestamps].
@@ -204,15 +212,15 @@ def decode_options(
             prompt.append(language)
         prompt.append(gen.task_to_id[task])
     prompt.append(gen.no_timestamps_token_id)
-    return DecodeOptions(
+    return DecodePolicy(
         prompt=tuple(prompt),
         eos=gen.eos_token_id,
-        pad=gen.pad_token_id if gen.pad_token_id is not None else gen.eos_token_id,
         suppress=tuple(gen.suppress_tokens or ()),
         begin_suppress=tuple(gen.begin_suppress_tokens or ()),
         max_length=gen.max_length,
         detect=detect,
         loop_tokens=LOOP_TOKENS,
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -221,12 +229,13 @@ class WhisperSpeechModel:
 
     description: what ``describe`` says of the checkpoint (tasks, languages, word times), which the
     adapter checks requests against; languages: each spoken-language code's token id (empty: English-only).
-    batch_size: windows per model call and decoder pass (16: each decoder step reads the 51,864-row output
-    projection once for the whole batch, so larger batches pay less for it per token).
-    On CPU the encoder takes them ``CPU_ENCODER_WINDOWS`` at a time.
-    Timings of a batch are shared among its windows by ``pipeline.stats.batch_times``; ``prefill_s`` is
-    the first decoder step(s) (language detection, prompt, projection of the encoder output to
-    cross-attention K/V), shared equally: every row has the same prompt length and padded encoder length.
+    batch_size: rows decoding at once (the runner's slots; 16: each decoder step reads the 51,864-row
+    output projection once for all its rows, so more rows pay less for it per token). A call's windows
+    queue longest first and each enters the batch as a row leaves it (continuous batching,
+    pipeline/models/whisper_runner.py); its encoder pass runs as it is admitted, on CPU
+    ``CPU_ENCODER_WINDOWS`` windows at a time. Window stats are measured per window: its encoder pass
+    (shared by positions among the windows of the pass), its share of the steps it was in.
+    ``counters``: the scheduler's counts summed over calls (occupancy, refills).
     """
 
     sample_rate = SAMPLE_RATE
@@ -253,9 +262,12 @@ class WhisperSpeechModel:
         # hub checkpoints name them in their generation config; a checkpoint without them gives no word times
         heads = getattr(gen, "alignment_heads", None) or ()
         self.alignment_heads = [(int(layer), int(head)) for layer, head in heads]
+        self.runner = WhisperRunner(model, batch_size)
+        self.counters = Counters()
+        self.refill = True  # False: static batches (benchmarks/continuous_batching.py's baseline)
 
-    def decode_plan(self, request: TaskRequest) -> tuple[DecodeOptions, str | None]:
-        """Decoding options for a request and its fixed spoken language (None: detected per window).
+    def decode_plan(self, request: TaskRequest) -> tuple[DecodePolicy, str | None]:
+        """Decoding policy for a request and its fixed spoken language (None: detected per window).
 
         Raises TaskError, before any work, for what this checkpoint cannot do (``check_request``; on
         Whisper sentence times come from word times too, so segments need the alignment heads as well).
@@ -269,10 +281,11 @@ class WhisperSpeechModel:
         language = language_code(request.language) if request.language else None
         gen = self.model.generation_config
         if not self.languages:
-            return decode_options(gen), "en"
-        task = TASK_TOKENS[request.task] or "transcribe"
+            return decode_policy(gen), "en"
+        task = TASK_TOKENS[request.task]
         token = None if language is None else self.languages[language]
-        return decode_options(gen, token, task), language
+        # lid: the detected language is the output, no token generated
+        return decode_policy(gen, token, task or "transcribe", None if task else 0), language
 
     def run(
         self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
@@ -282,28 +295,57 @@ class WhisperSpeechModel:
         Every output carries the spoken language (the request's, or detected for its window); lid's
         text is that language's code.
         """
-        options, language = self.decode_plan(request)
+        self.decode_plan(request)
         for i, wave in enumerate(waveforms):
-            if wave.ndim != 1 or len(wave) > WINDOW_S * SAMPLE_RATE:
-                raise ValueError(f"waveform {i} has shape {wave.shape}: expected mono, at most {WINDOW_S} s")
-        ratios = encoder_ratios(reduction, self.model.config.encoder_layers)
-        max_new = 0 if TASK_TOKENS[request.task] is None else None
-        # batches of windows of like length: a batch is computed as far as its longest window reaches
-        order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]))
-        outputs: dict[int, WindowOutput] = {}
-        for first in range(0, len(order), self.batch_size):
-            batch = order[first : first + self.batch_size]
-            done = self._run_batch(
-                [waveforms[i] for i in batch],
-                reduction,
-                ratios,
-                options,
-                language,
-                max_new,
-                request.timestamps,
-            )
-            outputs |= dict(zip(batch, done, strict=True))
+            _check_wave(i, wave)
+        # Longest first: the batch's cross-attention is as wide as its longest row, and the queue
+        # drains on the shortest windows.
+        order = sorted(range(len(waveforms)), key=lambda i: -len(waveforms[i]))
+        outputs: dict[int, WindowOutput | Exception] = {}
+        self.stream(once([(i, waveforms[i]) for i in order]), request, reduction, outputs.__setitem__)
+        for out in outputs.values():
+            if isinstance(out, Exception):
+                raise out
         return [outputs[i] for i in range(len(waveforms))]
+
+    def stream(self, pull: Pull, request: TaskRequest, reduction: ReductionConfig, emit: Emit) -> None:
+        """Windows decoded as they arrive: ``pull(block)`` gives (key, waveform) pairs (blocking only when
+        no window is decoding; None once no more will come), and each window's output goes to
+        ``emit(key, output)`` at the step it finishes (a waveform that is not a window: its ValueError)."""
+        policy, language = self.decode_plan(request)
+        ratios = encoder_ratios(reduction, self.model.config.encoder_layers)
+        timed = bool(self.alignment_heads) and request.timestamps != "none" and policy.budget > 0
+        scheduler = Scheduler(self.batch_size, self.refill)
+
+        def feed(scheduler: Scheduler, block: bool) -> bool:
+            items = pull(block)
+            if items is None:
+                return False
+            for key, wave in items:
+                try:
+                    _check_wave(key, wave)
+                except ValueError as err:
+                    emit(key, err)
+                    continue
+                scheduler.add([Request(key=key, work=wave)])
+            return True
+
+        def done(r: Request) -> None:
+            if timed:
+                self._words(r, policy)
+            emit(r.key, self._output(r, policy, language))
+
+        try:
+            self.runner.run(
+                scheduler,
+                policy,
+                lambda admitted: self._encode_requests(admitted, reduction, ratios, timed),
+                done,
+                logprobs=timed,
+                feed=feed,
+            )
+        finally:
+            self.counters += scheduler.counters
 
     def _kv_bytes(self, positions: int) -> int:
         """Cross-attention K and V of every decoder layer for ``positions`` encoder outputs."""
@@ -317,7 +359,7 @@ class WhisperSpeechModel:
         ratios: list[float],
         timing: bool = False,
     ) -> tuple[EncoderOutput, list[int]]:
-        """The batch through the reducing encoder; also each window's speech tokens at the input.
+        """The windows through the reducing encoder; also each window's speech tokens at the input.
         timing: also the output without the last layer's merge, for word timing (``EncoderOutput.timing``).
 
         The log-mel is computed only as far as the longest window's audio reaches (``input_frames``):
@@ -337,6 +379,57 @@ class WhisperSpeechModel:
         sync(device)
         return enc, speech
 
+    def _encode_requests(
+        self, requests: list[Request], reduction: ReductionConfig, ratios: list[float], timing: bool
+    ) -> None:
+        """Admitted requests through the encoder: each gets its ``Encoded`` and what its stats and word
+        timing read of the encoder's output, and its share of the pass's time."""
+        start = time.perf_counter()
+        enc, speech = self._encode([r.work for r in requests], reduction, ratios, timing)
+        shares = apportion(time.perf_counter() - start, enc.positions)
+        for b, r in enumerate(requests):
+            n = int(enc.lengths[b])
+            bias = None if enc.key_bias is None else enc.key_bias[b, :n]
+            r.state |= {
+                "encoded": Encoded(enc.states[b, :n], bias),
+                "encode_s": shares[b],
+                "speech": speech[b],
+                "layer_speech": enc.layer_speech[b],
+                "origins": enc.origins[b],
+            }
+            if enc.timing is not None:  # word timing reads the output without the last merge
+                t = int(enc.timing.lengths[b])
+                bias = None if enc.timing.key_bias is None else enc.timing.key_bias[b, :t]
+                r.state |= {
+                    "timing": Encoded(enc.timing.states[b, :t], bias),
+                    "origins": enc.timing.origins[b],
+                }
+
+    def _words(self, request: Request, policy: DecodePolicy) -> None:
+        """Word times of a request that just finished decoding (its slot still holds its cross K/V)."""
+        start = time.perf_counter()
+        timing = request.state.get("timing")
+        if timing is None:
+            cross = self.runner.row_cross(request)
+        else:
+            cross = cross_kv(
+                self.model, timing.states[None], None if timing.key_bias is None else timing.key_bias[None]
+            )
+        request.state["words"] = window_words(
+            self.model,
+            self.tokenizer,
+            request.generated,
+            request.logprobs,
+            cross,
+            request.prompt,
+            policy.eos,
+            request.state["origins"],
+            request.state["speech"],
+            self.alignment_heads,
+        )
+        # the alignment pass counts as decoding: it reads what the decoder read, once more
+        request.state["decode_s"] = request.state.get("decode_s", 0.0) + time.perf_counter() - start
+
     def audio_states(self, waveforms: list[np.ndarray], reduction: ReductionConfig) -> list[torch.Tensor]:
         """The last encoder layer's speech-token states (S_b, D) of each window under ``reduction``
         (what layer selection measures, pipeline.merging.layer_select)."""
@@ -347,71 +440,33 @@ class WhisperSpeechModel:
             states += [enc.states[b, :n].float().cpu() for b, n in enumerate(enc.speech)]
         return states
 
-    def _run_batch(
-        self,
-        waveforms: list[np.ndarray],
-        reduction: ReductionConfig,
-        ratios: list[float],
-        options: DecodeOptions,
-        language: str | None,
-        max_new_tokens: int | None,
-        timestamps: str = "none",
-    ) -> list[WindowOutput]:
+    def _output(self, request: Request, policy: DecodePolicy, language: str | None) -> WindowOutput:
+        state = request.state
+        code = language if not policy.detect else self._code_of[request.prompt[1]]
         full = self.model.config.max_source_positions
-        timed = bool(self.alignment_heads) and timestamps != "none" and max_new_tokens != 0
-        start = time.perf_counter()
-        enc, speech = self._encode(waveforms, reduction, ratios, timed)
-        encode_s = time.perf_counter() - start
-        dec = greedy_decode(self.model, enc.states, enc.key_bias, options, max_new_tokens, timed)
-        words, align_s = None, 0.0
-        if timed:
-            aligned = time.perf_counter()
-            prompts = [list(options.prompt) for _ in waveforms]
-            if dec.languages is not None:  # the detected language follows start-of-transcript
-                prompts = [[p[0], lang, *p[1:]] for p, lang in zip(prompts, dec.languages, strict=True)]
-            timing = enc.timing or enc
-            words = window_words(
-                self.model,
-                self.tokenizer,
-                dec,
-                dec.cross if enc.timing is None else cross_kv(self.model, timing.states, timing.key_bias),
-                prompts,
-                options.eos,
-                timing.origins,
-                speech,
-                self.alignment_heads,
-            )
-            align_s = time.perf_counter() - aligned
-        generated = [len(tokens) for tokens in dec.tokens]
-        # the alignment pass counts as decoding: it reads what the decoder read, once more
-        ones = [1.0] * len(waveforms)  # one prompt each
-        times = batch_times(encode_s, dec.first_step_s, dec.rest_s + align_s, ones, generated, enc.positions)
-        outputs = []
-        for b, wave in enumerate(waveforms):
-            code = language if dec.languages is None else self._code_of[dec.languages[b]]
-            stats = WindowStats(
-                audio_seconds=len(wave) / SAMPLE_RATE,
-                audio_tokens_in=speech[b],
-                audio_tokens_kept=sum(enc.layer_speech[b]) / len(enc.layer_speech[b]),
-                kv_bytes_full=self._kv_bytes(full),
-                kv_bytes_kept=self._kv_bytes(int(enc.lengths[b])),
-                generated_tokens=generated[b],
-                loop_cuts=int(b in dec.loops),
-                **times[b],
-            )
-            if max_new_tokens == 0:  # lid: the language is the output
-                text = code
-            else:
-                text = self.tokenizer.decode([t for t in dec.tokens[b] if t < options.eos]).strip()
-            outputs.append(
-                WindowOutput(
-                    text=text,
-                    language=code,
-                    stats=stats,
-                    words=None if words is None else words[b],
-                )
-            )
-        return outputs
+        layer_speech = state["layer_speech"]
+        stats = WindowStats(
+            audio_seconds=len(request.work) / SAMPLE_RATE,
+            audio_tokens_in=state["speech"],
+            audio_tokens_kept=sum(layer_speech) / len(layer_speech),
+            kv_bytes_full=self._kv_bytes(full),
+            kv_bytes_kept=self._kv_bytes(state["encoded"].states.shape[0]),
+            encode_s=state["encode_s"],
+            prefill_s=state.get("prefill_s", 0.0),
+            decode_s=state.get("decode_s", 0.0),
+            generated_tokens=len(request.generated),
+            loop_cuts=int(request.finish == "loop"),
+        )
+        if policy.budget == 0:  # lid: the language is the output
+            text = code
+        else:
+            text = self.tokenizer.decode([t for t in request.generated if t < policy.eos]).strip()
+        return WindowOutput(text=text, language=code, stats=stats, words=state.get("words"))
+
+
+def _check_wave(key: object, wave: np.ndarray) -> None:
+    if wave.ndim != 1 or len(wave) > WINDOW_S * SAMPLE_RATE:
+        raise ValueError(f"waveform {key} has shape {wave.shape}: expected mono, at most {WINDOW_S} s")
 
 
 def _default_dtype(device: str, dtype: torch.dtype | None) -> torch.dtype:

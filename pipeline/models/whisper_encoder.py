@@ -32,7 +32,7 @@ from pipeline.merging.config import EVICT_METHODS, MERGE_METHODS, ReductionConfi
 from pipeline.merging.schedule import output_reduction, removed_counts, resolve_ratios
 from pipeline.merging.step import LayerAttention, reduce_layer
 
-if TYPE_CHECKING:  # see whisper_decoding.py
+if TYPE_CHECKING:  # see whisper_runner.py
     from transformers.models.whisper.modeling_whisper import WhisperEncoder, WhisperEncoderLayer
 
 SAMPLES_PER_TOKEN = 320  # 160-sample mel hop x conv2 stride 2

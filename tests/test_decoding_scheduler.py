@@ -1,0 +1,110 @@
+"""Continuous batching: the scheduler's queues and slots, and Whisper's runner refilling rows as they
+finish, every window decoding the tokens it decodes alone whatever its neighbours and arrival."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.audio.decode import decode_audio
+from pipeline.decoding.scheduler import Request, Scheduler
+from pipeline.merging.config import NO_REDUCTION
+from pipeline.presets import resolve_reduction
+from pipeline.tasks import TaskRequest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ASR = TaskRequest("asr")
+
+
+def test_rows_leave_their_slot_to_the_last_row_and_free_slots_refill():
+    scheduler = Scheduler(3)
+    requests = [Request(key=i, work=None) for i in range(5)]
+    scheduler.add(requests)
+    assert scheduler.admit() == requests[:3] and [r.slot for r in requests[:3]] == [0, 1, 2]
+    scheduler.step()
+    assert scheduler.retire(requests[0]) == (2, 0)  # the last row moves into the freed slot
+    assert requests[2].slot == 0 and scheduler.running == [requests[2], requests[1]]
+    assert scheduler.admit() == [requests[3]] and requests[3].slot == 2
+    scheduler.step()
+    assert scheduler.retire(requests[3]) is None  # the last row leaves: nothing moves
+    counters = scheduler.counters
+    assert (counters.steps, counters.rows, counters.refills, counters.queued_steps) == (2, 6, 1, 2)
+    assert counters.occupancy(3) == 1.0
+
+    static = Scheduler(2, refill=False)
+    static.add([Request(key=i, work=None) for i in range(3)])
+    first = static.admit()
+    static.retire(first[0])
+    assert static.admit() == []  # a static batch waits for its last row
+    static.retire(first[1])
+    assert len(static.admit()) == 1
+
+
+@pytest.fixture(scope="module")
+def windows() -> list[np.ndarray]:
+    """Real speech of many lengths (what decodes to outputs of many lengths): cuts of the examples."""
+    speech = [decode_audio(EXAMPLES / name).samples for name in ("intro.wav", "standup.flac")]
+    lengths_s = [1.5, 9.0, 3.0, 14.0, 0.8, 6.0, 11.0]
+    return [speech[i % 2][int(16000 * i) : int(16000 * (i + s))] for i, s in enumerate(lengths_s)]
+
+
+def _streamed(model, waves, request, reduction, seed: int) -> dict:
+    """Windows arriving in a random order at random steps: each pull hands over 0-2 of them (at least
+    one when the batch is idle)."""
+    rng = random.Random(seed)
+    queue = [(i, waves[i]) for i in rng.sample(range(len(waves)), len(waves))]
+
+    def pull(block: bool) -> list | None:
+        if not queue:
+            return None
+        take = max(int(block), rng.choice([0, 0, 1, 2]))
+        return [queue.pop(0) for _ in range(min(take, len(queue)))]
+
+    outputs: dict = {}
+    model.stream(pull, request, reduction, outputs.__setitem__)
+    return outputs
+
+
+@pytest.mark.parametrize("merging", [False, True])
+def test_a_window_decodes_the_same_tokens_whatever_arrives_beside_it(whisper, windows, merging):
+    reduction = resolve_reduction(whisper.description, "asr") if merging else NO_REDUCTION
+    alone = [whisper.run([w], ASR, reduction)[0] for w in windows]
+    slots = whisper.batch_size
+    try:
+        for seed, whisper.batch_size in ((0, 2), (1, 3), (2, 7)):
+            got = _streamed(whisper, windows, ASR, reduction, seed)
+            assert [got[i].text for i in range(len(windows))] == [o.text for o in alone]
+            tokens = [got[i].stats.generated_tokens for i in range(len(windows))]
+            assert tokens == [o.stats.generated_tokens for o in alone]
+    finally:
+        whisper.batch_size = slots
+
+
+def test_freed_rows_are_refilled_until_the_queue_drains(whisper, windows):
+    """Short and long windows through 3 slots: every step runs 3 rows while windows wait."""
+    before = whisper.counters
+    slots = whisper.batch_size
+    whisper.batch_size = 3
+    try:
+        outputs = whisper.run(windows, ASR, NO_REDUCTION)
+    finally:
+        whisper.batch_size = slots
+    counters = whisper.counters
+    queued = counters.queued_rows - before.queued_rows, counters.queued_steps - before.queued_steps
+    assert counters.refills - before.refills == len(windows) - 3
+    assert queued[1] > 0 and queued[0] == 3 * queued[1]  # full while windows waited
+    assert (
+        len({o.stats.generated_tokens for o in outputs}) > 3
+    )  # lengths differ: rows left at different steps
+
+
+def test_a_window_that_is_not_one_fails_alone_in_a_stream(whisper, windows):
+    bad = np.zeros((2, 16000), dtype=np.float32)
+    items = [(0, windows[0]), (1, bad), (2, windows[2])]
+    outputs: dict = {}
+    whisper.stream(lambda _block: [items.pop(0)] if items else None, ASR, NO_REDUCTION, outputs.__setitem__)
+    assert isinstance(outputs[1], ValueError) and "expected mono" in str(outputs[1])
+    assert outputs[0].text and outputs[2].text
