@@ -8,8 +8,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline.merging.config import NO_REDUCTION
 from pipeline.decoding.policy import MAX_LOOP_PERIOD, loop_start
+from pipeline.merging.config import NO_REDUCTION
 from pipeline.models.whisper import LOOP_TOKENS, decode_policy
 from pipeline.tasks import TaskRequest
 from tests.test_models_whisper_multilingual import features, generated, ours, tiny_multilingual

@@ -27,8 +27,8 @@ from pipeline.models.whisper import (
     load_packaged,
     packaged_files,
 )
-from pipeline.models.whisper_runner import decode_encoded
 from pipeline.models.whisper_encoder import encode
+from pipeline.models.whisper_runner import decode_encoded
 from pipeline.tasks import TaskError, TaskRequest
 
 SR = 16000

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig, ReductionConfigError
-from pipeline.models.whisper_runner import decode_encoded
 from pipeline.models.whisper_encoder import _attention, _embed, encode, encoder_ratios, input_frames
+from pipeline.models.whisper_runner import decode_encoded
 from pipeline.tasks import TaskRequest
 from tests.test_models_whisper import SR, chirp, vowels
 
