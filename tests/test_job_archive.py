@@ -173,9 +173,9 @@ def test_bad_paths_and_overlap_are_refused_before_any_work(archive: Path, tmp_pa
 
 
 def _predictor_pids() -> list[int]:
-    """This test's Ray actors running the model stage (Ray names the process after the operator; other
-    clusters on the machine are not ours to kill)."""
-    return find(descendants(os.getpid()), "WindowPredictor")
+    """This test's Ray actors running the model stage on a batch (Ray names the process after the
+    operator and the method it runs; other clusters on the machine are not ours to kill)."""
+    return find(descendants(os.getpid()), "WindowPredictor)).submit")
 
 
 def test_model_actor_killed_mid_run_gives_the_same_tables(
@@ -187,10 +187,8 @@ def test_model_actor_killed_mid_run_gives_the_same_tables(
     )
     run.start()
     deadline = time.monotonic() + 120
-    while not _predictor_pids() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(2.0)  # let it load the model and start on a batch
-    killed = _predictor_pids()
+    while not (killed := _predictor_pids()) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the model loaded and took its first batch: the run is mid-way
     assert killed, "no model actor seen"
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
