@@ -86,6 +86,34 @@ def decoder_run(model, waves: list, continuous: bool, batch: int) -> dict:
     }
 
 
+def end_to_end(args: argparse.Namespace, refs: dict, files: list[Path]) -> dict:
+    """The archive job from this tree and from the baseline tree, interleaved, fresh processes."""
+    systems = {"this tree": ROOT, "baseline": args.baseline_tree}
+    label = f"archive job, {args.model}"
+    OURS.setdefault(label, ["--model", args.model, "--reduction", "default"])
+    end: dict[str, list] = {name: [] for name in systems}
+    for _ in range(args.repeats):
+        for name, tree in systems.items():
+            wall, _, texts = run_ours(label, files, args.threads, tree)
+            end[name].append((wall, texts))
+            print(name, f"{wall:.1f} s", flush=True)
+    result: dict = {}
+    for name, runs in end.items():
+        texts = runs[0][1]
+        result[name] = {
+            "wall_s": statistics.median(w for w, _ in runs),
+            "walls": [w for w, _ in runs],
+            "wer": 100 * metrics.wer([refs[f] for f in files], [texts[f] for f in files]),
+        }
+    ours, base = end["this tree"][0][1], end["baseline"][0][1]
+    result["differing_files"] = [f.name for f in files if ours[f] != base[f]]
+    commit = ["git", "rev-parse", "--short", "HEAD"]
+    result["baseline_commit"] = subprocess.run(
+        commit, cwd=args.baseline_tree, capture_output=True, text=True
+    ).stdout.strip()
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--baseline-tree", type=Path, help="a checkout with static batches (end to end)")
+    parser.add_argument(
+        "--baseline-tree", type=Path, help="a checkout with static batches (end to end; none: skipped)"
+    )
     parser.add_argument("--skip-decoder", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -133,31 +163,8 @@ def main(argv: list[str] | None = None) -> None:
             "differing_windows": [i for i, (a, b) in enumerate(zip(static, cont, strict=True)) if a != b],
         }
 
-    systems = {"this tree": ROOT} | ({"baseline": args.baseline_tree} if args.baseline_tree else {})
-    label = "archive job, default preset" if args.model == "whisper-tiny.en" else None
-    OURS.setdefault(f"archive job, {args.model}", ["--model", args.model, "--reduction", "default"])
-    label = label or f"archive job, {args.model}"
-    end: dict[str, list] = {name: [] for name in systems}
-    for _ in range(args.repeats):
-        for name, tree in systems.items():
-            wall, _, texts = run_ours(label, files, args.threads, tree)
-            end[name].append((wall, texts))
-            print(name, f"{wall:.1f} s", flush=True)
-    result["end_to_end"] = {}
-    for name, runs_ in end.items():
-        texts = runs_[0][1]
-        result["end_to_end"][name] = {
-            "wall_s": statistics.median(w for w, _ in runs_),
-            "walls": [w for w, _ in runs_],
-            "wer": 100 * metrics.wer([refs[f] for f in files], [texts[f] for f in files]),
-        }
     if args.baseline_tree:
-        ours, base = end["this tree"][0][1], end["baseline"][0][1]
-        result["end_to_end"]["differing_files"] = [f.name for f in files if ours[f] != base[f]]
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=args.baseline_tree, capture_output=True, text=True
-        )
-        result["end_to_end"]["baseline_commit"] = commit.stdout.strip()
+        result["end_to_end"] = end_to_end(args, refs, files)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     print(json.dumps(result, indent=1, default=str))

@@ -286,7 +286,11 @@ def _parser() -> JobParser:
     parser.add_argument("--limit", type=int, default=None, help="evaluate a seeded random subset of the rows")
     parser.add_argument("--seed", type=int, default=0, help="subset choice and random methods")
     parser.add_argument(
-        "--batch-size", "--batch", type=int, default=8, help="utterances per model call (--batch: old name)"
+        "--batch-size",
+        "--batch",
+        type=int,
+        default=8,
+        help="rows the model decodes at once, and utterances per model call (--batch: old name)",
     )
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
     parser.add_argument(
@@ -423,7 +427,7 @@ def _run(argv: list[str] | None) -> None:
         args.task, target_language="en" if args.task == "st" else None, timestamps=args.timestamps
     )
     check_request(info, request, "int8" if args.int8 else None)
-    model = load_model(args.model, args.device, INT8 if args.int8 else None)
+    model = load_model(args.model, args.device, INT8 if args.int8 else None, batch_size=args.batch_size)
     metric_name = next(iter(metrics.task_scores(args.task, refs, refs, languages)))  # the headline metric
     meta = run_meta(args, argv, rows, languages)
     args.output.mkdir(parents=True, exist_ok=True)

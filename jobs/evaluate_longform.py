@@ -63,7 +63,7 @@ def utterance_transcript(model, audio_path: Path, segments: list[dict], reductio
 
 def evaluate(args: argparse.Namespace) -> list[dict]:
     refs = references(args.input)
-    model = load_model(args.model)
+    model = load_model(args.model, batch_size=args.batch_size)
     rows = []
     for name in args.reductions:
         out = args.output / name
@@ -133,7 +133,12 @@ def _run(argv: list[str] | None) -> None:
         default=["none", "default"],
         help="the pipeline's --reduction values compared: default, a preset name, none",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="utterance cuts per model call")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="rows the model decodes at once, and utterance cuts per model call",
+    )
     parser.add_argument(
         "--report", type=output_folder, help="folder for results.json and results.md (default: printed only)"
     )

@@ -102,7 +102,7 @@ def _run(argv: list[str] | None) -> None:
         "--batch",
         type=int,
         default=8,
-        help="--check: clips per model call (--batch: old name)",
+        help="--check: rows the model decodes at once, and clips per model call (--batch: old name)",
     )
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
     parser.add_argument("--check", action="store_true", help="also score the task at every layer (slow)")
@@ -123,7 +123,7 @@ def _run(argv: list[str] | None) -> None:
     # A clip longer than the model's window is cut as the archive job cuts it; each window's states
     # count as a clip's for the score, and --check joins the windows' outputs.
     clips = cut_clips([args.manifest.parent / r["audio"] for r in rows], info.sample_rate, info.max_window_s)
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, batch_size=args.batch_size)
     if not hasattr(model, "audio_states"):
         parser.error(f"model {args.model!r} does not expose audio_states(); layer selection needs it")
     layers = model.description.reducing_layers  # the blocks audio_states merges in (Whisper: encoder)

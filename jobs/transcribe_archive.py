@@ -86,7 +86,10 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     )
     p.add_argument("--num-gpus", type=int, help="local cluster only: GPUs to give Ray")
     p.add_argument(
-        "--batch-size", type=int, help="windows per model call (default: 64 on GPU actors, 16 on CPU actors)"
+        "--batch-size",
+        type=int,
+        help="rows the model decodes at once, and windows handed to it per block (default: the model's; "
+        "Whisper 16 on CPU, what GPU memory holds on a GPU)",
     )
     p.add_argument(
         "--overlap-s", type=float, default=3.0, help="seconds two neighbouring windows share, stitched away"

@@ -36,7 +36,8 @@ class JobConfig:
     cluster, a local one started when none runs), ``in-process`` (both stages in the driver's process:
     one machine, one model, nothing to start; workers/in_process.py) or ``auto`` (in-process unless a
     cluster is there to join or more than one model actor is asked for).
-    batch_size: windows per model call (None: ``windows_per_call``'s default). max_duration_s: longer
+    batch_size: rows the model decodes at once, and windows per block handed to it (None: the model's
+    default, ``windows_per_block``'s blocks). max_duration_s: longer
     recordings become error rows (a policy, not a memory guard: the CPU stage streams; redone by a later
     run); None: no limit. retry_errors: redo every
     recording whose committed result is an error, not only those that failed in a way a later run may
@@ -107,10 +108,10 @@ class JobConfig:
         return None if self.prompt_format == "auto" else self.prompt_format
 
     @property
-    def windows_per_call(self) -> int:
-        """``batch_size``, or by default 64 windows per model call on GPU actors (the adapters fill a
-        GPU batch up to what its memory holds) and 16 on CPU actors (Whisper's decoding reads the output
-        projection once per step for the whole batch, so a larger batch pays less for it per token)."""
+    def windows_per_block(self) -> int:
+        """Windows handed to the model stage together (a Ray batch; a block an in-process run submits):
+        ``batch_size``, or by default 64 on GPU actors and 16 on CPU actors. The model streams, so a
+        few blocks in flight keep its rows full whatever their size."""
         if self.batch_size is not None:
             return self.batch_size
         return 64 if self.gpus_per_actor > 0 else 16

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.audio.decode import decode_audio
-from pipeline.decoding.scheduler import Request, Scheduler
+from pipeline.decoding.scheduler import Counters, Request, Scheduler
 from pipeline.merging.config import NO_REDUCTION
 from pipeline.presets import resolve_reduction
 from pipeline.tasks import TaskRequest
@@ -85,16 +85,16 @@ def test_a_window_decodes_the_same_tokens_whatever_arrives_beside_it(whisper, wi
 
 def test_freed_rows_are_refilled_until_the_queue_drains(whisper, windows):
     """Short and long windows through 3 slots: every step runs 3 rows while windows wait."""
-    before = whisper.counters
     slots = whisper.batch_size
-    whisper.batch_size = 3
+    whisper.batch_size, whisper.counters = 3, Counters()
     try:
         outputs = whisper.run(windows, ASR, NO_REDUCTION)
     finally:
         whisper.batch_size = slots
     counters = whisper.counters
-    queued = counters.queued_rows - before.queued_rows, counters.queued_steps - before.queued_steps
-    assert counters.refills - before.refills == len(windows) - 3
+    queued = counters.queued_rows, counters.queued_steps
+    assert counters.refills == len(windows) - 3
+    assert counters.peak == 3  # room for 3 rows: never a fourth
     assert queued[1] > 0 and queued[0] == 3 * queued[1]  # full while windows waited
     assert (
         len({o.stats.generated_tokens for o in outputs}) > 3
@@ -108,3 +108,16 @@ def test_a_window_that_is_not_one_fails_alone_in_a_stream(whisper, windows):
     whisper.stream(lambda _block: [items.pop(0)] if items else None, ASR, NO_REDUCTION, outputs.__setitem__)
     assert isinstance(outputs[1], ValueError) and "expected mono" in str(outputs[1])
     assert outputs[0].text and outputs[2].text
+
+
+def test_batch_size_sizes_the_runner_once(whisper):
+    runner = whisper.runner
+    whisper.batch_size = 4  # fewer rows: the buffers stay
+    assert whisper.runner is runner
+    try:
+        whisper.batch_size = runner.slots + 1  # more rows than the buffers hold: sized afresh
+        assert whisper.runner.slots == runner.slots + 1
+        with pytest.raises(ValueError, match="batch_size=0"):
+            whisper.batch_size = 0
+    finally:
+        whisper.batch_size, whisper.runner = 16, runner

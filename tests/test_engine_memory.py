@@ -47,12 +47,12 @@ def _tower_batches(qwen) -> list[int]:
 def batch_size(qwen, prompt: str, count: int, cfg: ReductionConfig) -> int:
     """What the adapter asks the engine for a window of ``count`` audio tokens."""
     ids, spans = qwen.prompt(prompt, [count])
-    return fit_batch(qwen.stack, len(ids), spans, cfg, qwen.max_new_tokens, qwen.max_batch)
+    return fit_batch(qwen.stack, len(ids), spans, cfg, qwen.max_new_tokens, qwen.batch_size)
 
 
 def test_adapter_batches_windows_of_any_length_up_to_its_size():
     qwen = build_tiny_random()
-    qwen.max_new_tokens, qwen.max_batch = 2, 4
+    qwen.max_new_tokens, qwen.batch_size = 2, 4
     seen = _tower_batches(qwen)
     rng = np.random.default_rng(0)
     seconds = [1.0, 2.5, 0.5, 1.7, 3.0, 1.0, 2.2, 0.8, 1.3, 2.0]  # mixed lengths batch together
@@ -71,7 +71,7 @@ def test_adapter_batch_follows_free_memory_on_cuda():
     plain = batch_size(qwen, prompt, count, ReductionConfig())
     merged = batch_size(qwen, prompt, count, ReductionConfig(method="fastadasp", target=0.5))
     assert 1 <= plain <= merged  # merged caches are shorter: at least as many windows fit
-    qwen.max_batch = 3
+    qwen.batch_size = 3
     assert batch_size(qwen, prompt, count, ReductionConfig()) == min(3, plain)
 
 

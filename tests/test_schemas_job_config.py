@@ -7,10 +7,10 @@ import pytest
 from schemas.job_config import JobConfig, JobConfigError
 
 
-def test_windows_per_call_defaults_by_actor_kind_and_honours_the_option():
-    assert JobConfig("in", "out").windows_per_call == 16
-    assert JobConfig("in", "out", gpus_per_actor=1).windows_per_call == 64
-    assert JobConfig("in", "out", gpus_per_actor=1, batch_size=5).windows_per_call == 5
+def test_windows_per_block_defaults_by_actor_kind_and_honours_the_option():
+    assert JobConfig("in", "out").windows_per_block == 16
+    assert JobConfig("in", "out", gpus_per_actor=1).windows_per_block == 64
+    assert JobConfig("in", "out", gpus_per_actor=1, batch_size=5).windows_per_block == 5
     assert JobConfig.from_json(JobConfig("in", "out").to_json()) == JobConfig("in", "out")
     assert [JobConfig("in", "out", prompt_format=f).model_kind for f in ("auto", "chat", "plain")] == [
         None,

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.audio.decode import decode_audio
-from pipeline.models.whisper import CPU_ENCODER_WINDOWS
+from pipeline.models.whisper import CPU_ENCODER_PASS
 from schemas.stages import WINDOW_SCHEMA, WINDOW_TEXT_SCHEMA
 from workers.model_stage import WindowPredictor
 from workers.ray_run import actor_cpus
@@ -39,7 +39,7 @@ def test_mixed_lengths_share_one_model_call_and_match_single_runs():
     hook.remove()
     assert out.schema == WINDOW_TEXT_SCHEMA and out.num_rows == 4
     # three windows of three lengths reach the model in one call: CPU encoder passes of two windows
-    assert len(calls) == math.ceil(3 / CPU_ENCODER_WINDOWS)
+    assert len(calls) == math.ceil(3 / CPU_ENCODER_PASS)
     got = out.to_pylist()
     assert got[1]["status"] == "error" and got[1]["error"] == "bad file" and got[1]["text"] is None
     one_by_one = [

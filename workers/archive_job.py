@@ -146,6 +146,7 @@ def _predictor_kwargs(config: JobConfig, reduction: ReductionConfig) -> dict:
         "device": config.device,
         "kind": config.model_kind,
         "int8": config.int8,
+        "batch_size": config.batch_size,
     }
 
 

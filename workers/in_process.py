@@ -114,7 +114,7 @@ def window_texts(
     predictor_kwargs: dict,
     started: Callable[[str], None],
 ) -> tuple[Iterator[pa.Table], Callable[[], tuple[int, int, float]]]:
-    """The run's window-text batches (WINDOW_TEXT_SCHEMA, ``config.windows_per_call`` window rows
+    """The run's window-text batches (WINDOW_TEXT_SCHEMA, ``config.windows_per_block`` window rows
     each, in plan order) and a reader of its progress tally. window_kwargs: ``recording_windows``'s
     settings; predictor_kwargs: ``WindowPredictor``'s; ``started(recording_id)`` is called as the
     cutter begins each recording (the run's in-flight record, ``pipeline.publish.InFlight``)."""
@@ -124,5 +124,5 @@ def window_texts(
         "device": "cpu" if config.device == "auto" and not config.gpus_per_actor else config.device,
         "threads": math.ceil(config.cpus_per_actor) if config.cpus_per_actor else config.num_cpus,
     }
-    batches = _batches(todo, window_kwargs, predictor_kwargs, config.windows_per_call, tally, started)
+    batches = _batches(todo, window_kwargs, predictor_kwargs, config.windows_per_block, tally, started)
     return batches, tally.counts

@@ -94,7 +94,7 @@ class WindowPredictor:
     or used by an in-process run (workers/in_process.py) through ``submit``.
 
     threads: torch threads on CPU; None: in a Ray actor the CPUs Ray gave it (a share rounds up),
-    elsewhere torch's default. tally: a ``workers.ray_run.TallyActor`` told of every window (Ray runs).
+    elsewhere torch's default. batch_size: rows the model decodes at once (None: its default). tally: a ``workers.ray_run.TallyActor`` told of every window (Ray runs).
     """
 
     def __init__(
@@ -107,6 +107,7 @@ class WindowPredictor:
         kind: str | None = None,
         int8: bool = False,
         threads: int | None = None,
+        batch_size: int | None = None,
     ) -> None:
         started = time.monotonic()
         if not logging.getLogger().handlers:  # a fresh Ray worker: let INFO lines reach the driver's log
@@ -119,7 +120,8 @@ class WindowPredictor:
             threads = math.ceil(context.get_assigned_resources().get("CPU", 1.0))
         if self.device == "cpu" and threads is not None:
             torch.set_num_threads(max(1, threads))
-        self.model = load_model(model_name, device=self.device, dtype=INT8 if int8 else None, kind=kind)
+        dtype = INT8 if int8 else None
+        self.model = load_model(model_name, self.device, dtype, kind, batch_size)
         self.request = TaskRequest(**request)
         self.reduction = ReductionConfig(**reduction)
         self.node = context.get_node_id() if context is not None else platform.node()

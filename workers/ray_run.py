@@ -113,7 +113,7 @@ def build_dataset(
     windows = windows_dataset(todo, window_kwargs, blocks)
     return windows.map_batches(
         WindowPredictor,
-        batch_size=config.windows_per_call,
+        batch_size=config.windows_per_block,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=config.model_actors, max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs=predictor_kwargs | {"tally": tally},

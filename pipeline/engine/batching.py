@@ -23,7 +23,7 @@ from pipeline.kernels.paths import attention_kernels_usable
 from pipeline.merging.config import ReductionConfig
 from pipeline.merging.step import Span
 
-CPU_BATCH = 8  # rows per generate call off CUDA (no memory reading there; past this, little gain)
+CPU_BATCH_SIZE = 8  # rows per generate call off CUDA (no memory reading there; past this, little gain)
 
 
 @dataclass(frozen=True)
@@ -95,14 +95,14 @@ def fit_batch(
     spans: list[Span],
     reduction: ReductionConfig,
     max_new_tokens: int,
-    cap: int | None = None,
+    batch_size: int | None = None,
 ) -> int:
     """Rows of a ``length``-token prompt with ``spans`` per generate call: on CUDA the largest batch
     whose caches and prefill activations fit the free memory (``pipeline.engine.memory``), at least 1
-    and at most ``cap``; elsewhere ``cap`` or ``CPU_BATCH``."""
+    and at most ``batch_size``; elsewhere ``batch_size`` or ``CPU_BATCH_SIZE``."""
     device = stack.device
     if device.type != "cuda":
-        return cap or CPU_BATCH
+        return batch_size or CPU_BATCH_SIZE
     need = footprint(
         stack,
         length,
@@ -112,4 +112,4 @@ def fit_batch(
         fused_mass=attention_kernels_usable(device, stack.head_dim),
     )
     fit = max(1, max_batch(free_device_bytes(device), need))
-    return min(fit, cap or fit)
+    return min(fit, batch_size or fit)

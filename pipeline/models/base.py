@@ -158,6 +158,7 @@ class SpeechModel(Protocol):
 
     description: ModelDescription
     device: str
+    batch_size: int | None  # rows decoding at once (None: as many as the device's memory holds)
 
     def run(
         self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig

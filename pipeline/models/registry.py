@@ -108,8 +108,16 @@ def describe_model(name: str = DEFAULT_MODEL, kind: str | None = None) -> ModelD
 
 
 def load_model(
-    name: str = DEFAULT_MODEL, device: str = "cpu", dtype: torch.dtype | None = None, kind: str | None = None
+    name: str = DEFAULT_MODEL,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    kind: str | None = None,
+    batch_size: int | None = None,
 ) -> SpeechModel:
-    """Load a model by name onto ``device``; dtype None = the family's default for the device."""
+    """Load a model by name onto ``device``; dtype None = the family's default for the device;
+    batch_size: rows it decodes at once (None: the family's default for the device)."""
     ckpt = checkpoint(name, weights=True, kind=kind)
-    return family(ckpt.model_type).load(ckpt, device, dtype)
+    model = family(ckpt.model_type).load(ckpt, device, dtype)
+    if batch_size is not None:
+        model.batch_size = batch_size
+    return model

@@ -91,7 +91,7 @@ def _load_weights(model_class: type[nn.Module], ckpt: Checkpoint, dtype: torch.d
 class AudioLanguageModel(ABC):
     """SpeechModel for decoder-only SpeechLMs. Windows of any lengths decode together (equal
     audio-token counts share a prefill); batch sizes come from ``pipeline.engine.batching.fit_batch``
-    (free memory on CUDA), at most ``max_batch`` when given.
+    (free memory on CUDA), at most ``batch_size`` when given.
 
     processor: the checkpoint's transformers processor (feature extractor + tokenizer + chat template).
     """
@@ -105,7 +105,7 @@ class AudioLanguageModel(ABC):
         processor: object,
         description: ModelDescription,
         max_new_tokens: int = 256,
-        max_batch: int | None = None,
+        batch_size: int | None = None,
     ) -> None:
         self.model = model
         self.processor = processor
@@ -113,7 +113,7 @@ class AudioLanguageModel(ABC):
         self.feature_extractor = processor.feature_extractor
         self.description = description
         self.max_new_tokens = max_new_tokens
-        self.max_batch = max_batch
+        self.batch_size = batch_size
         self.stack = DecoderStack(self.text_model(), self.lm_head())
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.audio_token)
         self.eos_token_ids = self.stop_token_ids()
@@ -253,7 +253,7 @@ class AudioLanguageModel(ABC):
         start = 0
         while start < len(order):
             ids, spans = self.prompt(prompt_text, [counts[order[start]]])
-            size = fit_batch(self.stack, len(ids), spans, reduction, self.max_new_tokens, self.max_batch)
+            size = fit_batch(self.stack, len(ids), spans, reduction, self.max_new_tokens, self.batch_size)
             batch = order[start : start + size]
             gen, encode_s = self.generate_batch(prompt_text, [[waveforms[i]] for i in batch], reduction)
             times = batch_times(

@@ -70,7 +70,12 @@ MULTILINGUAL_TASKS = frozenset(TASK_TOKENS)
 # Windows per encoder pass on CPU: two windows' activations stay in cache and below glibc's mmap
 # threshold, so freed tensors are reused instead of mapped and faulted in afresh in every layer, as a
 # 16-window pass's are (measured in benchmarks/cpu-peer-longform-dev/README.md).
-CPU_ENCODER_WINDOWS = 2
+CPU_ENCODER_PASS = 2
+# Rows decoding at once on CPU: each decoder step reads the 51,864-row output projection once for all
+# its rows, so more rows pay less for it per token, up to where the product turns compute-bound.
+CPU_BATCH_SIZE = 16
+# On a GPU: as many rows as half the free memory holds (each row's buffers: whisper_runner), at most this.
+GPU_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -229,11 +234,10 @@ class WhisperSpeechModel:
 
     description: what ``describe`` says of the checkpoint (tasks, languages, word times), which the
     adapter checks requests against; languages: each spoken-language code's token id (empty: English-only).
-    batch_size: rows decoding at once (the runner's slots; 16: each decoder step reads the 51,864-row
-    output projection once for all its rows, so more rows pay less for it per token). A call's windows
-    queue longest first and each enters the batch as a row leaves it (continuous batching,
-    pipeline/models/whisper_runner.py); its encoder pass runs as it is admitted, on CPU
-    ``CPU_ENCODER_WINDOWS`` windows at a time. Window stats are measured per window: its encoder pass
+    batch_size: rows decoding at once (the runner's slots; None: ``CPU_BATCH_SIZE`` on CPU, on a GPU
+    what its memory holds). A call's windows queue longest first and each enters the batch as a row
+    leaves it (continuous batching, pipeline/models/whisper_runner.py); its encoder pass runs as it is
+    admitted, on CPU ``CPU_ENCODER_PASS`` windows at a time. Window stats are measured per window: its encoder pass
     (shared by positions among the windows of the pass), its share of the steps it was in.
     ``counters``: the scheduler's counts summed over calls (occupancy, refills).
     """
@@ -246,12 +250,11 @@ class WhisperSpeechModel:
         model: WhisperForConditionalGeneration,
         tokenizer: WhisperTokenizerFast,
         description: ModelDescription,
-        batch_size: int = 16,
+        batch_size: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.description = description
-        self.batch_size = batch_size
         self.device = str(next(model.parameters()).device)
         self.features = WhisperFeatureExtractor(feature_size=model.config.num_mel_bins)
         gen = model.generation_config
@@ -262,9 +265,29 @@ class WhisperSpeechModel:
         # hub checkpoints name them in their generation config; a checkpoint without them gives no word times
         heads = getattr(gen, "alignment_heads", None) or ()
         self.alignment_heads = [(int(layer), int(head)) for layer, head in heads]
-        self.runner = WhisperRunner(model, batch_size)
+        self.runner: WhisperRunner | None = None
+        self.batch_size = batch_size or self._fitting_rows()
         self.counters = Counters()
         self.refill = True  # False: static batches (benchmarks/continuous_batching.py's baseline)
+
+    @property
+    def batch_size(self) -> int:
+        """Rows decoding at once; setting it sizes the runner's buffers (allocated once per size)."""
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, rows: int) -> None:
+        if rows < 1:
+            raise ValueError(f"batch_size={rows} must be >= 1")
+        self._batch_size = rows
+        if self.runner is None or self.runner.slots < rows:
+            self.runner = WhisperRunner(self.model, rows)
+
+    def _fitting_rows(self) -> int:
+        if self.model.device.type != "cuda":
+            return CPU_BATCH_SIZE
+        free, _ = torch.cuda.mem_get_info(self.model.device)
+        return max(1, min(GPU_BATCH_SIZE, free // 2 // WhisperRunner.row_bytes(self.model)))
 
     def decode_plan(self, request: TaskRequest) -> tuple[DecodePolicy, str | None]:
         """Decoding policy for a request and its fixed spoken language (None: detected per window).
@@ -374,7 +397,7 @@ class WhisperSpeechModel:
             max_length=frames * self.features.hop_length,
         ).input_features.to(device, dtype)
         speech = [max(1, speech_tokens(len(w), positions)) for w in waveforms]
-        per_pass = CPU_ENCODER_WINDOWS if device.type == "cpu" else None
+        per_pass = CPU_ENCODER_PASS if device.type == "cpu" else None
         enc = encode(self.model.model.encoder, features, speech, reduction, ratios, per_pass, timing)
         sync(device)
         return enc, speech

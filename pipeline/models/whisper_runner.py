@@ -165,6 +165,13 @@ class WhisperRunner:
         self._bias_storage = like.new_empty(slots * config.max_source_positions)
         self.cross = CrossKV([], [], None)
 
+    @staticmethod
+    def row_bytes(model: WhisperForConditionalGeneration) -> int:
+        """A slot's buffers: self-attention K/V over the decoder's positions, cross K/V over the encoder's."""
+        config = model.config
+        per_layer = 2 * config.d_model * (config.max_target_positions + config.max_source_positions)
+        return (config.decoder_layers * per_layer + config.max_source_positions) * model.dtype.itemsize
+
     def _layout(self, width: int, keep_rows: int) -> None:
         """Lay the cross K/V views out for ``width`` positions per row, the first ``keep_rows`` rows'
         contents carried over (the storage is shared, so they are copied out first)."""
