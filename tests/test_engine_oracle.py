@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.decoding.policy import LOOP_TOKENS, loop_start
 from pipeline.engine.batching import embed
 from pipeline.engine.plan import plan_layers
 from pipeline.engine.prefill import PromptGroup, prefill
@@ -49,7 +50,9 @@ def clip(seed: int, seconds: float = 3.0) -> np.ndarray:
     return (wave * (np.sin(2 * np.pi * 2 * t) > -0.3)).astype(np.float32)
 
 
-def hf_generate(qwen, prompt: str | int, rows: list[list[np.ndarray]], eos: list[int]) -> torch.Tensor:
+def hf_generate(
+    qwen, prompt: str | int, rows: list[list[np.ndarray]], eos: list[int], new_tokens: int = NEW_TOKENS
+) -> torch.Tensor:
     """transformers' own greedy generate on the same expanded prompt; returns the new tokens."""
     flat = [c for row in rows for c in row]
     features, mask = qwen.features(flat)
@@ -61,7 +64,7 @@ def hf_generate(qwen, prompt: str | int, rows: list[list[np.ndarray]], eos: list
         attention_mask=torch.ones_like(input_ids),
         input_features=features,
         **{MASK_ARG[qwen.description.family]: mask},
-        max_new_tokens=NEW_TOKENS,
+        max_new_tokens=new_tokens,
         do_sample=False,
         eos_token_id=eos,
         pad_token_id=qwen.tokenizer.pad_token_id,
@@ -69,9 +72,15 @@ def hf_generate(qwen, prompt: str | int, rows: list[list[np.ndarray]], eos: list
     return out[:, input_ids.shape[1] :]
 
 
-def ours(qwen, prompt: str | int, rows: list[list[np.ndarray]], cfg: ReductionConfig = NO_REDUCTION):
+def ours(
+    qwen,
+    prompt: str | int,
+    rows: list[list[np.ndarray]],
+    cfg: ReductionConfig = NO_REDUCTION,
+    new_tokens: int = NEW_TOKENS,
+):
     """Our engine on ``prompt`` (text, or ONE / TWO for the model's own prompts)."""
-    qwen.max_new_tokens = NEW_TOKENS
+    qwen.max_new_tokens = new_tokens
     gen, _ = qwen.generate_batch(_text(qwen, prompt), rows, cfg)
     return gen
 
@@ -288,3 +297,22 @@ def test_prefill_in_one_row_chunks_equals_one_pass(qwen):
     assert chunked_plans == plans and chunked_caches.filled == caches.filled
     for a, b in zip(chunked_caches.k, caches.k, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_loop_guard_cuts_looping_rows_after_their_first_phrase(qwen):
+    """Random weights loop (a phrase over and over): the guard (pipeline.decoding.policy, the one
+    Whisper's runner applies) stops each looping row after the phrase's first occurrence; every row
+    keeps a prefix of transformers' unguarded tokens, and the window's stats count the cut."""
+    rows, new = [[clip(1)], [clip(7)]], 3 * LOOP_TOKENS
+    eos = qwen.eos_token_ids
+    reference = hf_generate(qwen, ONE, rows, eos, new).tolist()
+    gen = ours(qwen, ONE, rows, new_tokens=new)
+    assert gen.loop_cuts  # the random weights looped
+    for row in range(len(rows)):
+        n = int(gen.num_tokens[row])
+        assert gen.tokens[row, :n].tolist() == reference[row][:n]
+        if row in gen.loop_cuts:
+            assert n < new and loop_start(reference[row][: n + LOOP_TOKENS], LOOP_TOKENS) == n
+    qwen.max_new_tokens = new
+    outputs = qwen.run([r[0] for r in rows], TaskRequest("asr"), NO_REDUCTION)
+    assert [o.stats.loop_cuts for o in outputs] == [int(row in gen.loop_cuts) for row in range(len(rows))]

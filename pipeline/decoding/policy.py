@@ -23,6 +23,9 @@ from torch import Tensor
 MAX_LOOP_PERIOD = 64
 # How often (a row's generated tokens) the guard looks: a loop found late is cut back to its first phrase.
 LOOP_CHECK_EVERY = 8
+# The guard's length, both runtimes' default: 48 tokens is ~15 s of speech, far more than any phrase a
+# speaker repeats verbatim three times.
+LOOP_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,9 @@ class DecodePolicy:
             return "eos", len(generated)
         n = len(generated)
         if self.loop_tokens and n % LOOP_CHECK_EVERY == 0 and n >= self.loop_tokens:
-            tail = min(n, self.loop_tokens + 3 * MAX_LOOP_PERIOD)  # enough to see any loop's tail
-            cut = loop_start(generated[n - tail :], self.loop_tokens)
+            cut = loop_cut(generated, self.loop_tokens)
             if cut is not None:
-                return "loop", n - tail + cut
+                return "loop", cut
         if n >= self.budget:
             return "length", n
         return None
@@ -99,6 +101,13 @@ def choose(logits: Tensor, first: Tensor, suppress: Tensor, begin_suppress: Tens
         rows = first.nonzero()
         logits[rows, begin_suppress[None, :]] = -float("inf")
     return logits.argmax(dim=-1)
+
+
+def loop_cut(generated: list[int], loop_tokens: int) -> int | None:
+    """How many of a row's ``generated`` tokens to keep if it ends in a loop, else None."""
+    tail = min(len(generated), loop_tokens + 3 * MAX_LOOP_PERIOD)  # enough to see any loop's tail
+    cut = loop_start(generated[len(generated) - tail :], loop_tokens)
+    return None if cut is None else len(generated) - tail + cut
 
 
 def loop_start(row: list[int], loop_tokens: int) -> int | None:

@@ -54,8 +54,10 @@ def generate_rows(
     max_new_tokens: int,
     eos_token_ids: list[int],
     pad_token_id: int,
+    loop_tokens: int = 0,
 ) -> Generation:
-    """Greedy generation for every row in one decode batch; the Generation's rows follow ``rows``."""
+    """Greedy generation for every row in one decode batch; the Generation's rows follow ``rows``.
+    loop_tokens: the loop guard (``pipeline.engine.decode.GreedyDecoder``; 0: off)."""
     reduction.check_layers(stack.num_layers)
     by_prompt: dict[tuple[tuple[int, ...], tuple[Span, ...]], list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
@@ -73,6 +75,7 @@ def generate_rows(
         max_new_tokens=max_new_tokens,
         eos_token_ids=eos_token_ids,
         pad_token_id=pad_token_id,
+        loop_tokens=loop_tokens,
     )
     return _reorder(gen, order)
 
@@ -86,6 +89,7 @@ def _reorder(gen: Generation, order: list[int]) -> Generation:
         num_tokens=gen.num_tokens[back],
         plans=[gen.plans[i] for i in back.tolist()],
         first_logits=None if gen.first_logits is None else gen.first_logits[back],
+        loop_cuts=sorted(order[row] for row in gen.loop_cuts),
     )
 
 

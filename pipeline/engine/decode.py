@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional
 
+from pipeline.decoding.policy import LOOP_CHECK_EVERY, loop_cut
 from pipeline.engine.cache import LayerCaches
 from pipeline.engine.stack import DecoderStack
 from pipeline.kernels.decode_attention import decode_attention
@@ -26,6 +27,8 @@ class GreedyDecoder:
 
     prompt_lengths [B]: each row's prompt length (its next position); first_tokens [B]: the tokens
     prefill chose. Every row writes and attends at its own cache lengths (``caches.prefill_lengths``).
+    loop_tokens: the loop guard of ``pipeline.decoding.policy`` (0: off): a row whose tokens end in one
+    phrase repeated stops, and ``cuts`` says how many of its tokens it keeps.
     ops: the step's elementwise ops (``fused.FUSED``; benchmarks/decode_step.py passes the PyTorch twins).
     """
 
@@ -39,6 +42,7 @@ class GreedyDecoder:
         max_new_tokens: int,
         eos_token_ids: list[int],
         pad_token_id: int,
+        loop_tokens: int = 0,
         ops: StepOps = FUSED,
     ) -> None:
         device = first_tokens.device
@@ -57,6 +61,8 @@ class GreedyDecoder:
         self.out = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         self.out[:, 0] = first_tokens
         self.check_every = 16 if device.type == "cuda" else 1
+        self.loop_tokens = loop_tokens
+        self.cuts: dict[int, int] = {}  # row -> tokens it keeps, for rows the loop guard stopped
 
     def _forward(self) -> Tensor:
         """Logits [B, V] for the current token at the current position.
@@ -95,6 +101,17 @@ class GreedyDecoder:
         self.finished |= torch.isin(token, self.eos)
         self.tokens.copy_(token)
 
+    def _cut_loops(self, steps: int) -> None:
+        """Stop the rows whose first ``steps`` tokens end in a loop (a host read of the tokens, every
+        ``LOOP_CHECK_EVERY`` steps: a loop found late is cut back to its first phrase anyway)."""
+        rows = (~self.finished).nonzero().flatten().tolist()
+        tokens = self.out[rows, :steps].tolist()
+        for b, generated in zip(rows, tokens, strict=True):
+            cut = loop_cut(generated, self.loop_tokens)
+            if cut is not None:
+                self.cuts[b] = cut
+                self.finished[b] = True
+
     @torch.inference_mode()
     def run(self) -> tuple[Tensor, int]:
         """Decode until every row hit EOS or the budget is spent -> (out [B, T], columns filled).
@@ -108,6 +125,8 @@ class GreedyDecoder:
         while steps < self.max_new_tokens:
             if steps % self.check_every == 0 and bool(self.finished.all()):
                 break
+            if self.loop_tokens and steps % LOOP_CHECK_EVERY == 0 and steps >= self.loop_tokens:
+                self._cut_loops(steps)
             if graph is not None:
                 graph.replay()
             elif self.use_graph and steps >= 3:  # two eager steps warm up kernels and allocator first

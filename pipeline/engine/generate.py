@@ -24,8 +24,9 @@ from pipeline.merging.config import ReductionConfig
 
 @dataclass
 class Generation:
-    """tokens [B, T] (after EOS: pad id), num_tokens [B] generated per row (EOS included); plans[b]:
-    row b's layer plan (rows of one PromptGroup share it)."""
+    """tokens [B, T] (after EOS: pad id), num_tokens [B] generated per row (EOS included; a row the
+    loop guard stopped: the tokens it keeps); plans[b]: row b's layer plan (rows of one PromptGroup
+    share it); loop_cuts: the rows the loop guard stopped."""
 
     tokens: Tensor
     num_tokens: Tensor
@@ -36,6 +37,7 @@ class Generation:
     kv_bytes_kept: int = 0
     steady_step_s: float = 0.0  # per decode step once warmed up (after CUDA-graph capture on GPU)
     first_logits: Tensor | None = field(default=None, repr=False)
+    loop_cuts: list[int] = field(default_factory=list)
 
 
 @torch.inference_mode()
@@ -47,13 +49,14 @@ def generate(
     max_new_tokens: int,
     eos_token_ids: list[int],
     pad_token_id: int,
+    loop_tokens: int = 0,
 ) -> Generation:
     """Greedy decoding of every row of the prompt groups, all rows in one decode batch.
 
     -> Generation with tokens [B, max_new_tokens or fewer], rows in group order. Groups of different
     lengths prefill apart and decode together, each row attending to its own cache lengths, so a
     row's tokens do not depend on the other rows. Rows stop at any EOS id; the loop ends when all
-    rows have stopped or the budget is spent.
+    rows have stopped or the budget is spent. loop_tokens: the loop guard (``GreedyDecoder``; 0: off).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -73,6 +76,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         eos_token_ids=eos_token_ids,
         pad_token_id=pad_token_id,
+        loop_tokens=loop_tokens,
     )
     out, steps = decoder.run()
     sync(device)
@@ -82,6 +86,8 @@ def generate(
         -1
     )
     num_tokens = torch.clamp(stopped_at + 1, max=steps)
+    for row, kept in decoder.cuts.items():
+        num_tokens[row] = kept
     steps = int(num_tokens.max())
     return Generation(
         tokens=out[:, :steps],
@@ -93,4 +99,5 @@ def generate(
         kv_bytes_kept=caches.nbytes(),
         steady_step_s=decoder.steady_s / max(decoder.steady_steps, 1),
         first_logits=logits,
+        loop_cuts=sorted(decoder.cuts),
     )

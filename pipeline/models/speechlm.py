@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from transformers import AutoProcessor
 
 from pipeline import tasks
+from pipeline.decoding.policy import LOOP_TOKENS
 from pipeline.device import sync
 from pipeline.engine.batching import AudioPrompt, fit_batch, generate_rows
 from pipeline.engine.generate import Generation
@@ -238,6 +239,7 @@ class AudioLanguageModel(ABC):
             max_new_tokens=self.max_new_tokens,
             eos_token_ids=self.eos_token_ids,
             pad_token_id=self.tokenizer.pad_token_id,
+            loop_tokens=LOOP_TOKENS,
         )
         return gen, encode_s
 
@@ -284,6 +286,7 @@ class AudioLanguageModel(ABC):
             kv_bytes_full=plan.prompt_length * len(plan.cache_lengths) * per_token,
             kv_bytes_kept=sum(plan.cache_lengths) * per_token,
             generated_tokens=n,
+            loop_cuts=int(row in gen.loop_cuts),
             **times,
         )
         return WindowOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), stats=stats)

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperTokenizerFast
 from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
-from pipeline.decoding.policy import DecodePolicy
+from pipeline.decoding.policy import LOOP_TOKENS, DecodePolicy
 from pipeline.decoding.scheduler import Counters, Request, Scheduler
 from pipeline.device import sync
 from pipeline.merging.config import PADDING_POLICIES, ReductionConfig
@@ -191,11 +191,6 @@ def generation_config(
         alignment_heads=alignment_heads,
         **languages,
     )
-
-
-# The loop guard (pipeline.decoding.policy): 48 tokens is ~15 s of speech, far more than any phrase a
-# speaker repeats verbatim three times.
-LOOP_TOKENS = 48
 
 
 def decode_policy(
