@@ -48,6 +48,33 @@ def test_mixed_lengths_share_one_model_call_and_match_single_runs():
     assert [got[i]["text"] for i in (0, 2, 3)] == [t.column("text")[0].as_py() for t in one_by_one]
     assert all(got[i]["text"] for i in (0, 2, 3))
 
+    # A window that fails the stream (here: a fault injected into its encoder pass) becomes its own
+    # error row; the windows decoding beside it, and those of the next batch, finish as they would.
+    encode = predictor.model._encode_requests
+
+    def failing(requests, *args):
+        if any(len(r.work) == len(cuts[1]) for r in requests):
+            raise RuntimeError("injected fault")
+        return encode(requests, *args)
+
+    predictor.model._encode_requests = failing
+    try:
+        first = predictor.submit(
+            pa.Table.from_pylist([_row(i, c) for i, c in enumerate(cuts)], schema=WINDOW_SCHEMA)
+        )
+        second = predictor.submit(pa.Table.from_pylist([_row(0, cuts[0])], schema=WINDOW_SCHEMA))
+        failed, after = first.result(timeout=120).to_pylist(), second.result(timeout=120).to_pylist()
+    finally:
+        predictor.model._encode_requests = encode
+    assert [r["status"] for r in failed] == ["ok", "error", "ok"]
+    assert failed[1]["error"] == "RuntimeError: injected fault" and failed[1]["stage"] == "model"
+    assert [failed[0]["text"], failed[2]["text"], after[0]["text"]] == [
+        got[0]["text"],
+        got[3]["text"],
+        got[0]["text"],
+    ]
+    predictor.close()
+
 
 @pytest.mark.parametrize(
     "actors,nodes,share",
