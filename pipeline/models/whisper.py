@@ -52,7 +52,7 @@ from pipeline.models.whisper_encoder import (
     input_frames,
     speech_tokens,
 )
-from pipeline.models.whisper_runner import Encoded, WhisperRunner, cross_kv
+from pipeline.models.whisper_runner import Encoded, WhisperRunner, head_keys
 from pipeline.models.whisper_timing import window_words
 from pipeline.stats import WindowStats, apportion
 from pipeline.tasks import TaskError, TaskRequest, language_code
@@ -427,18 +427,16 @@ class WhisperSpeechModel:
         """Word times of a request that just finished decoding (its slot still holds its cross K/V)."""
         start = time.perf_counter()
         timing = request.state.get("timing")
-        if timing is None:
-            cross = self.runner.row_cross(request)
-        else:
-            cross = cross_kv(
-                self.model, timing.states[None], None if timing.key_bias is None else timing.key_bias[None]
-            )
+        if timing is not None:  # the heads' keys of the output without the last merge
+            bias = None if timing.key_bias is None else timing.key_bias[None]
+            timing = head_keys(self.model, timing.states[None], bias, self.alignment_heads)
         request.state["words"] = window_words(
             self.model,
             self.tokenizer,
             request.generated,
             request.logprobs,
-            cross,
+            self.runner.row_cross(request),
+            timing,
             request.prompt,
             policy.eos,
             request.state["origins"],

@@ -75,15 +75,46 @@ def cross_kv(model: WhisperForConditionalGeneration, states: Tensor, key_bias: T
     return CrossKV(keys, values, None if key_bias is None else key_bias.to(states)[:, None, None])
 
 
+def _cross_queries(layer: WhisperDecoderLayer, x: Tensor) -> Tensor:
+    """Layer ``layer``'s cross-attention queries (B, H, T, hd) of hidden states x (B, T, D), scaled."""
+    attn = layer.encoder_attn
+    return split_heads(attn.q_proj(layer.encoder_attn_layer_norm(x)) * attn.scaling, attn.num_heads)
+
+
+def _attention_weights(q: Tensor, keys: Tensor, bias: Tensor | None) -> Tensor:
+    """softmax(q @ keys + bias) in fp32, as SDPA's kernels: q (..., T, hd), keys (..., hd, S)."""
+    scores = q @ keys
+    if bias is not None:
+        scores = scores + bias
+    return scores.float().softmax(dim=-1).to(q.dtype)
+
+
 def _cross_weights(layer: WhisperDecoderLayer, x: Tensor, cross: CrossKV, i: int) -> Tensor:
     """Layer i's cross-attention weights (B, H, T, S) for hidden states x (B, T, D)."""
-    attn = layer.encoder_attn
-    h = layer.encoder_attn_layer_norm(x)
-    q = split_heads(attn.q_proj(h) * attn.scaling, attn.num_heads)
-    scores = q @ cross.keys[i]  # (B, H, T, S)
-    if cross.bias is not None:
-        scores = scores + cross.bias
-    return scores.float().softmax(dim=-1).to(q.dtype)  # fp32 softmax, as SDPA's kernels
+    return _attention_weights(_cross_queries(layer, x), cross.keys[i], cross.bias)
+
+
+def head_keys(
+    model: WhisperForConditionalGeneration,
+    states: Tensor,
+    key_bias: Tensor | None,
+    heads: list[tuple[int, int]],
+) -> tuple[dict[tuple[int, int], Tensor], Tensor | None]:
+    """The cross-attention keys of ``heads`` alone ((layer, head) -> (B, hd, S)) for encoder outputs
+    ``states`` (B, S, D) with their ``key_bias`` (B, S) or None, and that bias as the weights add it:
+    what word timing reads of an encoder output the decoder did not (``EncoderOutput.timing``), at a
+    sixth of projecting every layer's keys and values on tiny.en (8 heads of 24, keys only)."""
+    keys = {}
+    for i in sorted({layer for layer, _ in heads}):
+        proj = model.model.decoder.layers[i].encoder_attn.k_proj
+        chosen = [h for layer, h in heads if layer == i]
+        hd = proj.out_features // model.config.decoder_attention_heads
+        rows = torch.cat([torch.arange(h * hd, (h + 1) * hd, device=states.device) for h in chosen])
+        bias = None if proj.bias is None else proj.bias[rows]
+        projected = F.linear(states, proj.weight[rows], bias)  # (B, S, heads * hd)
+        for j, h in enumerate(chosen):
+            keys[i, h] = projected[..., j * hd : (j + 1) * hd].transpose(1, 2)
+    return keys, None if key_bias is None else key_bias.to(states)[:, None]
 
 
 def _cross_attention(
@@ -109,13 +140,18 @@ def _vocab_logits(proj: nn.Module, h: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def alignment_weights(
-    model: WhisperForConditionalGeneration, cross: CrossKV, ids: Tensor, heads: list[tuple[int, int]]
+    model: WhisperForConditionalGeneration,
+    cross: CrossKV,
+    ids: Tensor,
+    heads: list[tuple[int, int]],
+    timing: tuple[dict[tuple[int, int], Tensor], Tensor | None] | None = None,
 ) -> Tensor:
     """One teacher-forced decoder pass of ids (B, T) (each row its prompt and decided tokens, padded at
     the end, which causal attention keeps from the rows' real tokens) over the windows' cross K/V.
 
     Returns the cross-attention weights of ``heads`` ((layer, head) pairs) as (B, len(heads), T, S)
-    float32; layers after the last one holding a head are not run.
+    float32; layers after the last one holding a head are not run. timing: ``head_keys`` of another
+    encoder output: the heads' weights are over its keys (queries from the pass over ``cross``).
     """
     decoder = model.model.decoder
     hidden = decoder.embed_tokens(ids) + decoder.embed_positions.weight[: ids.shape[1]]
@@ -127,8 +163,16 @@ def alignment_weights(
         q, k, v = (split_heads(p(h), attn.num_heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         out = F.scaled_dot_product_attention(q * attn.scaling, k, v, is_causal=True, scale=1.0)
         hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(hidden.shape))
-        weights = _cross_weights(layer, hidden, cross, i)
-        picked |= {(li, h): weights[:, h].float() for li, h in heads if li == i}
+        q = _cross_queries(layer, hidden)
+        weights = _attention_weights(q, cross.keys[i], cross.bias)
+        for li, h in heads:
+            if li == i:
+                own = (
+                    weights[:, h]
+                    if timing is None
+                    else _attention_weights(q[:, h], timing[0][li, h], timing[1])
+                )
+                picked[li, h] = own.float()
         if i < last:
             hidden = _mlp(layer, _cross_attention(layer, hidden, cross, i, weights))
     return torch.stack([picked[head] for head in heads], dim=1)

@@ -2,9 +2,10 @@
 
 One teacher-forced decoder pass per window (``whisper_runner.alignment_weights``) over its prompt and
 text tokens as the window finishes decoding, reading the cross K/V its slot holds, gives the alignment heads'
-attention over the encoder output. When the encoder's last layer merged speech tokens, the pass reads
-that output without the last merge (``EncoderOutput.timing``: the MLP run on every token once more),
-so the tokens the decoder read merged are timed apart. A position merged in an earlier layer stands for
+attention over the encoder output. When the encoder's last layer merged speech tokens, the heads'
+weights are over the keys of that output without the last merge (``EncoderOutput.timing``: the MLP run
+on every token once more; only the heads' keys projected, ``whisper_runner.head_keys``), queried from
+the pass over what the decoder read, so the tokens the decoder read merged are timed apart. A position merged in an earlier layer stands for
 several 20 ms frames (``EncoderOutput.origins``): its weight is repeated over each of them, so the time
 warping (``pipeline.timing``) runs over the window's speech frames as if nothing had been merged. Word
 probabilities are the greedy pass's token probabilities.
@@ -31,6 +32,7 @@ def window_words(
     tokens: list[int],
     logprobs: list[float],
     cross: CrossKV,
+    timing: tuple[dict[tuple[int, int], Tensor], Tensor | None] | None,
     prompt: list[int],
     eos: int,
     origins: Tensor,
@@ -39,9 +41,9 @@ def window_words(
 ) -> list[Word]:
     """One window's words, in seconds from the window's start.
 
-    tokens, logprobs: what greedy decoding generated and their log-probabilities; cross: the cross K/V
-    of the encoder output the alignment heads read (batch of one: the row's own, or ``cross_kv`` of
-    ``EncoderOutput.timing``); prompt: the window's prompt as it was decoded (its language included);
+    tokens, logprobs: what greedy decoding generated and their log-probabilities; cross: the row's
+    cross K/V as the decoder read them (batch of one); timing: ``head_keys`` of ``EncoderOutput.timing``
+    when the encoder's last layer merged (the heads' weights over those keys), else None; prompt: the window's prompt as it was decoded (its language included);
     origins (P,): ``EncoderOutput.origins`` of the window; speech_frames: its speech positions at the
     encoder's input (the frames words can fall in).
     """
@@ -50,7 +52,7 @@ def window_words(
         return []
     probs = [p for t, p in zip(tokens, logprobs, strict=True) if t < eos]
     ids = torch.tensor([prompt + text_tokens], device=cross.keys[0].device)
-    weights = alignment_weights(model, cross, ids, heads)[0].cpu()
+    weights = alignment_weights(model, cross, ids, heads, timing)[0].cpu()
     n = len(text_tokens)
     frames = weights[..., origins[:speech_frames]]
     starts = token_start_frames(frames, slice(len(prompt) - 1, len(prompt) + n))
