@@ -104,7 +104,7 @@ def _batches(
         cutter.stop.set()
         cutter.join()
         if predictor is not None:
-            predictor.close(wait=item is _END)
+            predictor.close(finish=item is _END)
 
 
 def window_texts(

@@ -89,6 +89,10 @@ class _Batch:
 _CLOSE = object()
 
 
+class _Stopped(Exception):
+    """Raised into the model's stream when the predictor is closed before its windows are done."""
+
+
 class WindowPredictor:
     """WINDOW_SCHEMA rows -> WINDOW_TEXT_SCHEMA rows: a Ray ``map_batches`` callable class (an async one),
     or used by an in-process run (workers/in_process.py) through ``submit``.
@@ -135,6 +139,7 @@ class WindowPredictor:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._pulled: set[tuple[int, int]] = set()  # windows the stream took and has not finished
+        self._stopped = threading.Event()
         self._server = threading.Thread(target=self._serve, name="model-stream", daemon=True)
         self._server.start()
         log.info("%s loaded on %s in %.1f s", model_name, self.device_name, time.monotonic() - started)
@@ -162,14 +167,18 @@ class WindowPredictor:
     async def __call__(self, batch: pa.Table) -> pa.Table:
         return await asyncio.wrap_future(self.submit(batch))
 
-    def close(self, wait: bool = True) -> None:
-        """End the stream after the windows submitted; wait: until they are done (else the thread, a
-        daemon, finishes them or dies with the process)."""
+    def close(self, finish: bool = True) -> None:
+        """End the stream: after the windows submitted (finish), or at the next window to finish,
+        leaving the rest undone (a stopped run). Returns once the model thread has ended: a process must
+        not exit while that thread is inside torch (the C++ runtime aborts)."""
+        if not finish:
+            self._stopped.set()
         self._inbox.put(_CLOSE)
-        if wait:
-            self._server.join()
+        self._server.join()
 
     def _pull(self, block: bool) -> list | None:
+        if self._stopped.is_set():
+            return None
         items = []
         try:
             item = self._inbox.get(block=block)
@@ -185,6 +194,8 @@ class WindowPredictor:
         return items
 
     def _emit(self, key: tuple[int, int], out: WindowOutput | Exception) -> None:
+        if self._stopped.is_set():
+            raise _Stopped
         batch_id, i = key
         with self._lock:
             self._pulled.discard(key)
@@ -215,6 +226,8 @@ class WindowPredictor:
             try:
                 self.model.stream(pull, self.request, self.reduction, emit)
                 return
+            except _Stopped:
+                return
             except Exception as err:
                 with self._lock:
                     held = sorted(self._pulled)
@@ -227,6 +240,8 @@ class WindowPredictor:
                     "the model's stream failed (%s); %d windows are retried one by one", err, len(held)
                 )
                 for key in held:
+                    if self._stopped.is_set():
+                        return
                     emit(key, self._run_one(waves[key]))
 
     def _run_one(self, wave: np.ndarray) -> WindowOutput | Exception:
