@@ -3,7 +3,10 @@
 Every value a step reads lives on the device (token, step counter, cache lengths, finished mask), so
 on CUDA with the Triton split-K decode-attention kernel the whole step is captured once in a CUDA graph
 and replayed; EOS is tracked on the device and the host only checks for "all finished" every
-``check_every`` steps. On CPU the same step runs eagerly with masked SDPA over the filled prefix.
+``check_every`` steps, and, with the loop guard on, reads the tokens back every ``LOOP_CHECK_EVERY``
+steps once rows are ``loop_tokens`` long (greedy ASR loops hold a batch for hundreds of steps; the
+read is one small copy between replays). On CPU the same step runs eagerly with masked SDPA over the
+filled prefix.
 """
 
 from __future__ import annotations
