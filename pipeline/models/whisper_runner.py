@@ -202,11 +202,13 @@ class WhisperRunner:
         like = next(model.parameters())
         shape = (slots, self.heads, self.max_length, self.head_dim)
         layers = config.decoder_layers
-        self.keys = [like.new_empty(shape) for _ in range(layers)]
-        self.values = [like.new_empty(shape) for _ in range(layers)]
+        # Zeros, not garbage: a row's keys past its length are masked, but a masked NaN still poisons
+        # the products (NaN - inf, 0 * NaN); everything written later is finite.
+        self.keys = [like.new_zeros(shape) for _ in range(layers)]
+        self.values = [like.new_zeros(shape) for _ in range(layers)]
         storage = slots * self.heads * self.head_dim * config.max_source_positions
-        self._cross_storage = [like.new_empty(2, storage) for _ in range(layers)]
-        self._bias_storage = like.new_empty(slots * config.max_source_positions)
+        self._cross_storage = [like.new_zeros(2, storage) for _ in range(layers)]
+        self._bias_storage = like.new_zeros(slots * config.max_source_positions)
         self.cross = CrossKV([], [], None)
 
     @staticmethod
@@ -404,25 +406,3 @@ class WhisperRunner:
         moved = scheduler.retire(request)
         if moved is not None:
             self._move(*moved)
-
-
-def decode_encoded(
-    model: WhisperForConditionalGeneration,
-    states: Tensor,
-    key_bias: Tensor | None,
-    lengths: list[int] | None,
-    policy: DecodePolicy,
-    slots: int | None = None,
-) -> list[Request]:
-    """Greedy decoding of encoder outputs already computed: states (B, S, D), row b valid in
-    [0, lengths[b]) (None: all S), key_bias (B, S) or None. One finished request per row, in order."""
-    batch, width = states.shape[:2]
-    lengths = lengths or [width] * batch
-    requests = []
-    for b, n in enumerate(lengths):
-        bias = None if key_bias is None else key_bias[b, :n]
-        requests.append(Request(key=b, work=None, state={"encoded": Encoded(states[b, :n], bias)}))
-    scheduler = Scheduler(slots or batch)
-    scheduler.add(requests)
-    WhisperRunner(model, scheduler.slots).run(scheduler, policy)
-    return requests
