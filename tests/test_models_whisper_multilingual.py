@@ -28,8 +28,8 @@ from pipeline.models.whisper import (
     packaged_files,
 )
 from pipeline.models.whisper_encoder import encode
-from pipeline.models.whisper_runner import decode_encoded
 from pipeline.tasks import TaskError, TaskRequest
+from tests.whisper_decode import decode_encoded
 
 SR = 16000
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -87,7 +87,7 @@ def ours(model: WhisperSpeechModel, waves, policy, slots=None):
     """Our runner's finished requests, one per wave, in order."""
     feats = features(model, waves)
     enc = encode(model.model.model.encoder, feats, [1500] * len(waves), NO_REDUCTION, [0.0, 0.0])
-    return decode_encoded(model.model, enc.states, enc.key_bias, None, policy, slots)
+    return decode_encoded(model.model, enc.states, enc.key_bias, policy, slots)
 
 
 @pytest.mark.parametrize("language,task", [("de", "transcribe"), ("ja", "translate")])

@@ -12,9 +12,9 @@ import torch
 
 from pipeline.merging.config import NO_REDUCTION, ReductionConfig, ReductionConfigError
 from pipeline.models.whisper_encoder import _attention, _embed, encode, encoder_ratios, input_frames
-from pipeline.models.whisper_runner import decode_encoded
 from pipeline.tasks import TaskRequest
 from tests.test_models_whisper import SR, chirp, vowels
+from tests.whisper_decode import decode_encoded
 
 MERGE = ReductionConfig(padding="merge", padding_margin=10, padding_group=100)
 
@@ -96,8 +96,8 @@ def test_the_decoder_reads_a_merged_token_as_its_positions(whisper, clips):
     expanded = torch.repeat_interleave(states, torch.tensor(runs), dim=1)
     policy = whisper.decode_plan(TaskRequest("asr"))[0]
     bias = torch.tensor(runs, dtype=torch.float).log()[None]
-    (merged,) = decode_encoded(whisper.model, states, bias, None, policy)
-    (full,) = decode_encoded(whisper.model, expanded, None, None, policy)
+    (merged,) = decode_encoded(whisper.model, states, bias, policy)
+    (full,) = decode_encoded(whisper.model, expanded, None, policy)
     assert merged.generated == full.generated
 
 

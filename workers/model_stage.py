@@ -138,7 +138,8 @@ class WindowPredictor:
         self._batches: dict[int, _Batch] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()
-        self._pulled: set[tuple[int, int]] = set()  # windows the stream took and has not finished
+        # The windows the stream took and has not finished (the model thread's alone: no lock).
+        self._held: dict[tuple[int, int], np.ndarray] = {}
         self._stopped = threading.Event()
         self._server = threading.Thread(target=self._serve, name="model-stream", daemon=True)
         self._server.start()
@@ -189,16 +190,15 @@ class WindowPredictor:
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
-        with self._lock:
-            self._pulled.update(key for key, _ in items)
+        self._held.update(items)
         return items
 
     def _emit(self, key: tuple[int, int], out: WindowOutput | Exception) -> None:
         if self._stopped.is_set():
             raise _Stopped
         batch_id, i = key
+        self._held.pop(key, None)
         with self._lock:
-            self._pulled.discard(key)
             entry = self._batches[batch_id]
             entry.outputs[i] = out
             entry.waiting.discard(i)
@@ -211,38 +211,24 @@ class WindowPredictor:
         entry.future.set_result(table)
 
     def _serve(self) -> None:
-        waves: dict[tuple[int, int], np.ndarray] = {}
-
-        def pull(block: bool) -> list | None:
-            items = self._pull(block)
-            waves.update(items or [])
-            return items
-
-        def emit(key: tuple[int, int], out: WindowOutput | Exception) -> None:
-            waves.pop(key, None)
-            self._emit(key, out)
-
         while True:
             try:
-                self.model.stream(pull, self.request, self.reduction, emit)
+                self.model.stream(self._pull, self.request, self.reduction, self._emit)
                 return
             except _Stopped:
                 return
             except Exception as err:
-                with self._lock:
-                    held = sorted(self._pulled)
-                if not held:  # it failed before taking any window: the next ones, one by one, say why
-                    items = pull(True)
-                    if items is None:
-                        return
-                    held = [key for key, _ in items]
+                # it failed before taking any window: the next ones, one by one, say why
+                if not self._held and self._pull(True) is None:
+                    return
+                held = sorted(self._held.items())
                 log.warning(
                     "the model's stream failed (%s); %d windows are retried one by one", err, len(held)
                 )
-                for key in held:
+                for key, wave in held:
                     if self._stopped.is_set():
                         return
-                    emit(key, self._run_one(waves[key]))
+                    self._emit(key, self._run_one(wave))
 
     def _run_one(self, wave: np.ndarray) -> WindowOutput | Exception:
         try:

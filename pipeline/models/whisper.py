@@ -30,6 +30,7 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES
 from pipeline.decoding.policy import LOOP_TOKENS, DecodePolicy
 from pipeline.decoding.scheduler import Counters, Request, Scheduler
 from pipeline.device import sync
+from pipeline.engine.memory import free_device_bytes
 from pipeline.merging.config import PADDING_POLICIES, ReductionConfig
 from pipeline.models.base import (
     INT8,
@@ -281,7 +282,7 @@ class WhisperSpeechModel:
     def _fitting_rows(self) -> int:
         if self.model.device.type != "cuda":
             return CPU_BATCH_SIZE
-        free, _ = torch.cuda.mem_get_info(self.model.device)
+        free = free_device_bytes(self.model.device)
         return max(1, min(GPU_BATCH_SIZE, free // 2 // WhisperRunner.row_bytes(self.model)))
 
     def decode_plan(self, request: TaskRequest) -> tuple[DecodePolicy, str | None]:
@@ -313,7 +314,6 @@ class WhisperSpeechModel:
         Every output carries the spoken language (the request's, or detected for its window); lid's
         text is that language's code.
         """
-        self.decode_plan(request)
         for i, wave in enumerate(waveforms):
             _check_wave(i, wave)
         # Longest first: the batch's cross-attention is as wide as its longest row, and the queue
