@@ -8,7 +8,7 @@ The archive: every utterance of ../shared/data/librispeech-dev as a file of its 
 dev recordings (``--manifest``, ``--longform``).
 
 - Decoder: the same windows (each utterance; each long recording cut into 30 s windows) through the
-  same adapter, in today's static batches (``run`` calls of ``--batch-size`` windows, refill off: a
+  same adapter, in today's static batches (``run`` calls of ``--batch-size`` windows, as many as its rows: a
   batch's rows leave as they finish, its slots wait for its last row) and continuously (one ``stream``,
   every slot refilled at the step it frees). Reports decoder steps, occupancy (rows decoding / slots,
   per step; also only the steps while windows waited), the model's wall time and how many windows'
@@ -59,7 +59,7 @@ def decoder_run(model, waves: list, continuous: bool, batch: int) -> dict:
     """The windows through the model in static calls or one stream -> time, counters, texts."""
     request = TaskRequest("asr")
     reduction = resolve_reduction(model.description, "asr")
-    model.refill, before = continuous, model.counters
+    before = model.counters
     start = time.perf_counter()
     if continuous:
         outputs: dict = {}

@@ -34,14 +34,6 @@ def test_rows_leave_their_slot_to_the_last_row_and_free_slots_refill():
     assert (counters.steps, counters.rows, counters.refills, counters.queued_steps) == (2, 6, 1, 2)
     assert counters.occupancy(3) == 1.0
 
-    static = Scheduler(2, refill=False)
-    static.add([Request(key=i, work=None) for i in range(3)])
-    first = static.admit()
-    static.retire(first[0])
-    assert static.admit() == []  # a static batch waits for its last row
-    static.retire(first[1])
-    assert len(static.admit()) == 1
-
 
 @pytest.fixture(scope="module")
 def windows() -> list[np.ndarray]:

@@ -68,15 +68,13 @@ class Counters:
 
 class Scheduler:
     """Waiting and running queues over ``slots`` rows (sized by the runner from memory, or a row cap).
+    A call that queues no more windows than it has slots is a static batch: nothing waits to refill it
+    (what benchmarks/continuous_batching.py measures continuous batching against)."""
 
-    refill=False admits only into an empty batch: static batches, rows leaving as they finish (what
-    benchmarks/continuous_batching.py measures continuous batching against)."""
-
-    def __init__(self, slots: int, refill: bool = True) -> None:
+    def __init__(self, slots: int) -> None:
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
         self.slots = slots
-        self.refill = refill
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = Counters()
@@ -91,8 +89,6 @@ class Scheduler:
         """Waiting requests moved into the free slots, in queue order."""
         admitted: list[Request] = []
         was_running = bool(self.running)
-        if was_running and not self.refill:
-            return admitted
         while self.waiting and len(self.running) < self.slots:
             request = self.waiting.popleft()
             request.slot = len(self.running)

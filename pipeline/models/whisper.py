@@ -264,7 +264,6 @@ class WhisperSpeechModel:
         self.runner: WhisperRunner | None = None
         self.batch_size = batch_size or self._fitting_rows()
         self.counters = Counters()
-        self.refill = True  # False: static batches (benchmarks/continuous_batching.py's baseline)
 
     @property
     def batch_size(self) -> int:
@@ -333,7 +332,7 @@ class WhisperSpeechModel:
         policy, language = self.decode_plan(request)
         ratios = encoder_ratios(reduction, self.model.config.encoder_layers)
         timed = bool(self.alignment_heads) and request.timestamps != "none" and policy.budget > 0
-        scheduler = Scheduler(self.batch_size, self.refill)
+        scheduler = Scheduler(self.batch_size)
 
         def feed(scheduler: Scheduler, block: bool) -> bool:
             items = pull(block)
