@@ -175,14 +175,14 @@ def test_an_empty_input_is_a_notice_and_files_not_audio_are_counted(
 def test_ctrl_c_ends_a_run_with_130_and_what_it_committed_and_a_rerun_resumes(tmp_path: Path) -> None:
     """SIGINT, as Ctrl-C sends, to the in-process run once its first part is committed."""
     archive = tmp_path / "archive"
-    for i in range(3):
+    for i in range(6):  # enough that the signal lands mid-run
         write_wav(archive / f"r{i}.wav", tone_bursts(3.0))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the in-process executor
     launcher = [sys.executable, "jobs/transcribe_archive.py"]
     kept, out = killed_and_resumed(
         lambda *extra: start_job(launcher, archive, tmp_path / "out", env, *extra), sig=signal.SIGINT
     )
-    assert 0 < kept < 3 and "ok " in out.splitlines()[-1]
+    assert 0 < kept < 6 and "ok " in out.splitlines()[-1]
 
 
 def test_subprocess_refusal_prints_no_traceback(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,17 @@ def test_mixed_lengths_share_one_model_call_and_match_single_runs():
         got[3]["text"],
         got[0]["text"],
     ]
-    predictor.close()
+
+    # Closed right after a submit (the windows reach the model thread with the close): they all finish,
+    # then the thread ends.
+    last = predictor.submit(
+        pa.Table.from_pylist([_row(i, c) for i, c in enumerate(cuts)], schema=WINDOW_SCHEMA)
+    )
+    closing = threading.Thread(target=predictor.close, daemon=True)
+    closing.start()
+    closing.join(timeout=120)
+    assert not closing.is_alive()
+    assert [r["text"] for r in last.result(timeout=0).to_pylist()] == [got[i]["text"] for i in (0, 2, 3)]
 
 
 @pytest.mark.parametrize(

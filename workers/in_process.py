@@ -80,7 +80,7 @@ def _batches(
     rows: queue.Queue = queue.Queue(maxsize=2 * batch_size)
     cutter = _Cutter(todo, window_kwargs, rows, started)
     cutter.start()  # decoding the first recordings overlaps the model's load
-    predictor, item = None, None
+    predictor, finished = None, False
     try:
         predictor = WindowPredictor(**predictor_kwargs)
         in_flight: deque[Future] = deque()  # the model streams: the next batch joins before one is done
@@ -99,12 +99,13 @@ def _batches(
                 tally.add(windows_done(texts))
                 yield texts
             if item is _END:
+                finished = True
                 break
     finally:
         cutter.stop.set()
         cutter.join()
-        if predictor is not None:
-            predictor.close(finish=item is _END)
+        if predictor is not None:  # stopped (Ctrl-C, a failure) even while draining: windows left undone
+            predictor.close(finish=finished)
 
 
 def window_texts(

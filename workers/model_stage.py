@@ -141,6 +141,7 @@ class WindowPredictor:
         # The windows the stream took and has not finished (the model thread's alone: no lock).
         self._held: dict[tuple[int, int], np.ndarray] = {}
         self._stopped = threading.Event()
+        self._closed = False  # _CLOSE taken from the inbox (the model thread's alone)
         self._server = threading.Thread(target=self._serve, name="model-stream", daemon=True)
         self._server.start()
         log.info("%s loaded on %s in %.1f s", model_name, self.device_name, time.monotonic() - started)
@@ -178,13 +179,14 @@ class WindowPredictor:
         self._server.join()
 
     def _pull(self, block: bool) -> list | None:
-        if self._stopped.is_set():
+        if self._stopped.is_set() or self._closed:
             return None
         items = []
         try:
             item = self._inbox.get(block=block)
             while True:
-                if item is _CLOSE:
+                if item is _CLOSE:  # it may come with the last windows: the pull after them ends
+                    self._closed = True
                     return items or None
                 items.append(item)
                 item = self._inbox.get_nowait()
