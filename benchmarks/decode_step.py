@@ -5,16 +5,16 @@
     TRITON_INTERPRET=1 python benchmarks/decode_step.py --cpu-smoke --out smoke.json   # tiny, interpreted
 
 Both variants decode from one random-weight Qwen2 stack and one set of caches (``--cached`` random
-tokens per row) with GreedyDecoder's bookkeeping (argmax, EOS mask, output and step update):
-(a) engine: ``GreedyDecoder`` as the engine runs it, per layer [add + RMSNorm] -> qkv GEMM (+ bias) ->
+tokens per row) with a step's device bookkeeping (argmax, next token, position and step update):
+(a) engine: ``EngineRunner``'s step (pipeline/engine/runner.py) as the engine runs it, per layer [add + RMSNorm] -> qkv GEMM (+ bias) ->
 [rope + cache write] -> decode attention -> o GEMM -> [add + RMSNorm] -> gate_up GEMM -> [silu * up]
 -> down GEMM (``pipeline.kernels.fused.FUSED``); (b) unfused: the same step with the bracketed ops as
 their PyTorch twins (``TWINS`` below: RMSNorm, rope and cache write, chunk + silu + mul as PyTorch
 ops), the same decode attention.
 Per batch: logits of both on one state (max abs and relative error, same argmax), device kernels of
 one eager step (torch.profiler: count, device time, the 8 costliest kernels), ms per step from
-replays of a one-step CUDA graph (CUDA events, rounds alternating, median), ms per step as
-``GreedyDecoder.run`` reports it (how jobs/bench.py measures), and the bandwidth floor: (weights + KV
+replays of a one-step CUDA graph (CUDA events, rounds alternating, median), the engine's ms per
+steady step of a ``generate`` call as it reports it (how jobs/bench.py measures), and the bandwidth floor: (weights + KV
 read) / copy bandwidth. A batch whose caches do not fit the free memory is reported as skipped. The
 JSON is rewritten after every batch, so a run cut short keeps what it measured. ``--cpu-smoke`` runs
 every kernel in Triton's interpreter (``forced_path("triton")``); its times mean nothing.
@@ -49,8 +49,9 @@ from benchmarks.common import (
     text_table,
     weight_bytes,
 )
-from pipeline.engine.cache import LayerCaches
-from pipeline.engine.decode import GreedyDecoder
+from pipeline.engine.generate import generate
+from pipeline.engine.prefill import PromptGroup
+from pipeline.engine.runner import EngineRunner
 from pipeline.engine.stack import DecoderStack
 from pipeline.kernels.fused import (
     StepOps,
@@ -59,6 +60,7 @@ from pipeline.kernels.fused import (
     silu_mul_torch,
 )
 from pipeline.kernels.paths import forced_path
+from pipeline.merging.config import NO_REDUCTION
 
 # The step before fusion: the PyTorch twins of every fused op, what the engine's kernels are measured against.
 TWINS = StepOps(add_rmsnorm_torch, rope_and_cache_torch, silu_mul_torch)
@@ -89,42 +91,38 @@ def cache_bytes(stack: DecoderStack, batch: int, tokens: int) -> int:
     return stack.num_layers * batch * tokens * stack.kv_bytes_per_token()
 
 
-def fill_caches(stack: DecoderStack, batch: int, cached: int, new_tokens: int) -> LayerCaches:
-    """Caches of ``cached`` filled positions per layer and row (standard normal keys and values)."""
-    caches = LayerCaches(
-        [[cached] * stack.num_layers] * batch,
-        new_tokens,
-        stack.num_kv_heads,
-        stack.head_dim,
-        stack.dtype,
-        stack.device,
-    )
-    for k, v in zip(caches.k, caches.v, strict=True):
+def make_runners(
+    stack: DecoderStack, batch: int, cached: int, new_tokens: int
+) -> tuple[EngineRunner, EngineRunner]:
+    """The engine's runner and the unfused one (the same step on the fused ops' PyTorch twins), sharing
+    caches of ``cached`` filled positions per layer and row (standard normal keys and values) and one
+    state: the same first tokens at step 0."""
+    engine = EngineRunner(stack, batch, [cached + new_tokens] * stack.num_layers)
+    unfused = EngineRunner(stack, batch, [1] * stack.num_layers, ops=TWINS)
+    unfused.caches = engine.caches
+    for k, v in zip(engine.caches.k, engine.caches.v, strict=True):
         k.normal_()
         v.normal_()
-    caches.filled = [[cached] * batch for _ in range(stack.num_layers)]
-    return caches
+    engine.caches.lengths.fill_(cached)
+    gen = torch.Generator().manual_seed(batch)
+    first = torch.randint(0, stack.embed_tokens.num_embeddings, (batch,), generator=gen)
+    for runner in (engine, unfused):
+        runner.tokens.copy_(first)
+        _rewind(runner, cached)
+    return engine, unfused
 
 
-def make_decoders(
-    stack: DecoderStack, caches: LayerCaches, cached: int, new_tokens: int
-) -> tuple[GreedyDecoder, GreedyDecoder]:
-    """The engine's decoder and the unfused one (the same step on the fused ops' PyTorch twins) at the
-    same state: same first tokens, step 0, shared caches."""
-    gen = torch.Generator().manual_seed(caches.k[0].shape[0])
-    first = torch.randint(0, stack.embed_tokens.num_embeddings, (caches.k[0].shape[0],), generator=gen)
-    kwargs = {"max_new_tokens": new_tokens, "eos_token_ids": [], "pad_token_id": 0}
-    first = first.to(stack.device)
-    prompt = torch.full_like(first, cached)
-    return (
-        GreedyDecoder(stack, caches, prompt, first, **kwargs),
-        GreedyDecoder(stack, caches, prompt, first, ops=TWINS, **kwargs),
-    )
+def _advance(runner: EngineRunner) -> None:
+    """One step of every row with its bookkeeping on the device (what a graph replays)."""
+    token = runner._forward(runner.slots).argmax(-1)
+    runner.steps += 1
+    runner.positions += 1
+    runner.tokens.copy_(token)
 
 
-def compare_logits(engine: GreedyDecoder, unfused: GreedyDecoder) -> dict[str, Any]:
+def compare_logits(engine: EngineRunner, unfused: EngineRunner) -> dict[str, Any]:
     """Logits of one step from the same state (each writes its own k, v at the same position first)."""
-    expected, got = unfused._forward(), engine._forward()
+    expected, got = unfused._forward(unfused.slots), engine._forward(engine.slots)
     err = (got - expected).abs().max().item()
     return {
         "logits_max_abs_err": err,
@@ -133,13 +131,13 @@ def compare_logits(engine: GreedyDecoder, unfused: GreedyDecoder) -> dict[str, A
     }
 
 
-def _rewind(decoder: GreedyDecoder, cached: int) -> None:
+def _rewind(runner: EngineRunner, cached: int) -> None:
     """Back to step 0 in place (a captured graph reads these tensors), so replays never pass the capacity."""
-    decoder.step.zero_()
-    decoder.position.fill_(cached)
+    runner.steps.zero_()
+    runner.positions.fill_(cached)
 
 
-def step_profile(decoder: GreedyDecoder, cached: int) -> dict[str, Any]:
+def step_profile(runner: EngineRunner, cached: int) -> dict[str, Any]:
     """One eager step as CUDA's profiler sees it: kernel (and copy) count, their summed device time and
     the kernels that take most of it (name, us, share): where the distance to the floor goes."""
     from collections import Counter
@@ -147,9 +145,9 @@ def step_profile(decoder: GreedyDecoder, cached: int) -> dict[str, Any]:
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    _rewind(decoder, cached)
+    _rewind(runner, cached)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        decoder._advance()
+        _advance(runner)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     by_name: Counter[str] = Counter()
@@ -160,31 +158,34 @@ def step_profile(decoder: GreedyDecoder, cached: int) -> dict[str, Any]:
     return {"kernels": len(kernels), "device_us": total, "top": top}
 
 
-def _one_step(decoder: GreedyDecoder, cached: int, cuda: bool) -> Callable[[], None]:
+def _one_step(runner: EngineRunner, cached: int, cuda: bool) -> Callable[[], None]:
     """After two warm-up steps: one step as a CUDA graph replay (CUDA) or an eager call (CPU)."""
-    _rewind(decoder, cached)
-    decoder._advance()  # compile kernels, warm cuBLAS and the allocator
+    _rewind(runner, cached)
+    _advance(runner)  # compile kernels, warm cuBLAS and the allocator
     if cuda:
-        return graphed(decoder._advance)  # its eager call is the second warm-up step
-    decoder._advance()
-    return decoder._advance
+        return graphed(lambda: _advance(runner))  # its eager call is the second warm-up step
+    _advance(runner)
+    return lambda: _advance(runner)
 
 
-def step_ms(decoders: dict[str, GreedyDecoder], args: argparse.Namespace, cuda: bool) -> dict[str, float]:
-    """Median ms per step of each decoder, timing rounds alternating between them."""
-    steps = {name: _one_step(d, args.cached, cuda) for name, d in decoders.items()}
-    samples: dict[str, list[float]] = {name: [] for name in decoders}
+def step_ms(runners: dict[str, EngineRunner], args: argparse.Namespace, cuda: bool) -> dict[str, float]:
+    """Median ms per step of each runner, timing rounds alternating between them."""
+    steps = {name: _one_step(r, args.cached, cuda) for name, r in runners.items()}
+    samples: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            _rewind(decoders[name], args.cached)
+            _rewind(runners[name], args.cached)
             samples[name].append(elapsed_ms(step, cuda, calls=args.iters) / args.iters)
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def run_ms(decoder: GreedyDecoder) -> float:
-    """ms per steady step of ``GreedyDecoder.run`` (after warm-up and graph capture) on a fresh decoder."""
-    decoder.run()
-    return 1e3 * decoder.steady_s / max(decoder.steady_steps, 1)
+def run_ms(stack: DecoderStack, batch: int, cached: int, new_tokens: int) -> float:
+    """ms per steady step of a ``generate`` call (after warm-up and graph capture) on ``batch`` prompts of
+    ``cached`` tokens, no reduction, ``new_tokens`` each."""
+    embeds = torch.randn(batch, cached, stack.hidden_size, dtype=stack.dtype, device=stack.device)
+    group = PromptGroup(embeds, [(1, cached - 1)])
+    gen = generate(stack, [group], NO_REDUCTION, max_new_tokens=new_tokens, eos_token_ids=[], pad_token_id=0)
+    return 1e3 * gen.steady_step_s
 
 
 def _attempt(row: dict[str, Any], key: str, measure: Callable[[], Any]) -> bool:
@@ -211,25 +212,22 @@ def bench_batch(
         if need + _MARGIN > free:
             return {**row, "skipped": f"caches need {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"}
     print(f"batch {batch}: {need / 2**30:.2f} GiB of caches", flush=True)
-    caches = fill_caches(stack, batch, args.cached, args.new_tokens)
-    engine, unfused = make_decoders(stack, caches, args.cached, args.new_tokens)
-    decoders: dict[str, GreedyDecoder] = {"engine": engine, "unfused": unfused}
-    if _attempt(row, "agreement", lambda: compare_logits(engine, unfused)):
+    engine, unfused = make_runners(stack, batch, args.cached, args.new_tokens)
+    runners: dict[str, EngineRunner] = {"engine": engine, "unfused": unfused}
+    if _attempt(row, "agreement", lambda e=engine, u=unfused: compare_logits(e, u)):
         row.update(row.pop("agreement"))
     else:
-        del decoders["engine"]
+        del runners["engine"]
     row["floor_ms"] = floor(batch)
-    for name, ms in step_ms(decoders, args, cuda).items():
+    for name, ms in step_ms(runners, args, cuda).items():
         row[f"{name}_ms"], row[f"{name}_vs_floor"] = ms, ms / row["floor_ms"]
     if "engine_ms" in row:
         row["speedup"] = row["unfused_ms"] / row["engine_ms"]
-    fresh = dict(
-        zip(("engine", "unfused"), make_decoders(stack, caches, args.cached, args.new_tokens), strict=True)
-    )
-    for name, decoder in decoders.items():
-        if cuda and _attempt(row, f"{name}_profile", lambda d=decoder: step_profile(d, args.cached)):
+    for name, runner in runners.items():
+        if cuda and _attempt(row, f"{name}_profile", lambda r=runner: step_profile(r, args.cached)):
             row[f"{name}_kernels"] = row[f"{name}_profile"]["kernels"]
-        _attempt(row, f"{name}_run_ms", lambda d=fresh[name]: run_ms(d))
+    del engine, unfused, runners  # the caches, before generate allocates its own
+    _attempt(row, "engine_run_ms", lambda: run_ms(stack, batch, args.cached, args.new_tokens))
     return row
 
 

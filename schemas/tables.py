@@ -56,8 +56,8 @@ STATS_SCHEMA = pa.schema(
         pa.field("run_id", pa.string(), nullable=False),
         pa.field("audio_seconds", pa.float64(), nullable=False),  # decoded duration, silence included
         pa.field("windows", pa.int32(), nullable=False),
-        # audio tokens, KV bytes, encode_s / prefill_s / decode_s (the windows' shares of their batches'
-        # times, by the work each caused: pipeline.stats.batch_times), generated tokens: summed windows
+        # audio tokens, KV bytes, encode_s / prefill_s / decode_s (the windows' shares of the passes and
+        # steps each was in: pipeline.stats.WindowStats), generated tokens: summed windows
         # (loop cuts are evaluation's, jobs/evaluate.py: not a column of this table)
         *[f for f in list(WINDOW_STATS_TYPE)[1:] if f.name != "loop_cuts"],
         # generated_tokens / decode_s: the decode throughput of the batches (all their rows) that generated

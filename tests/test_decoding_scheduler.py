@@ -1,5 +1,6 @@
-"""Continuous batching: the scheduler's queues and slots, and Whisper's runner refilling rows as they
-finish, every window decoding the tokens it decodes alone whatever its neighbours and arrival."""
+"""Continuous batching: the scheduler's queues and slots, and both runners (Whisper's, and the engine's
+for the decoder-only families' tiny checkpoints) refilling rows as they finish, every window decoding the
+tokens it decodes alone whatever its neighbours and arrival."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 from pipeline.audio.decode import decode_audio
 from pipeline.decoding.scheduler import Counters, Request, Scheduler
-from pipeline.merging.config import NO_REDUCTION
+from pipeline.merging.config import NO_REDUCTION, ReductionConfig
+from pipeline.models.registry import load_model
 from pipeline.presets import resolve_reduction
 from pipeline.tasks import TaskRequest
 
@@ -43,6 +45,29 @@ def windows() -> list[np.ndarray]:
     return [speech[i % 2][int(16000 * i) : int(16000 * (i + s))] for i, s in enumerate(lengths_s)]
 
 
+@pytest.fixture(scope="module")
+def speech_lms(checkpoints) -> dict:
+    models = {
+        "qwen2_audio": load_model(str(checkpoints["qwen-instruct"])),
+        "glm_asr": load_model(str(checkpoints["glm"])),
+    }
+    for model in models.values():
+        model.max_new_tokens = 64  # random weights: some rows end early, some loop, some run to the budget
+    return models
+
+
+@pytest.fixture(params=["whisper", "qwen2_audio", "glm_asr"])
+def model(request, whisper, speech_lms):
+    """Whisper tiny.en and each decoder-only family's tiny checkpoint, in turn."""
+    return whisper if request.param == "whisper" else speech_lms[request.param]
+
+
+def _merging(model) -> object:
+    if model.description.family == "whisper":
+        return resolve_reduction(model.description, "asr")
+    return ReductionConfig("fastadasp", "constant", first_layer=0, target=0.3)
+
+
 def _streamed(model, waves, request, reduction, seed: int) -> dict:
     """Windows arriving in a random order at random steps: each pull hands over 0-2 of them (at least
     one when the batch is idle)."""
@@ -61,45 +86,48 @@ def _streamed(model, waves, request, reduction, seed: int) -> dict:
 
 
 @pytest.mark.parametrize("merging", [False, True])
-def test_a_window_decodes_the_same_tokens_whatever_arrives_beside_it(whisper, windows, merging):
-    reduction = resolve_reduction(whisper.description, "asr") if merging else NO_REDUCTION
-    alone = [whisper.run([w], ASR, reduction)[0] for w in windows]
-    slots = whisper.batch_size
+def test_a_window_decodes_the_same_tokens_whatever_arrives_beside_it(model, windows, merging):
+    reduction = _merging(model) if merging else NO_REDUCTION
+    alone = [model.run([w], ASR, reduction)[0] for w in windows]
+    slots = model.batch_size
     try:
-        for seed, whisper.batch_size in ((0, 2), (1, 3), (2, 7)):
-            got = _streamed(whisper, windows, ASR, reduction, seed)
+        for seed, model.batch_size in ((0, 2), (1, 3), (2, 7)):
+            got = _streamed(model, windows, ASR, reduction, seed)
             assert [got[i].text for i in range(len(windows))] == [o.text for o in alone]
             tokens = [got[i].stats.generated_tokens for i in range(len(windows))]
             assert tokens == [o.stats.generated_tokens for o in alone]
     finally:
-        whisper.batch_size = slots
+        model.batch_size = slots
 
 
-def test_freed_rows_are_refilled_until_the_queue_drains(whisper, windows):
-    """Short and long windows through 3 slots: every step runs 3 rows while windows wait."""
-    slots = whisper.batch_size
-    whisper.batch_size, whisper.counters = 3, Counters()
+# GLM-ASR's random weights repeat one token from the start: every row stops at the same step (the loop
+# guard's), so its rows are freed together and nothing is refilled mid-batch.
+@pytest.mark.parametrize("model", ["whisper", "qwen2_audio"], indirect=True)
+def test_freed_rows_are_refilled_until_the_queue_drains(model, windows):
+    """Short and long windows through 3 slots: every step runs 3 rows while windows wait, never 4."""
+    slots = model.batch_size
+    model.batch_size, model.counters = 3, Counters()
     try:
-        outputs = whisper.run(windows, ASR, NO_REDUCTION)
+        model.run(windows, ASR, NO_REDUCTION)
     finally:
-        whisper.batch_size = slots
-    counters = whisper.counters
+        model.batch_size = slots
+    counters = model.counters
     queued = counters.queued_rows, counters.queued_steps
     assert counters.refills == len(windows) - 3
     assert counters.peak == 3  # room for 3 rows: never a fourth
     assert queued[1] > 0 and queued[0] == 3 * queued[1]  # full while windows waited
-    assert (
-        len({o.stats.generated_tokens for o in outputs}) > 3
-    )  # lengths differ: rows left at different steps
 
 
-def test_a_window_that_is_not_one_fails_alone_in_a_stream(whisper, windows):
-    bad = np.zeros((2, 16000), dtype=np.float32)
-    items = [(0, windows[0]), (1, bad), (2, windows[2])]
+def test_a_window_that_is_not_one_fails_alone_in_a_stream(model, windows):
+    """A window of two channels, and one longer than any a row has room for: error outputs; the
+    windows around them decode."""
+    bad, long = np.zeros((2, 16000), dtype=np.float32), np.zeros(31 * 16000, dtype=np.float32)
+    items = [(0, windows[0]), (1, bad), (2, windows[2]), (3, long), (4, windows[1])]
     outputs: dict = {}
-    whisper.stream(lambda _block: [items.pop(0)] if items else None, ASR, NO_REDUCTION, outputs.__setitem__)
+    model.stream(lambda _block: [items.pop(0)] if items else None, ASR, NO_REDUCTION, outputs.__setitem__)
     assert isinstance(outputs[1], ValueError) and "expected mono" in str(outputs[1])
-    assert outputs[0].text and outputs[2].text
+    assert isinstance(outputs[3], ValueError) and "at most 30 s" in str(outputs[3])
+    assert all(outputs[i].stats.generated_tokens for i in (0, 2, 4))
 
 
 def test_batch_size_sizes_the_runner_once(whisper):
@@ -113,3 +141,22 @@ def test_batch_size_sizes_the_runner_once(whisper):
             whisper.batch_size = 0
     finally:
         whisper.batch_size, whisper.runner = 16, runner
+
+
+def test_the_engine_keeps_its_caches_across_streams(speech_lms, windows):
+    """Allocated once per loaded model: a second stream of the same shape reuses the first's caches;
+    a reduction whose rows need no more room too; more rows than they hold: allocated afresh."""
+    qwen = speech_lms["qwen2_audio"]
+    slots = qwen.batch_size
+    try:
+        qwen.batch_size = 2
+        qwen.run(windows[:2], ASR, NO_REDUCTION)
+        runner = qwen.runner
+        qwen.run(windows[2:4], ASR, NO_REDUCTION)
+        qwen.run(windows[2:4], ASR, _merging(qwen))  # merged rows need fewer positions
+        assert qwen.runner is runner and runner.slots == 2
+        qwen.batch_size = 3
+        qwen.run(windows[:1], ASR, NO_REDUCTION)
+        assert qwen.runner is not runner and qwen.runner.slots == 3
+    finally:
+        qwen.batch_size = slots

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pipeline.decoding.scheduler import Request
+
 # Longest repeated phrase the loop guard looks for; loops seen on real speech repeat one sentence.
 MAX_LOOP_PERIOD = 64
 # How often (a row's generated tokens) the guard looks: a loop found late is cut back to its first phrase.
@@ -32,10 +34,11 @@ LOOP_TOKENS = 48
 class DecodePolicy:
     """Token ids steering greedy decoding of one request's rows.
 
-    prompt: tokens fed first (Whisper English-only: start-of-transcript, no-timestamps; multilingual:
+    prompt: tokens fed first, one per step (Whisper English-only: start-of-transcript, no-timestamps; multilingual:
     start-of-transcript, language, task, no-timestamps). detect: language token ids to choose among per
     row; when given, the prompt lacks the language, which the logits after prompt[0] pick (argmax over
-    these ids, as ``generate``'s ``detect_language``) and which is fed second.
+    these ids, as ``generate``'s ``detect_language``) and which is fed second. A runtime that prefills
+    its prompts (the decoder-only engine) has none here. eos: the ids that end a row.
     suppress: ids never generated; begin_suppress: ids not generated as the first token.
     max_length: total length including the prompt (the decoder's position table size).
     max_new_tokens: at most this many generated tokens (None: up to max_length; 0 with detect: language
@@ -44,7 +47,7 @@ class DecodePolicy:
     """
 
     prompt: tuple[int, ...]
-    eos: int
+    eos: tuple[int, ...]
     suppress: tuple[int, ...]
     begin_suppress: tuple[int, ...]
     max_length: int
@@ -76,21 +79,35 @@ class DecodePolicy:
             torch.tensor(self.begin_suppress, dtype=torch.long, device=device),
         )
 
-    def stop(self, generated: list[int]) -> tuple[str, int] | None:
+    def stop(self, generated: list[int], limit: int | None = None) -> tuple[str, int] | None:
         """Whether a row that just generated ``generated[-1]`` stops: (reason, tokens kept) or None.
 
-        Reasons: "eos" (end-of-text, kept), "length" (its budget spent), "loop" (cut by the guard).
+        Reasons: "eos" (end-of-text, kept), "length" (its budget, or its own ``limit`` below it, spent),
+        "loop" (cut by the guard).
         """
-        if generated[-1] == self.eos:
+        if generated[-1] in self.eos:
             return "eos", len(generated)
         n = len(generated)
         if self.loop_tokens and n % LOOP_CHECK_EVERY == 0 and n >= self.loop_tokens:
             cut = loop_cut(generated, self.loop_tokens)
             if cut is not None:
                 return "loop", cut
-        if n >= self.budget:
+        if n >= (self.budget if limit is None else min(limit, self.budget)):
             return "length", n
         return None
+
+    def take(self, request: Request, token: int, logprob: float | None = None) -> bool:
+        """``token`` is ``request``'s next generated one: True when the request stops there (its
+        ``finish`` set, its tokens cut to those ``stop`` keeps)."""
+        request.generated.append(token)
+        if logprob is not None:
+            request.logprobs.append(logprob)
+        stop = self.stop(request.generated, request.max_new_tokens)
+        if stop is None:
+            return False
+        request.finish, kept = stop
+        del request.generated[kept:], request.logprobs[kept:]
+        return True
 
 
 def choose(logits: Tensor, first: Tensor, suppress: Tensor, begin_suppress: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ step it frees, so occupancy stays full until the queue drains (``Counters`` says
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,8 @@ class Request:
     """One window being decoded. key: the caller's handle; work: what the runner needs to start it.
 
     slot: its row in the runner's buffers while running (-1 otherwise). fed: tokens fed so far (the
-    next one sits at this position); prompt: what it feeds before generating; generated: its tokens
+    next one sits at this position); max_new_tokens: its own cap on generated tokens, within the
+    policy's (None: the policy's); prompt: what it feeds before generating; generated: its tokens
     (logprobs: their log-probabilities, where the runner keeps them); finish: why it stopped
     (``DecodePolicy.stop``'s reasons); state: the runner's and the caller's data about it.
     """
@@ -33,6 +34,7 @@ class Request:
     work: Any
     slot: int = -1
     fed: int = 0
+    max_new_tokens: int | None = None
     prompt: list[int] = field(default_factory=list)
     generated: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -66,18 +68,35 @@ class Counters:
         return Counters(**summed | {"peak": max(self.peak, other.peak)})
 
 
-class Scheduler:
-    """Waiting and running queues over ``slots`` rows (sized by the runner from memory, or a row cap).
-    A call that queues no more windows than it has slots is a static batch: nothing waits to refill it
-    (what benchmarks/continuous_batching.py measures continuous batching against)."""
+# feed(scheduler, block): adds arriving requests to the scheduler (``add``), blocking for them only when
+# ``block``; False once no more will come.
+Feed = Callable[["Scheduler", bool], bool]
 
-    def __init__(self, slots: int) -> None:
+
+class Scheduler:
+    """Waiting and running queues over ``slots`` rows (sized by the runner from memory, or a row cap),
+    fed by ``feed`` as requests arrive (None: those added are all). A call that queues no more windows
+    than it has slots is a static batch: nothing waits to refill it (what
+    benchmarks/continuous_batching.py measures continuous batching against)."""
+
+    def __init__(self, slots: int, feed: Feed | None = None) -> None:
         if slots < 1:
             raise ValueError(f"slots={slots} must be >= 1")
         self.slots = slots
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.counters = Counters()
+        self._feed = feed
+
+    def pending(self) -> bool:
+        """Whether work is left, once arrivals are taken from ``feed`` while slots are free (blocking
+        for them only when nothing waits or runs)."""
+        while True:
+            room = len(self.waiting) + len(self.running) < self.slots
+            if self._feed is not None and room and not self._feed(self, not self):
+                self._feed = None
+            if self or self._feed is None:
+                return bool(self)
 
     def add(self, requests: Iterable[Request]) -> None:
         self.waiting.extend(requests)

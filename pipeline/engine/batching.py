@@ -57,7 +57,7 @@ def generate_rows(
     loop_tokens: int = 0,
 ) -> Generation:
     """Greedy generation for every row in one decode batch; the Generation's rows follow ``rows``.
-    loop_tokens: the loop guard (``pipeline.engine.decode.GreedyDecoder``; 0: off)."""
+    loop_tokens: the loop guard (``pipeline.decoding.policy``; 0: off)."""
     reduction.check_layers(stack.num_layers)
     by_prompt: dict[tuple[tuple[int, ...], tuple[Span, ...]], list[int]] = defaultdict(list)
     for i, row in enumerate(rows):

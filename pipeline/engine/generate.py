@@ -1,9 +1,11 @@
-"""Generation over a ``DecoderStack``: merge-aware prefill (``prefill``), then greedy decoding
-(``decode``), timed.
+"""One static batch through the engine's runner: every row of the prompt groups admitted at once,
+prefilled (merge-aware, each group in its own pass), decoded until the last row stops, timed.
 
-Decoding continues at the original prompt length whatever the merges did. Prompt groups
-(``PromptGroup``) prefill apart, then all rows decode in one batch, every row over its own cache
-lengths, so windows of different lengths batch without padding.
+What the model stage streams (``pipeline.models.speechlm``) is the same runner fed as windows arrive;
+this is the call for a batch known up front (the oracle tests, ``jobs/generate.py``, the benchmarks).
+Decoding continues at the original prompt length whatever the merges did, each row over its own cache
+lengths, so windows of different lengths batch without padding and a row's tokens do not depend on
+the other rows.
 """
 
 from __future__ import annotations
@@ -14,19 +16,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from pipeline.decoding.scheduler import Request, Scheduler
 from pipeline.device import sync
-from pipeline.engine.decode import GreedyDecoder
-from pipeline.engine.plan import LayerPlan
-from pipeline.engine.prefill import PromptGroup, prefill
+from pipeline.engine.plan import LayerPlan, plan_layers
+from pipeline.engine.prefill import PromptGroup
+from pipeline.engine.runner import EngineRunner, capacity, engine_policy
 from pipeline.engine.stack import DecoderStack
 from pipeline.merging.config import ReductionConfig
 
 
 @dataclass
 class Generation:
-    """tokens [B, T] (after EOS: pad id), num_tokens [B] generated per row (EOS included; a row the
-    loop guard stopped: the tokens it keeps); plans[b]: row b's layer plan (rows of one PromptGroup
-    share it); loop_cuts: the rows the loop guard stopped."""
+    """tokens [B, T] (after a row's last token: pad id), num_tokens [B] generated per row (EOS included;
+    a row the loop guard stopped: the tokens it keeps); plans[b]: row b's layer plan (rows of one
+    PromptGroup share it); loop_cuts: the rows the loop guard stopped; first_logits [B, V]: prefill's."""
 
     tokens: Tensor
     num_tokens: Tensor
@@ -51,53 +54,45 @@ def generate(
     pad_token_id: int,
     loop_tokens: int = 0,
 ) -> Generation:
-    """Greedy decoding of every row of the prompt groups, all rows in one decode batch.
+    """Greedy decoding of every row of the prompt groups -> Generation, rows in group order.
 
-    -> Generation with tokens [B, max_new_tokens or fewer], rows in group order. Groups of different
-    lengths prefill apart and decode together, each row attending to its own cache lengths, so a
-    row's tokens do not depend on the other rows. Rows stop at any EOS id; the loop ends when all
-    rows have stopped or the budget is spent. loop_tokens: the loop guard (``GreedyDecoder``; 0: off).
+    Rows stop at any EOS id, at the budget, or at the loop guard (``loop_tokens``; 0: off: see
+    ``pipeline.decoding.policy``).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-    device = groups[0].embeds.device if groups else torch.device("cpu")
-    sync(device)
-    t0 = time.perf_counter()
-    logits, caches, plans = prefill(stack, groups, cfg, max_new_tokens)
-    tokens = logits.argmax(-1)
-    sync(device)
-    t1 = time.perf_counter()
-    prompt_lengths = torch.tensor([g.length for g in groups for _ in range(g.rows)], device=device)
-    decoder = GreedyDecoder(
-        stack,
-        caches,
-        prompt_lengths,
-        tokens,
-        max_new_tokens=max_new_tokens,
-        eos_token_ids=eos_token_ids,
-        pad_token_id=pad_token_id,
-        loop_tokens=loop_tokens,
-    )
-    out, steps = decoder.run()
-    sync(device)
-    t2 = time.perf_counter()
-    eos = decoder.eos
-    stopped_at = torch.where(torch.isin(out[:, :steps], eos), torch.arange(steps, device=device), steps).amin(
-        -1
-    )
-    num_tokens = torch.clamp(stopped_at + 1, max=steps)
-    for row, kept in decoder.cuts.items():
-        num_tokens[row] = kept
-    steps = int(num_tokens.max())
+    if not groups:
+        raise ValueError("no prompts to generate from")
+    policy = engine_policy(eos_token_ids, max_new_tokens, loop_tokens)
+    plans = [plan_layers(g.length, g.spans, cfg, stack.num_layers) for g in groups]
+    layer_capacity = [max(layer) for layer in zip(*(capacity(p, policy) for p in plans), strict=True)]
+    rows = [(i, embeds) for i, g in enumerate(groups) for embeds in g.embeds]
+    requests = [
+        Request(key=b, work=None, state={"embeds": embeds, "spans": groups[i].spans, "group": i})
+        for b, (i, embeds) in enumerate(rows)
+    ]
+    runner = EngineRunner(stack, len(requests), layer_capacity)
+    scheduler = Scheduler(len(requests))
+    scheduler.add(requests)
+    sync(stack.device)
+    start = time.perf_counter()
+    runner.run(scheduler, policy, cfg, first_logits=True)
+    sync(stack.device)
+    wall = time.perf_counter() - start
+    prefill_s = sum(r.state["prefill_s"] for r in requests)
+    steps = max(len(r.generated) for r in requests)
+    tokens = torch.full((len(requests), steps), pad_token_id, dtype=torch.long)
+    for b, r in enumerate(requests):
+        tokens[b, : len(r.generated)] = torch.tensor(r.generated)
+    per_token = stack.kv_bytes_per_token()
+    row_plans = [r.state["plan"] for r in requests]
     return Generation(
-        tokens=out[:, :steps],
-        num_tokens=num_tokens,
-        plans=plans,
-        prefill_s=t1 - t0,
-        decode_s=t2 - t1,
-        kv_bytes_full=sum(g.rows * g.length for g in groups) * stack.num_layers * stack.kv_bytes_per_token(),
-        kv_bytes_kept=caches.nbytes(),
-        steady_step_s=decoder.steady_s / max(decoder.steady_steps, 1),
-        first_logits=logits,
-        loop_cuts=sorted(decoder.cuts),
+        tokens=tokens.to(stack.device),
+        num_tokens=torch.tensor([len(r.generated) for r in requests], device=stack.device),
+        plans=row_plans,
+        prefill_s=prefill_s,
+        decode_s=wall - prefill_s,
+        kv_bytes_full=sum(p.prompt_length for p in row_plans) * stack.num_layers * per_token,
+        kv_bytes_kept=sum(sum(p.cache_lengths) for p in row_plans) * per_token,
+        steady_step_s=runner.steady_s / max(runner.steady_steps, 1),
+        first_logits=torch.stack([r.state["first_logits"] for r in requests]),
+        loop_cuts=[b for b, r in enumerate(requests) if r.finish == "loop"],
     )

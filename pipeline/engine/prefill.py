@@ -4,7 +4,8 @@ At a layer whose schedule ratio is positive the audio spans are reduced after at
 and before the MLP (``pipeline.merging.step.reduce_layer``), so that layer caches the full length and
 later layers see fewer tokens; H2O instead shrinks that layer's cache per head and leaves the hidden
 states alone. Every token keeps an explicit position id. Prompts come in groups that share a length and
-spans (``PromptGroup``): each group prefills apart, then all rows share the caches.
+spans (``PromptGroup``): each group prefills apart, into slots of caches the rows share
+(``prefill_group``: the runner's free slots while the other rows keep decoding).
 """
 
 from __future__ import annotations
@@ -49,18 +50,15 @@ def prefill(
     max_new_tokens: int,
     prefill_tokens: int = PREFILL_TOKENS,
 ) -> tuple[Tensor, LayerCaches, list[LayerPlan]]:
-    """Prompt groups -> last-token logits [B, V] (rows in group order), filled caches, plan per row.
-
-    Each group is prefilled apart (its rows share a length), in chunks of at most ``prefill_tokens``
-    tokens (at least one row), so the transient activations stay bounded whatever the batch: memory
-    then scales with the caches alone. Rows of different groups share the caches and decode together.
-    """
+    """Prompt groups into caches of their own (one slot per row, in group order) -> last-token logits
+    [B, V], the caches, the plan of each row. Rows of different groups share the caches and can decode
+    together."""
     if not groups:
         raise ValueError("no prompts to prefill")
     plans = [plan_layers(g.length, g.spans, cfg, stack.num_layers) for g in groups]
     row_plans = [plan for g, plan in zip(groups, plans, strict=True) for _ in range(g.rows)]
     first = groups[0].embeds
-    caches = LayerCaches(
+    caches = LayerCaches.for_rows(
         [p.cache_lengths for p in row_plans],
         max_new_tokens,
         stack.num_kv_heads,
@@ -70,15 +68,36 @@ def prefill(
     )
     logits, offset = [], 0
     for g, plan in zip(groups, plans, strict=True):
-        generator = torch.Generator(device=g.embeds.device).manual_seed(cfg.seed)
-        chunk = max(1, prefill_tokens // g.length)
-        for r in range(0, g.rows, chunk):
-            rows = slice(offset + r, offset + min(r + chunk, g.rows))
-            embeds = g.embeds[r : r + chunk]
-            logits.append(_prefill_rows(stack, embeds, g.spans, cfg, plan, caches, rows, generator))
+        slots = list(range(offset, offset + g.rows))
+        logits.append(prefill_group(stack, g, cfg, plan, caches, slots, prefill_tokens))
         offset += g.rows
-    caches.check_filled()
     return torch.cat(logits), caches, row_plans
+
+
+@torch.inference_mode()
+def prefill_group(
+    stack: DecoderStack,
+    group: PromptGroup,
+    cfg: ReductionConfig,
+    plan: LayerPlan,
+    caches: LayerCaches,
+    slots: list[int],
+    prefill_tokens: int = PREFILL_TOKENS,
+) -> Tensor:
+    """One group's rows into ``slots`` of live caches (the other slots untouched) -> last-token logits
+    [rows, V]. In chunks of at most ``prefill_tokens`` tokens (at least one row), so the transient
+    activations stay bounded whatever the batch: memory then scales with the caches alone."""
+    generator = torch.Generator(device=group.embeds.device).manual_seed(cfg.seed)
+    chunk = max(1, prefill_tokens // group.length)
+    logits = []
+    for r in range(0, group.rows, chunk):
+        rows = slots[r : r + chunk]
+        embeds = group.embeds[r : r + chunk]
+        logits.append(_prefill_rows(stack, embeds, group.spans, cfg, plan, caches, rows, generator))
+    filled = {tuple(caches.row_filled(row)) for row in slots}
+    if filled != {tuple(plan.cache_lengths)}:
+        raise RuntimeError(f"cache lengths {sorted(filled)} differ from the plan {plan.cache_lengths}")
+    return torch.cat(logits)
 
 
 def _prefill_rows(
@@ -88,7 +107,7 @@ def _prefill_rows(
     cfg: ReductionConfig,
     plan: LayerPlan,
     caches: LayerCaches,
-    rows: slice,
+    rows: list[int],
     generator: torch.Generator,
 ) -> Tensor:
     b, length, _ = embeds.shape

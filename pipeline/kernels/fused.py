@@ -329,9 +329,10 @@ def rope_and_cache(
 ) -> Tensor:
     """``rope_and_cache_torch`` (see there for shapes): the Triton kernel on CUDA, else the twin.
 
-    Engine use, layer i of a decode step: ``q = rope_and_cache(linear(normed, qkv_weight, qkv_bias), cos,
-    sin, caches.k[i], caches.v[i], positions[i])`` with ``positions = caches.prefill_lengths +
-    step`` computed once per step; attention then reads ``positions[i] + 1`` keys.
+    Engine use, layer i of a decode step over n rows: ``q = rope_and_cache(linear(normed, qkv_weight,
+    qkv_bias), cos, sin, caches.k[i][:n], caches.v[i][:n], written[i])`` with ``written =
+    caches.lengths[:, :n] + steps[:n]`` (each row's own step) computed once per step; attention then
+    reads ``written[i] + 1`` keys (pipeline/engine/runner.py).
     """
     if triton_usable(qkv.device):
         return rope_and_cache_triton(qkv, cos, sin, k_cache, v_cache, index)

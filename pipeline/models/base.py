@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pipeline.decoding.scheduler import Feed, Request, Scheduler
 from pipeline.errors import Refusal
 from pipeline.merging.config import ReductionConfig
 from pipeline.stats import WindowStats
@@ -154,7 +155,7 @@ def once(items: list[tuple[Any, np.ndarray]]) -> Pull:
 
 class SpeechModel(Protocol):
     """run: a list of windows, outputs in order. stream: windows as they arrive, each output as it is
-    ready (Whisper's continuous batching; ``stream_in_calls`` for families that decode in calls)."""
+    ready (continuous batching: pipeline/decoding/scheduler.py)."""
 
     description: ModelDescription
     device: str
@@ -167,13 +168,40 @@ class SpeechModel(Protocol):
     def stream(self, pull: Pull, request: TaskRequest, reduction: ReductionConfig, emit: Emit) -> None: ...
 
 
-def stream_in_calls(
-    model: SpeechModel, pull: Pull, request: TaskRequest, reduction: ReductionConfig, emit: Emit
-) -> None:
-    """``stream`` as one ``run`` call per pull: what has arrived decodes together."""
-    while (items := pull(True)) is not None:
-        if items:
-            keys = [key for key, _ in items]
-            outputs = model.run([wave for _, wave in items], request, reduction)
-            for key, out in zip(keys, outputs, strict=True):
-                emit(key, out)
+def check_window(key: object, wave: np.ndarray, max_s: float) -> None:
+    """A window is mono and at most ``max_s`` seconds long: else the ValueError its output becomes."""
+    if wave.ndim != 1 or len(wave) > max_s * SAMPLE_RATE:
+        raise ValueError(f"waveform {key} has shape {wave.shape}: expected mono, at most {max_s:g} s")
+
+
+def run_streamed(
+    model: SpeechModel, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
+) -> list[WindowOutput]:
+    """``run`` as one stream of the windows, longest first (the shortest drain the queue), outputs in
+    order; a waveform that is not a window raises before any work."""
+    for i, wave in enumerate(waveforms):
+        check_window(i, wave, WINDOW_S)
+    order = sorted(range(len(waveforms)), key=lambda i: -len(waveforms[i]))
+    outputs: dict[int, WindowOutput] = {}
+    model.stream(once([(i, waveforms[i]) for i in order]), request, reduction, outputs.__setitem__)
+    return [outputs[i] for i in range(len(waveforms))]
+
+
+def window_feed(pull: Pull, emit: Emit) -> Feed:
+    """A scheduler's feed from a stream's ``pull``: each arriving waveform a request (``work``), and one
+    that is not a window its ValueError, emitted at once."""
+
+    def feed(scheduler: Scheduler, block: bool) -> bool:
+        items = pull(block)
+        if items is None:
+            return False
+        for key, wave in items:
+            try:
+                check_window(key, wave, WINDOW_S)
+            except ValueError as err:
+                emit(key, err)
+                continue
+            scheduler.add([Request(key=key, work=wave)])
+        return True
+
+    return feed

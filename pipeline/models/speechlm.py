@@ -24,15 +24,19 @@ from torch import Tensor, nn
 from transformers import AutoProcessor
 
 from pipeline import tasks
-from pipeline.decoding.policy import LOOP_TOKENS
+from pipeline.decoding.policy import LOOP_TOKENS, DecodePolicy
+from pipeline.decoding.scheduler import Counters, Request, Scheduler
 from pipeline.device import sync
-from pipeline.engine.batching import AudioPrompt, fit_batch, generate_rows
+from pipeline.engine.batching import AudioPrompt, embed, fit_batch, generate_rows
 from pipeline.engine.generate import Generation
+from pipeline.engine.plan import plan_layers
+from pipeline.engine.runner import EngineRunner, capacity, engine_policy
 from pipeline.engine.stack import DecoderStack
 from pipeline.merging.config import ReductionConfig
 from pipeline.models.base import (
     INT8,
     SAMPLE_RATE,
+    WINDOW_S,
     Checkpoint,
     Emit,
     ModelDescription,
@@ -40,9 +44,10 @@ from pipeline.models.base import (
     Pull,
     WindowOutput,
     check_request,
-    stream_in_calls,
+    run_streamed,
+    window_feed,
 )
-from pipeline.stats import WindowStats, batch_times
+from pipeline.stats import WindowStats
 from pipeline.tasks import TaskRequest
 
 # The processor's own chat template files; a template only in tokenizer_config.json does not make a
@@ -90,9 +95,11 @@ def _load_weights(model_class: type[nn.Module], ckpt: Checkpoint, dtype: torch.d
 
 
 class AudioLanguageModel(ABC):
-    """SpeechModel for decoder-only SpeechLMs. Windows of any lengths decode together (equal
-    audio-token counts share a prefill); batch sizes come from ``pipeline.engine.batching.fit_batch``
-    (free memory on CUDA), at most ``batch_size`` when given.
+    """SpeechModel for decoder-only SpeechLMs. Windows stream through the engine's runner
+    (pipeline/engine/runner.py): each is admitted into a free row as one finishes and prefills there
+    (windows of equal audio-token counts admitted together share a pass) while the others decode. Rows
+    (``pipeline.engine.batching.fit_batch``): as many 30 s windows as the free memory holds on CUDA
+    under the reduction, at most ``batch_size`` when given.
 
     processor: the checkpoint's transformers processor (feature extractor + tokenizer + chat template).
     """
@@ -118,6 +125,8 @@ class AudioLanguageModel(ABC):
         self.stack = DecoderStack(self.text_model(), self.lm_head())
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.audio_token)
         self.eos_token_ids = self.stop_token_ids()
+        self.runner: EngineRunner | None = None  # caches allocated once, re-made only when too small
+        self.counters = Counters()  # what the runner's schedulers did, over every stream
 
     @classmethod
     def from_checkpoint(
@@ -173,6 +182,7 @@ class AudioLanguageModel(ABC):
     def to(self, device: str, dtype: torch.dtype | None = None) -> AudioLanguageModel:
         self.model.to(device=device, dtype=dtype)
         self.stack = DecoderStack(self.text_model(), self.lm_head())
+        self.runner = None
         return self
 
     def features(self, waveforms: list[np.ndarray]) -> tuple[Tensor, Tensor]:
@@ -246,47 +256,87 @@ class AudioLanguageModel(ABC):
     def run(
         self, waveforms: list[np.ndarray], request: TaskRequest, reduction: ReductionConfig
     ) -> list[WindowOutput]:
-        """Windows of any lengths, longest first, in batches sized for the batch's longest window."""
-        check_request(self.description, request, reduction=reduction)
-        prompt_text = self.prompt_text(request)
-        counts = self.audio_token_counts(waveforms)
-        order = sorted(range(len(waveforms)), key=lambda i: -counts[i])
-        outputs: list[WindowOutput | None] = [None] * len(waveforms)
-        start = 0
-        while start < len(order):
-            ids, spans = self.prompt(prompt_text, [counts[order[start]]])
-            size = fit_batch(self.stack, len(ids), spans, reduction, self.max_new_tokens, self.batch_size)
-            batch = order[start : start + size]
-            gen, encode_s = self.generate_batch(prompt_text, [[waveforms[i]] for i in batch], reduction)
-            times = batch_times(
-                encode_s,
-                gen.prefill_s,
-                gen.decode_s,
-                [plan.prompt_length for plan in gen.plans],  # groups prefill apart, each over its length
-                gen.num_tokens.tolist(),
-            )
-            for row, i in enumerate(batch):
-                outputs[i] = self._output(gen, row, times[row], len(waveforms[i]))
-            start += size
-        return outputs
+        """Windows of any lengths (at most 30 s each) -> their outputs in order."""
+        return run_streamed(self, waveforms, request, reduction)
 
     def stream(self, pull: Pull, request: TaskRequest, reduction: ReductionConfig, emit: Emit) -> None:
-        """Windows as they arrive, decoded in ``run`` calls (continuous batching is Whisper's so far)."""
-        stream_in_calls(self, pull, request, reduction, emit)
+        """Windows decoded as they arrive: ``pull(block)`` gives (key, waveform) pairs (blocking only when
+        no window is decoding; None once no more will come), and each window's output goes to
+        ``emit(key, output)`` at the step it finishes (a waveform that is not a window: its ValueError)."""
+        check_request(self.description, request, reduction=reduction)
+        reduction.check_layers(self.stack.num_layers)
+        text = self.prompt_text(request)
+        policy = engine_policy(self.eos_token_ids, self.max_new_tokens, LOOP_TOKENS)
+        runner = self._runner(text, reduction, policy)
 
-    def _output(self, gen: Generation, row: int, times: dict[str, float], samples: int) -> WindowOutput:
-        n = int(gen.num_tokens[row])
-        ids = [t for t in gen.tokens[row, :n].tolist() if t not in self.eos_token_ids]
-        plan = gen.plans[row]
+        scheduler = Scheduler(runner.slots, window_feed(pull, emit))
+        try:
+            runner.run(
+                scheduler,
+                policy,
+                reduction,
+                lambda admitted: self._encode_requests(admitted, text),
+                lambda r: emit(r.key, self._output(r)),
+            )
+        finally:
+            self.counters += scheduler.counters
+
+    def _runner(self, text: str, reduction: ReductionConfig, policy: DecodePolicy) -> EngineRunner:
+        """The runner, its rows sized for a 30 s window's prompt under ``reduction``: the one already
+        allocated when its rows are long enough (and, off CUDA, as many as ``batch_size`` asks)."""
+        longest = self.audio_token_counts([np.zeros(int(WINDOW_S * SAMPLE_RATE), dtype=np.float32)])
+        ids, spans = self.prompt(text, longest)
+        need = capacity(plan_layers(len(ids), spans, reduction, self.stack.num_layers), policy)
+        runner, cuda = self.runner, self.stack.device.type == "cuda"
+        if (
+            runner is not None
+            and runner.holds(need)
+            and (cuda or runner.slots == self._rows(len(ids), spans, reduction))
+        ):
+            return runner
+        self.runner = None  # its memory counts as free for the new one's sizing
+        rows = self._rows(len(ids), spans, reduction)
+        if rows < 1:
+            raise ModelError(
+                f"{self.description.name}: not even one 30 s window's caches fit the free memory"
+            )
+        self.runner = EngineRunner(self.stack, rows, need)
+        return self.runner
+
+    def _rows(self, length: int, spans: list[tuple[int, int]], reduction: ReductionConfig) -> int:
+        return fit_batch(self.stack, length, spans, reduction, self.max_new_tokens, self.batch_size)
+
+    def _encode_requests(self, requests: list[Request], text: str) -> None:
+        """The admitted windows through the audio encoder in one pass; each gets its prompt's embeddings."""
+        start = time.perf_counter()
+        features, mask = self.features([r.work for r in requests])
+        encoded = self.encode(features, mask)
+        sync(self.stack.device)
+        share = (time.perf_counter() - start) / len(requests)
+        for r, audio in zip(requests, encoded, strict=True):
+            ids, spans = self.prompt(text, [audio.shape[0]])
+            embeds = embed(self.stack, torch.tensor([ids]), spans, [[audio]])[0]
+            r.state |= {
+                "embeds": embeds,
+                "spans": tuple(spans),
+                "group": (len(ids), tuple(spans)),
+                "encode_s": share,
+            }
+
+    def _output(self, request: Request) -> WindowOutput:
+        state, plan = request.state, request.state["plan"]
         per_token = self.stack.kv_bytes_per_token()
         stats = WindowStats(
-            audio_seconds=samples / SAMPLE_RATE,
+            audio_seconds=len(request.work) / SAMPLE_RATE,
             audio_tokens_in=plan.audio_lengths[0],
             audio_tokens_kept=sum(plan.audio_lengths) / len(plan.audio_lengths),
             kv_bytes_full=plan.prompt_length * len(plan.cache_lengths) * per_token,
             kv_bytes_kept=sum(plan.cache_lengths) * per_token,
-            generated_tokens=n,
-            loop_cuts=int(row in gen.loop_cuts),
-            **times,
+            encode_s=state["encode_s"],
+            prefill_s=state["prefill_s"],
+            decode_s=state["decode_s"],
+            generated_tokens=len(request.generated),
+            loop_cuts=int(request.finish == "loop"),
         )
+        ids = [t for t in request.generated if t not in self.eos_token_ids]
         return WindowOutput(text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(), stats=stats)

@@ -43,7 +43,8 @@ from pipeline.models.base import (
     Pull,
     WindowOutput,
     check_request,
-    once,
+    run_streamed,
+    window_feed,
 )
 from pipeline.models.ctranslate2 import Part, ShippedFile, load_converted_whisper
 from pipeline.models.whisper_encoder import (
@@ -215,7 +216,7 @@ def decode_policy(
     prompt.append(gen.no_timestamps_token_id)
     return DecodePolicy(
         prompt=tuple(prompt),
-        eos=gen.eos_token_id,
+        eos=(gen.eos_token_id,),
         suppress=tuple(gen.suppress_tokens or ()),
         begin_suppress=tuple(gen.begin_suppress_tokens or ()),
         max_length=gen.max_length,
@@ -313,17 +314,7 @@ class WhisperSpeechModel:
         Every output carries the spoken language (the request's, or detected for its window); lid's
         text is that language's code.
         """
-        for i, wave in enumerate(waveforms):
-            _check_wave(i, wave)
-        # Longest first: the batch's cross-attention is as wide as its longest row, and the queue
-        # drains on the shortest windows.
-        order = sorted(range(len(waveforms)), key=lambda i: -len(waveforms[i]))
-        outputs: dict[int, WindowOutput | Exception] = {}
-        self.stream(once([(i, waveforms[i]) for i in order]), request, reduction, outputs.__setitem__)
-        for out in outputs.values():
-            if isinstance(out, Exception):
-                raise out
-        return [outputs[i] for i in range(len(waveforms))]
+        return run_streamed(self, waveforms, request, reduction)
 
     def stream(self, pull: Pull, request: TaskRequest, reduction: ReductionConfig, emit: Emit) -> None:
         """Windows decoded as they arrive: ``pull(block)`` gives (key, waveform) pairs (blocking only when
@@ -332,26 +323,13 @@ class WhisperSpeechModel:
         policy, language = self.decode_plan(request)
         ratios = encoder_ratios(reduction, self.model.config.encoder_layers)
         timed = bool(self.alignment_heads) and request.timestamps != "none" and policy.budget > 0
-        scheduler = Scheduler(self.batch_size)
-
-        def feed(scheduler: Scheduler, block: bool) -> bool:
-            items = pull(block)
-            if items is None:
-                return False
-            for key, wave in items:
-                try:
-                    _check_wave(key, wave)
-                except ValueError as err:
-                    emit(key, err)
-                    continue
-                scheduler.add([Request(key=key, work=wave)])
-            return True
 
         def done(r: Request) -> None:
             if timed:
                 self._words(r, policy)
             emit(r.key, self._output(r, policy, language))
 
+        scheduler = Scheduler(self.batch_size, window_feed(pull, emit))
         try:
             self.runner.run(
                 scheduler,
@@ -359,7 +337,6 @@ class WhisperSpeechModel:
                 lambda admitted: self._encode_requests(admitted, reduction, ratios, timed),
                 done,
                 logprobs=timed,
-                feed=feed,
             )
         finally:
             self.counters += scheduler.counters
@@ -437,7 +414,7 @@ class WhisperSpeechModel:
             self.runner.row_cross(request),
             timing,
             request.prompt,
-            policy.eos,
+            policy.eos[0],
             request.state["origins"],
             request.state["speech"],
             self.alignment_heads,
@@ -475,13 +452,9 @@ class WhisperSpeechModel:
         if policy.budget == 0:  # lid: the language is the output
             text = code
         else:
-            text = self.tokenizer.decode([t for t in request.generated if t < policy.eos]).strip()
+            # Whisper's text tokens are the ids below its one end-of-text id
+            text = self.tokenizer.decode([t for t in request.generated if t < policy.eos[0]]).strip()
         return WindowOutput(text=text, language=code, stats=stats, words=state.get("words"))
-
-
-def _check_wave(key: object, wave: np.ndarray) -> None:
-    if wave.ndim != 1 or len(wave) > WINDOW_S * SAMPLE_RATE:
-        raise ValueError(f"waveform {key} has shape {wave.shape}: expected mono, at most {WINDOW_S} s")
 
 
 def _default_dtype(device: str, dtype: torch.dtype | None) -> torch.dtype:

@@ -304,28 +304,19 @@ class WhisperRunner:
         encode: Callable[[list[Request]], None] | None = None,
         done: Callable[[Request], None] | None = None,
         logprobs: bool = False,
-        feed: Callable[[Scheduler, bool], bool] | None = None,
     ) -> None:
-        """Decode every request of ``scheduler`` until its queue drains and ``feed`` is exhausted.
+        """Decode every request of ``scheduler`` until its queue drains and its feed is exhausted.
 
-        encode(admitted): sets each admitted request's ``state["encoded"]``. feed(scheduler, block): adds
-        arriving requests to the scheduler while slots are free, blocking only when nothing waits or runs,
-        False once no more will come (None: the requests already queued are all). logprobs: keep each generated
-        token's log-probability (``Request.logprobs``; word timing gives words their probability).
+        encode(admitted): sets each admitted request's ``state["encoded"]``. done(request): a request
+        finished (its slot still holds its cross K/V). logprobs: keep each generated token's
+        log-probability (``Request.logprobs``; word timing gives words their probability).
         """
         if scheduler.slots > self.slots:
             raise ValueError(f"the scheduler has {scheduler.slots} slots, the runner {self.slots}")
         device = self.keys[0].device
         suppress, begin_suppress = policy.masks(device)
         detect = torch.tensor(policy.detect, dtype=torch.long, device=device)
-        streaming = feed is not None
-        while True:
-            if streaming and len(scheduler.waiting) + len(scheduler.running) < scheduler.slots:
-                streaming = feed(scheduler, not scheduler)
-            if not scheduler:
-                if streaming:
-                    continue
-                return
+        while scheduler.pending():
             admitted = self._admit(scheduler, policy, encode)
             if not scheduler.running:
                 continue
@@ -377,13 +368,7 @@ class WhisperRunner:
                     continue
                 if prompting[b]:
                     continue
-                r.generated.append(picked[b])
-                if kept is not None:
-                    r.logprobs.append(kept[b])
-                stop = policy.stop(r.generated)
-                if stop is not None:
-                    r.finish, n = stop
-                    del r.generated[n:], r.logprobs[n:]
+                if policy.take(r, picked[b], None if kept is None else kept[b]):
                     finished.append(r)
             for r in finished:
                 self._retire(scheduler, r, done)
