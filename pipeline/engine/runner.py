@@ -163,13 +163,14 @@ class EngineRunner:
         suppress, begin_suppress = policy.masks(device)
         while scheduler.pending():
             admitted = scheduler.admit()
-            if admitted:
+            while admitted:  # rows that stop at their first token free their slots before the step
                 todo = [r for r in admitted if "embeds" not in r.state]
                 if todo and encode is not None:
                     encode(todo)
                 stopped = self._prefill(admitted, policy, reduction, suppress, begin_suppress, first_logits)
                 for r in stopped:
                     self._retire(scheduler, r, done)
+                admitted = scheduler.admit() if stopped else []
             running = scheduler.running
             if not running:
                 continue
