@@ -245,12 +245,14 @@ def _encode_pass(
         x, q, keys = _attention(layer, x, None if mask is None else mask[:, None, None].to(x))
         counts = [removed_counts(s, [ratio], cfg.method)[0] if ratio and s > 1 else 0 for s in speech]
         if timing and any(counts) and i == len(encoder.layers) - 1:
-            unmerged = (_mlp(layer, x), lengths, sizes, list(speech), origins.clone())
+            unmerged = (x, lengths, sizes, list(speech), origins.clone())
+        row_groups = []
         if any(counts):
             rows, size_rows = [], []
             for b, (n, k) in enumerate(zip(lengths.tolist(), counts, strict=True)):
                 row = x[b, :n]
                 size_row = None if sizes is None else sizes[b, :n]
+                groups = torch.arange(n, device=x.device)
                 if k:
                     row, groups = _reduce_row(row, q[b, :, :n], keys[b, :n], speech[b], k, cfg, generators[b])
                     origins[b] = groups.cpu()[origins[b]]
@@ -258,6 +260,7 @@ def _encode_pass(
                         size_row = size_row[k:]
                 rows.append(row)
                 size_rows.append(size_row)
+                row_groups.append(groups)
             x, lengths = _pad_rows(rows)
             if sizes is not None:
                 sizes = torch.nn.utils.rnn.pad_sequence(size_rows, batch_first=True)
@@ -265,7 +268,24 @@ def _encode_pass(
         x = _mlp(layer, x)
     out = _output(encoder, x, lengths, sizes, speech, layer_speech, origins, positions)
     if unmerged is not None:
-        out.timing = _output(encoder, *unmerged[:4], layer_speech, unmerged[4], positions)
+        states = _unmerged_mlp(layer, unmerged[0], x, row_groups)
+        out.timing = _output(encoder, states, *unmerged[1:4], layer_speech, unmerged[4], positions)
+    return out
+
+
+def _unmerged_mlp(
+    layer: WhisperEncoderLayer, before: Tensor, after: Tensor, row_groups: list[Tensor]
+) -> Tensor:
+    """The last layer's output without its merge: ``before`` (B, L, D), its states entering the MLP
+    unmerged; ``after`` (B, L', D), the merged output; row_groups[b] (L_b,): each position's merged
+    position. The MLP is per token, so a position its merge left alone reads its output from ``after``;
+    only the merged groups' members run the MLP once more."""
+    out = before.clone()
+    for b, groups in enumerate(row_groups):
+        alone = torch.bincount(groups)[groups] == 1
+        n = len(groups)
+        out[b, :n][alone] = after[b, groups[alone]]
+        out[b, :n][~alone] = _mlp(layer, before[b, :n][~alone])
     return out
 
 

@@ -164,7 +164,9 @@ def alignment_weights(
         out = F.scaled_dot_product_attention(q * attn.scaling, k, v, is_causal=True, scale=1.0)
         hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(hidden.shape))
         q = _cross_queries(layer, hidden)
-        weights = _attention_weights(q, cross.keys[i], cross.bias)
+        # the last layer's weights over what the decoder read are not needed when timing keys are given
+        read = i < last or timing is None
+        weights = _attention_weights(q, cross.keys[i], cross.bias) if read else None
         for li, h in heads:
             if li == i:
                 own = (
