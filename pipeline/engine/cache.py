@@ -69,11 +69,13 @@ class LayerCaches:
         for row in rows:
             self.filled[layer][row] = n
 
-    def move(self, src: int, dst: int) -> None:
-        """Slot ``src``'s row into slot ``dst`` (a retired row's slot goes to the last running row)."""
+    def move(self, src: int, dst: int, decoded: int) -> None:
+        """Slot ``src``'s row, its prefill and the ``decoded`` positions after it in every layer, into
+        slot ``dst`` (a retired row's slot goes to the last running row)."""
         for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
-            k[dst].copy_(k[src])
-            v[dst].copy_(v[src])
+            n = self.filled[i][src] + decoded
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
             self.filled[i][dst] = self.filled[i][src]
         self.lengths[:, dst] = self.lengths[:, src]
 

@@ -242,4 +242,5 @@ class EngineRunner:
             done(request)
         moved = scheduler.retire(request)
         if moved is not None:
-            self.caches.move(*moved)
+            row = scheduler.running[moved[1]]  # the last running row, now in the freed slot
+            self.caches.move(*moved, row.fed - row.state["plan"].prompt_length)
