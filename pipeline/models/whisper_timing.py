@@ -1,13 +1,14 @@
 """Word times for Whisper windows: a pass of its own over the tokens greedy decoding decided.
 
 One teacher-forced decoder pass per window (``whisper_runner.alignment_weights``) over its prompt and
-text tokens as the window finishes decoding, reading the cross K/V its slot holds, gives the alignment heads'
-attention over the encoder output. When the encoder's last layer merged speech tokens, the heads'
-weights are over the keys of that output without the last merge (``EncoderOutput.timing``: the MLP run
-on every token once more; only the heads' keys projected, ``whisper_runner.head_keys``), queried from
-the pass over what the decoder read, so the tokens the decoder read merged are timed apart. A position merged in an earlier layer stands for
-several 20 ms frames (``EncoderOutput.origins``): its weight is repeated over each of them, so the time
-warping (``pipeline.timing``) runs over the window's speech frames as if nothing had been merged. Word
+text tokens as the window finishes decoding, reading the cross K/V its slot holds, gives the alignment
+heads' attention over the encoder output. When the encoder's last layer merged speech tokens, the heads'
+weights are over the keys of that output without the last merge (``EncoderOutput.timing``: each merged
+token its own residual stream with its group's MLP update; only the heads' keys projected,
+``whisper_runner.head_keys``), queried from the pass over what the decoder read, so the tokens the
+decoder read merged are timed apart. A position merged in an earlier layer stands for several 20 ms
+frames (``EncoderOutput.origins``): its weight is repeated over each of them, so the time warping
+(``pipeline.timing``) runs over the window's speech frames as if nothing had been merged. Word
 probabilities are the greedy pass's token probabilities.
 """
 
