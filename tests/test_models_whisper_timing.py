@@ -129,3 +129,16 @@ def test_a_last_layer_merge_is_timed_on_the_output_without_it(whisper, outputs, 
     # global: a later word that differs moves an earlier boundary by a frame or two)
     for ours, theirs in zip(timed[0].words[:common], alone[:common], strict=True):
         assert abs(ours.start_s - theirs.start_s) <= 0.1 and abs(ours.end_s - theirs.end_s) <= 0.1
+
+
+def test_token_logprobs_are_log_softmax_of_the_chosen_tokens():
+    import torch
+
+    from pipeline.models.whisper_runner import token_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 51864) * 4
+    chosen = torch.tensor([0, 7, 51863, 12, 400])
+    expected = logits.log_softmax(-1)[torch.arange(5), chosen]
+    for layout in (logits, logits.T.contiguous().T):  # as sgemm's (vocab, rows) product, transposed
+        torch.testing.assert_close(token_logprobs(layout, chosen), expected, atol=1e-5, rtol=1e-5)
