@@ -130,7 +130,11 @@ def run_ours(label: str, folder: Path, threads: int) -> tuple[float, dict[str, d
     return wall, out
 
 
-def summarise(label: str, walls: list[float], outputs: dict, clips: dict, refs: dict) -> dict:
+def summarise(
+    label: str, walls: list[float], models: list[float], outputs: dict, clips: dict, refs: dict
+) -> dict:
+    """outputs: the last repeat's (the text does not change between repeats); walls and models: every
+    repeat's wall and model seconds."""
     files = sorted(clips)
     errors = [e for f in files for e in boundary_errors(clips[f], [tuple(w) for w in outputs[f]["words"]])]
     row = {
@@ -140,25 +144,35 @@ def summarise(label: str, walls: list[float], outputs: dict, clips: dict, refs: 
         "wer": 100 * metrics.wer([refs[f] for f in files], [outputs[f]["text"] for f in files]),
         "texts": {f: outputs[f]["text"] for f in files},
     }
-    if "model_s" in outputs[files[0]]:
-        row["model_s"] = sum(outputs[f]["model_s"] for f in files)
+    if models:
+        row |= {"model_s": statistics.median(models), "models": models}
     if errors:
         q = statistics.quantiles(errors, n=10)
         row |= {"boundaries": len(errors), "median_s": statistics.median(errors), "p90_s": q[-1]}
     return row
 
 
+def _paired(rows: list[dict], row: dict, key: str) -> str:
+    """The median over repeats of row's seconds over those of timestamps none under the same preset
+    in the same repeat (interleaved repeats: a pair shares the machine's state)."""
+    preset = row["system"].partition(", default preset")[1]
+    base = next((r for r in rows if r["system"] == f"ours, timestamps none{preset}"), None)
+    if base is None or base is row or key not in row:
+        return "-"
+    return f"{statistics.median(a / b for a, b in zip(row[key], base[key], strict=True)):.3f}x"
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
-    base = next(r for r in rows if r["system"] == "ours, timestamps none")
     lines = [
         f"# Word times: archive job vs faster-whisper on {meta['input']}",
         "",
         f"{meta['recordings']} recordings cut to their first {meta['minutes']} min ({meta['audio_s'] / 60:.1f} "
         f"min of audio, {meta['utterances']} utterances), {meta['threads']} threads, {meta['repeats']} "
-        f"interleaved repeats (median wall shown); {meta['machine']}.",
+        f"interleaved repeats (medians shown); {meta['machine']}. Cost: the median of each repeat's ratio to "
+        "timestamps none under the same preset.",
         "",
-        "| system | boundaries | median error s | p90 error s | WER % | wall s | model s | wall vs none |",
-        "|---|---|---|---|---|---|---|---|",
+        "| system | boundaries | median error s | p90 error s | WER % | wall s | model s | wall cost | model cost |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         med = f"{r['median_s']:.3f}" if "median_s" in r else "-"
@@ -166,7 +180,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         model = f"{r['model_s']:.1f}" if "model_s" in r else "-"
         lines.append(
             f"| {r['system']} | {r.get('boundaries', '-')} | {med} | {p90} | {r['wer']:.2f} | "
-            f"{r['wall_s']:.1f} | {model} | {r['wall_s'] / base['wall_s']:.2f}x |"
+            f"{r['wall_s']:.1f} | {model} | {_paired(rows, r, 'walls')} | {_paired(rows, r, 'models')} |"
         )
     same = meta["same_text"]
     lines += ["", f"Text with timestamps identical to the text without: {same}.", ""]
@@ -194,6 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             path, utterances = clip(args.input / reference["audio"], reference, args.minutes, folder)
             clips[str(path)], refs[str(path)] = utterances, " ".join(u["text"] for u in utterances)
         walls: dict[str, list[float]] = {s: [] for s in args.systems}
+        models: dict[str, list[float]] = {s: [] for s in args.systems}
         outputs: dict[str, dict] = {}
         for _ in range(args.repeats):
             for system in args.systems:
@@ -202,9 +217,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 else:
                     wall, out = run_ours(system, folder, args.threads)
                 walls[system].append(wall)
+                if system != PEER:
+                    models[system].append(sum(o["model_s"] for o in out.values()))
                 outputs[system] = out
                 print(f"{system}: {wall:.1f} s", flush=True)
-        rows = [summarise(s, walls[s], outputs[s], clips, refs) for s in args.systems]
+        rows = [summarise(s, walls[s], models[s], outputs[s], clips, refs) for s in args.systems]
     texts = {r["system"]: r["texts"] for r in rows}
     meta = {
         "input": str(args.input),
