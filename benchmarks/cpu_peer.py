@@ -55,6 +55,9 @@ TRANSFORMERS = "transformers ASR pipeline, batch 16"
 OURS = {
     "archive job, no reduction": ["--reduction", "none"],
     "archive job, default preset": ["--reduction", "default"],
+    # the peers give text alone: the same output (our default adds word times)
+    "archive job, default preset, no timestamps": ["--reduction", "default", "--timestamps", "none"],
+    "archive job, padding merged, no timestamps": ["--reduction", "padding", "--timestamps", "none"],
     "archive job, int8, no reduction": ["--reduction", "none", "--int8"],
     "archive job on Ray, no reduction": ["--reduction", "none", "--executor", "ray"],
     "archive job, whisper-base, no reduction": ["--model", "whisper-base", "--reduction", "none"],
