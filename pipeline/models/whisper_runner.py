@@ -275,10 +275,14 @@ class WhisperRunner:
             bias[:n] = 0.0 if enc.key_bias is None else enc.key_bias.to(bias)
             bias[n:] = -float("inf")
 
-    def _move(self, src: int, dst: int) -> None:
-        for tensors in (self.keys, self.values, self.cross.keys, self.cross.values):
-            for t in tensors:
-                t[dst] = t[src]
+    def _move(self, src: int, dst: int, request: Request) -> None:
+        """``request``'s row from slot src into slot dst: only what it wrote (its fed positions, its
+        encoder positions) and its whole key bias row (the -inf past its length)."""
+        fed, n = request.fed, request.state["encoded"].states.shape[0]
+        for t in (*self.keys, *self.values):
+            t[dst, :, :fed] = t[src, :, :fed]
+        for t in (*self.cross.keys, *self.cross.values):
+            t[dst, ..., :n] = t[src, ..., :n]
         self.cross.bias[dst] = self.cross.bias[src]
 
     def _step(self, tokens: Tensor, positions: Tensor, length: int) -> Tensor:
@@ -401,4 +405,5 @@ class WhisperRunner:
             done(request)  # while its slot still holds its cross K/V
         moved = scheduler.retire(request)
         if moved is not None:
-            self._move(*moved)
+            src, dst = moved
+            self._move(src, dst, scheduler.running[dst])
