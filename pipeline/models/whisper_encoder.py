@@ -279,8 +279,8 @@ def _unmerged_output(before: Tensor, merged_in: Tensor, after: Tensor, row_group
     states entering the MLP unmerged; ``merged_in`` (B, L', D) and ``after`` (B, L', D), the merged
     states entering and leaving it; row_groups[b] (L_b,): each position's merged position. Each position
     keeps its own residual stream and takes its group's MLP update, exactly the output where its merge
-    left it alone. Running the MLP once more on the merged members instead times boundaries 5 ms closer,
-    at a cost that breaks the 10% budget of word times (benchmarks/word-times-cost-shared-mlp)."""
+    left it alone. Running the MLP once more on the merged members instead times boundaries 5 ms
+    closer, at a cost of its own (benchmarks/word-times-cost-shared-mlp)."""
     out = before.clone()
     update = after - merged_in
     for b, groups in enumerate(row_groups):

@@ -275,10 +275,10 @@ class WhisperRunner:
             bias[:n] = 0.0 if enc.key_bias is None else enc.key_bias.to(bias)
             bias[n:] = -float("inf")
 
-    def _move(self, src: int, dst: int, request: Request) -> None:
-        """``request``'s row from slot src into slot dst: only what it wrote (its fed positions, its
+    def _move(self, src: int, request: Request) -> None:
+        """``request``'s row from slot src into its new slot: only what it wrote (its fed positions, its
         encoder positions) and its whole key bias row (the -inf past its length)."""
-        fed, n = request.fed, request.state["encoded"].states.shape[0]
+        dst, fed, n = request.slot, request.fed, request.state["encoded"].states.shape[0]
         for t in (*self.keys, *self.values):
             t[dst, :, :fed] = t[src, :, :fed]
         for t in (*self.cross.keys, *self.cross.values):
@@ -406,4 +406,4 @@ class WhisperRunner:
         moved = scheduler.retire(request)
         if moved is not None:
             src, dst = moved
-            self._move(src, dst, scheduler.running[dst])
+            self._move(src, scheduler.running[dst])
