@@ -18,7 +18,7 @@ from pipeline.merging.config import NO_REDUCTION, ReductionConfig
 from pipeline.models.base import ModelDescription
 from pipeline.tasks import TASKS, is_dense
 
-PRESETS_VERSION = "2026.12.7"
+PRESETS_VERSION = "2026.12.7.1"
 DEFAULT = "default"
 NONE = "none"
 
@@ -26,7 +26,7 @@ NONE = "none"
 # Each padding policy's parameters (ReductionConfig.padding; pipeline/models/whisper_encoder.py).
 PADDING: dict[str, dict] = {
     "keep": {},
-    "merge": {"padding": "merge", "padding_margin": 50, "padding_group": 25},
+    "merge": {"padding": "merge", "padding_margin": 50, "padding_group": 25, "padding_min": 500},
 }
 # tiny.en's own, measured (_PADDING_TINY): a tighter margin and coarser groups hold its accuracy too
 _MERGED_TINY = PADDING["merge"] | {"padding_margin": 10, "padding_group": 100}

@@ -5,6 +5,7 @@ their positions in attention (encoder and decoder). Real tiny.en weights."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -69,6 +70,28 @@ def test_merging_groups_of_one_position_is_keeping_the_padding(whisper, clips):
     torch.testing.assert_close(merged.states, kept.states, atol=1e-5, rtol=1e-5)
 
 
+def test_a_window_with_less_padding_than_the_minimum_keeps_it_all(whisper, clips):
+    """padding_min: a nearly full window keeps its padding (as trained) while the windows batched with it
+    merge theirs, each as it would be encoded alone."""
+    waves = [vowels(25.0, 1), clips[0]]  # 10 positions kept after the speech, then 240 or 1,340 of padding
+    speech = [math.ceil(len(w) / 320) for w in waves]
+    feats = _features(whisper, waves)
+    at_least = replace(MERGE, padding_min=250)
+    encoder = whisper.model.model.encoder
+    out = encode(encoder, feats, speech, at_least, [0.0] * 4)
+    kept = encode(encoder, feats[:1], speech[:1], NO_REDUCTION, [0.0] * 4)
+    merged = encode(encoder, feats[1:], speech[1:], MERGE, [0.0] * 4)
+    assert out.lengths.tolist() == [1500, int(merged.lengths[0])]
+    assert torch.equal(out.key_bias[0], torch.zeros(1500))
+    torch.testing.assert_close(out.states[:1], kept.states, atol=1e-5, rtol=1e-5)
+    n = int(merged.lengths[0])
+    torch.testing.assert_close(out.states[1:, :n], merged.states, atol=1e-5, rtol=1e-5)
+    # 240 positions past the margin: a minimum of 241 keeps them, one of 240 merges them (3 groups)
+    for minimum, length in ((241, 1500), (240, speech[0] + 10 + 3)):
+        edge = encode(encoder, feats[:1], speech[:1], replace(MERGE, padding_min=minimum), [0.0] * 4)
+        assert int(edge.lengths[0]) == length
+
+
 def test_a_token_with_log_n_added_attends_as_n_copies_of_it(whisper):
     """Proportional attention: a key standing for n equal keys receives their mass, so every query's
     output is what it was over the copies."""
@@ -117,4 +140,9 @@ def test_padding_settings_are_checked_and_recorded_only_when_set():
         ReductionConfig(padding="pad")
     with pytest.raises(ReductionConfigError, match="padding_group=0"):
         ReductionConfig(padding="merge", padding_group=0)
+    with pytest.raises(ReductionConfigError, match="padding_min=-1"):
+        ReductionConfig(padding="merge", padding_min=-1)
+    assert "padding_min" not in MERGE.to_dict()  # runs recorded before the minimum existed resume
+    at_least = replace(MERGE, padding_min=500)
+    assert at_least.to_dict()["padding_min"] == 500 and ReductionConfig(**at_least.to_dict()) == at_least
     assert encoder_ratios(MERGE, 4) == [0.0] * 4  # padding alone reduces no speech token

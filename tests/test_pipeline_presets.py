@@ -99,5 +99,6 @@ def test_whisper_presets_merge_the_padding_and_none_keeps_it() -> None:
         assert (default.padding, default.method) == ("merge", "fastadasp")
         padding = resolve_reduction(TINY_EN, task, "padding")
         assert padding.padding == "merge" and not padding.enabled
+        assert default.padding_min == padding.padding_min == 500  # nearly full windows keep their padding
     assert resolve_reduction(TINY_EN, "asr", "none").padding == "keep"
     assert resolve_reduction(QWEN_7B, "asr").padding == "keep"  # a decoder-only family has no padding policy

@@ -63,8 +63,9 @@ class ReductionConfig:
         padding, a reduction of its own beside the speech tokens' (``ModelDescription.padding`` lists
         what a model can do): ``keep`` it all (as trained); ``merge`` keeps ``padding_margin`` positions
         after the speech and averages the rest ``padding_group`` positions at a time into tokens that
-        stand for their positions in attention (log of the count added to their logits). See
-        pipeline/models/whisper_encoder.py.
+        stand for their positions in attention (log of the count added to their logits), when at least
+        ``padding_min`` positions lie past the margin: a window with less (a nearly full one, where merging
+        saves little) keeps all its padding. See pipeline/models/whisper_encoder.py.
     """
 
     method: str = "none"
@@ -79,6 +80,7 @@ class ReductionConfig:
     padding: str = "keep"
     padding_margin: int = 0
     padding_group: int = 1
+    padding_min: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -86,7 +88,7 @@ class ReductionConfig:
         _check_choice("position", self.position, POSITIONS)
         _check_choice("mass", self.mass, MASS_ESTIMATORS)
         _check_choice("padding", self.padding, PADDING_POLICIES)
-        for field in ("first_layer", "seed", "padding_margin", "padding_group"):
+        for field in ("first_layer", "seed", "padding_margin", "padding_group", "padding_min"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ReductionConfigError(f"{field}={value!r} must be an integer")
@@ -101,9 +103,10 @@ class ReductionConfig:
                 raise ReductionConfigError(
                     f"max_chain={self.max_chain} applies to {', '.join(CHAIN_METHODS)}, not method={self.method!r}"
                 )
-        if self.padding_margin < 0 or self.padding_group < 1:
+        if self.padding_margin < 0 or self.padding_group < 1 or self.padding_min < 0:
             raise ReductionConfigError(
-                f"padding_margin={self.padding_margin} must be >= 0 and padding_group={self.padding_group} >= 1"
+                f"padding_margin={self.padding_margin} and padding_min={self.padding_min} must be >= 0, "
+                f"padding_group={self.padding_group} >= 1"
             )
         if self.method == "none":
             return
@@ -132,10 +135,17 @@ class ReductionConfig:
             )
 
     def to_dict(self) -> dict:
-        """Every field; the padding fields only when a policy is set, so that a run recorded before
-        padding policies existed keeps its fingerprint (it kept the padding)."""
+        """Every field; the padding fields only when a policy is set, and ``padding_min`` only when set, so
+        that a run recorded before they existed keeps its fingerprint (it kept the padding, or merged it
+        whatever its length)."""
         fields = asdict(self)
-        if self.padding == "keep" and (self.padding_margin, self.padding_group) == (0, 1):
+        if not self.padding_min:
+            del fields["padding_min"]
+        if self.padding == "keep" and (self.padding_margin, self.padding_group, self.padding_min) == (
+            0,
+            1,
+            0,
+        ):
             for name in ("padding", "padding_margin", "padding_group"):
                 del fields[name]
         return fields

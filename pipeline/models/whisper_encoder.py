@@ -225,6 +225,8 @@ def _encode_pass(
         rows, size_rows = [], []
         for b, s in enumerate(speech):
             keep = min(full, s + cfg.padding_margin)
+            if full - keep < cfg.padding_min:
+                keep = full
             groups = torch.arange(full - keep) // cfg.padding_group
             counts = torch.bincount(groups, minlength=-(-(full - keep) // cfg.padding_group)).to(x.dtype)
             means = x.new_zeros(len(counts), x.shape[-1]).index_add_(0, groups.to(x.device), x[b, keep:])
