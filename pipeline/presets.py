@@ -23,7 +23,8 @@ DEFAULT = "default"
 NONE = "none"
 
 
-# Each padding policy's parameters (ReductionConfig.padding; pipeline/models/whisper_encoder.py).
+# Each padding policy's parameters (ReductionConfig.padding; pipeline/models/whisper_encoder.py). A window
+# with under 10 s of padding past the margin keeps it (_PADDING_MIN).
 PADDING: dict[str, dict] = {
     "keep": {},
     "merge": {"padding": "merge", "padding_margin": 50, "padding_group": 25, "padding_min": 500},
@@ -57,10 +58,14 @@ _WHISPER_EVAL = (
     "reduction; at 30% single 5.21, constant with chains <= 2 5.52 (uncapped 5.86, A-ToMe 5.60)"
 )
 _WHISPER_OTHER = "measured on whisper-tiny.en only (" + _WHISPER_EVAL + ")"
+_PADDING_MIN = (
+    "windows with under 10 s of padding past the margin keep it (benchmarks/cpu-peer-longform-dev-padding: "
+    "tiny.en's default on the long-form dev recordings WER 6.19 as keeping it, 6.43 merging every window's)"
+)
 _PADDING_TINY = (
     "padding merged (benchmarks/whisper-tiny-en-librispeech-dev-padding, 200 LibriSpeech dev utterances): "
     "WER 4.90 against 4.95 keeping it; with the single 30% merge at layer 3 5.00 against 5.65; trimmed "
-    "past 50 positions 5.26, dropped after the encoder 11.08"
+    "past 50 positions 5.26, dropped after the encoder 11.08; " + _PADDING_MIN
 )
 _PADDING_BASE = (
     "padding merged, 50 positions kept, groups of 25, on whisper-base: "
@@ -68,11 +73,13 @@ _PADDING_BASE = (
     "against 4.89 keeping it (decay merge from layer 0 on top: 7.53 against 5.13); "
     "benchmarks/whisper-base-multilingual-dev-padding/st-margin50-group25 (22 clips) BLEU / chrF 15.56 / 41.87 "
     "against 15.42 / 42.26 (constant merge on top: 14.30 / 41.48 against 14.73 / 42.48); 10 kept, groups of "
-    "100 lost more (WER 6.41, BLEU 13.98: benchmarks/whisper-base-librispeech-dev-padding, .../st)"
+    "100 lost more (WER 6.41, BLEU 13.98: benchmarks/whisper-base-librispeech-dev-padding, .../st); "
+    + _PADDING_MIN
 )
 _PADDING_LID = (
     "padding merged: benchmarks/whisper-base-multilingual-dev-padding/lid-margin50-group25, 48 of 49 clips "
-    "with and without the single 50% merge at layer 3, as keeping the padding (groups of 100: 46 of 49 with it)"
+    "with and without the single 50% merge at layer 3, as keeping the padding (groups of 100: 46 of 49 with it); "
+    + _PADDING_MIN
 )
 _TINY = "random-weight test model: exercises the code path, says nothing about quality"
 _SPARSE_GUESS = "not measured: one aggressive merge at the last reducing layer until a layer selection run"
