@@ -131,6 +131,73 @@ def test_a_last_layer_merge_is_timed_on_the_output_without_it(whisper, outputs, 
         assert abs(ours.start_s - theirs.start_s) <= 0.1 and abs(ours.end_s - theirs.end_s) <= 0.1
 
 
+def test_recorded_queries_give_a_teacher_forced_pass_s_weights(whisper, window):
+    """The alignment heads' weights from the queries the greedy steps recorded equal those of
+    transformers' decoder run over the window's prompt and decided tokens (eager attention), at every
+    position it fed: beside other rows, after its row moved slots, and when the length budget stopped
+    it; such a window's text ends at its last speech frame."""
+    import torch
+
+    from pipeline.decoding.scheduler import Request, Scheduler
+    from pipeline.models.whisper_encoder import encode
+    from pipeline.models.whisper_runner import Encoded, WhisperRunner
+    from pipeline.models.whisper_timing import window_words
+
+    wave, _ = window
+    waves = [wave[: 3 * SR], wave, wave[: 6 * SR]]  # the short one finishes first: the long row moves
+    features = whisper.features(waves, sampling_rate=SR, return_tensors="pt").input_features
+    speech = [int(np.ceil(len(w) / 320)) for w in waves]
+    enc = encode(whisper.model.model.encoder, features, speech, NO_REDUCTION, [0.0] * 4)
+    policy, _ = whisper.decode_plan(TaskRequest(timestamps="words"))
+    heads = whisper.alignment_heads
+    for budget, slots in ((None, 2), (6, 3)):
+        runner = WhisperRunner(whisper.model, slots, heads)
+        got = {}
+
+        def done(r: Request, runner: WhisperRunner = runner, got: dict = got) -> None:
+            got[r.key] = (r, runner.head_weights(r), r.slot)
+
+        requests = [
+            Request(key=b, work=None, state={"encoded": Encoded(enc.states[b], None)}) for b in range(3)
+        ]
+        scheduler = Scheduler(slots)
+        scheduler.add(requests)
+        runner.run(scheduler, replace(policy, max_new_tokens=budget), done=done, timing=True)
+        if budget is None:
+            assert got[1][2] == 0  # the long window finished in the slot the first one left
+        kernel = whisper.model.config._attn_implementation
+        whisper.model.set_attn_implementation("eager")
+        try:
+            for b, (r, weights, _) in got.items():
+                fed = list(r.prompt) + r.generated[: r.fed - len(r.prompt)]
+                assert weights.shape == (len(heads), len(fed), 1500)
+                with torch.inference_mode():
+                    out = whisper.model(
+                        encoder_outputs=(enc.states[b : b + 1],),
+                        decoder_input_ids=torch.tensor([fed]),
+                        output_attentions=True,
+                    )
+                expected = torch.stack([out.cross_attentions[layer][0, h] for layer, h in heads])
+                torch.testing.assert_close(weights, expected, atol=2e-5, rtol=1e-4)
+        finally:
+            whisper.model.set_attn_implementation(kernel)
+        if budget is not None:
+            r, weights, _ = got[1]
+            assert r.finish == "length" and r.fed == len(r.prompt) + budget - 1
+            words = window_words(
+                whisper.tokenizer,
+                r.generated,
+                r.logprobs,
+                weights,
+                list(r.prompt),
+                policy.eos[0],
+                enc.origins[1],
+                speech[1],
+            )
+            assert words and words[-1].end_s == pytest.approx(speech[1] * 0.02)
+            assert all(a.start_s <= a.end_s <= b.start_s for a, b in pairwise(words))
+
+
 def test_token_logprobs_are_log_softmax_of_the_chosen_tokens():
     import torch
 

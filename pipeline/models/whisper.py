@@ -277,7 +277,7 @@ class WhisperSpeechModel:
             raise ValueError(f"batch_size={rows} must be >= 1")
         self._batch_size = rows
         if self.runner is None or self.runner.slots < rows:
-            self.runner = WhisperRunner(self.model, rows)
+            self.runner = WhisperRunner(self.model, rows, self.alignment_heads)
 
     def _fitting_rows(self) -> int:
         if self.model.device.type != "cuda":
@@ -336,7 +336,7 @@ class WhisperSpeechModel:
                 policy,
                 lambda admitted: self._encode_requests(admitted, reduction, ratios, timed),
                 done,
-                logprobs=timed,
+                timing=timed,
             )
         finally:
             self.counters += scheduler.counters
@@ -407,19 +407,16 @@ class WhisperSpeechModel:
             bias = None if timing.key_bias is None else timing.key_bias[None]
             timing = head_keys(self.model, timing.states[None], bias, self.alignment_heads)
         request.state["words"] = window_words(
-            self.model,
             self.tokenizer,
             request.generated,
             request.logprobs,
-            self.runner.row_cross(request),
-            timing,
+            self.runner.head_weights(request, timing),
             request.prompt,
             policy.eos[0],
             request.state["origins"],
             request.state["speech"],
-            self.alignment_heads,
         )
-        # the alignment pass counts as decoding: it reads what the decoder read, once more
+        # word timing counts as decoding: it reads what the decoder read, once more
         request.state["decode_s"] = request.state.get("decode_s", 0.0) + time.perf_counter() - start
 
     def audio_states(self, waveforms: list[np.ndarray], reduction: ReductionConfig) -> list[torch.Tensor]:

@@ -89,11 +89,6 @@ def _attention_weights(q: Tensor, keys: Tensor, bias: Tensor | None) -> Tensor:
     return scores.float().softmax(dim=-1).to(q.dtype)
 
 
-def _cross_weights(layer: WhisperDecoderLayer, x: Tensor, cross: CrossKV, i: int) -> Tensor:
-    """Layer i's cross-attention weights (B, H, T, S) for hidden states x (B, T, D)."""
-    return _attention_weights(_cross_queries(layer, x), cross.keys[i], cross.bias)
-
-
 def head_keys(
     model: WhisperForConditionalGeneration,
     states: Tensor,
@@ -148,48 +143,6 @@ def token_logprobs(logits: Tensor, chosen: Tensor) -> Tensor:
     return -(shifted.new_ones(1, shifted.shape[0]) @ shifted)[0].log_()
 
 
-@torch.inference_mode()
-def alignment_weights(
-    model: WhisperForConditionalGeneration,
-    cross: CrossKV,
-    ids: Tensor,
-    heads: list[tuple[int, int]],
-    timing: tuple[dict[tuple[int, int], Tensor], Tensor | None] | None = None,
-) -> Tensor:
-    """One teacher-forced decoder pass of ids (B, T) (each row its prompt and decided tokens, padded at
-    the end, which causal attention keeps from the rows' real tokens) over the windows' cross K/V.
-
-    Returns the cross-attention weights of ``heads`` ((layer, head) pairs) as (B, len(heads), T, S)
-    float32; layers after the last one holding a head are not run. timing: ``head_keys`` of another
-    encoder output: the heads' weights are over its keys (queries from the pass over ``cross``).
-    """
-    decoder = model.model.decoder
-    hidden = decoder.embed_tokens(ids) + decoder.embed_positions.weight[: ids.shape[1]]
-    last = max(layer for layer, _ in heads)
-    picked: dict[tuple[int, int], Tensor] = {}
-    for i, layer in enumerate(decoder.layers[: last + 1]):
-        attn = layer.self_attn
-        h = layer.self_attn_layer_norm(hidden)
-        q, k, v = (split_heads(p(h), attn.num_heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        out = F.scaled_dot_product_attention(q * attn.scaling, k, v, is_causal=True, scale=1.0)
-        hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(hidden.shape))
-        q = _cross_queries(layer, hidden)
-        # the last layer's weights over what the decoder read are not needed when timing keys are given
-        read = i < last or timing is None
-        weights = _attention_weights(q, cross.keys[i], cross.bias) if read else None
-        for li, h in heads:
-            if li == i:
-                own = (
-                    weights[:, h]
-                    if timing is None
-                    else _attention_weights(q[:, h], timing[0][li, h], timing[1])
-                )
-                picked[li, h] = own.float()
-        if i < last:
-            hidden = _mlp(layer, _cross_attention(layer, hidden, cross, i, weights))
-    return torch.stack([picked[head] for head in heads], dim=1)
-
-
 class WhisperRunner:
     """Greedy decoding of requests in ``slots`` rows of one live batch.
 
@@ -203,9 +156,13 @@ class WhisperRunner:
     generated its tokens): a step's time is shared equally among the rows it computed.
     """
 
-    def __init__(self, model: WhisperForConditionalGeneration, slots: int) -> None:
+    def __init__(
+        self, model: WhisperForConditionalGeneration, slots: int, heads: list[tuple[int, int]] | None = None
+    ) -> None:
         self.model = model
         self.slots = slots
+        self.recorded = list(heads or ())
+        self._by_layer = {i: [h for layer, h in self.recorded if layer == i] for i, _ in self.recorded}
         config = model.config
         self.heads = config.decoder_attention_heads
         self.head_dim = config.d_model // self.heads
@@ -222,6 +179,11 @@ class WhisperRunner:
         self._cross_storage = [like.new_zeros(2, storage) for _ in range(layers)]
         self._bias_storage = like.new_zeros(slots * config.max_source_positions)
         self.cross = CrossKV([], [], None)
+        # per layer holding a recorded head: those heads' cross-attention queries at each fed position
+        self.queries = {
+            i: like.new_zeros(slots, self.max_length, len(chosen), self.head_dim)
+            for i, chosen in self._by_layer.items()
+        }
 
     @staticmethod
     def row_bytes(model: WhisperForConditionalGeneration) -> int:
@@ -259,6 +221,28 @@ class WhisperRunner:
             self.cross.bias[s : s + 1, ..., :n],
         )
 
+    def head_weights(
+        self,
+        request: Request,
+        timing: tuple[dict[tuple[int, int], Tensor], Tensor | None] | None = None,
+    ) -> Tensor:
+        """The recorded heads' cross-attention weights (heads, fed, S) at each position ``request`` fed, in
+        float32, from the queries its steps recorded (``run(..., timing=True)``): over the keys the steps
+        read (its slot's), or over ``timing``, ``head_keys`` of another encoder output (batch of one).
+        Greedy decoding fed every decided token, so these are the weights a teacher-forced pass over its
+        prompt and tokens would give, without running the decoder again."""
+        s, fed = request.slot, request.fed
+        cross = self.row_cross(request)
+        out = []
+        for i, h in self.recorded:
+            q = self.queries[i][s, :fed, self._by_layer[i].index(h)]  # (fed, hd)
+            if timing is None:
+                keys, bias = cross.keys[i][0, h], cross.bias[0, 0]
+            else:
+                keys, bias = timing[0][i, h][0], None if timing[1] is None else timing[1][0]
+            out.append(_attention_weights(q, keys, bias).float())
+        return torch.stack(out)
+
     def _install(self, admitted: list[Request]) -> None:
         """The admitted requests' cross K/V and key bias into their slots."""
         for request in admitted:
@@ -281,13 +265,16 @@ class WhisperRunner:
         dst, fed, n = request.slot, request.fed, request.state["encoded"].states.shape[0]
         for t in (*self.keys, *self.values):
             t[dst, :, :fed] = t[src, :, :fed]
+        for t in self.queries.values():
+            t[dst, :fed] = t[src, :fed]
         for t in (*self.cross.keys, *self.cross.values):
             t[dst, ..., :n] = t[src, ..., :n]
         self.cross.bias[dst] = self.cross.bias[src]
 
-    def _step(self, tokens: Tensor, positions: Tensor, length: int) -> Tensor:
+    def _step(self, tokens: Tensor, positions: Tensor, length: int, record: bool = False) -> Tensor:
         """One decoder step of the live rows: tokens (n,) at positions (n,) -> next-token logits (n, vocab).
-        length: the longest row's position + 1 (the self-attention keys any row reads)."""
+        length: the longest row's position + 1 (the self-attention keys any row reads). record: keep the
+        recorded heads' cross-attention queries at these positions."""
         n = tokens.shape[0]
         decoder = self.model.model.decoder
         hidden = (decoder.embed_tokens(tokens) + decoder.embed_positions.weight[positions])[:, None]
@@ -307,9 +294,11 @@ class WhisperRunner:
             k, v = self.keys[i][:n, :, :length], self.values[i][:n, :, :length]
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
             hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(hidden.shape))
-            hidden = _mlp(
-                layer, _cross_attention(layer, hidden, cross, i, _cross_weights(layer, hidden, cross, i))
-            )
+            q = _cross_queries(layer, hidden)
+            if record and i in self.queries:
+                self.queries[i][rows, positions] = q[:, self._by_layer[i], 0]
+            weights = _attention_weights(q, cross.keys[i], cross.bias)
+            hidden = _mlp(layer, _cross_attention(layer, hidden, cross, i, weights))
         return _vocab_logits(self.model.proj_out, decoder.layer_norm(hidden[:, 0]))
 
     @torch.inference_mode()
@@ -319,13 +308,14 @@ class WhisperRunner:
         policy: DecodePolicy,
         encode: Callable[[list[Request]], None] | None = None,
         done: Callable[[Request], None] | None = None,
-        logprobs: bool = False,
+        timing: bool = False,
     ) -> None:
         """Decode every request of ``scheduler`` until its queue drains and its feed is exhausted.
 
         encode(admitted): sets each admitted request's ``state["encoded"]``. done(request): a request
-        finished (its slot still holds its cross K/V). logprobs: keep each generated token's
-        log-probability (``Request.logprobs``; word timing gives words their probability).
+        finished (its slot still holds its cross K/V and recorded queries). timing: what word timing
+        reads, kept: each generated token's log-probability (``Request.logprobs``, the words'
+        probabilities) and the recorded heads' queries (``head_weights``).
         """
         if scheduler.slots > self.slots:
             raise ValueError(f"the scheduler has {scheduler.slots} slots, the runner {self.slots}")
@@ -354,7 +344,7 @@ class WhisperRunner:
                 device=device,
             )
             positions = torch.tensor([r.fed for r in running], device=device)
-            logits = self._step(tokens, positions, max(r.fed for r in running) + 1)
+            logits = self._step(tokens, positions, max(r.fed for r in running) + 1, timing)
             scheduler.step()
             for r in running:
                 r.fed += 1
@@ -368,7 +358,7 @@ class WhisperRunner:
                 else None
             )
             kept = None
-            if logprobs:
+            if timing:
                 kept = token_logprobs(logits, chosen).tolist()
             elapsed = time.perf_counter() - start
             finished = []
