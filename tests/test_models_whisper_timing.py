@@ -1,4 +1,4 @@
-"""Word times from the real Whisper tiny.en: the alignment pass leaves the text alone, words follow the
+"""Word times from the real Whisper tiny.en: word timing leaves the text alone, words follow the
 text and the audio (two example recordings with a known pause between them), and merging keeps them."""
 
 from __future__ import annotations

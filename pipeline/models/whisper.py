@@ -487,8 +487,9 @@ def load_packaged(
 
     source, meta = packaged_files(name)
     state, config = load_converted_whisper(source, meta)
-    model = WhisperForConditionalGeneration(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        model = WhisperForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected or set(missing) != {"proj_out.weight"}:
         raise RuntimeError(
             f"converted Whisper weights do not fit: missing {missing}, unexpected {unexpected}"
