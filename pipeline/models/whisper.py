@@ -74,8 +74,10 @@ MULTILINGUAL_TASKS = frozenset(TASK_TOKENS)
 # 16-window pass's are (measured in benchmarks/cpu-peer-longform-dev/README.md).
 CPU_ENCODER_PASS = 2
 # Rows decoding at once on CPU: each decoder step reads the 51,864-row output projection once for all
-# its rows, so more rows pay less for it per token, up to where the product turns compute-bound.
-CPU_BATCH_SIZE = 16
+# its rows and pays its per-step costs once, so more rows pay less per token: 32 rows ran the 419-clip
+# archive 1.08x faster than 16 on tiny.en (1.05x on whisper-base), 64 no faster than 32
+# (benchmarks/cpu-peer-short-clips/README.md). Each row holds WhisperRunner.row_bytes (24 MB tiny.en).
+CPU_BATCH_SIZE = 32
 # On a GPU: as many rows as half the free memory holds (each row's buffers: whisper_runner), at most this.
 GPU_BATCH_SIZE = 64
 
