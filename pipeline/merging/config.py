@@ -141,11 +141,8 @@ class ReductionConfig:
         fields = asdict(self)
         if not self.padding_min:
             del fields["padding_min"]
-        if self.padding == "keep" and (self.padding_margin, self.padding_group, self.padding_min) == (
-            0,
-            1,
-            0,
-        ):
+        policy = (self.padding, self.padding_margin, self.padding_group, self.padding_min)
+        if policy == ("keep", 0, 1, 0):
             for name in ("padding", "padding_margin", "padding_group"):
                 del fields[name]
         return fields

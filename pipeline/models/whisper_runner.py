@@ -179,10 +179,14 @@ class WhisperRunner:
         self._cross_storage = [like.new_zeros(2, storage) for _ in range(layers)]
         self._bias_storage = like.new_zeros(slots * config.max_source_positions)
         self.cross = CrossKV([], [], None)
-        # per layer holding a recorded head: those heads' cross-attention queries at each fed position
+        # per layer holding a recorded head: those heads' cross-attention queries at each fed position,
+        # and the heads' indices on the model's device (a step indexes with them, no host list per step)
         self.queries = {
             i: like.new_zeros(slots, self.max_length, len(chosen), self.head_dim)
             for i, chosen in self._by_layer.items()
+        }
+        self._head_index = {
+            i: torch.tensor(chosen, device=like.device) for i, chosen in self._by_layer.items()
         }
 
     @staticmethod
@@ -296,7 +300,7 @@ class WhisperRunner:
             hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(hidden.shape))
             q = _cross_queries(layer, hidden)
             if record and i in self.queries:
-                self.queries[i][rows, positions] = q[:, self._by_layer[i], 0]
+                self.queries[i][rows, positions] = q[:, self._head_index[i], 0]
             weights = _attention_weights(q, cross.keys[i], cross.bias)
             hidden = _mlp(layer, _cross_attention(layer, hidden, cross, i, weights))
         return _vocab_logits(self.model.proj_out, decoder.layer_norm(hidden[:, 0]))
